@@ -1,0 +1,15 @@
+"""Ingredient 3 of distillation (how it unfolds over training) and its plumbing."""
+
+from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
+from lightning_kd.callbacks.loss_weights import LossWeightSchedule
+from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
+from lightning_kd.callbacks.temperature import TemperatureAnnealing
+
+__all__ = [
+    "FeatureHooks",
+    "LossWeightSchedule",
+    "ScheduledValue",
+    "TemperatureAnnealing",
+    "find_layer",
+    "schedule_value",
+]

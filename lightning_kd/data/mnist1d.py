@@ -1,0 +1,112 @@
+"""MNIST-1D, generated offline by the ``mnist1d`` package."""
+
+from __future__ import annotations
+
+import random
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["MNIST1DDataModule"]
+
+
+def generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Generate MNIST-1D procedurally (Greydanus & Kobak, 2020) without touching the network.
+
+    Calls ``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads) and keeps
+    the global ``random`` / ``numpy`` RNG states untouched (the package reseeds them).
+    Returns ``x`` (N, 40), ``y``, ``x_test``, ``y_test``; 80% / 20% split.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        return make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class MNIST1DDataModule(pl.LightningDataModule):
+    """MNIST-1D: 40-sample 1-D signals of the ten digits, 10 classes.
+
+    The package standardises with statistics of the whole dataset, test split included;
+    this module re-standardises with the training split's mean and std instead (the
+    package's step is a scalar affine map, so the result is as if the raw data had been
+    standardised with training statistics). Inputs are ``(1, 40)`` float32 tensors.
+
+    Args:
+        num_samples: total samples; 80% train (of which ``val_samples`` are held out for
+            validation), 20% test.
+        val_samples: validation samples taken from the end of the training split.
+        batch_size: batch size of every loader.
+        num_workers: dataloader workers (the data sits in memory; 0 is fastest on CPU).
+        seed: seed of the data generator (fixes the dataset, not the training).
+    """
+
+    num_classes = 10
+    input_shape = (1, 40)
+
+    def __init__(
+        self,
+        num_samples: int = 12500,
+        val_samples: int = 1000,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if not 0 < val_samples < int(num_samples * 0.8):
+            raise ValueError(f"val_samples must be in [1, {int(num_samples * 0.8)}), got {val_samples}.")
+        self.save_hyperparameters()
+        self.num_samples = num_samples
+        self.val_samples = val_samples
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.datasets: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate the data once and build the three splits."""
+        if self.datasets:
+            return
+        data = generate_mnist1d(self.num_samples, self.seed)
+        x, y = data["x"], data["y"]
+        n_train = len(x) - self.val_samples
+        mean, std = x[:n_train].mean(), x[:n_train].std()
+
+        def dataset(inputs: np.ndarray, labels: np.ndarray) -> TensorDataset:
+            inputs = torch.as_tensor((inputs - mean) / std, dtype=torch.float32).unsqueeze(1)
+            return TensorDataset(inputs, torch.as_tensor(labels, dtype=torch.long))
+
+        self.datasets = {
+            "train": dataset(x[:n_train], y[:n_train]),
+            "val": dataset(x[n_train:], y[n_train:]),
+            "test": dataset(data["x_test"], data["y_test"]),
+        }
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches ``(inputs, labels)``."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches."""
+        return self._loader("test")

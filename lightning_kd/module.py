@@ -1,0 +1,397 @@
+"""DistillationModule: a LightningModule that trains a student from a teacher."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_kd.callbacks.feature_hooks import FeatureHooks
+from lightning_kd.losses.base import LossTerm, StepOutputs
+from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.teachers import freeze, load_weights
+
+__all__ = ["DistillationModule", "logits_of"]
+
+TeacherMode = Literal["frozen", "trainable"]
+BatchKey = int | str
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output.
+
+    The tensor itself, ``output["logits"]`` / ``.logits`` (Hugging Face ``ModelOutput``), or
+    the first element of a tuple.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"Cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
+        "a mapping with 'logits', or a tuple whose first element is the logits."
+    )
+
+
+def infer_num_classes(model: nn.Module) -> int | None:
+    """``model.num_classes`` if set (timm, lightning_kd models), else the last ``nn.Linear``'s width."""
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def default_losses(teacher: nn.Module | None, teacher_mode: TeacherMode) -> list[LossTerm]:
+    """The objective when none is given.
+
+    Without a teacher: cross-entropy. With one: Hinton KD with the CRD benchmark's defaults
+    (CE 0.1, KD 0.9, T = 4); a co-trained teacher also learns from the labels (weight 1).
+    """
+    if teacher is None:
+        return [CrossEntropyTerm("ce", weight=1.0)]
+    terms: list[LossTerm] = [CrossEntropyTerm("ce", weight=0.1), KDTerm("kd", weight=0.9, temperature=4.0)]
+    if teacher_mode == "trainable":
+        terms.append(CrossEntropyTerm("teacher_ce", weight=1.0, model="teacher"))
+    return terms
+
+
+def _select(batch: Any, key: BatchKey, option: str) -> Any:
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise KeyError(
+                f"The batch is a mapping with keys {list(batch)}; set {option} to one of them (got {key!r})."
+            )
+        return batch[key]
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        if not isinstance(key, int) or not -len(batch) <= key < len(batch):
+            raise KeyError(
+                f"The batch is a sequence of {len(batch)} items; set {option} to an index (got {key!r})."
+            )
+        return batch[key]
+    raise TypeError(
+        f"Cannot select {option}={key!r} from a batch of type {type(batch).__name__}; "
+        "yield (inputs, targets) tuples or dicts, or override DistillationModule.unpack_batch."
+    )
+
+
+def _hparams_given_by_cli() -> bool:
+    """Whether LightningCLI is instantiating the module: it then records the config itself."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older or newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+class DistillationModule(pl.LightningModule):
+    """Train a ``student`` with a weighted sum of loss terms, taught by an optional ``teacher``.
+
+    ``DistillationModule(student, teacher)`` is Hinton KD with the CRD benchmark's defaults
+    (CE 0.1 + KD 0.9 at T = 4) from a frozen teacher, on ``(inputs, targets)`` batches.
+    One training step: teacher forward (under ``no_grad`` when frozen) -> student forward ->
+    each term of ``losses`` -> ``sum(weight * term)``; every term is logged as
+    ``train/loss_<name>`` and the total as ``train/loss``.
+
+    Teacher modes:
+
+    - ``"frozen"``: eval mode at all times (also after validation), ``requires_grad=False``,
+      never in the optimizer, ignored by DDP, and left out of checkpoints unless
+      ``save_teacher=True`` (a loaded checkpoint gets the teacher from its own source: the
+      ``teacher`` argument and ``teacher_checkpoint``).
+    - ``"trainable"``: co-trained; optimised with the student, saved in checkpoints. It
+      needs a term on its own outputs (the default adds ``CrossEntropyTerm(model="teacher")``).
+    - ``teacher=None``: plain supervised training (baselines, training teachers).
+
+    Metrics (torchmetrics): student accuracy ``train/acc``, ``val/acc``, ``test/acc``; with a
+    teacher, ``val|test/teacher_acc`` and top-1 agreement ``val|test/agreement``.
+
+    Args:
+        student: the network being trained.
+        teacher: the network teaching it, or ``None``.
+        losses: the loss terms; default: see :func:`default_losses`.
+        teacher_mode: ``"frozen"`` or ``"trainable"``.
+        teacher_checkpoint: a file with the teacher's trained weights (a Lightning checkpoint
+            of a teacher trained by this module, or a state dict).
+        save_teacher: also write a frozen teacher into checkpoints.
+        num_classes: number of classes; default: inferred from the models.
+        input_key: where the inputs are in a batch: an index for tuples, a key for dicts.
+        target_key: where the labels are in a batch; ``None`` for unlabelled data.
+        optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable`` in YAML); default
+            Adam with lr 1e-3.
+        lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0
+            over the run, stepped per optimizer step (unless ``cosine_decay=False``).
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
+        cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
+        check_finite: stop with an error naming the term when the loss is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        losses: Sequence[LossTerm] | None = None,
+        teacher_mode: TeacherMode = "frozen",
+        teacher_checkpoint: str | Path | None = None,
+        save_teacher: bool = False,
+        num_classes: int | None = None,
+        input_key: BatchKey = 0,
+        target_key: BatchKey | None = 1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        cosine_decay: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if teacher_checkpoint is not None:
+            teacher_checkpoint = str(
+                teacher_checkpoint
+            )  # plain types keep checkpoints loadable with weights_only
+        self.save_hyperparameters(
+            ignore=None
+            if _hparams_given_by_cli()
+            else ["student", "teacher", "losses", "optimizer", "lr_scheduler"]
+        )
+        if teacher_mode not in ("frozen", "trainable"):
+            raise ValueError(f"teacher_mode must be 'frozen' or 'trainable', got {teacher_mode!r}.")
+        if teacher_checkpoint is not None and teacher is None:
+            raise ValueError("teacher_checkpoint is set but there is no teacher: pass `teacher` as well.")
+        self.student = student
+        self.teacher = teacher
+        self.teacher_mode = teacher_mode
+        self.save_teacher = save_teacher
+        self.input_key = input_key
+        self.target_key = target_key
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.cosine_decay = cosine_decay
+        self.check_finite = check_finite
+        self.feature_hooks: FeatureHooks | None = None
+
+        if teacher is not None:
+            if teacher_checkpoint is not None:
+                load_weights(teacher, teacher_checkpoint)
+            if self.teacher_is_frozen:
+                freeze(teacher)
+                # DDP neither broadcasts nor all-reduces these: each process loads the same teacher.
+                self._ddp_params_and_buffers_to_ignore = [
+                    f"teacher.{name}"
+                    for name, _ in chain(teacher.named_parameters(), teacher.named_buffers())
+                ]
+
+        terms = list(losses) if losses is not None else default_losses(teacher, teacher_mode)
+        self._check_terms(terms)
+        self.loss_terms = nn.ModuleDict({term.name: term for term in terms})
+
+        self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
+
+        def accuracy() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+
+        names = ["train_acc", "val_acc", "test_acc"]
+        if teacher is not None:
+            names += ["val_teacher_acc", "test_teacher_acc", "val_agreement", "test_agreement"]
+        self.metrics = nn.ModuleDict({name: accuracy() for name in names})
+
+    # ----------------------------------------------------------------- set-up checks
+    @property
+    def teacher_is_frozen(self) -> bool:
+        """Whether a teacher is present and frozen."""
+        return self.teacher is not None and self.teacher_mode == "frozen"
+
+    def _check_terms(self, terms: list[LossTerm]) -> None:
+        if not terms:
+            raise ValueError("`losses` is empty: give at least one loss term.")
+        names = [term.name for term in terms]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Loss term names must be unique; repeated: {duplicates}. Set `name=` on each term."
+            )
+        if self.teacher is None:
+            needing = [t.name for t in terms if t.needs_teacher]
+            if needing:
+                raise ValueError(f"Loss terms {needing} need a teacher, but teacher is None.")
+        elif self.teacher_mode == "trainable" and not any(
+            isinstance(t, CrossEntropyTerm) and t.model == "teacher" for t in terms
+        ):
+            raise ValueError(
+                "A trainable teacher needs a loss on its own outputs, e.g. "
+                "CrossEntropyTerm(name='teacher_ce', model='teacher'); otherwise it never learns."
+            )
+
+    def _infer_num_classes(self) -> int:
+        student_classes = infer_num_classes(self.student)
+        teacher_classes = infer_num_classes(self.teacher) if self.teacher is not None else None
+        if student_classes and teacher_classes and student_classes != teacher_classes:
+            raise ValueError(
+                f"The student predicts {student_classes} classes but the teacher {teacher_classes}. "
+                "Build both with the same num_classes (or pass num_classes= if the inference is wrong)."
+            )
+        found = student_classes or teacher_classes
+        if found is None:
+            raise ValueError("Cannot infer the number of classes from the models; pass num_classes=.")
+        return found
+
+    # ----------------------------------------------------------------- model plumbing
+    def on_fit_start(self) -> None:
+        """Silence Lightning's eval-mode warning for exactly the frozen teacher's modules (intended)."""
+        if self.teacher_is_frozen:
+            count = sum(1 for _ in self.teacher.modules())
+            warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set train/eval mode; a frozen teacher stays in eval mode regardless."""
+        super().train(mode)
+        if self.teacher_is_frozen:
+            self.teacher.eval()
+        return self
+
+    def forward(self, inputs: Any) -> Any:
+        """The student's output."""
+        return self.student(inputs)
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``; override for other layouts."""
+        inputs = _select(batch, self.input_key, "input_key")
+        targets = _select(batch, self.target_key, "target_key") if self.target_key is not None else None
+        return inputs, targets
+
+    def teacher_logits(self, inputs: Any) -> Tensor | None:
+        """The teacher's logits (under ``no_grad`` when frozen), or ``None`` without a teacher."""
+        if self.teacher is None:
+            return None
+        if self.teacher_is_frozen:
+            with torch.no_grad():
+                return logits_of(self.teacher(inputs))
+        return logits_of(self.teacher(inputs))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Hook exactly the layers that the loss terms declare."""
+        student_layers = [layer for term in self.loss_terms.values() for layer in term.student_layers]
+        teacher_layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
+        if not (student_layers or teacher_layers):
+            self.feature_hooks = None
+            return []
+        self.feature_hooks = FeatureHooks(student_layers, teacher_layers)
+        return [self.feature_hooks]
+
+    # ----------------------------------------------------------------- steps
+    def step_outputs(self, batch: Any) -> StepOutputs:
+        """Run the teacher, then the student, and gather what the loss terms read."""
+        inputs, targets = self.unpack_batch(batch)
+        teacher_logits = self.teacher_logits(inputs)
+        student_logits = logits_of(self.student(inputs))
+        features = self.feature_hooks.features if self.feature_hooks is not None else {}
+        return StepOutputs(
+            student_logits=student_logits,
+            targets=targets,
+            teacher_logits=teacher_logits,
+            student_features=features.get("student", {}),
+            teacher_features=features.get("teacher", {}),
+            batch=batch,
+        )
+
+    def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total and each term's unweighted value."""
+        values = {name: term(outputs) for name, term in self.loss_terms.items()}
+        total = sum(self.loss_terms[name].weight * value for name, value in values.items())
+        assert isinstance(total, Tensor)
+        if self.check_finite and not torch.isfinite(total):
+            bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
+            raise FloatingPointError(
+                f"The loss is not finite at step {self.global_step}: terms {bad or values} gave NaN/Inf. "
+                "Check the inputs for NaN/Inf, lower the learning rate, or fix the term's settings "
+                "(check_finite=False turns this check off)."
+            )
+        return total, values
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One distillation step; logs every term and the total."""
+        outputs = self.step_outputs(batch)
+        total, values = self.compute_loss(outputs)
+        for name, value in values.items():
+            self.log(f"train/loss_{name}", value.detach())
+        self.log("train/loss", total.detach(), prog_bar=True)
+        if outputs.targets is not None:
+            self.metrics["train_acc"](outputs.student_logits.detach(), outputs.targets)
+            self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        return total
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        inputs, targets = self.unpack_batch(batch)
+        student_logits = logits_of(self.student(inputs))
+        teacher_logits = self.teacher_logits(inputs)
+        if targets is not None:
+            self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), targets), sync_dist=True)
+            self.metrics[f"{stage}_acc"](student_logits, targets)
+            self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], prog_bar=True)
+        if teacher_logits is not None:
+            if targets is not None:
+                self.metrics[f"{stage}_teacher_acc"](teacher_logits, targets)
+                self.log(f"{stage}/teacher_acc", self.metrics[f"{stage}_teacher_acc"])
+            self.metrics[f"{stage}_agreement"](student_logits, teacher_logits.argmax(dim=-1))
+            self.log(f"{stage}/agreement", self.metrics[f"{stage}_agreement"])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Student (and teacher) accuracy and their agreement."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """As validation, under ``test/``."""
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The student's logits."""
+        inputs, _ = self.unpack_batch(batch)
+        return logits_of(self.student(inputs))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        """Every trainable parameter (student, co-trained teacher, loss adapters) in one optimizer."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.Adam(params, lr=1e-3)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+            config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config["monitor"] = "val/loss"
+            return {"optimizer": optimizer, "lr_scheduler": config}
+        if self.cosine_decay:
+            total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave a frozen teacher out of the checkpoint unless ``save_teacher``."""
+        if self.teacher_is_frozen and not self.save_teacher:
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = type(state)(
+                (k, v) for k, v in state.items() if not k.startswith("teacher.")
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Give a checkpoint without the frozen teacher the teacher this module was built with."""
+        state = checkpoint["state_dict"]
+        if self.teacher_is_frozen and not any(k.startswith("teacher.") for k in state):
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

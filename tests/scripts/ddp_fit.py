@@ -1,0 +1,65 @@
+"""KD fit with a frozen teacher under 2-process CPU DDP (gloo); run by tests/test_distributed.py.
+
+Lightning's "ddp" strategy starts the second process by re-running this script, so it must be
+a standalone file, not a pytest function. Each rank writes what it saw to OUT/rank<r>.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import RandomDataModule, small_net  # noqa: E402
+
+from lightning_kd import DistillationModule  # noqa: E402
+
+
+class RecordWrapping(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: DistillationModule) -> None:
+        wrapped = trainer.strategy.model
+        self.is_ddp = isinstance(wrapped, DistributedDataParallel)
+        self.ignored = sorted(wrapped.parameters_to_ignore) if self.is_ddp else []
+        self.find_unused = bool(getattr(wrapped, "find_unused_parameters", True))
+
+
+def main(out: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    teacher = small_net()
+    initial_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = DistillationModule(small_net(), teacher)
+    spy = RecordWrapping()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spy],
+    )
+    trainer.fit(module, datamodule=RandomDataModule(n=128, batch_size=16))
+    torch.save(
+        {
+            "student": module.student.state_dict(),
+            "teacher": module.teacher.state_dict(),
+            "initial_teacher": initial_teacher,
+            "teacher_training": module.teacher.training,
+            "is_ddp": spy.is_ddp,
+            "ignored": spy.ignored,
+            "find_unused": spy.find_unused,
+            "global_step": trainer.global_step,
+            "loss": float(trainer.callback_metrics["train/loss"]),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,223 @@
+"""DistillationModule: defaults, teacher modes, batches, logging, and bad input."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import NUM_CLASSES, RandomDataModule, make_trainer, small_net
+from lightning.pytorch.loggers import Logger
+from torch import Tensor
+
+from lightning_kd import (
+    CrossEntropyTerm,
+    DistillationModule,
+    KDTerm,
+    LossTerm,
+    StepOutputs,
+    TemperatureAnnealing,
+)
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric name and the hyperparameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metric_names: set[str] = set()
+        self.hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metric_names.update(metrics)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self.hparams.update(dict(params))
+
+
+def test_default_is_hinton_kd_with_crd_benchmark_weights() -> None:
+    module = DistillationModule(small_net(), small_net())
+    terms = module.loss_terms
+    assert list(terms) == ["ce", "kd"]
+    assert isinstance(terms["ce"], CrossEntropyTerm) and terms["ce"].weight == 0.1
+    assert isinstance(terms["kd"], KDTerm) and terms["kd"].weight == 0.9 and terms["kd"].temperature == 4.0
+    assert module.num_classes == NUM_CLASSES
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training
+
+
+def test_without_teacher_it_is_plain_supervised_training() -> None:
+    module = DistillationModule(small_net())
+    assert list(module.loss_terms) == ["ce"] and module.loss_terms["ce"].weight == 1.0
+    trainer = make_trainer(max_epochs=20)
+    trainer.fit(module, datamodule=RandomDataModule())
+    assert trainer.callback_metrics["val/acc"] > 0.5  # learnable labels; chance is 0.25
+
+
+class TeacherModeSpy(pl.Callback):
+    def __init__(self) -> None:
+        self.teacher_training_flags: list[bool] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.teacher_training_flags.append(pl_module.teacher.training)
+
+
+def test_frozen_teacher_is_bit_identical_and_stays_in_eval_mode() -> None:
+    teacher = small_net()
+    module = DistillationModule(small_net(), teacher)
+    before = copy.deepcopy(teacher.state_dict())  # BatchNorm running stats included
+    spy = TeacherModeSpy()
+    trainer = make_trainer(max_epochs=3, callbacks=[spy], num_sanity_val_steps=2)
+    trainer.fit(module, datamodule=RandomDataModule())
+    assert len(spy.teacher_training_flags) == 12 and not any(
+        spy.teacher_training_flags
+    )  # after each validation too
+    assert module.student.training and not module.teacher.training
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimizer_params & {id(p) for p in teacher.parameters()}
+    assert optimizer_params == {id(p) for p in module.student.parameters()}
+
+
+def test_trainable_teacher_is_co_trained_with_its_own_loss() -> None:
+    teacher = small_net()
+    module = DistillationModule(small_net(), teacher, teacher_mode="trainable")
+    assert list(module.loss_terms) == ["ce", "kd", "teacher_ce"]
+    before = copy.deepcopy(teacher.state_dict())
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(module, datamodule=RandomDataModule())
+    assert module.teacher.training
+    assert not torch.equal(teacher[0].weight, before["0.weight"])
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in teacher.parameters()} <= optimizer_params
+    assert "train/loss_teacher_ce" in trainer.callback_metrics
+
+
+def test_kd_gradient_does_not_reach_a_co_trained_teacher() -> None:
+    teacher = small_net(batchnorm=False)
+    module = DistillationModule(small_net(batchnorm=False), teacher, teacher_mode="trainable")
+    batch = (torch.randn(6, 8), torch.randint(0, NUM_CLASSES, (6,)))
+    outputs = module.step_outputs(batch)
+    module.loss_terms["kd"](outputs).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in module.student.parameters())
+
+
+def test_dict_batches_with_custom_keys() -> None:
+    module = DistillationModule(small_net(), small_net(), input_key="signal", target_key="label")
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(module, datamodule=RandomDataModule(as_dict=True))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_wrong_batch_key_says_which_keys_exist() -> None:
+    module = DistillationModule(small_net(), small_net())  # default input_key=0
+    with pytest.raises(KeyError, match=r"keys \['signal', 'label'\]; set input_key"):
+        make_trainer().fit(module, datamodule=RandomDataModule(as_dict=True))
+
+
+def test_all_metrics_and_hyperparameters_reach_the_logger() -> None:
+    logger = MemoryLogger()
+    trainer = make_trainer(
+        max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[TemperatureAnnealing(start=4.0, end=2.0)]
+    )
+    trainer.fit(DistillationModule(small_net(), small_net()), datamodule=RandomDataModule())
+    expected = {
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_kd",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/teacher_acc",
+        "val/agreement",
+        "kd/temperature",
+    }
+    assert expected <= logger.metric_names
+    assert logger.hparams["teacher_mode"] == "frozen" and logger.hparams["save_teacher"] is False
+
+
+def test_agreement_is_top1_match_between_student_and_teacher() -> None:
+    teacher = small_net()
+    module = DistillationModule(copy.deepcopy(teacher), teacher)  # identical twins agree fully
+    (metrics,) = make_trainer().validate(module, datamodule=RandomDataModule(), verbose=False)
+    assert metrics["val/agreement"] == pytest.approx(1.0)
+    assert metrics["val/acc"] == pytest.approx(metrics["val/teacher_acc"])
+
+
+class NaNTerm(LossTerm):
+    needs_teacher = False
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        return outputs.student_logits.sum() * float("nan")
+
+
+def test_nan_loss_stops_with_the_name_of_the_term(tmp_path: Any) -> None:
+    module = DistillationModule(small_net(), losses=[CrossEntropyTerm(), NaNTerm("exploding")])
+    trainer = make_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    with pytest.raises(FloatingPointError, match=r"'exploding': nan"):
+        trainer.fit(module, datamodule=RandomDataModule())
+    assert module.global_step == 0
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing half-written
+
+
+def test_class_count_mismatch_is_caught_at_construction() -> None:
+    with pytest.raises(ValueError, match="student predicts 4 classes but the teacher 10"):
+        DistillationModule(small_net(), small_net(num_classes=10))
+
+
+def test_logit_shape_mismatch_is_caught_at_the_first_step() -> None:
+    module = DistillationModule(small_net(), small_net(num_classes=10), num_classes=NUM_CLASSES)
+    with pytest.raises(
+        ValueError, match=r"student_logits has shape \(16, 4\) but teacher_logits has shape \(16, 10\)"
+    ):
+        make_trainer().fit(module, datamodule=RandomDataModule())
+
+
+def test_bad_configurations_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"\['kd'\] need a teacher"):
+        DistillationModule(small_net(), losses=[CrossEntropyTerm(), KDTerm()])
+    with pytest.raises(ValueError, match="trainable teacher needs a loss on its own outputs"):
+        DistillationModule(small_net(), small_net(), teacher_mode="trainable", losses=[KDTerm()])
+    with pytest.raises(ValueError, match="unique"):
+        DistillationModule(small_net(), small_net(), losses=[KDTerm("a"), KDTerm("a")])
+    with pytest.raises(ValueError, match="teacher_mode"):
+        DistillationModule(small_net(), small_net(), teacher_mode="ema")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        KDTerm(temperature=0.0)
+    with pytest.raises(ValueError, match="no teacher"):
+        DistillationModule(small_net(), teacher_checkpoint="teacher.ckpt")
+
+
+def test_custom_optimizer_and_scheduler() -> None:
+    from functools import partial
+
+    module = DistillationModule(
+        small_net(),
+        small_net(),
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        lr_scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[1], gamma=0.1),
+    )
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(module, datamodule=RandomDataModule())
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)  # decayed once, after epoch 1
+
+
+def test_default_schedule_is_cosine_to_zero() -> None:
+    module = DistillationModule(small_net())
+    trainer = make_trainer(max_epochs=2)
+    trainer.fit(module, datamodule=RandomDataModule())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

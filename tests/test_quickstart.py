@@ -1,0 +1,45 @@
+"""The quickstart pipeline on a reduced budget, and the example script."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lightning_kd.quickstart import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_reduced_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = main(
+        [
+            "--teacher-epochs",
+            "3",
+            "--student-epochs",
+            "1",
+            "--num-samples",
+            "1500",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert result.teacher > 0.3  # 10 classes: chance is 0.1
+    assert 0.0 <= result.baseline <= 1.0 and 0.0 <= result.kd <= 1.0
+    assert result.gain == pytest.approx(result.kd - result.baseline)
+    printed = capsys.readouterr().out
+    assert "student + Hinton KD (MLP)" in printed and f"{100 * result.teacher:6.2f}" in printed
+    for name in ("teacher", "baseline", "kd"):
+        assert (tmp_path / "checkpoints" / f"{name}.ckpt").is_file()
+
+
+def test_custom_term_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("custom_term", ROOT / "examples" / "custom_term.py")
+    assert spec and spec.loader
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    metrics = example.main(teacher_epochs=1, epochs=1, num_samples=1000)
+    assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(metrics)
