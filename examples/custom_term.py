@@ -5,16 +5,18 @@ through a trainable linear adapter (a FitNets-style hint with cosine distance). 
 three things a term does: declare the layers it reads (the module hooks them for you), own
 its trainable parts (they join the optimizer), and return a scalar.
 
-    python examples/custom_term.py --teacher-epochs 30 --epochs 30
+    python examples/custom_term.py
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim import Adam
 
 from lightning_kd import CrossEntropyTerm, DistillationModule, KDTerm, LossTerm, StepOutputs
 from lightning_kd.data import MNIST1DDataModule
@@ -46,9 +48,9 @@ class CosineHint(LossTerm):
         return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
 
 
-def main(teacher_epochs: int = 30, epochs: int = 30, num_samples: int = 12500) -> dict[str, float]:
+def main(teacher_epochs: int = 60, epochs: int = 150, train_samples: int = 5000) -> dict[str, float]:
     """Train a teacher, then a student with CE + KD + the cosine hint; return test metrics."""
-    datamodule = MNIST1DDataModule(num_samples=num_samples)
+    datamodule = MNIST1DDataModule(train_samples=train_samples)
     pl.seed_everything(0)
     teacher = ConvNet1d(num_classes=10)
     pl.Trainer(max_epochs=teacher_epochs, logger=False, enable_checkpointing=False).fit(
@@ -61,7 +63,7 @@ def main(teacher_epochs: int = 30, epochs: int = 30, num_samples: int = 12500) -
         KDTerm(weight=0.9, temperature=4.0),
         CosineHint("features.4", "embedding", student_dim=256, teacher_dim=128),  # after the 2nd ReLU
     ]
-    module = DistillationModule(student, teacher, losses=losses)
+    module = DistillationModule(student, teacher, losses=losses, optimizer=partial(Adam, lr=3e-3))
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
     (metrics,) = trainer.test(module, datamodule=datamodule)
@@ -70,8 +72,8 @@ def main(teacher_epochs: int = 30, epochs: int = 30, num_samples: int = 12500) -
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--num-samples", type=int, default=12500)
+    parser.add_argument("--teacher-epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--train-samples", type=int, default=5000)
     args = parser.parse_args()
-    main(args.teacher_epochs, args.epochs, args.num_samples)
+    main(args.teacher_epochs, args.epochs, args.train_samples)

@@ -79,9 +79,9 @@ def _fit_and_test(
 
 def run_quickstart(
     teacher_epochs: int = 60,
-    student_epochs: int = 100,
+    student_epochs: int = 150,
     student_lr: float = 3e-3,
-    num_samples: int = 12500,
+    train_samples: int = 5000,
     seed: int = 0,
     out_dir: str | Path = "runs/quickstart",
     progress: bool = True,
@@ -95,7 +95,7 @@ def run_quickstart(
     """
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    datamodule = MNIST1DDataModule(num_samples=num_samples)
+    datamodule = MNIST1DDataModule(train_samples=train_samples)
 
     def student() -> nn.Module:
         pl.seed_everything(seed + 1, verbose=False)
@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> QuickstartResult:
     """Command-line entry point: run the quickstart and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-epochs", type=int, default=60)
-    parser.add_argument("--student-epochs", type=int, default=100)
+    parser.add_argument("--student-epochs", type=int, default=150)
     parser.add_argument("--student-lr", type=float, default=3e-3)
-    parser.add_argument("--num-samples", type=int, default=12500, help="MNIST-1D samples (80%% train)")
+    parser.add_argument(
+        "--train-samples", type=int, default=5000, help="MNIST-1D training samples (500 of them validate)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="runs/quickstart")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> QuickstartResult:
         teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs,
         student_lr=args.student_lr,
-        num_samples=args.num_samples,
+        train_samples=args.train_samples,
         seed=args.seed,
         out_dir=args.out_dir,
         progress=not args.no_progress,

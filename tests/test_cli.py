@@ -18,8 +18,9 @@ SMALL = [
     "--trainer.limit_val_batches=2",
     "--trainer.enable_progress_bar=false",
     "--trainer.log_every_n_steps=1",
-    "--data.init_args.num_samples=1000",
+    "--data.init_args.train_samples=600",
     "--data.init_args.val_samples=100",
+    "--data.init_args.test_samples=200",
 ]
 
 

@@ -13,19 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_reduced_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = main(
-        [
-            "--teacher-epochs",
-            "3",
-            "--student-epochs",
-            "1",
-            "--num-samples",
-            "1500",
-            "--out-dir",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
+    budget = ["--teacher-epochs", "10", "--student-epochs", "1", "--train-samples", "1000"]
+    result = main([*budget, "--out-dir", str(tmp_path), "--no-progress"])
     assert result.teacher > 0.3  # 10 classes: chance is 0.1
     assert 0.0 <= result.baseline <= 1.0 and 0.0 <= result.kd <= 1.0
     assert result.gain == pytest.approx(result.kd - result.baseline)
@@ -41,5 +30,5 @@ def test_custom_term_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert spec and spec.loader
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    metrics = example.main(teacher_epochs=1, epochs=1, num_samples=1000)
+    metrics = example.main(teacher_epochs=1, epochs=1, train_samples=600)
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(metrics)

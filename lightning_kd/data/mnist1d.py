@@ -12,17 +12,23 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = ["MNIST1DDataModule"]
 
 
-def generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+def generate_mnist1d(train_samples: int, test_samples: int, seed: int) -> dict[str, np.ndarray]:
     """Generate MNIST-1D procedurally (Greydanus & Kobak, 2020) without touching the network.
 
     Calls ``mnist1d.data.make_dataset`` (never ``get_dataset``, which downloads) and keeps
     the global ``random`` / ``numpy`` RNG states untouched (the package reseeds them).
-    Returns ``x`` (N, 40), ``y``, ``x_test``, ``y_test``; 80% / 20% split.
+    Returns ``x`` (train_samples, 40), ``y``, ``x_test`` (test_samples, 40), ``y_test``.
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
+    total = train_samples + test_samples
+    if total % 10:
+        raise ValueError(
+            f"train_samples + test_samples must be a multiple of 10 (one tenth per digit), got {total}."
+        )
     args = get_dataset_args()
-    args.num_samples = num_samples
+    args.num_samples = total
+    args.train_split = train_samples / total
     args.seed = seed
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
@@ -41,9 +47,9 @@ class MNIST1DDataModule(pl.LightningDataModule):
     standardised with training statistics). Inputs are ``(1, 40)`` float32 tensors.
 
     Args:
-        num_samples: total samples; 80% train (of which ``val_samples`` are held out for
-            validation), 20% test.
-        val_samples: validation samples taken from the end of the training split.
+        train_samples: samples for training and validation.
+        test_samples: samples of the test split.
+        val_samples: validation samples, held out from the end of the training samples.
         batch_size: batch size of every loader.
         num_workers: dataloader workers (the data sits in memory; 0 is fastest on CPU).
         seed: seed of the data generator (fixes the dataset, not the training).
@@ -54,17 +60,19 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        num_samples: int = 12500,
-        val_samples: int = 1000,
+        train_samples: int = 5000,
+        test_samples: int = 10000,
+        val_samples: int = 500,
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if not 0 < val_samples < int(num_samples * 0.8):
-            raise ValueError(f"val_samples must be in [1, {int(num_samples * 0.8)}), got {val_samples}.")
+        if not 0 < val_samples < train_samples:
+            raise ValueError(f"val_samples must be in [1, train_samples={train_samples}), got {val_samples}.")
         self.save_hyperparameters()
-        self.num_samples = num_samples
+        self.train_samples = train_samples
+        self.test_samples = test_samples
         self.val_samples = val_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -75,7 +83,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         """Generate the data once and build the three splits."""
         if self.datasets:
             return
-        data = generate_mnist1d(self.num_samples, self.seed)
+        data = generate_mnist1d(self.train_samples, self.test_samples, self.seed)
         x, y = data["x"], data["y"]
         n_train = len(x) - self.val_samples
         mean, std = x[:n_train].mean(), x[:n_train].std()

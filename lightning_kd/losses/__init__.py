@@ -2,6 +2,6 @@
 
 from lightning_kd.losses import functional
 from lightning_kd.losses.base import LossTerm, StepOutputs
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
 
-__all__ = ["CrossEntropyTerm", "KDTerm", "LossTerm", "StepOutputs", "functional"]
+__all__ = ["CrossEntropyTerm", "DISTTerm", "DKDTerm", "KDTerm", "LossTerm", "StepOutputs", "functional"]

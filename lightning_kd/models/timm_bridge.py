@@ -27,15 +27,17 @@ def timm_model(
     (``stages.2``, ``layer3.1.conv2``, ...).
 
     Args:
-        name: a name from ``timm.list_models()``, e.g. ``"resnet18"``.
+        name: a name from ``timm.list_models()``, e.g. ``"resnet18"`` (a pretrained tag such
+            as ``"resnet18.a1_in1k"`` is accepted; weights are never downloaded).
         num_classes: outputs of the classifier.
         in_chans: input channels.
         checkpoint: a Lightning checkpoint or state dict to load (see
             :func:`lightning_kd.teachers.load_weights`).
         **kwargs: passed to :func:`timm.create_model` (e.g. ``drop_rate``).
     """
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name}*")[:10]
+    architecture = name.split(".")[0]  # "resnet18.a1_in1k": architecture.pretrained_tag
+    if not timm.is_model(architecture):
+        close = timm.list_models(f"*{architecture}*")[:10]
         raise ValueError(f"timm has no model {name!r}. Similar names: {close or 'none'}.")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if checkpoint is not None:
