@@ -50,6 +50,18 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}.")
 
 
+def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
+    """Same shapes (both models predict the same classes) and a positive temperature."""
+    _check_same_shape(
+        "student_logits",
+        student_logits,
+        "teacher_logits",
+        teacher_logits,
+        hint="Teacher and student must predict the same classes: check num_classes of both models.",
+    )
+    _check_positive("temperature", temperature)
+
+
 def _check_targets(logits: Tensor, target: Tensor) -> None:
     if target.shape != logits.shape[:-1]:
         raise ValueError(
@@ -126,14 +138,7 @@ def kd_loss(
         Scalar: KL summed over classes, averaged over all leading positions (``batchmean``
         for ``(N, C)`` inputs, as in the CRD benchmark's ``DistillKL``), times :math:`T^2`.
     """
-    _check_same_shape(
-        "student_logits",
-        student_logits,
-        "teacher_logits",
-        teacher_logits,
-        hint="Teacher and student must predict the same classes: check num_classes of both models.",
-    )
-    _check_positive("temperature", temperature)
+    _check_logit_pair(student_logits, teacher_logits, temperature)
     if standardize:
         _check_num_classes(student_logits, 2, "for logit standardization (the std of one value is undefined)")
         student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
@@ -207,16 +212,9 @@ def dkd_loss(
     Returns:
         Scalar: ``alpha * TCKD + beta * NCKD``, averaged over all leading positions.
     """
-    _check_same_shape(
-        "student_logits",
-        student_logits,
-        "teacher_logits",
-        teacher_logits,
-        hint="Teacher and student must predict the same classes: check num_classes of both models.",
-    )
+    _check_logit_pair(student_logits, teacher_logits, temperature)
     _check_num_classes(student_logits, 2, "for DKD (it splits the target class from the others)")
     _check_targets(student_logits, target)
-    _check_positive("temperature", temperature)
     num_classes = student_logits.shape[-1]
     target = target.reshape(-1).long()
     z_s = student_logits.reshape(-1, num_classes) / temperature
@@ -283,14 +281,7 @@ def dist_loss(
     Returns:
         Scalar: ``T^2 * (beta * inter + gamma * intra)``, each part in ``[0, 2]``.
     """
-    _check_same_shape(
-        "student_logits",
-        student_logits,
-        "teacher_logits",
-        teacher_logits,
-        hint="Teacher and student must predict the same classes: check num_classes of both models.",
-    )
-    _check_positive("temperature", temperature)
+    _check_logit_pair(student_logits, teacher_logits, temperature)
     num_classes = student_logits.shape[-1]
     y_s = F.softmax(student_logits.reshape(-1, num_classes) / temperature, dim=-1)
     y_t = F.softmax(teacher_logits.reshape(-1, num_classes) / temperature, dim=-1)
