@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LossTerm", "StepOutputs"]
+__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs"]
 
 
 @dataclass
@@ -69,9 +69,77 @@ class LossTerm(nn.Module):
         """Dotted paths of the teacher layers whose outputs this term reads."""
         return ()
 
+    @property
+    def needs_build(self) -> bool:
+        """Whether :meth:`build` must run (once, on a probe step) before training."""
+        return False
+
+    def build(self, outputs: StepOutputs) -> None:
+        """Create trainable parts (adapters) from the shapes in ``outputs``.
+
+        :class:`~lightning_kd.DistillationModule` calls this once in ``setup``, on the outputs
+        of one probe batch (eval mode, no gradients), before the optimizer is created and
+        before any strategy wraps the model, so the optimizer and DDP see the new parameters.
+        """
+
     def forward(self, outputs: StepOutputs) -> Tensor:  # noqa: D102 - documented in the class
         raise NotImplementedError(f"{type(self).__name__} must implement forward(outputs) -> Tensor.")
 
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
         return f"name={self.name!r}, weight={self.weight}"
+
+
+def _first_tensor(value: Any) -> Tensor:
+    """The tensor of a hooked output: the output itself, or the first tensor of a tuple/list."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                return item
+    raise TypeError(f"A hooked layer returned {type(value).__name__}; expected a tensor or tuple of tensors.")
+
+
+class LayerPairTerm(LossTerm):
+    """A term on the outputs of one student layer and one teacher layer (most feature/relation methods).
+
+    Args:
+        student_layer: dotted path of the student layer (as in ``student.named_modules()``).
+        teacher_layer: dotted path of the teacher layer.
+        name: key of the term.
+        weight: factor in the total loss.
+    """
+
+    def __init__(self, student_layer: str, teacher_layer: str, name: str, weight: float = 1.0) -> None:
+        super().__init__(name, weight)
+        self.student_layer = student_layer
+        self.teacher_layer = teacher_layer
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """The one student layer this term reads."""
+        return (self.student_layer,)
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        """The one teacher layer this term reads."""
+        return (self.teacher_layer,)
+
+    def pair(self, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
+        """``(student_feature, teacher_feature.detach())`` of this step."""
+        try:
+            student = outputs.student_features[self.student_layer]
+            teacher = outputs.teacher_features[self.teacher_layer]
+        except KeyError as error:
+            raise KeyError(
+                f"Loss term {self.name!r}: no captured output for layer {error.args[0]!r}. Features are "
+                "captured by the FeatureHooks that DistillationModule adds for the layers its terms declare; "
+                "call the term inside a fit, or attach FeatureHooks yourself."
+            ) from None
+        return _first_tensor(student), _first_tensor(teacher).detach()
+
+    def extra_repr(self) -> str:
+        """Name, weight and layers, shown in the module repr."""
+        layers = f"student_layer={self.student_layer!r}, teacher_layer={self.teacher_layer!r}"
+        return f"{super().extra_repr()}, {layers}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dist_loss", "dkd_loss", "kd_loss"]
+__all__ = ["dist_loss", "dkd_loss", "fitnet_loss", "kd_loss"]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
 
@@ -288,3 +288,30 @@ def dist_loss(
     inter = 1 - _mean_pearson(y_s, y_t)
     intra = 1 - _mean_pearson(y_s.t(), y_t.t())
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+@_float32_math
+def fitnet_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    r"""FitNets hint loss: mean squared error between the (regressed) student and the teacher feature.
+
+    Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015:
+    :math:`\mathcal{L} = \frac{1}{|F|} \sum (r(F^s) - F^t)^2`, the mean over every element,
+    as the CRD benchmark's ``HintLoss`` (``nn.MSELoss()``). The regressor :math:`r` that maps
+    the student's shape onto the teacher's belongs to the loss term
+    (:class:`~lightning_kd.losses.feature.FitNetTerm`); pass its output here.
+
+    Args:
+        student_feature: the student's feature after the regressor, any shape.
+        teacher_feature: the teacher's feature, same shape.
+
+    Returns:
+        Scalar: mean over all elements.
+    """
+    _check_same_shape(
+        "student_feature",
+        student_feature,
+        "teacher_feature",
+        teacher_feature,
+        hint="The regressor must map the student feature onto the teacher feature's shape.",
+    )
+    return F.mse_loss(student_feature, teacher_feature)
