@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -281,15 +282,62 @@ class DistillationModule(pl.LightningModule):
                 return logits_of(self.teacher(inputs))
         return logits_of(self.teacher(inputs))
 
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """Hook exactly the layers that the loss terms declare."""
+    def _declared_hooks(self) -> FeatureHooks | None:
+        """FeatureHooks for exactly the layers that the loss terms declare (None if none)."""
         student_layers = [layer for term in self.loss_terms.values() for layer in term.student_layers]
         teacher_layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
         if not (student_layers or teacher_layers):
-            self.feature_hooks = None
-            return []
-        self.feature_hooks = FeatureHooks(student_layers, teacher_layers)
-        return [self.feature_hooks]
+            return None
+        return FeatureHooks(student_layers, teacher_layers)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Hook exactly the layers that the loss terms declare."""
+        self.feature_hooks = self._declared_hooks()
+        return [self.feature_hooks] if self.feature_hooks is not None else []
+
+    def setup(self, stage: str) -> None:
+        """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model)."""
+        if any(term.needs_build for term in self.loss_terms.values()):
+            self.build_terms(self._probe_batch(stage))
+
+    def _probe_batch(self, stage: str) -> Any:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            loader = {"fit": "train", "validate": "val", "test": "test"}.get(stage, "predict")
+            return next(iter(getattr(datamodule, f"{loader}_dataloader")()))
+        if self.example_input_array is not None:
+            return self.example_input_array
+        raise ValueError(
+            "The loss terms need one probe batch to size their adapters: pass a datamodule to the "
+            "Trainer call, or set `module.example_input_array` to a batch."
+        )
+
+    def build_terms(self, batch: Any) -> None:
+        """Size every term that ``needs_build`` on one forward of ``batch`` (eval mode, no gradients).
+
+        Runs in :meth:`setup`; call it yourself before ``load_state_dict`` outside a Trainer.
+        """
+        pending = [term for term in self.loss_terms.values() if term.needs_build]
+        if not pending:
+            return
+        attached_here = self.feature_hooks is None or not self.feature_hooks.attached
+        if attached_here:
+            self.feature_hooks = self._declared_hooks()
+            if self.feature_hooks is not None:
+                self.feature_hooks.attach(self)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                outputs = self.step_outputs(batch)
+                for term in pending:
+                    term.build(outputs)
+        finally:
+            self.train(was_training)
+            if self.feature_hooks is not None and attached_here:
+                self.feature_hooks.detach()
+            elif self.feature_hooks is not None:
+                self.feature_hooks.clear()
 
     # ----------------------------------------------------------------- steps
     def step_outputs(self, batch: Any) -> StepOutputs:
@@ -391,7 +439,23 @@ class DistillationModule(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Give a checkpoint without the frozen teacher the teacher this module was built with."""
+        """Give a checkpoint without the frozen teacher the teacher this module was built with.
+
+        Terms whose adapters are not built yet (outside a Trainer) are built on
+        ``example_input_array`` if set; otherwise their saved adapters are skipped with a
+        warning (inference does not use them).
+        """
         state = checkpoint["state_dict"]
         if self.teacher_is_frozen and not any(k.startswith("teacher.") for k in state):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        unbuilt = [name for name, term in self.loss_terms.items() if term.needs_build]
+        if unbuilt and self.example_input_array is not None:
+            self.build_terms(self.example_input_array)
+        elif unbuilt:
+            prefixes = tuple(f"loss_terms.{name}." for name in unbuilt)
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+            rank_zero_warn(
+                f"Adapters of loss terms {unbuilt} were not restored: they are built on a probe batch. "
+                "Set `example_input_array` (or call `build_terms(batch)`) before loading to restore them."
+            )

@@ -64,6 +64,11 @@ class FeatureHooks(Callback):
         """Unique per configuration, so several instances can save state side by side."""
         return self._generate_state_key(**self.layers)
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are registered."""
+        return bool(self._handles)
+
     def attach(self, pl_module: nn.Module) -> None:
         """Register the hooks on ``pl_module.student`` / ``pl_module.teacher``."""
         self.detach()
