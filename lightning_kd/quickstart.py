@@ -9,6 +9,7 @@ import argparse
 import functools
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.models import MLP, ConvNet1d
 from lightning_kd.module import DistillationModule
 
-__all__ = ["QuickstartResult", "main", "run_quickstart"]
+__all__ = ["QuickstartResult", "RunResult", "fit_and_test", "main", "run_quickstart"]
 
 
 @dataclass
@@ -53,28 +54,43 @@ class QuickstartResult:
         return "\n".join(lines) + f"\n({self.seconds:.0f} s)"
 
 
-def _fit_and_test(
+@dataclass
+class RunResult:
+    """One fit and test: test accuracy, checkpoint path, and seconds per training epoch."""
+
+    accuracy: float
+    checkpoint: str
+    seconds_per_epoch: float
+
+
+def fit_and_test(
     name: str,
     module: DistillationModule,
-    datamodule: MNIST1DDataModule,
+    datamodule: pl.LightningDataModule,
     epochs: int,
-    out_dir: Path,
-    progress: bool,
-) -> tuple[float, str]:
+    out_dir: str | Path,
+    progress: bool = True,
+    callbacks: Sequence[pl.Callback] = (),
+) -> RunResult:
+    """Fit ``module`` for ``epochs`` (CSV logs and a checkpoint under ``out_dir``), then test it."""
+    out_dir = Path(out_dir)
     checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename=name, enable_version_counter=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="auto",
         devices=1,
         logger=CSVLogger(out_dir, name=name),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *callbacks],
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - started
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
-    return metrics["test/acc"], checkpoint.best_model_path or checkpoint.last_model_path
+    path = checkpoint.best_model_path or checkpoint.last_model_path
+    return RunResult(metrics["test/acc"], path, seconds / epochs)
 
 
 def run_quickstart(
@@ -103,20 +119,19 @@ def run_quickstart(
 
     pl.seed_everything(seed, verbose=False)
     teacher_module = DistillationModule(ConvNet1d(num_classes=10))
-    teacher_acc, teacher_ckpt = _fit_and_test(
-        "teacher", teacher_module, datamodule, teacher_epochs, out_dir, progress
-    )
+    teacher = fit_and_test("teacher", teacher_module, datamodule, teacher_epochs, out_dir, progress)
 
     optimizer = functools.partial(torch.optim.Adam, lr=student_lr)
     baseline_module = DistillationModule(student(), optimizer=optimizer)
-    baseline_acc, _ = _fit_and_test(
-        "baseline", baseline_module, datamodule, student_epochs, out_dir, progress
-    )
+    baseline = fit_and_test("baseline", baseline_module, datamodule, student_epochs, out_dir, progress)
     kd_module = DistillationModule(
-        student(), teacher=ConvNet1d(num_classes=10), teacher_checkpoint=teacher_ckpt, optimizer=optimizer
+        student(),
+        teacher=ConvNet1d(num_classes=10),
+        teacher_checkpoint=teacher.checkpoint,
+        optimizer=optimizer,
     )
-    kd_acc, _ = _fit_and_test("kd", kd_module, datamodule, student_epochs, out_dir, progress)
-    return QuickstartResult(teacher_acc, baseline_acc, kd_acc, time.perf_counter() - started)
+    kd = fit_and_test("kd", kd_module, datamodule, student_epochs, out_dir, progress)
+    return QuickstartResult(teacher.accuracy, baseline.accuracy, kd.accuracy, time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> QuickstartResult:

@@ -8,6 +8,7 @@ carry. Reductions are documented per function.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -15,7 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dist_loss", "dkd_loss", "fitnet_loss", "kd_loss"]
+__all__ = [
+    "at_loss",
+    "cc_loss",
+    "dist_loss",
+    "dkd_loss",
+    "fitnet_loss",
+    "kd_loss",
+    "nst_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "sp_loss",
+]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
 
@@ -315,3 +327,391 @@ def fitnet_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         hint="The regressor must map the student feature onto the teacher feature's shape.",
     )
     return F.mse_loss(student_feature, teacher_feature)
+
+
+# --------------------------------------------------------------------------------------------
+# Relation and attention losses, as in the CRD benchmark (HobbitLong/RepDistiller, distiller_zoo/).
+# --------------------------------------------------------------------------------------------
+
+#: clamp of the squared pairwise distances in RKD, before the square root (RepDistiller ``RKD.py``).
+_RKD_PDIST_EPS = 1e-12
+
+
+def _check_same_batch(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Both tensors hold one row per sample of the same batch: same (first) batch dimension."""
+    if a.ndim == 0 or b.ndim == 0 or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}: both must "
+            "have the same batch size in the first dimension (the loss compares the samples of one batch "
+            "with each other, so student and teacher must see the same samples)."
+        )
+
+
+def _check_feature_maps(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Two ``(N, C, H, W)`` (or two ``(N, C, L)``) maps of one batch; channels and sizes may differ."""
+    if a.ndim != b.ndim or a.ndim not in (3, 4):
+        raise ValueError(
+            f"{name_a} has shape {tuple(a.shape)} and {name_b} has shape {tuple(b.shape)}: expected two "
+            "(N, C, H, W) (or two (N, C, L)) convolutional feature maps; pick convolutional layers."
+        )
+    _check_same_batch(name_a, a, name_b, b)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """Flatten everything but the batch dimension: ``(N, ...) -> (N, D)``."""
+    return x.reshape(x.shape[0], -1)
+
+
+def _pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool the larger of two ``(N, C, H, W)`` (or ``(N, C, L)``) maps down to the smaller size.
+
+    Each spatial dimension is matched separately: each map is pooled to
+    ``(min(H_a, H_b), min(W_a, W_b))`` with :func:`torch.nn.functional.adaptive_avg_pool2d`
+    (``adaptive_avg_pool1d`` for 1-D maps), and a map already of that size is left untouched.
+    """
+    size = tuple(min(x, y) for x, y in zip(a.shape[2:], b.shape[2:], strict=True))
+    pool = F.adaptive_avg_pool2d if a.ndim == 4 else F.adaptive_avg_pool1d
+    if tuple(a.shape[2:]) != size:
+        a = pool(a, size)
+    if tuple(b.shape[2:]) != size:
+        b = pool(b, size)
+    return a, b
+
+
+def _sp_similarity(feature: Tensor) -> Tensor:
+    """Row-L2-normalised Gram matrix of the flattened samples, ``(N, N)``."""
+    rows = _rows(feature)
+    return F.normalize(rows @ rows.t(), p=2, dim=1)
+
+
+@_float32_math
+def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    r"""Similarity-preserving KD: match the batch's normalised pairwise-similarity matrices.
+
+    Tung, Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. With
+    :math:`Q \in \mathbb{R}^{N \times D}` the features flattened per sample:
+
+    .. math::
+        \tilde G = \operatorname{rownorm}(Q Q^\top), \qquad
+        \mathcal{L} = \frac{1}{N^2} \big\lVert \tilde G^t - \tilde G^s \big\rVert_F^2
+
+    where each row of the Gram matrix is divided by its L2 norm (``F.normalize``, eps
+    :math:`10^{-12}` on the norm), as in ``Similarity.similarity_loss`` of the CRD benchmark
+    (``distiller_zoo/SP.py`` of ``HobbitLong/RepDistiller``), which agrees with the paper's
+    formula. The paper sums this over layer pairs; the benchmark uses one pair (the last
+    convolutional stage, before pooling) with weight 3000.
+
+    Student and teacher may have different channel counts and spatial sizes: only the
+    :math:`N \times N` similarity matrices are compared. The loss is invariant to scaling either
+    feature.
+
+    Args:
+        student_feat: ``(N, ...)`` student feature, flattened to ``(N, D_s)``.
+        teacher_feat: ``(N, ...)`` teacher feature, flattened to ``(N, D_t)``; same batch size.
+
+    Returns:
+        Scalar: the squared Frobenius distance divided by :math:`N^2` (the mean over the
+        :math:`N^2` entries). The benchmark returns it as a 1-element tensor; here a 0-d one.
+    """
+    _check_same_batch("student_feat", student_feat, "teacher_feat", teacher_feat)
+    batch = student_feat.shape[0]
+    difference = _sp_similarity(teacher_feat) - _sp_similarity(student_feat)
+    return difference.pow(2).sum() / batch**2
+
+
+def _rkd_distances(rows: Tensor) -> Tensor:
+    """Pairwise Euclidean distances ``(N, N)``, zero diagonal, divided by their off-diagonal mean.
+
+    As RepDistiller's ``RKDLoss.pdist``: squared distances from the Gram matrix, clamped at
+    ``1e-12`` (so distinct rows, even duplicates, get a distance of at least ``1e-6``), square root,
+    diagonal set to 0. Every off-diagonal entry is then positive, so the benchmark's mean over
+    ``d > 0`` is the mean over the :math:`N (N - 1)` off-diagonal entries.
+    """
+    batch = rows.shape[0]
+    squared_norms = rows.pow(2).sum(dim=1)
+    squared = squared_norms.unsqueeze(1) + squared_norms.unsqueeze(0) - 2 * rows @ rows.t()
+    distances = squared.clamp(min=_RKD_PDIST_EPS).sqrt()
+    diagonal = torch.eye(batch, dtype=torch.bool, device=rows.device)
+    distances = distances.masked_fill(diagonal, 0.0)
+    return distances / (distances.sum() / (batch * (batch - 1)))
+
+
+def _rkd_angles(rows: Tensor) -> Tensor:
+    """Cosines ``(N, N, N)``: entry ``[i, j, k]`` is the cosine of the angle at ``x_i`` to ``x_j``, ``x_k``.
+
+    Difference vectors are L2-normalised with ``F.normalize`` (eps ``1e-12``), so a zero vector
+    (``j == i`` or ``k == i``) gives a cosine of 0.
+    """
+    directions = F.normalize(rows.unsqueeze(0) - rows.unsqueeze(1), p=2, dim=2)  # [i, j] = x_j - x_i
+    return torch.bmm(directions, directions.transpose(1, 2))
+
+
+@_float32_math
+def rkd_loss(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> Tensor:
+    r"""Relational KD: match the batch's normalised pairwise distances and triplet angles.
+
+    Park, Kim, Lu, Cho, "Relational Knowledge Distillation", CVPR 2019. With embeddings
+    :math:`x_1, \dots, x_N` (flattened per sample) and :math:`\ell_1` the Huber loss
+    (``F.smooth_l1_loss``, threshold 1):
+
+    .. math::
+        \psi_D(i, j) = \frac{\lVert x_i - x_j \rVert}{\mu}, \quad
+        \mu = \frac{1}{N(N-1)} \sum_{i \ne j} \lVert x_i - x_j \rVert, \qquad
+        \psi_A(i, j, k) = \Big\langle \frac{x_j - x_i}{\lVert x_j - x_i \rVert},
+        \frac{x_k - x_i}{\lVert x_k - x_i \rVert} \Big\rangle
+
+    .. math::
+        \mathcal{L} = w_D \cdot \frac{1}{N^2} \sum_{i, j} \ell_1\big(\psi^s_D(i, j), \psi^t_D(i, j)\big)
+        + w_A \cdot \frac{1}{N^3} \sum_{i, j, k} \ell_1\big(\psi^s_A(i, j, k), \psi^t_A(i, j, k)\big)
+
+    following ``RKDLoss`` of the CRD benchmark (``distiller_zoo/RKD.py`` of
+    ``HobbitLong/RepDistiller``), which differs from the paper's sums in its reductions: both
+    parts are *means* over all :math:`N^2` pairs and :math:`N^3` triplets, including the
+    degenerate ones (zero-distance diagonal, and angles with ``j == i`` or ``k == i``, whose
+    zero difference vector is normalised to 0 and gives a cosine of 0; both models then agree
+    on those entries, which only dilute the mean). Distances are computed as in the benchmark
+    (squared distances from the Gram matrix clamped at :math:`10^{-12}`, then square root).
+    Defaults :math:`w_D = 25`, :math:`w_A = 50` are the benchmark's.
+
+    Both parts are invariant to scaling either embedding and to translating it; the
+    embedding dimensions of student and teacher may differ. Memory is
+    :math:`O(N^2 D + N^3)` (the angle part builds all difference vectors, as the benchmark does).
+
+    Args:
+        student_emb: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``; ``N >= 2``.
+        teacher_emb: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``; same batch size.
+        distance_weight: :math:`w_D`, weight of the distance part.
+        angle_weight: :math:`w_A`, weight of the angle part.
+
+    Returns:
+        Scalar: ``distance_weight * distance_loss + angle_weight * angle_loss``.
+    """
+    _check_same_batch("student_emb", student_emb, "teacher_emb", teacher_emb)
+    if student_emb.shape[0] < 2:
+        raise ValueError(
+            f"rkd_loss needs at least 2 samples per batch to compare distances, got student_emb of shape "
+            f"{tuple(student_emb.shape)} and teacher_emb of shape {tuple(teacher_emb.shape)}."
+        )
+    student, teacher = _rows(student_emb), _rows(teacher_emb)
+    distance = F.smooth_l1_loss(_rkd_distances(student), _rkd_distances(teacher))
+    angle = F.smooth_l1_loss(_rkd_angles(student), _rkd_angles(teacher))
+    return distance_weight * distance + angle_weight * angle
+
+
+def _pkt_conditionals(rows: Tensor, eps: float) -> Tensor:
+    """Row-stochastic ``(N, N)`` matrix of the shifted cosine kernel ``(cos + 1) / 2``."""
+    unit = rows / (rows.norm(p=2, dim=1, keepdim=True) + eps)
+    kernel = (unit @ unit.t() + 1.0) / 2.0
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+@_float32_math
+def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""Probabilistic knowledge transfer: match the conditional distributions of a cosine kernel.
+
+    Passalis, Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer",
+    ECCV 2018. With :math:`\hat x_i = x_i / (\lVert x_i \rVert + \epsilon)` and the cosine
+    kernel shifted to :math:`[0, 1]`:
+
+    .. math::
+        K_{ij} = \frac{\hat x_i^\top \hat x_j + 1}{2}, \qquad
+        p_{j|i} = \frac{K_{ij}}{\sum_{k} K_{ik}}, \qquad
+        \mathcal{L} = \frac{1}{N^2} \sum_{i, j} p^t_{j|i}
+        \log \frac{p^t_{j|i} + \epsilon}{p^s_{j|i} + \epsilon}
+
+    as ``PKT.cosine_similarity_loss`` of the CRD benchmark (``distiller_zoo/PKT.py`` of
+    ``HobbitLong/RepDistiller``, from the authors' code): the sums include :math:`j = i` (the
+    paper's conditional probabilities leave the sample itself out), :math:`\epsilon = 10^{-7}`
+    is added to the norm and inside the logarithm, and the KL divergences are *averaged over all*
+    :math:`N^2` *entries* (not summed, nor divided by :math:`N`), hence the benchmark's weight
+    of 30000. The benchmark also replaces NaN entries of the normalised embeddings by 0; a zero
+    embedding already gives 0 here (``0 / (0 + eps)``), so NaN can only come from non-finite
+    inputs, and it is left to propagate rather than hidden. The norm is
+    :func:`torch.linalg.vector_norm`, whose gradient at a zero embedding is 0 (the benchmark's
+    ``sqrt(sum(x ** 2))`` gives NaN there); values are the same.
+
+    Invariant to positive scaling of either embedding (up to :math:`\epsilon`); the embedding
+    dimensions of student and teacher may differ.
+
+    Args:
+        student_emb: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher_emb: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``; same batch size.
+        eps: :math:`\epsilon > 0`.
+
+    Returns:
+        Scalar: the mean over the :math:`N^2` entries of the teacher-to-student KL terms.
+    """
+    _check_same_batch("student_emb", student_emb, "teacher_emb", teacher_emb)
+    _check_positive("eps", eps)
+    p_student = _pkt_conditionals(_rows(student_emb), eps)
+    p_teacher = _pkt_conditionals(_rows(teacher_emb), eps)
+    return (p_teacher * torch.log((p_teacher + eps) / (p_student + eps))).mean()
+
+
+def _cc_kernel(rows: Tensor, gamma: float, order: int) -> Tensor:
+    """``(N, N)`` order-``P`` Taylor expansion of the Gaussian RBF kernel of the L2-normalised rows."""
+    unit = F.normalize(rows, p=2, dim=1)
+    cosine = unit @ unit.t()
+    coefficients = [math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
+    kernel = torch.full_like(cosine, coefficients[-1])
+    for coefficient in reversed(coefficients[:-1]):  # Horner: sum_p c_p * cosine ** p
+        kernel = kernel * cosine + coefficient
+    return kernel
+
+
+@_float32_math
+def cc_loss(student_emb: Tensor, teacher_emb: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
+    r"""Correlation congruence: match the batch's correlation matrices under a Gaussian-RBF kernel.
+
+    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019. With
+    :math:`\hat x_i = x_i / \lVert x_i \rVert` (``F.normalize``, eps :math:`10^{-12}`), the
+    Gaussian RBF kernel :math:`\exp(-\gamma \lVert \hat x_i - \hat x_j \rVert^2)
+    = e^{-2\gamma} e^{2\gamma \hat x_i^\top \hat x_j}` is replaced by its order-:math:`P`
+    Taylor expansion:
+
+    .. math::
+        \psi_{ij} = \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!}
+        \big(\hat x_i^\top \hat x_j\big)^p, \qquad
+        \mathcal{L} = \frac{1}{N^2} \big\lVert \psi^t - \psi^s \big\rVert_F^2
+
+    the paper's correlation-congruence term with its Gaussian kernel, in the form of ``CC`` in
+    ``kd_losses/cc.py`` of ``AberHu/Knowledge-Distillation-Zoo`` (defaults :math:`\gamma = 0.4`,
+    :math:`P = 2` from that repository's example script). As :math:`P \to \infty` it tends to the
+    exact Gaussian kernel.
+
+    **This is not the CRD benchmark's CC.** ``Correlation`` in ``distiller_zoo/CC.py`` of
+    ``HobbitLong/RepDistiller`` computes, on
+    embeddings of equal dimension (both models' penultimate features through a trainable
+    ``LinearEmbed`` to 128 dimensions),
+    :math:`\frac{1}{N-1} \sum_{i=1}^{N-1} \sum_d |\delta_{i,d}|\, |\delta_{i+1,d}|` with
+    :math:`\delta = x^s - x^t`: the inner products of the absolute student-teacher residuals of
+    *consecutive* samples of the batch, with no normalisation and no kernel (no :math:`\gamma`
+    or :math:`P`). Its scale is unrelated to this loss's, so the benchmark's weight (0.02) is
+    not calibrated for this form; Knowledge-Distillation-Zoo uses weight 100 with it.
+
+    Invariant to scaling either embedding; student and teacher dimensions may differ (only the
+    :math:`N \times N` kernel matrices are compared).
+
+    Args:
+        student_emb: ``(N, ...)`` student embeddings, flattened to ``(N, D_s)``.
+        teacher_emb: ``(N, ...)`` teacher embeddings, flattened to ``(N, D_t)``; same batch size.
+        gamma: :math:`\gamma > 0` of the Gaussian kernel.
+        order: :math:`P \ge 0`, the order of the Taylor expansion.
+
+    Returns:
+        Scalar: the mean over the :math:`N^2` entries of the squared kernel differences
+        (``F.mse_loss``).
+    """
+    _check_same_batch("student_emb", student_emb, "teacher_emb", teacher_emb)
+    _check_positive("gamma", gamma)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"order must be an integer >= 0, got {order!r}.")
+    return F.mse_loss(
+        _cc_kernel(_rows(student_emb), gamma, order), _cc_kernel(_rows(teacher_emb), gamma, order)
+    )
+
+
+def _attention_map(feature: Tensor, p: float) -> Tensor:
+    """``(N, H * W)``: channel mean of ``|f| ** p``, flattened, L2-normalised per sample."""
+    return F.normalize(feature.abs().pow(p).mean(dim=1).reshape(feature.shape[0], -1), p=2, dim=1)
+
+
+@_float32_math
+def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
+    r"""Attention transfer: match the normalised spatial attention maps of two feature maps.
+
+    Zagoruyko, Komodakis, "Paying More Attention to Attention", ICLR 2017. With the attention
+    map of an ``(N, C, H, W)`` feature :math:`f`:
+
+    .. math::
+        Q = \operatorname{vec}\Big(\frac{1}{C} \sum_c |f_c|^p\Big) \in \mathbb{R}^{HW}, \qquad
+        \mathcal{L} = \frac{1}{N H W} \sum_{n} \Big\lVert \frac{Q^s_n}{\lVert Q^s_n \rVert}
+        - \frac{Q^t_n}{\lVert Q^t_n \rVert} \Big\rVert_2^2
+
+    as ``Attention.at_loss`` of the CRD benchmark (``distiller_zoo/AT.py`` of
+    ``HobbitLong/RepDistiller``, after the authors' ``szagoruyko/attention-transfer``): the
+    channel *mean* (the normalisation makes mean and sum equivalent), ``F.normalize`` (eps
+    :math:`10^{-12}`), and the *mean of the squared* difference, where the paper writes the
+    (unsquared) :math:`p`-norm of the difference. The benchmark raises :math:`f` itself to the
+    power ``p``; here :math:`|f|^p` as in the paper, which is the same for the default
+    :math:`p = 2` and for non-negative (post-ReLU) features, and avoids NaN or sign
+    cancellation for negative inputs with other ``p``.
+
+    Spatial sizes may differ: as in the benchmark, the larger map is average-pooled
+    (``F.adaptive_avg_pool2d``) down to the smaller size before the attention maps are taken.
+    The benchmark pools to a square ``(H, H)`` chosen from the heights only; here height and width
+    are matched separately (to ``(min H, min W)``), which is the same for square maps. Channel
+    counts may differ. The benchmark sums this loss over several stage pairs with one weight
+    (1000); add one term per pair for that.
+
+    Invariant to scaling either feature map.
+
+    Args:
+        student_feat: ``(N, C_s, H_s, W_s)`` student feature map.
+        teacher_feat: ``(N, C_t, H_t, W_t)`` teacher feature map; same batch size.
+        p: exponent :math:`p > 0` of the attention map.
+
+    Returns:
+        Scalar: the mean over the batch and the :math:`H W` positions of the squared difference.
+    """
+    _check_feature_maps("student_feat", student_feat, "teacher_feat", teacher_feat)
+    _check_positive("p", p)
+    student_feat, teacher_feat = _pool_to_common_size(student_feat, teacher_feat)
+    return (_attention_map(student_feat, p) - _attention_map(teacher_feat, p)).pow(2).mean()
+
+
+def _mean_squared_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over batch and channel pairs of the polynomial kernel ``(a_i . b_j) ** 2``."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+
+@_float32_math
+def nst_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    r"""Neuron selectivity transfer: MMD between the channels' spatial activation patterns.
+
+    Huang, Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", 2017.
+    Each channel of an ``(N, C, H, W)`` map is a sample :math:`f^i \in \mathbb{R}^{HW}` of its
+    image's distribution, L2-normalised (``F.normalize``, eps :math:`10^{-12}`); with the
+    polynomial kernel :math:`k(x, y) = (x^\top y)^2` (degree 2, constant 0):
+
+    .. math::
+        \mathcal{L} = \frac{1}{N} \sum_n \Big[
+        \frac{1}{C_t^2} \sum_{i, i'} k(f^i_t, f^{i'}_t)
+        + \frac{1}{C_s^2} \sum_{j, j'} k(f^j_s, f^{j'}_s)
+        - \frac{2}{C_s C_t} \sum_{i, j} k(f^j_s, f^i_t) \Big]
+
+    the squared MMD of the paper, per sample and averaged over the batch, as ``NSTLoss.nst_loss``
+    of the CRD benchmark (``distiller_zoo/NST.py`` of ``HobbitLong/RepDistiller``, with its
+    ``full_loss=True``: the teacher-teacher term is included, so the loss is 0 when the maps
+    agree). The kernel matrices are computed with a batched matrix product instead of the
+    benchmark's broadcast (the same values, without its :math:`N C_s C_t H W` intermediate).
+    Gradients flow into both inputs; the loss terms pass a detached teacher feature, as the
+    benchmark computes teacher features without gradients.
+
+    Spatial sizes may differ: the larger map is average-pooled down to the smaller size, as in
+    :func:`at_loss` (and the benchmark). Channel counts may differ. The benchmark sums this loss
+    over several stage pairs with one weight (50); add one term per pair for that.
+
+    Invariant to scaling either feature map.
+
+    Args:
+        student_feat: ``(N, C_s, H_s, W_s)`` student feature map.
+        teacher_feat: ``(N, C_t, H_t, W_t)`` teacher feature map; same batch size.
+
+    Returns:
+        Scalar: the squared MMD, averaged over the batch.
+    """
+    _check_feature_maps("student_feat", student_feat, "teacher_feat", teacher_feat)
+    student_feat, teacher_feat = _pool_to_common_size(student_feat, teacher_feat)
+    student = F.normalize(student_feat.reshape(*student_feat.shape[:2], -1), p=2, dim=2)
+    teacher = F.normalize(teacher_feat.reshape(*teacher_feat.shape[:2], -1), p=2, dim=2)
+    return (
+        _mean_squared_dot(teacher, teacher)
+        + _mean_squared_dot(student, student)
+        - 2 * _mean_squared_dot(student, teacher)
+    )

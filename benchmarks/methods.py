@@ -1,0 +1,174 @@
+"""Every distillation method on MNIST-1D under one budget and several seeds.
+
+    python benchmarks/methods.py --seeds 0 1 2            # about 20 minutes on 2 CPU cores
+    python benchmarks/methods.py --methods kd sp --seeds 0  # a subset
+
+The setting is the quickstart's (4,500 training / 500 validation / 10,000 test samples,
+ConvNet1d teacher trained 60 epochs per seed, students 150 epochs, Adam 3e-3, cosine,
+batch 128). Two students: the quickstart's MLP (vector features: response and relation
+methods, FitNet) and a small 1-D CNN (feature maps: AT, NST, FitNet on maps). As in the
+CRD benchmark, every method other than KD is cross-entropy (weight 1) plus the method at
+the benchmark's default weight; KD is 0.1 CE + 0.9 KD at T = 4. Each student run of a seed
+starts from the same initial weights as that seed's baseline. Writes
+benchmarks/results/methods.md: test accuracy mean ± std, gain over the same student's
+baseline (paired per seed), and training time per epoch relative to that baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_kd import (
+    ATTerm,
+    CCTerm,
+    CrossEntropyTerm,
+    DistillationModule,
+    DISTTerm,
+    DKDTerm,
+    FitNetTerm,
+    KDTerm,
+    LossTerm,
+    LossWeightSchedule,
+    NSTTerm,
+    PKTTerm,
+    RKDTerm,
+    SPTerm,
+)
+from lightning_kd.data import MNIST1DDataModule
+from lightning_kd.models import MLP, ConvNet1d
+from lightning_kd.quickstart import fit_and_test
+
+RESULTS = Path(__file__).parent / "results" / "methods.md"
+TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_LR = 60, 150, 3e-3
+# DKD warms its weight up over 20 of the benchmark's 240 epochs: the same fraction of ours.
+DKD_WARMUP_EPOCHS = round(20 / 240 * STUDENT_EPOCHS)
+
+
+@dataclass
+class Method:
+    """A row of the table: which student, which loss terms, which callbacks."""
+
+    student: str  # "mlp" or "cnn"
+    losses: Callable[[], list[LossTerm]]
+    callbacks: Callable[[], list[pl.Callback]] = list
+    uses_teacher: bool = True
+
+
+def ce(weight: float = 1.0) -> CrossEntropyTerm:
+    return CrossEntropyTerm(weight=weight)
+
+
+# student layers: MLP "features.4" = second hidden layer after ReLU (N, 256);
+# CNN "conv3" = last conv block (N, 32, 10). Teacher: "embedding" (N, 128), "conv3" (N, 64, 10).
+METHODS: dict[str, Method] = {
+    "baseline": Method("mlp", lambda: [ce()], uses_teacher=False),
+    "kd": Method("mlp", lambda: [ce(0.1), KDTerm(weight=0.9, temperature=4.0)]),
+    "kd_standardized": Method(
+        "mlp", lambda: [ce(0.1), KDTerm(weight=0.9, temperature=2.0, standardize=True)]
+    ),
+    "dkd": Method(
+        "mlp",
+        lambda: [ce(), DKDTerm(alpha=1.0, beta=8.0, temperature=4.0)],
+        lambda: [
+            LossWeightSchedule(
+                "dkd", start=1 / DKD_WARMUP_EPOCHS, end=1.0, interval="epoch", total=DKD_WARMUP_EPOCHS - 1
+            )
+        ],
+    ),
+    "dist": Method("mlp", lambda: [ce(), DISTTerm(beta=1.0, gamma=1.0, temperature=1.0)]),
+    "fitnet": Method("mlp", lambda: [ce(), FitNetTerm("features.4", "embedding", weight=100.0)]),
+    "sp": Method("mlp", lambda: [ce(), SPTerm("features.4", "embedding", weight=3000.0)]),
+    "rkd": Method("mlp", lambda: [ce(), RKDTerm("features.4", "embedding", weight=1.0)]),
+    "pkt": Method("mlp", lambda: [ce(), PKTTerm("features.4", "embedding", weight=30000.0)]),
+    "cc": Method("mlp", lambda: [ce(), CCTerm("features.4", "embedding", weight=0.02)]),
+    "cnn_baseline": Method("cnn", lambda: [ce()], uses_teacher=False),
+    "cnn_kd": Method("cnn", lambda: [ce(0.1), KDTerm(weight=0.9, temperature=4.0)]),
+    "cnn_fitnet": Method("cnn", lambda: [ce(), FitNetTerm("conv3", "conv3", weight=100.0)]),
+    "cnn_at": Method("cnn", lambda: [ce(), ATTerm("conv3", "conv3", weight=1000.0)]),
+    "cnn_nst": Method("cnn", lambda: [ce(), NSTTerm("conv3", "conv3", weight=50.0)]),
+}
+
+
+def make_student(kind: str, seed: int) -> nn.Module:
+    """The seed's student, identical across the methods of one seed."""
+    pl.seed_everything(seed + 1, verbose=False)
+    if kind == "mlp":
+        return MLP(in_features=40, num_classes=10, hidden=(256, 256))
+    return ConvNet1d(num_classes=10, widths=(16, 32, 32), hidden=64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out-dir", default="runs/benchmark_methods")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    datamodule = MNIST1DDataModule()
+    optimizer = functools.partial(torch.optim.Adam, lr=STUDENT_LR)
+
+    accuracy: dict[str, list[float]] = {name: [] for name in args.methods}
+    epoch_seconds: dict[str, list[float]] = {name: [] for name in args.methods}
+    for seed in args.seeds:
+        out = Path(args.out_dir) / f"seed{seed}"
+        pl.seed_everything(seed, verbose=False)
+        teacher = fit_and_test(
+            "teacher", DistillationModule(ConvNet1d()), datamodule, TEACHER_EPOCHS, out, False
+        )
+        for name in args.methods:
+            method = METHODS[name]
+            module = DistillationModule(
+                make_student(method.student, seed),
+                teacher=ConvNet1d() if method.uses_teacher else None,
+                teacher_checkpoint=teacher.checkpoint if method.uses_teacher else None,
+                losses=method.losses(),
+                optimizer=optimizer,
+            )
+            result = fit_and_test(name, module, datamodule, STUDENT_EPOCHS, out, False, method.callbacks())
+            accuracy[name].append(result.accuracy)
+            epoch_seconds[name].append(result.seconds_per_epoch)
+            speed = f"{result.seconds_per_epoch:.3f} s/epoch"
+            print(f"seed {seed} {name:16s} {100 * result.accuracy:6.2f}  {speed}", flush=True)
+
+    def mean_std(values: list[float], scale: float = 100.0) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{scale * statistics.mean(values):.2f} ± {scale * spread:.2f}"
+
+    lines = [
+        f"MNIST-1D test accuracy (%), {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); "
+        "gain and time relative to the same student's baseline.",
+        "",
+        "| method | student | accuracy | gain | time / epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for name in args.methods:
+        baseline = "baseline" if METHODS[name].student == "mlp" else "cnn_baseline"
+        gain, relative_time = "", ""
+        if baseline in accuracy and name != baseline:
+            gains = [a - b for a, b in zip(accuracy[name], accuracy[baseline], strict=True)]
+            gain = mean_std(gains)
+            relative_time = (
+                f"{statistics.mean(epoch_seconds[name]) / statistics.mean(epoch_seconds[baseline]):.2f}x"
+            )
+        elif name == baseline:
+            relative_time = f"1.00x ({statistics.mean(epoch_seconds[name]):.2f} s)"
+        lines.append(
+            f"| {name} | {METHODS[name].student} | {mean_std(accuracy[name])} | {gain} | {relative_time} |"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
