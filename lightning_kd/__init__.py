@@ -1,6 +1,12 @@
 """lightning_kd: knowledge distillation for PyTorch Lightning."""
 
-from lightning_kd.callbacks import FeatureHooks, LossWeightSchedule, TemperatureAnnealing
+from lightning_kd.callbacks import (
+    DistillationStages,
+    FeatureHooks,
+    LossWeightSchedule,
+    Stage,
+    TemperatureAnnealing,
+)
 from lightning_kd.losses import (
     ATTerm,
     CCTerm,
@@ -8,6 +14,7 @@ from lightning_kd.losses import (
     DISTTerm,
     DKDTerm,
     FitNetTerm,
+    FSPTerm,
     KDTerm,
     LayerPairTerm,
     LossTerm,
@@ -28,8 +35,10 @@ __all__ = [
     "DISTTerm",
     "DKDTerm",
     "DistillationModule",
+    "DistillationStages",
     "FeatureHooks",
     "FitNetTerm",
+    "FSPTerm",
     "KDTerm",
     "LayerPairTerm",
     "LossTerm",
@@ -38,6 +47,7 @@ __all__ = [
     "PKTTerm",
     "RKDTerm",
     "SPTerm",
+    "Stage",
     "StepOutputs",
     "TemperatureAnnealing",
     "__version__",

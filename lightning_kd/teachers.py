@@ -37,7 +37,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the weights of ``model`` from a checkpoint file; returns the model.
 
     Accepts a Lightning checkpoint (``state_dict`` under ``student.`` as written by
-    :class:`~lightning_kd.DistillationModule`, or under ``model.``) or a plain state dict.
+    :class:`~lightning_kd.DistillationModule`, or under ``model.``), a CRD-benchmark teacher
+    file (weights under ``"model"``), or a plain state dict.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -54,7 +55,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ValueError(f"Cannot read checkpoint {str(path)!r}: {error}") from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    # Lightning keeps the weights under "state_dict", the CRD benchmark's teachers under "model"
+    state = None
+    if isinstance(checkpoint, Mapping):
+        state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state, Mapping):
         raise ValueError(f"Checkpoint {str(path)!r} holds no state dict (found {type(checkpoint).__name__}).")
     state = _network_state(state, model)

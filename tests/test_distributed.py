@@ -12,13 +12,17 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_fit.py"
 
 
-def test_ddp_kd_fit_with_frozen_teacher(tmp_path: Path) -> None:
+def run_ddp_script(out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=300, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_ddp_kd_fit_with_frozen_teacher(tmp_path: Path) -> None:
+    ranks = run_ddp_script(tmp_path)
     for rank in ranks:
         assert rank["is_ddp"] and not rank["find_unused"]
         assert rank["ignored"] and all(name.startswith("teacher.") for name in rank["ignored"])
@@ -27,4 +31,15 @@ def test_ddp_kd_fit_with_frozen_teacher(tmp_path: Path) -> None:
         for name, tensor in rank["teacher"].items():
             assert torch.equal(tensor, rank["initial_teacher"][name]), name
     for name, tensor in ranks[0]["student"].items():  # gradients were all-reduced
+        torch.testing.assert_close(tensor, ranks[1]["student"][name], rtol=0, atol=1e-6)
+
+
+def test_ddp_multi_stage_fit_needs_no_unused_parameter_search(tmp_path: Path) -> None:
+    ranks = run_ddp_script(tmp_path, "stages")
+    for rank in ranks:
+        assert not rank["find_unused"]
+        for name, tensor in rank["initial_student"].items():  # frozen through the init stage
+            assert torch.equal(rank["student_after_epoch0"][name], tensor), name
+        assert not torch.equal(rank["student"]["0.weight"], rank["initial_student"]["0.weight"])
+    for name, tensor in ranks[0]["student"].items():
         torch.testing.assert_close(tensor, ranks[1]["student"][name], rtol=0, atol=1e-6)

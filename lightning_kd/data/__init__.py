@@ -1,5 +1,6 @@
-"""Datamodules for data that ships inside packages (no download)."""
+"""Datamodules: data that ships inside packages (no download), and CIFAR-100 from local files."""
 
+from lightning_kd.data.cifar100 import CIFAR100DataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 
-__all__ = ["MNIST1DDataModule", "generate_mnist1d"]
+__all__ = ["CIFAR100DataModule", "MNIST1DDataModule", "generate_mnist1d"]

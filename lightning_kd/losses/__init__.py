@@ -4,6 +4,7 @@ from lightning_kd.losses import functional
 from lightning_kd.losses.attention import ATTerm, NSTTerm
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 from lightning_kd.losses.feature import FitNetTerm, make_regressor
+from lightning_kd.losses.fsp import FSPTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
 
@@ -14,6 +15,7 @@ __all__ = [
     "DISTTerm",
     "DKDTerm",
     "FitNetTerm",
+    "FSPTerm",
     "KDTerm",
     "LayerPairTerm",
     "LossTerm",

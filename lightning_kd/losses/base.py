@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs"]
+__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs", "first_tensor"]
 
 
 @dataclass
@@ -90,7 +90,7 @@ class LossTerm(nn.Module):
         return f"name={self.name!r}, weight={self.weight}"
 
 
-def _first_tensor(value: Any) -> Tensor:
+def first_tensor(value: Any) -> Tensor:
     """The tensor of a hooked output: the output itself, or the first tensor of a tuple/list."""
     if isinstance(value, Tensor):
         return value
@@ -137,7 +137,7 @@ class LayerPairTerm(LossTerm):
                 "captured by the FeatureHooks that DistillationModule adds for the layers its terms declare; "
                 "call the term inside a fit, or attach FeatureHooks yourself."
             ) from None
-        return _first_tensor(student), _first_tensor(teacher).detach()
+        return first_tensor(student), first_tensor(teacher).detach()
 
     def extra_repr(self) -> str:
         """Name, weight and layers, shown in the module repr."""

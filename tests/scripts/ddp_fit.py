@@ -2,6 +2,8 @@
 
 Lightning's "ddp" strategy starts the second process by re-running this script, so it must be
 a standalone file, not a pytest function. Each rank writes what it saw to OUT/rank<r>.pt.
+With the argument "stages", the fit is a FitNet hint with an init stage (epoch 0: only the
+regressor trains), then the main stage.
 """
 
 from __future__ import annotations
@@ -16,10 +18,23 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import RandomDataModule, small_net  # noqa: E402
 
-from lightning_kd import DistillationModule  # noqa: E402
+from lightning_kd import (  # noqa: E402
+    CrossEntropyTerm,
+    DistillationModule,
+    DistillationStages,
+    FitNetTerm,
+    KDTerm,
+    Stage,
+)
 
 
 class RecordWrapping(pl.Callback):
+    student_after_epoch0: dict[str, torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: DistillationModule) -> None:
+        if trainer.current_epoch == 0:
+            self.student_after_epoch0 = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: DistillationModule) -> None:
         wrapped = trainer.strategy.model
         self.is_ddp = isinstance(wrapped, DistributedDataParallel)
@@ -27,11 +42,19 @@ class RecordWrapping(pl.Callback):
         self.find_unused = bool(getattr(wrapped, "find_unused_parameters", True))
 
 
-def main(out: Path) -> None:
+def main(out: Path, staged: bool) -> None:
     pl.seed_everything(0, verbose=False)
     teacher = small_net()
     initial_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillationModule(small_net(), teacher)
+    student = small_net()
+    initial_student = {k: v.clone() for k, v in student.state_dict().items()}
+    callbacks: list[pl.Callback] = []
+    if staged:
+        losses = [CrossEntropyTerm(), KDTerm(weight=0.5), FitNetTerm("2", "2", weight=10.0)]
+        module = DistillationModule(student, teacher, losses=losses)
+        callbacks.append(DistillationStages([Stage(1, {"fitnet": 1.0}, ["loss_terms.fitnet"]), Stage()]))
+    else:
+        module = DistillationModule(student, teacher)
     spy = RecordWrapping()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -42,7 +65,7 @@ def main(out: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[spy],
+        callbacks=[spy, *callbacks],
     )
     trainer.fit(module, datamodule=RandomDataModule(n=128, batch_size=16))
     torch.save(
@@ -50,6 +73,8 @@ def main(out: Path) -> None:
             "student": module.student.state_dict(),
             "teacher": module.teacher.state_dict(),
             "initial_teacher": initial_teacher,
+            "initial_student": initial_student,
+            "student_after_epoch0": spy.student_after_epoch0,
             "teacher_training": module.teacher.training,
             "is_ddp": spy.is_ddp,
             "ignored": spy.ignored,
@@ -62,4 +87,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), staged=sys.argv[2:] == ["stages"])
