@@ -101,3 +101,11 @@ def test_plain_state_dict_is_accepted(tmp_path: Path) -> None:
     target = load_weights(small_net(), tmp_path / "weights.pt")
     for name, tensor in source.state_dict().items():
         assert torch.equal(tensor, target.state_dict()[name])
+
+
+def test_crd_benchmark_teacher_file_is_accepted(tmp_path: Path) -> None:
+    source = small_net()
+    torch.save({"model": source.state_dict(), "epoch": 240}, tmp_path / "resnet32x4_best.pth")
+    target = load_weights(small_net(), tmp_path / "resnet32x4_best.pth")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(tensor, target.state_dict()[name])

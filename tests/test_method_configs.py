@@ -34,7 +34,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_method_has_a_recipe() -> None:
-    assert {"dkd", "dist", "kd_standardized", "fitnet", "sp", "rkd", "pkt", "cc", "at", "nst"} <= set(METHODS)
+    assert {"dkd", "dist", "kd_standardized", "fitnet", "sp", "rkd", "pkt", "cc", "at", "nst", "fsp"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
