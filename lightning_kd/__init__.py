@@ -10,6 +10,7 @@ from lightning_kd.callbacks import (
 from lightning_kd.losses import (
     ATTerm,
     CCTerm,
+    CRDTerm,
     CrossEntropyTerm,
     DISTTerm,
     DKDTerm,
@@ -19,10 +20,12 @@ from lightning_kd.losses import (
     LayerPairTerm,
     LossTerm,
     NSTTerm,
+    OFDTerm,
     PKTTerm,
     RKDTerm,
     SPTerm,
     StepOutputs,
+    VIDTerm,
 )
 from lightning_kd.module import DistillationModule
 
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTerm",
     "CCTerm",
+    "CRDTerm",
     "CrossEntropyTerm",
     "DISTTerm",
     "DKDTerm",
@@ -44,11 +48,13 @@ __all__ = [
     "LossTerm",
     "LossWeightSchedule",
     "NSTTerm",
+    "OFDTerm",
     "PKTTerm",
     "RKDTerm",
     "SPTerm",
     "Stage",
     "StepOutputs",
     "TemperatureAnnealing",
+    "VIDTerm",
     "__version__",
 ]

@@ -189,15 +189,11 @@ class DistillationModule(pl.LightningModule):
                 load_weights(teacher, teacher_checkpoint)
             if self.teacher_is_frozen:
                 freeze(teacher)
-                # DDP neither broadcasts nor all-reduces these: each process loads the same teacher.
-                self._ddp_params_and_buffers_to_ignore = [
-                    f"teacher.{name}"
-                    for name, _ in chain(teacher.named_parameters(), teacher.named_buffers())
-                ]
 
         terms = list(losses) if losses is not None else default_losses(teacher, teacher_mode)
         self._check_terms(terms)
         self.loss_terms = nn.ModuleDict({term.name: term for term in terms})
+        self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
 
         self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
 
@@ -235,6 +231,21 @@ class DistillationModule(pl.LightningModule):
                 "A trainable teacher needs a loss on its own outputs, e.g. "
                 "CrossEntropyTerm(name='teacher_ce', model='teacher'); otherwise it never learns."
             )
+
+    def _ddp_ignored(self) -> list[str]:
+        """Names DDP neither broadcasts nor all-reduces.
+
+        A frozen teacher (each process loads the same one) and the buffers of terms that keep
+        them in sync themselves (``LossTerm.synchronizes_own_buffers``).
+        """
+        names = []
+        if self.teacher_is_frozen:
+            teacher = self.teacher
+            names += [f"teacher.{n}" for n, _ in chain(teacher.named_parameters(), teacher.named_buffers())]
+        for term_name, term in self.loss_terms.items():
+            if term.synchronizes_own_buffers:
+                names += [f"loss_terms.{term_name}.{n}" for n, _ in term.named_buffers()]
+        return names
 
     def _infer_num_classes(self) -> int:
         student_classes = infer_num_classes(self.student)
@@ -331,7 +342,9 @@ class DistillationModule(pl.LightningModule):
             with torch.no_grad():
                 outputs = self.step_outputs(batch)
                 for term in pending:
+                    term.bind(self.student, self.teacher)
                     term.build(outputs)
+            self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
         finally:
             self.train(was_training)
             if self.feature_hooks is not None and attached_here:

@@ -38,7 +38,7 @@ def test_method_recipe_builds_and_computes_its_loss(method: str) -> None:
         type(module.student).__name__ == "ResNet"
         and sum(p.numel() for p in module.student.parameters()) == 1233540
     )
-    batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,)))
+    batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,)), torch.arange(8))  # index: for CRD
     hooks = module._declared_hooks()
     module.feature_hooks = hooks
     if hooks is not None:

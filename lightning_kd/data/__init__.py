@@ -1,6 +1,7 @@
 """Datamodules: data that ships inside packages (no download), and CIFAR-100 from local files."""
 
 from lightning_kd.data.cifar100 import CIFAR100DataModule
+from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 
-__all__ = ["CIFAR100DataModule", "MNIST1DDataModule", "generate_mnist1d"]
+__all__ = ["CIFAR100DataModule", "MNIST1DDataModule", "WithIndex", "generate_mnist1d"]

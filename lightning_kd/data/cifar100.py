@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_kd.data.indexed import WithIndex
+
 if TYPE_CHECKING:
     from torchvision import transforms as T
 
@@ -49,6 +51,8 @@ class CIFAR100DataModule(pl.LightningDataModule):
             missing (needs network access; torchvision checks the MD5 sums).
         augment: random crop + flip on the training split; without it, training images get
             the test preprocessing.
+        return_index: training batches are ``(images, labels, sample_index)`` (for CRD's memory
+            bank, :class:`~lightning_kd.data.WithIndex`).
     """
 
     num_classes = 100
@@ -61,9 +65,11 @@ class CIFAR100DataModule(pl.LightningDataModule):
         num_workers: int = 2,
         download: bool = False,
         augment: bool = True,
+        return_index: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.return_index = return_index
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -131,7 +137,7 @@ class CIFAR100DataModule(pl.LightningDataModule):
         root = str(self.data_dir)
         train = CIFAR100(root, train=True, transform=self.train_transform())
         test = CIFAR100(root, train=False, transform=self.test_transform())
-        self.datasets = {"train": train, "val": test, "test": test}
+        self.datasets = {"train": WithIndex(train) if self.return_index else train, "val": test, "test": test}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if not self.datasets:

@@ -7,7 +7,9 @@ import random
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_kd.data.indexed import WithIndex
 
 __all__ = ["MNIST1DDataModule"]
 
@@ -53,6 +55,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
         batch_size: batch size of every loader.
         num_workers: dataloader workers (the data sits in memory; 0 is fastest on CPU).
         seed: seed of the data generator (fixes the dataset, not the training).
+        return_index: training batches are ``(inputs, labels, sample_index)`` (for CRD's memory
+            bank, :class:`~lightning_kd.data.WithIndex`).
     """
 
     num_classes = 10
@@ -66,6 +70,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 42,
+        return_index: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < val_samples < train_samples:
@@ -77,7 +82,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.datasets: dict[str, TensorDataset] = {}
+        self.return_index = return_index
+        self.datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the data once and build the three splits."""
@@ -92,8 +98,9 @@ class MNIST1DDataModule(pl.LightningDataModule):
             inputs = torch.as_tensor((inputs - mean) / std, dtype=torch.float32).unsqueeze(1)
             return TensorDataset(inputs, torch.as_tensor(labels, dtype=torch.long))
 
+        train = dataset(x[:n_train], y[:n_train])
         self.datasets = {
-            "train": dataset(x[:n_train], y[:n_train]),
+            "train": WithIndex(train) if self.return_index else train,
             "val": dataset(x[n_train:], y[n_train:]),
             "test": dataset(data["x_test"], data["y_test"]),
         }

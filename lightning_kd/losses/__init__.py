@@ -3,7 +3,8 @@
 from lightning_kd.losses import functional
 from lightning_kd.losses.attention import ATTerm, NSTTerm
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
-from lightning_kd.losses.feature import FitNetTerm, make_regressor
+from lightning_kd.losses.contrastive import ContrastMemory, CRDTerm
+from lightning_kd.losses.feature import FitNetTerm, OFDTerm, VIDTerm, make_regressor, margin_from_batchnorm
 from lightning_kd.losses.fsp import FSPTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
@@ -11,6 +12,8 @@ from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KD
 __all__ = [
     "ATTerm",
     "CCTerm",
+    "ContrastMemory",
+    "CRDTerm",
     "CrossEntropyTerm",
     "DISTTerm",
     "DKDTerm",
@@ -20,10 +23,13 @@ __all__ = [
     "LayerPairTerm",
     "LossTerm",
     "NSTTerm",
+    "OFDTerm",
     "PKTTerm",
     "RKDTerm",
     "SPTerm",
     "StepOutputs",
+    "VIDTerm",
     "functional",
     "make_regressor",
+    "margin_from_batchnorm",
 ]

@@ -49,6 +49,9 @@ class LossTerm(nn.Module):
 
     #: whether the term reads the teacher's outputs (it then needs a teacher).
     needs_teacher: bool = True
+    #: whether the term keeps its buffers identical across DDP processes itself (a memory bank
+    #: updated with all-gathered samples); DDP then leaves them alone.
+    synchronizes_own_buffers: bool = False
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
         super().__init__()
@@ -73,6 +76,12 @@ class LossTerm(nn.Module):
     def needs_build(self) -> bool:
         """Whether :meth:`build` must run (once, on a probe step) before training."""
         return False
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Read what the term needs from the models themselves (e.g. BatchNorm statistics).
+
+        Called by :meth:`~lightning_kd.DistillationModule.build_terms` just before :meth:`build`.
+        """
 
     def build(self, outputs: StepOutputs) -> None:
         """Create trainable parts (adapters) from the shapes in ``outputs``.

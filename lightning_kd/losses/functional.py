@@ -17,17 +17,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ab_loss",
+    "ft_loss",
     "fsp_loss",
     "at_loss",
     "cc_loss",
+    "crd_loss",
     "dist_loss",
     "dkd_loss",
     "fitnet_loss",
     "kd_loss",
     "nst_loss",
+    "ofd_loss",
+    "ofd_margin",
     "pkt_loss",
     "rkd_loss",
     "sp_loss",
+    "vid_loss",
 ]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
@@ -779,3 +785,351 @@ def fsp_loss(
         hint="FSP needs the same batch and the same channel counts at both layers of student and teacher.",
     )
     return F.mse_loss(student, teacher)
+
+
+#: added to the denominators of CRD's NCE loss, as ``eps`` in the authors' ``crd/criterion.py``.
+_CRD_EPS = 1e-7
+
+
+def _check_crd_scores(name: str, scores: Tensor) -> None:
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(
+            f"{name} must have shape (N, 1 + K): the positive's score in column 0, then K >= 1 negatives' "
+            f"scores; got shape {tuple(scores.shape)}."
+        )
+
+
+def _crd_nce(scores: Tensor, num_samples: int, eps: float) -> Tensor:
+    """One direction of CRD's NCE loss: ``-(sum log h(positive) + sum log(1 - h(negatives))) / N``."""
+    noise = (scores.shape[1] - 1) / num_samples  # K * Pn, with Pn = 1 / num_samples
+    positive, negatives = scores[:, 0], scores[:, 1:]
+    log_positive = torch.log(positive / (positive + noise + eps))
+    log_negatives = torch.log(noise / (negatives + noise + eps))
+    return -(log_positive.sum() + log_negatives.sum()) / scores.shape[0]
+
+
+@_float32_math
+def crd_loss(
+    student_scores: Tensor, teacher_scores: Tensor, num_samples: int, eps: float = _CRD_EPS
+) -> Tensor:
+    r"""CRD's NCE loss on the scores of one positive and K negatives, summed over both anchors.
+
+    Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, as
+    ``ContrastLoss`` / ``CRDLoss`` in ``crd/criterion.py`` of ``HobbitLong/RepDistiller``. A score
+    is :math:`P = \exp(u^\top v / \tau) / Z` for an anchor embedding :math:`u` of one model and a
+    memory-bank embedding :math:`v` of the other model
+    (:class:`~lightning_kd.losses.contrastive.ContrastMemory` computes them); column 0 holds the
+    positive (the same sample), columns :math:`1 \dots K` the negatives. With the uniform noise
+    distribution :math:`P_n = 1 / n` over the :math:`n` = ``num_samples`` training samples, NCE
+    models the probability that a pair is real as
+    :math:`h = P / (P + K P_n)`, and one direction of the loss is
+
+    .. math::
+        \mathcal{L}(P) = -\frac{1}{N} \sum_{i=1}^{N} \Big[
+        \log \frac{P_{i0}}{P_{i0} + K P_n + \epsilon}
+        + \sum_{k=1}^{K} \log \frac{K P_n}{P_{ik} + K P_n + \epsilon} \Big],
+        \qquad \epsilon = 10^{-7}
+
+    exactly as ``ContrastLoss`` (:math:`\epsilon` in the denominators only; the log-terms are
+    *summed* over the positive and the :math:`K` negatives and divided by the batch size
+    :math:`N`, not averaged over the :math:`1 + K` columns). CRD contrasts in both directions and
+    adds them, as ``CRDLoss.forward`` does; this function does the sum:
+
+    .. math::
+        \mathcal{L}_{CRD} = \mathcal{L}(P^{s}) + \mathcal{L}(P^{t})
+
+    where :math:`P^{s}` anchors on the student's embedding (scored against the teacher's
+    memory) and :math:`P^{t}` on the teacher's (scored against the student's memory). For one
+    direction alone, pass the same scores twice and halve the result.
+
+    Args:
+        student_scores: ``(N, 1 + K)`` student-anchored scores, positive in column 0, all > 0.
+        teacher_scores: ``(N, 1 + K)`` teacher-anchored scores, same shape.
+        num_samples: :math:`n`, the size of the training set (of the memory bank), for
+            :math:`P_n = 1 / n`.
+        eps: :math:`\epsilon \ge 0` added to the denominators.
+
+    Returns:
+        Scalar: ``L(student_scores) + L(teacher_scores)``, each summed over the :math:`1 + K`
+        columns and averaged over the :math:`N` rows. The authors' code returns a 1-element
+        tensor; here a 0-d one.
+    """
+    _check_crd_scores("student_scores", student_scores)
+    _check_crd_scores("teacher_scores", teacher_scores)
+    _check_same_shape(
+        "student_scores",
+        student_scores,
+        "teacher_scores",
+        teacher_scores,
+        hint="Both directions score the same positive and negatives.",
+    )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"num_samples must be a positive integer (the training set size), got {num_samples!r}."
+        )
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+    return _crd_nce(student_scores, num_samples, eps) + _crd_nce(teacher_scores, num_samples, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature losses with trainable parts: VID (as in the CRD benchmark) and OFD (the authors' code).
+# --------------------------------------------------------------------------------------------
+
+#: OFD's margin is ``-3 * std`` where P(x < 0) is at most this (``get_margin_from_BN``).
+_OFD_CDF_THRESHOLD = 1e-3
+
+
+def _per_channel(name: str, values: Tensor, feature_name: str, feature: Tensor) -> Tensor:
+    """``(C,)`` values reshaped to broadcast over dimension 1 of an ``(N, C, ...)`` feature."""
+    if feature.ndim < 2 or values.ndim != 1 or values.shape[0] != feature.shape[1]:
+        raise ValueError(
+            f"{name} has shape {tuple(values.shape)} but {feature_name} has shape {tuple(feature.shape)}: "
+            f"expected an (N, C, ...) feature and one {name} value per channel, of shape (C,)."
+        )
+    return values.reshape(1, -1, *([1] * (feature.ndim - 2)))
+
+
+@_float32_math
+def vid_loss(predicted_mean: Tensor, teacher_feat: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""Variational information distillation: Gaussian negative log-likelihood of the teacher's feature.
+
+    Ahn, Hu, Damianou, Lawrence, Dai, "Variational Information Distillation for Knowledge
+    Transfer", CVPR 2019. A regressor on the student's feature predicts the mean :math:`\mu` of a
+    Gaussian over the teacher's feature :math:`t`, with one variance per channel :math:`c` from a
+    free parameter :math:`\alpha_c` (``log_scale``):
+
+    .. math::
+        \sigma_c^2 = \log\big(1 + e^{\alpha_c}\big) + \epsilon, \qquad
+        \mathcal{L} = \frac{1}{|t|} \sum_{n, c, \dots} \frac{1}{2} \Big(
+        \frac{(\mu_{nc\dots} - t_{nc\dots})^2}{\sigma_c^2} + \log \sigma_c^2 \Big)
+
+    as ``VIDLoss`` of the CRD benchmark (``distiller_zoo/VID.py`` of ``HobbitLong/RepDistiller``,
+    from the authors' code): :math:`\epsilon = 10^{-5}` added after the softplus, the constant
+    :math:`\frac{1}{2} \log 2\pi` left out, and the *mean* over all elements (batch, channels and
+    positions), where the paper sums over channels and positions. The softplus is
+    :func:`torch.nn.functional.softplus`: the benchmark's ``log(1 + exp(a))`` has the same values
+    but overflows to ``inf`` for large :math:`\alpha`.
+
+    For a fixed mean, the loss is smallest where :math:`\sigma_c^2` equals the mean squared
+    residual of channel :math:`c`; gradients reach the mean (the regressor and the student) and
+    ``log_scale``. The regressor, the pooling of the larger map and :math:`\alpha` belong to
+    :class:`~lightning_kd.losses.feature.VIDTerm`.
+
+    Args:
+        predicted_mean: ``(N, C, ...)`` the regressor's output :math:`\mu`.
+        teacher_feat: ``(N, C, ...)`` the teacher's feature, same shape.
+        log_scale: ``(C,)`` :math:`\alpha`, the variance of each channel before the softplus.
+        eps: :math:`\epsilon \ge 0`, added to every variance.
+
+    Returns:
+        Scalar: the mean over all elements of the negative log-likelihood (without its constant).
+    """
+    _check_same_shape(
+        "predicted_mean",
+        predicted_mean,
+        "teacher_feat",
+        teacher_feat,
+        hint="The regressor must map the student feature onto the teacher feature's shape.",
+    )
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+    variance = F.softplus(_per_channel("log_scale", log_scale, "teacher_feat", teacher_feat)) + eps
+    return (0.5 * ((predicted_mean - teacher_feat).pow(2) / variance + torch.log(variance))).mean()
+
+
+@_float32_math
+def ofd_loss(student_feat: Tensor, teacher_feat: Tensor, margin: Tensor) -> Tensor:
+    r"""Overhaul of feature distillation: partial L2 to the teacher's pre-ReLU feature, clipped at a margin.
+
+    Heo, Kim, Yun, Park, Kwak, Choi, "A Comprehensive Overhaul of Feature Distillation",
+    ICCV 2019. With :math:`s` the student's pre-ReLU feature after the connector, :math:`t` the
+    teacher's pre-ReLU feature and :math:`m_c \le 0` the margin of channel :math:`c`
+    (:func:`ofd_margin`):
+
+    .. math::
+        \tau = \max(t, m_c), \qquad
+        \mathcal{L} = \frac{1}{N} \sum_{n, c, \dots} (s - \tau)^2 \,
+        \mathbb{1}\big[s > \tau \ \lor\ \tau > 0\big]
+
+    Where the teacher responds positively the student is pulled onto it; where it responds
+    negatively (ReLU turns that into 0) the target is raised to the margin, and a student value
+    at or below that target costs nothing.
+
+    As ``distillation_loss`` of the authors' code (``CIFAR-100/distiller.py`` of
+    ``clovaai/overhaul-distillation``: ``torch.max(target, margin)``, squared error, mask
+    ``(source > target) | (target > 0)``, *sum* over all elements), divided by the batch size as
+    their training loop does (``loss_distill.sum() / batch_size / 1000`` in
+    ``CIFAR-100/train_with_distillation.py``; the 1/1000 is the weight of
+    :class:`~lightning_kd.losses.feature.OFDTerm`, ImageNet uses 1/10000). An earlier version of
+    that file spells out the three cases (above the margin, between margin and 0, positive);
+    both versions agree wherever :math:`m \le 0`, which :func:`ofd_margin` always gives. Their
+    distiller sums this loss over :math:`L` layer pairs and divides pair :math:`i` (shallowest
+    first, :math:`i = 0, \dots, L - 1`) by :math:`2^{L - i - 1}`: with one term per pair, put
+    that factor into each term's weight.
+
+    Args:
+        student_feat: ``(N, C, ...)`` the student's pre-ReLU feature through the connector.
+        teacher_feat: ``(N, C, ...)`` the teacher's pre-ReLU feature, same shape.
+        margin: ``(C,)`` the margin of each channel.
+
+    Returns:
+        Scalar: the masked squared error summed over all elements, divided by the batch size.
+    """
+    _check_same_shape(
+        "student_feat",
+        student_feat,
+        "teacher_feat",
+        teacher_feat,
+        hint="The connector must map the student feature onto the teacher feature's shape.",
+    )
+    target = torch.maximum(teacher_feat, _per_channel("margin", margin, "teacher_feat", teacher_feat))
+    mask = (student_feat > target) | (target > 0)
+    return ((student_feat - target).pow(2) * mask).sum() / student_feat.shape[0]
+
+
+def ofd_margin(std: Tensor, mean: Tensor) -> Tensor:
+    r"""OFD's margin: the mean of a Gaussian pre-ReLU response given that it is negative, per channel.
+
+    Heo et al., ICCV 2019 (see :func:`ofd_loss`). A BatchNorm's output is taken as
+    :math:`x \sim \mathcal{N}(m, s^2)` with :math:`s = |\gamma|` and :math:`m = \beta`, the
+    BatchNorm's weight and bias (its normalised input being standard normal). With :math:`\phi`,
+    :math:`\Phi` the standard normal density and distribution function:
+
+    .. math::
+        \text{margin} = \mathbb{E}[x \mid x < 0]
+        = m - s \, \frac{\phi(m / s)}{\Phi(-m / s)}
+        \quad \text{if } \Phi(-m / s) > 10^{-3}, \qquad -3 s \text{ otherwise,}
+
+    exactly ``get_margin_from_BN`` of the authors' code (``CIFAR-100/distiller.py`` of
+    ``clovaai/overhaul-distillation``), which computes it in double precision (Python floats,
+    ``scipy.stats.norm.cdf``) and returns float32: so does this function
+    (:func:`torch.special.ndtr` for :math:`\Phi`). A zero weight (:math:`s = 0`), where theirs
+    divides by zero, gives the limit: :math:`m` for :math:`m < 0`, else 0.
+
+    Args:
+        std: ``(C,)`` the BatchNorm's weight :math:`\gamma` (its absolute value is used).
+        mean: ``(C,)`` the BatchNorm's bias :math:`\beta`.
+
+    Returns:
+        ``(C,)`` float32 margins, all :math:`\le 0`, on the device of ``std``.
+    """
+    if std.ndim != 1 or std.shape != mean.shape:
+        raise ValueError(
+            f"std has shape {tuple(std.shape)} but mean has shape {tuple(mean.shape)}: expected two (C,) "
+            "vectors, a BatchNorm's weight and bias."
+        )
+    s = std.detach().double().abs()
+    m = mean.detach().to(device=s.device, dtype=torch.float64)
+    ratio = m / s
+    below_zero = torch.special.ndtr(-ratio)
+    density = torch.exp(-(ratio**2) / 2) / math.sqrt(2 * math.pi)
+    conditional_mean = m - s * density / below_zero
+    return torch.where(below_zero > _OFD_CDF_THRESHOLD, conditional_mean, -3 * s).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Staged feature losses of the CRD benchmark: activation boundaries (AB) and factor transfer (FT).
+# --------------------------------------------------------------------------------------------
+
+#: ``ABLoss.forward`` of the CRD benchmark divides every pair's loss by 1000 and multiplies it by 3.
+_AB_SCALE = 3.0 / 1000.0
+
+
+@_float32_math
+def ab_loss(student_pre: Tensor, teacher_pre: Tensor, margin: float = 1.0) -> Tensor:
+    r"""Activation boundaries: put the student's pre-ReLU responses on the teacher's side of zero, by a margin.
+
+    Heo, Lee, Yun, Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+    Hidden Neurons", AAAI 2019: the paper's alternative (differentiable) loss, a squared hinge on
+    each neuron. With :math:`s` the student's pre-ReLU response (through the connector),
+    :math:`t` the teacher's pre-ReLU response and :math:`m \ge 0` the margin:
+
+    .. math::
+        \ell(s, t) = (s + m)^2 \, \mathbb{1}[s > -m \,\wedge\, t \le 0]
+        + (s - m)^2 \, \mathbb{1}[s \le m \,\wedge\, t > 0]
+
+    .. math::
+        \mathcal{L} = \frac{3}{1000} \cdot \frac{1}{N} \sum_{n, c, \dots} \ell(s, t)
+
+    Where the teacher's neuron is inactive (:math:`t \le 0`) the student is pushed below
+    :math:`-m`, where it is active above :math:`m`; beyond the margin a response costs nothing.
+    Only the sign of :math:`t` enters, so a teacher feature that went through a ReLU (even in
+    place) gives the same loss as its pre-ReLU values.
+
+    As ``ABLoss.criterion_alternative_l2`` and ``ABLoss.forward`` of the CRD benchmark
+    (``distiller_zoo/AB.py`` of ``HobbitLong/RepDistiller``, after the authors'
+    ``bhheo/AB_distillation``): the masks ``(s > -m) & (t <= 0)`` and ``(s <= m) & (t > 0)``, the
+    *sum* over all elements divided by the batch size, then ``/ 1000 * 3``, all included here.
+    The benchmark further multiplies pair :math:`i` of :math:`L` (shallowest first,
+    :math:`i = 0, \dots, L - 1`) by :math:`2^{i - L + 1}` (for three stages: 1/4, 1/2, 1): with
+    one term per pair, put that factor into each term's weight. Its margin is 1.
+
+    Args:
+        student_pre: ``(N, ...)`` the student's pre-ReLU feature through the connector.
+        teacher_pre: ``(N, ...)`` the teacher's pre-ReLU feature, same shape.
+        margin: :math:`m \ge 0`.
+
+    Returns:
+        Scalar: the squared hinges summed over all elements, divided by the batch size, times 3/1000.
+    """
+    _check_same_shape(
+        "student_pre",
+        student_pre,
+        "teacher_pre",
+        teacher_pre,
+        hint="The connector must map the student feature onto the teacher feature's shape.",
+    )
+    if student_pre.ndim == 0:
+        raise ValueError("student_pre and teacher_pre must have a batch dimension, got 0-d tensors.")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}.")
+    teacher_active = teacher_pre > 0
+    push_down = (student_pre > -margin) & ~teacher_active
+    push_up = (student_pre <= margin) & teacher_active
+    hinges = (student_pre + margin).pow(2) * push_down + (student_pre - margin).pow(2) * push_up
+    return hinges.sum() / student_pre.shape[0] * _AB_SCALE
+
+
+@_float32_math
+def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, power: float = 2.0) -> Tensor:
+    r"""Factor transfer: L_p distance between the normalised factors of the translator and the paraphraser.
+
+    Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer",
+    NeurIPS 2018. The paper compares the vectorised factors, each divided by its L2 norm,
+    :math:`\lVert F_T / \lVert F_T \rVert_2 - F_S / \lVert F_S \rVert_2 \rVert_p` with
+    :math:`p = 1`. This function follows ``FactorTransfer`` of the CRD benchmark
+    (``distiller_zoo/FT.py`` of ``HobbitLong/RepDistiller``, ``p1=2``, ``p2=1``), which first
+    reduces each ``(N, C, H, W)`` factor to a spatial map, as attention transfer does:
+
+    .. math::
+        Q = \operatorname{vec}\Big(\frac{1}{C} \sum_c |F_c|^{q}\Big) \in \mathbb{R}^{HW}, \qquad
+        \mathcal{L} = \frac{1}{N H W} \sum_{n} \Big\lVert \frac{Q^s_n}{\lVert Q^s_n \rVert_2}
+        - \frac{Q^t_n}{\lVert Q^t_n \rVert_2} \Big\rVert_p^p
+
+    with :math:`q` = ``power`` (2) and :math:`p` = ``p`` (1): the channel mean of the squared
+    factor, ``F.normalize`` (eps :math:`10^{-12}`), and the *mean* over batch and positions of
+    the absolute difference to the power :math:`p`. The benchmark raises :math:`F` itself to the
+    power (and the difference, for :math:`p \ne 1`); here absolute values, which is the same for
+    the defaults and avoids NaN or sign cancellation otherwise.
+
+    Spatial sizes may differ: the larger map is average-pooled down to the smaller size, each
+    dimension separately (the benchmark pools to a square chosen from the heights, the same for
+    square maps). Channel counts may differ (the benchmark's factors both have
+    ``int(rate * C_t)`` channels). Invariant to scaling either factor.
+
+    Args:
+        student_factor: ``(N, C_s, H_s, W_s)`` (or ``(N, C_s, L_s)``) the translator's output.
+        teacher_factor: ``(N, C_t, H_t, W_t)`` (or ``(N, C_t, L_t)``) the paraphraser's factor.
+        p: exponent :math:`p > 0` of the distance (1 in the benchmark and the paper).
+        power: exponent :math:`q > 0` of the channel mean (2 in the benchmark).
+
+    Returns:
+        Scalar: the mean over the batch and the positions of ``|difference| ** p``.
+    """
+    _check_feature_maps("student_factor", student_factor, "teacher_factor", teacher_factor)
+    _check_positive("p", p)
+    _check_positive("power", power)
+    student_factor, teacher_factor = _pool_to_common_size(student_factor, teacher_factor)
+    difference = _attention_map(student_factor, power) - _attention_map(teacher_factor, power)
+    return difference.abs().pow(p).mean()
