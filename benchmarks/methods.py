@@ -1,6 +1,6 @@
 """Every distillation method on MNIST-1D under one budget and several seeds.
 
-    python benchmarks/methods.py --seeds 0 1 2            # about 20 minutes on 2 CPU cores
+    python benchmarks/methods.py --seeds 0 1 2            # about an hour on 2 CPU cores
     python benchmarks/methods.py --methods kd sp --seeds 0  # a subset
 
 The setting is the quickstart's (4,500 training / 500 validation / 10,000 test samples,
@@ -31,18 +31,24 @@ from torch import nn
 from lightning_kd import (
     ATTerm,
     CCTerm,
+    CRDTerm,
     CrossEntropyTerm,
     DistillationModule,
+    DistillationStages,
     DISTTerm,
     DKDTerm,
     FitNetTerm,
+    FSPTerm,
     KDTerm,
     LossTerm,
     LossWeightSchedule,
     NSTTerm,
+    OFDTerm,
     PKTTerm,
     RKDTerm,
     SPTerm,
+    Stage,
+    VIDTerm,
 )
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.models import MLP, ConvNet1d
@@ -50,18 +56,21 @@ from lightning_kd.quickstart import fit_and_test
 
 RESULTS = Path(__file__).parent / "results" / "methods.md"
 TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_LR = 60, 150, 3e-3
-# DKD warms its weight up over 20 of the benchmark's 240 epochs: the same fraction of ours.
+# DKD warms its weight up over 20 of the benchmark's 240 epochs, staged methods have a 30-epoch
+# init stage: the same fractions of ours.
 DKD_WARMUP_EPOCHS = round(20 / 240 * STUDENT_EPOCHS)
+INIT_EPOCHS = round(30 / 240 * STUDENT_EPOCHS)
 
 
 @dataclass
 class Method:
     """A row of the table: which student, which loss terms, which callbacks."""
 
-    student: str  # "mlp" or "cnn"
+    student: str  # "mlp", "cnn", or "cnn_wide" (the teacher's conv widths, for FSP)
     losses: Callable[[], list[LossTerm]]
     callbacks: Callable[[], list[pl.Callback]] = list
     uses_teacher: bool = True
+    init_epochs: int = 0  # an init stage before the STUDENT_EPOCHS of the main stage
 
 
 def ce(weight: float = 1.0) -> CrossEntropyTerm:
@@ -90,12 +99,27 @@ METHODS: dict[str, Method] = {
     "sp": Method("mlp", lambda: [ce(), SPTerm("features.4", "embedding", weight=3000.0)]),
     "rkd": Method("mlp", lambda: [ce(), RKDTerm("features.4", "embedding", weight=1.0)]),
     "pkt": Method("mlp", lambda: [ce(), PKTTerm("features.4", "embedding", weight=30000.0)]),
-    "cc": Method("mlp", lambda: [ce(), CCTerm("features.4", "embedding", weight=0.02)]),
+    "cc": Method("mlp", lambda: [ce(), CCTerm("features.4", "embedding", weight=100.0)]),
+    "vid": Method("mlp", lambda: [ce(), VIDTerm("features.4", "embedding", weight=1.0)]),
+    "crd": Method(
+        "mlp",
+        lambda: [ce(), CRDTerm("features.4", "embedding", num_samples=4500, num_negatives=256, weight=0.8)],
+    ),
     "cnn_baseline": Method("cnn", lambda: [ce()], uses_teacher=False),
     "cnn_kd": Method("cnn", lambda: [ce(0.1), KDTerm(weight=0.9, temperature=4.0)]),
     "cnn_fitnet": Method("cnn", lambda: [ce(), FitNetTerm("conv3", "conv3", weight=100.0)]),
     "cnn_at": Method("cnn", lambda: [ce(), ATTerm("conv3", "conv3", weight=1000.0)]),
     "cnn_nst": Method("cnn", lambda: [ce(), NSTTerm("conv3", "conv3", weight=50.0)]),
+    "cnn_ofd": Method("cnn", lambda: [ce(), OFDTerm("conv3.1", "conv3.1")]),
+    "wide_baseline": Method("cnn_wide", lambda: [ce()], uses_teacher=False),
+    "wide_fsp": Method(
+        "cnn_wide",
+        lambda: [ce(), FSPTerm(["conv2", "conv3"], ["conv2", "conv3"])],
+        lambda: [
+            DistillationStages([Stage(INIT_EPOCHS, {"fsp": 1.0}, ["student"]), Stage(weights={"ce": 1.0})])
+        ],
+        init_epochs=INIT_EPOCHS,
+    ),
 }
 
 
@@ -104,6 +128,8 @@ def make_student(kind: str, seed: int) -> nn.Module:
     pl.seed_everything(seed + 1, verbose=False)
     if kind == "mlp":
         return MLP(in_features=40, num_classes=10, hidden=(256, 256))
+    if kind == "cnn_wide":
+        return ConvNet1d(num_classes=10, widths=(32, 64, 64), hidden=16)
     return ConvNet1d(num_classes=10, widths=(16, 32, 32), hidden=64)
 
 
@@ -114,7 +140,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="runs/benchmark_methods")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    datamodule = MNIST1DDataModule()
+    datamodule = MNIST1DDataModule(return_index=True)  # CRD's memory bank reads the sample index
     optimizer = functools.partial(torch.optim.Adam, lr=STUDENT_LR)
 
     accuracy: dict[str, list[float]] = {name: [] for name in args.methods}
@@ -134,7 +160,8 @@ def main() -> None:
                 losses=method.losses(),
                 optimizer=optimizer,
             )
-            result = fit_and_test(name, module, datamodule, STUDENT_EPOCHS, out, False, method.callbacks())
+            epochs = STUDENT_EPOCHS + method.init_epochs
+            result = fit_and_test(name, module, datamodule, epochs, out, False, method.callbacks())
             accuracy[name].append(result.accuracy)
             epoch_seconds[name].append(result.seconds_per_epoch)
             speed = f"{result.seconds_per_epoch:.3f} s/epoch"
@@ -152,7 +179,9 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name in args.methods:
-        baseline = "baseline" if METHODS[name].student == "mlp" else "cnn_baseline"
+        baseline = {"mlp": "baseline", "cnn": "cnn_baseline", "cnn_wide": "wide_baseline"}[
+            METHODS[name].student
+        ]
         gain, relative_time = "", ""
         if baseline in accuracy and name != baseline:
             gains = [a - b for a, b in zip(accuracy[name], accuracy[baseline], strict=True)]
