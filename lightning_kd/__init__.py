@@ -8,6 +8,7 @@ from lightning_kd.callbacks import (
     TemperatureAnnealing,
 )
 from lightning_kd.losses import (
+    ABTerm,
     ATTerm,
     CCTerm,
     CRDTerm,
@@ -16,11 +17,13 @@ from lightning_kd.losses import (
     DKDTerm,
     FitNetTerm,
     FSPTerm,
+    FTTerm,
     KDTerm,
     LayerPairTerm,
     LossTerm,
     NSTTerm,
     OFDTerm,
+    ParaphraserTerm,
     PKTTerm,
     RKDTerm,
     SPTerm,
@@ -32,6 +35,7 @@ from lightning_kd.module import DistillationModule
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABTerm",
     "ATTerm",
     "CCTerm",
     "CRDTerm",
@@ -42,6 +46,7 @@ __all__ = [
     "DistillationStages",
     "FeatureHooks",
     "FitNetTerm",
+    "FTTerm",
     "FSPTerm",
     "KDTerm",
     "LayerPairTerm",
@@ -49,6 +54,7 @@ __all__ = [
     "LossWeightSchedule",
     "NSTTerm",
     "OFDTerm",
+    "ParaphraserTerm",
     "PKTTerm",
     "RKDTerm",
     "SPTerm",

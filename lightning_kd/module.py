@@ -342,7 +342,7 @@ class DistillationModule(pl.LightningModule):
             with torch.no_grad():
                 outputs = self.step_outputs(batch)
                 for term in pending:
-                    term.bind(self.student, self.teacher)
+                    term.bind(self.student, self.teacher, self.loss_terms)
                     term.build(outputs)
             self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
         finally:

@@ -3,13 +3,16 @@
 from lightning_kd.losses import functional
 from lightning_kd.losses.attention import ATTerm, NSTTerm
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
+from lightning_kd.losses.boundary import ABTerm
 from lightning_kd.losses.contrastive import ContrastMemory, CRDTerm
+from lightning_kd.losses.factor import FTTerm, Paraphraser, ParaphraserTerm, Translator
 from lightning_kd.losses.feature import FitNetTerm, OFDTerm, VIDTerm, make_regressor, margin_from_batchnorm
 from lightning_kd.losses.fsp import FSPTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
 
 __all__ = [
+    "ABTerm",
     "ATTerm",
     "CCTerm",
     "ContrastMemory",
@@ -18,16 +21,20 @@ __all__ = [
     "DISTTerm",
     "DKDTerm",
     "FitNetTerm",
+    "FTTerm",
     "FSPTerm",
     "KDTerm",
     "LayerPairTerm",
     "LossTerm",
     "NSTTerm",
     "OFDTerm",
+    "Paraphraser",
+    "ParaphraserTerm",
     "PKTTerm",
     "RKDTerm",
     "SPTerm",
     "StepOutputs",
+    "Translator",
     "VIDTerm",
     "functional",
     "make_regressor",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,10 +78,12 @@ class LossTerm(nn.Module):
         """Whether :meth:`build` must run (once, on a probe step) before training."""
         return False
 
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Read what the term needs from the models themselves (e.g. BatchNorm statistics).
+    def bind(self, student: nn.Module, teacher: nn.Module | None, terms: Mapping[str, LossTerm]) -> None:
+        """Read what the term needs from the models or its sibling terms, before :meth:`build`.
 
-        Called by :meth:`~lightning_kd.DistillationModule.build_terms` just before :meth:`build`.
+        For example the teacher's BatchNorm statistics (OFD) or the paraphraser another term
+        owns (factor transfer). Called by :meth:`~lightning_kd.DistillationModule.build_terms`
+        with the module's ``loss_terms``.
         """
 
     def build(self, outputs: StepOutputs) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_kd.callbacks.feature_hooks import find_layer
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 
 __all__ = ["FitNetTerm", "OFDTerm", "VIDTerm", "make_regressor", "margin_from_batchnorm"]
 
@@ -370,7 +370,7 @@ class OFDTerm(LayerPairTerm):
         """Until the connector and the margin exist."""
         return self.connector is None or self.margin is None
 
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module | None, terms: Mapping[str, LossTerm]) -> None:
         """Take the margin from the teacher's BatchNorm, unless one was given."""
         if self.margin is None and teacher is not None:
             self.set_margin_from(teacher)

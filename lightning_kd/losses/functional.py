@@ -1038,7 +1038,7 @@ _AB_SCALE = 3.0 / 1000.0
 
 @_float32_math
 def ab_loss(student_pre: Tensor, teacher_pre: Tensor, margin: float = 1.0) -> Tensor:
-    r"""Activation boundaries: put the student's pre-ReLU responses on the teacher's side of zero, by a margin.
+    r"""Activation boundaries: the student's pre-ReLU responses on the teacher's side of zero, by a margin.
 
     Heo, Lee, Yun, Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
     Hidden Neurons", AAAI 2019: the paper's alternative (differentiable) loss, a squared hinge on

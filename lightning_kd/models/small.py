@@ -1,4 +1,8 @@
-"""Small networks for the embedded datasets: an MLP student and a 1-D CNN teacher."""
+"""Small networks for the embedded datasets: an MLP student and a 1-D CNN teacher.
+
+Their ReLUs are not in place, so a hook on the layer before a ReLU (a pre-activation, as
+OFD and AB read) keeps its values.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width, num_classes)
@@ -64,16 +68,14 @@ class ConvNet1d(nn.Module):
 
         def block(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
             conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
-            return nn.Sequential(conv, nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
+            return nn.Sequential(conv, nn.BatchNorm1d(c_out), nn.ReLU())
 
         self.conv1 = block(in_channels, c1, 5, 2)
         self.conv2 = block(c1, c2, 3, 2)
         self.conv3 = block(c2, c3, 3, 1)
         out_length = (length + 1) // 2
         out_length = (out_length + 1) // 2
-        self.embedding = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * out_length, hidden), nn.ReLU(inplace=True)
-        )
+        self.embedding = nn.Sequential(nn.Flatten(), nn.Linear(c3 * out_length, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

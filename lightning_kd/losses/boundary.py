@@ -1,0 +1,149 @@
+"""Activation boundaries (Heo et al., AAAI 2019): student pre-ReLU responses on the teacher's side of zero."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import Tensor, nn
+
+from lightning_kd.losses import functional
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.losses.feature import make_regressor
+
+__all__ = ["ABTerm", "make_ab_connector"]
+
+
+def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """The CRD benchmark's AB connector from a student feature of ``student_shape`` onto ``teacher_shape``.
+
+    As ``Connector`` in ``models/util.py`` of ``HobbitLong/RepDistiller`` (the one its
+    ``train_student.py`` builds for ``abound``), for one layer pair:
+
+    - ``nn.Identity()`` when channels and spatial sizes already agree (theirs: an empty
+      ``nn.Sequential()``), e.g. for resnet8x4 against resnet32x4;
+    - otherwise ``ConvReg(s, t, use_relu=False)``: the convolution of
+      :func:`~lightning_kd.losses.feature.make_regressor` (a 1x1 convolution with bias for equal
+      sizes; stride-2 3x3, stride-2 transposed 4x4 or ``(1 + H_s - H_t) x (1 + W_s - W_t)``
+      otherwise) and a ``BatchNorm2d``, without the ReLU, default init;
+    - ``(N, C, L)`` sequences of equal length: ``Conv1d(C_s, C_t, 1)`` + ``BatchNorm1d``;
+    - ``(N, C)`` vectors: ``Linear(C_s, C_t)`` + ``BatchNorm1d``.
+
+    Raises:
+        ValueError: no such mapping exists; the message names both shapes.
+    """
+    if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
+        raise ValueError(
+            f"Cannot connect a student feature of shape {student_shape} to a teacher feature of shape "
+            f"{teacher_shape}: both must be (N, C), (N, C, L) or (N, C, H, W). Pick layers of the same kind."
+        )
+    if student_shape[0] != teacher_shape[0]:
+        raise ValueError(
+            f"Student feature {student_shape} and teacher feature {teacher_shape} differ in batch size."
+        )
+    if student_shape[1:] == teacher_shape[1:]:
+        return nn.Identity()
+    regressor = make_regressor(student_shape, teacher_shape)
+    if len(student_shape) == 2:
+        return nn.Sequential(regressor, nn.BatchNorm1d(teacher_shape[1]))
+    return nn.Sequential(*list(regressor)[:-1])  # conv + BatchNorm, no ReLU: the pre-ReLU response
+
+
+def _version(feature: Tensor) -> int:
+    """The autograd version counter of ``feature`` (0 when untracked, e.g. an inference tensor)."""
+    try:
+        return feature._version
+    except RuntimeError:
+        return 0
+
+
+class ABTerm(LayerPairTerm):
+    r"""Activation boundaries (Heo et al., AAAI 2019) between one student and one teacher layer.
+
+    See :func:`lightning_kd.losses.functional.ab_loss`. Both layers must output the
+    **pre-ReLU** response: a BatchNorm before a ReLU, or a residual block's sum before its ReLU
+    (``preact_feature_paths`` of the CIFAR models, e.g. ``layer1.0.merge`` of resnet8x4 and
+    ``layer1.4.merge`` of resnet32x4). The student's feature goes through a connector
+    (:func:`make_ab_connector`: identity when the shapes agree, else the benchmark's
+    ``ConvReg`` without ReLU), built in :meth:`build` from the probe step's shapes unless given,
+    and owned by this term.
+
+    The CRD benchmark (``abound`` in ``train_student.py`` of ``HobbitLong/RepDistiller``)
+    distils the pre-activations of the last block of every stage (``feat[1:-1]``, margin 1) in an
+    init stage only: the student's feature modules (stem and stages, not the classifier) and the
+    connectors are trained on the AB loss alone, the unweighted sum over the pairs, with pair
+    :math:`i` of :math:`L` weighted :math:`2^{i - L + 1}` (1/4, 1/2, 1 for three stages) inside
+    ``ABLoss``; the main stage is cross-entropy alone. Put one term per pair with those weights
+    in the init stage of a :class:`~lightning_kd.callbacks.DistillationStages`
+    (``configs/cifar100/methods/ab.yaml``).
+
+    Only the sign of the teacher's feature enters the loss, so a teacher layer whose output is
+    then overwritten by an in-place ReLU still gives the right loss. The student's values
+    matter: a warning is issued once if the captured student feature was modified in place
+    after its layer returned it (e.g. by ``ReLU(inplace=True)``); hook a layer whose output is
+    not modified in place.
+
+    Args:
+        student_layer: dotted path of the student layer (its pre-ReLU feature).
+        teacher_layer: dotted path of the teacher layer (its pre-ReLU feature, or any feature
+            with the same sign).
+        name: key of the term (``train/loss_<name>``); several terms need distinct names.
+        weight: factor in the total loss; the benchmark's pair weight :math:`2^{i - L + 1}`.
+        margin: :math:`m \ge 0`, 1 as in the benchmark.
+        connector: a module mapping the student feature onto the teacher's shape; default:
+            built from the shapes.
+    """
+
+    def __init__(
+        self,
+        student_layer: str,
+        teacher_layer: str,
+        name: str = "ab",
+        weight: float = 1.0,
+        margin: float = 1.0,
+        connector: nn.Module | None = None,
+    ) -> None:
+        super().__init__(student_layer, teacher_layer, name, weight)
+        if not margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {margin}.")
+        self.margin = float(margin)
+        self.connector = connector
+        self._warned_in_place = False
+
+    @property
+    def needs_build(self) -> bool:
+        """Until the connector exists."""
+        return self.connector is None
+
+    def build(self, outputs: StepOutputs) -> None:
+        """Create the connector from the probe step's feature shapes."""
+        student, teacher = self.pair(outputs)
+        try:
+            connector = make_ab_connector(tuple(student.shape), tuple(teacher.shape))
+        except ValueError as error:
+            raise ValueError(f"Loss term {self.name!r}: {error}") from None
+        self.connector = connector.to(student.device)
+
+    def _warn_if_modified_in_place(self, student: Tensor) -> None:
+        if self._warned_in_place or _version(student) == 0:
+            return
+        self._warned_in_place = True
+        warnings.warn(
+            f"Loss term {self.name!r}: the student feature of layer {self.student_layer!r} was modified in "
+            "place (e.g. by ReLU(inplace=True) or `+=`) after it was captured, so AB sees post-ReLU values, "
+            "not the pre-ReLU response. Hook a layer whose output is not modified in place.",
+            stacklevel=3,
+        )
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        """``ab_loss(connector(student_feature), teacher_feature, margin)``, the teacher detached."""
+        if self.connector is None:
+            raise RuntimeError(
+                f"Loss term {self.name!r} has no connector yet: the module builds it in setup()."
+            )
+        student, teacher = self.pair(outputs)
+        self._warn_if_modified_in_place(student)
+        return functional.ab_loss(self.connector(student), teacher, margin=self.margin)
+
+    def extra_repr(self) -> str:
+        """Name, weight, layers and margin, shown in the module repr."""
+        return f"{super().extra_repr()}, margin={self.margin}"
