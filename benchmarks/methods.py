@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lightning_kd import (
+    ABTerm,
     ATTerm,
     CCTerm,
     CRDTerm,
@@ -39,11 +40,13 @@ from lightning_kd import (
     DKDTerm,
     FitNetTerm,
     FSPTerm,
+    FTTerm,
     KDTerm,
     LossTerm,
     LossWeightSchedule,
     NSTTerm,
     OFDTerm,
+    ParaphraserTerm,
     PKTTerm,
     RKDTerm,
     SPTerm,
@@ -111,6 +114,36 @@ METHODS: dict[str, Method] = {
     "cnn_at": Method("cnn", lambda: [ce(), ATTerm("conv3", "conv3", weight=1000.0)]),
     "cnn_nst": Method("cnn", lambda: [ce(), NSTTerm("conv3", "conv3", weight=50.0)]),
     "cnn_ofd": Method("cnn", lambda: [ce(), OFDTerm("conv3.1", "conv3.1")]),
+    "cnn_ab": Method(
+        "cnn",
+        lambda: [ce(), ABTerm("conv3.1", "conv3.1")],
+        lambda: [
+            DistillationStages(
+                [
+                    Stage(
+                        INIT_EPOCHS,
+                        {"ab": 1.0},
+                        ["student.conv1", "student.conv2", "student.conv3", "loss_terms.ab"],
+                    ),
+                    Stage(weights={"ce": 1.0}, trainable=["student"]),
+                ]
+            )
+        ],
+        init_epochs=INIT_EPOCHS,
+    ),
+    "cnn_ft": Method(
+        "cnn",
+        lambda: [ce(), ParaphraserTerm("conv3"), FTTerm("conv3", "conv3", weight=200.0)],
+        lambda: [
+            DistillationStages(
+                [
+                    Stage(INIT_EPOCHS, {"paraphrase": 1.0}, ["loss_terms.paraphrase"]),
+                    Stage(weights={"ce": 1.0, "ft": 200.0}, trainable=["student", "loss_terms.ft"]),
+                ]
+            )
+        ],
+        init_epochs=INIT_EPOCHS,
+    ),
     "wide_baseline": Method("cnn_wide", lambda: [ce()], uses_teacher=False),
     "wide_fsp": Method(
         "cnn_wide",
@@ -138,6 +171,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out-dir", default="runs/benchmark_methods")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the Markdown table goes")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     datamodule = MNIST1DDataModule(return_index=True)  # CRD's memory bank reads the sample index
@@ -194,8 +228,8 @@ def main() -> None:
         lines.append(
             f"| {name} | {METHODS[name].student} | {mean_std(accuracy[name])} | {gain} | {relative_time} |"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
