@@ -48,6 +48,7 @@ from lightning_kd import (
     OFDTerm,
     ParaphraserTerm,
     PKTTerm,
+    ReviewKDTerm,
     RKDTerm,
     SPTerm,
     Stage,
@@ -143,6 +144,13 @@ METHODS: dict[str, Method] = {
             )
         ],
         init_epochs=INIT_EPOCHS,
+    ),
+    "cnn_reviewkd": Method(
+        "cnn",
+        lambda: [ce(), ReviewKDTerm(["conv1", "conv2", "conv3"], ["conv1.1", "conv2.1", "conv3.1"])],
+        lambda: [
+            LossWeightSchedule("reviewkd", start=0.0, end=1.0, interval="epoch", total=DKD_WARMUP_EPOCHS)
+        ],
     ),
     "wide_baseline": Method("cnn_wide", lambda: [ce()], uses_teacher=False),
     "wide_fsp": Method(

@@ -10,8 +10,10 @@ from lightning_kd.losses.feature import FitNetTerm, OFDTerm, VIDTerm, make_regre
 from lightning_kd.losses.fsp import FSPTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
+from lightning_kd.losses.review import ABF, ReviewKDTerm
 
 __all__ = [
+    "ABF",
     "ABTerm",
     "ATTerm",
     "CCTerm",
@@ -31,6 +33,7 @@ __all__ = [
     "Paraphraser",
     "ParaphraserTerm",
     "PKTTerm",
+    "ReviewKDTerm",
     "RKDTerm",
     "SPTerm",
     "StepOutputs",

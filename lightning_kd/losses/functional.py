@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -18,14 +18,15 @@ from torch import Tensor
 
 __all__ = [
     "ab_loss",
-    "ft_loss",
-    "fsp_loss",
     "at_loss",
     "cc_loss",
     "crd_loss",
     "dist_loss",
     "dkd_loss",
     "fitnet_loss",
+    "fsp_loss",
+    "ft_loss",
+    "hcl_loss",
     "kd_loss",
     "nst_loss",
     "ofd_loss",
@@ -1133,3 +1134,89 @@ def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, powe
     student_factor, teacher_factor = _pool_to_common_size(student_factor, teacher_factor)
     difference = _attention_map(student_factor, power) - _attention_map(teacher_factor, power)
     return difference.abs().pow(p).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# ReviewKD's hierarchical context loss (the authors' code, dvlab-research/ReviewKD).
+# --------------------------------------------------------------------------------------------
+
+#: output sizes of HCL's pooled pyramid levels, finest first (``hcl`` in ``CIFAR-100/model/reviewkd.py``).
+_HCL_LEVELS = (4, 2, 1)
+
+
+@_float32_math
+def _hcl_pair(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """HCL of one pair of equally shaped ``(N, C, H, W)`` or ``(N, C, L)`` maps (see :func:`hcl_loss`)."""
+    loss = F.mse_loss(student_feat, teacher_feat)
+    level_weight, total_weight = 1.0, 1.0
+    smallest = min(student_feat.shape[2:])
+    for size in _HCL_LEVELS:
+        if size >= smallest:
+            continue
+        level_weight /= 2.0
+        if student_feat.ndim == 4:
+            pooled_s = F.adaptive_avg_pool2d(student_feat, (size, size))
+            pooled_t = F.adaptive_avg_pool2d(teacher_feat, (size, size))
+        else:
+            pooled_s = F.adaptive_avg_pool1d(student_feat, size)
+            pooled_t = F.adaptive_avg_pool1d(teacher_feat, size)
+        loss = loss + level_weight * F.mse_loss(pooled_s, pooled_t)
+        total_weight += level_weight
+    return loss / total_weight
+
+
+def hcl_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    r"""ReviewKD's hierarchical context loss: MSE over a pyramid of average-pooled maps, summed over pairs.
+
+    Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. For one pair
+    of maps :math:`F^s, F^t` of the same shape (the student's fused feature and the teacher's),
+    with :math:`P_l` adaptive average pooling to :math:`l \times l` (to length :math:`l` for
+    1-D maps) and :math:`\ell` the mean squared error over all elements:
+
+    .. math::
+        \mathcal{L}_{pair} = \frac{\ell(F^s, F^t) + \sum_{k=1}^{K} 2^{-k}\,
+        \ell\big(P_{l_k}(F^s), P_{l_k}(F^t)\big)}{1 + \sum_{k=1}^{K} 2^{-k}}, \qquad
+        \mathcal{L} = \sum_{pairs} \mathcal{L}_{pair}
+
+    where :math:`l_1 > l_2 > \dots > l_K` are the levels of :math:`(4, 2, 1)` *smaller* than
+    the map. The full map has weight 1 and every level used halves the weight: an 8x8 map
+    gives weights 1, 1/2, 1/4, 1/8 (levels 4, 2, 1; total 1.875), a 4x4 map 1, 1/2, 1/4 (levels
+    2, 1), a 1x1 map (the pooled feature) only the plain MSE. This is ``hcl`` of the authors'
+    code (``CIFAR-100/model/reviewkd.py`` of ``dvlab-research/ReviewKD``; ``hcl_loss`` in
+    ``mdistiller/distillers/ReviewKD.py`` of ``megvii-research/mdistiller`` is the same):
+    ``F.mse_loss`` (mean), ``F.adaptive_avg_pool2d``, a level skipped when ``l >= h``, the sum
+    over pairs. The authors test the height only and pool to a square; here a level is used
+    when it is smaller than every spatial size, the same for their square maps. Their
+    ``zip`` silently drops unpaired maps; here the numbers must match.
+
+    Args:
+        student_feats: ``(N, C, H, W)`` (or ``(N, C, L)``) maps, e.g. ReviewKD's fused student
+            features, one per pair.
+        teacher_feats: the teacher's maps, in the same order, each of its pair's shape.
+
+    Returns:
+        Scalar: the sum over the pairs of each pair's weighted mean of its levels' MSEs.
+    """
+    student_feats, teacher_feats = list(student_feats), list(teacher_feats)
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(
+            f"hcl_loss needs one teacher map per student map (at least one pair), got {len(student_feats)} "
+            f"student and {len(teacher_feats)} teacher maps."
+        )
+    for index, (student, teacher) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        if student.ndim not in (3, 4) or teacher.ndim not in (3, 4):
+            raise ValueError(
+                f"student_feats[{index}] has shape {tuple(student.shape)} and teacher_feats[{index}] has "
+                f"shape {tuple(teacher.shape)}: expected (N, C, H, W) (or (N, C, L)) maps."
+            )
+        _check_same_shape(
+            f"student_feats[{index}]",
+            student,
+            f"teacher_feats[{index}]",
+            teacher,
+            hint="HCL compares maps of equal shape: map the student's features onto the teacher's first.",
+        )
+    loss = _hcl_pair(student_feats[0], teacher_feats[0])
+    for student, teacher in zip(student_feats[1:], teacher_feats[1:], strict=True):
+        loss = loss + _hcl_pair(student, teacher)
+    return loss
