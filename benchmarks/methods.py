@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py --seeds 0 1 2            # about an hour on 2 CPU cores
     python benchmarks/methods.py --methods kd sp --seeds 0  # a subset
+    python benchmarks/methods.py --collect seed0.log seed1.log  # tabulate runs made in parallel
 
 The setting is the quickstart's (4,500 training / 500 validation / 10,000 test samples,
 ConvNet1d teacher trained 60 epochs per seed, students 150 epochs, Adam 3e-3, cosine,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import statistics
 import warnings
 from collections.abc import Callable
@@ -174,26 +176,22 @@ def make_student(kind: str, seed: int) -> nn.Module:
     return ConvNet1d(num_classes=10, widths=(16, 32, 32), hidden=64)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out-dir", default="runs/benchmark_methods")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the Markdown table goes")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+Runs = dict[str, dict[int, tuple[float, float]]]  # method -> seed -> (accuracy, seconds per epoch)
+RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s/epoch$")
+
+
+def run_methods(seeds: list[int], names: list[str], out_dir: str) -> Runs:
+    """Train the seed's teacher, then every method's student; print one line per run."""
     datamodule = MNIST1DDataModule(return_index=True)  # CRD's memory bank reads the sample index
     optimizer = functools.partial(torch.optim.Adam, lr=STUDENT_LR)
-
-    accuracy: dict[str, list[float]] = {name: [] for name in args.methods}
-    epoch_seconds: dict[str, list[float]] = {name: [] for name in args.methods}
-    for seed in args.seeds:
-        out = Path(args.out_dir) / f"seed{seed}"
+    runs: Runs = {name: {} for name in names}
+    for seed in seeds:
+        out = Path(out_dir) / f"seed{seed}"
         pl.seed_everything(seed, verbose=False)
         teacher = fit_and_test(
             "teacher", DistillationModule(ConvNet1d()), datamodule, TEACHER_EPOCHS, out, False
         )
-        for name in args.methods:
+        for name in names:
             method = METHODS[name]
             module = DistillationModule(
                 make_student(method.student, seed),
@@ -204,38 +202,69 @@ def main() -> None:
             )
             epochs = STUDENT_EPOCHS + method.init_epochs
             result = fit_and_test(name, module, datamodule, epochs, out, False, method.callbacks())
-            accuracy[name].append(result.accuracy)
-            epoch_seconds[name].append(result.seconds_per_epoch)
+            runs[name][seed] = (result.accuracy, result.seconds_per_epoch)
             speed = f"{result.seconds_per_epoch:.3f} s/epoch"
             print(f"seed {seed} {name:16s} {100 * result.accuracy:6.2f}  {speed}", flush=True)
+    return runs
 
-    def mean_std(values: list[float], scale: float = 100.0) -> str:
+
+def collect(logs: list[Path]) -> Runs:
+    """The runs printed in the logs of earlier invocations (e.g. one seed per process)."""
+    runs: Runs = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if match := RUN_LINE.match(line.strip()):
+                seed, name, accuracy, seconds = match.groups()
+                runs.setdefault(name, {})[int(seed)] = (float(accuracy) / 100, float(seconds))
+    return runs
+
+
+def table(runs: Runs) -> list[str]:
+    """Markdown: accuracy mean ± std, gain over the same student's baseline (paired by seed), time."""
+
+    def mean_std(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{scale * statistics.mean(values):.2f} ± {scale * spread:.2f}"
+        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
 
+    seeds = sorted({seed for per_seed in runs.values() for seed in per_seed})
     lines = [
-        f"MNIST-1D test accuracy (%), {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); "
-        "gain and time relative to the same student's baseline.",
+        f"MNIST-1D test accuracy (%), seeds {', '.join(map(str, seeds))}; gain and time per epoch "
+        "relative to the same student's baseline of the same seeds.",
         "",
         "| method | student | accuracy | gain | time / epoch |",
         "|---|---|---|---|---|",
     ]
-    for name in args.methods:
-        baseline = {"mlp": "baseline", "cnn": "cnn_baseline", "cnn_wide": "wide_baseline"}[
-            METHODS[name].student
-        ]
-        gain, relative_time = "", ""
-        if baseline in accuracy and name != baseline:
-            gains = [a - b for a, b in zip(accuracy[name], accuracy[baseline], strict=True)]
-            gain = mean_std(gains)
-            relative_time = (
-                f"{statistics.mean(epoch_seconds[name]) / statistics.mean(epoch_seconds[baseline]):.2f}x"
+    for name in [n for n in METHODS if n in runs]:
+        student = METHODS[name].student
+        baseline = {"mlp": "baseline", "cnn": "cnn_baseline", "cnn_wide": "wide_baseline"}[student]
+        accuracy = [runs[name][s][0] for s in sorted(runs[name])]
+        gain, time = "", ""
+        if name == baseline:
+            time = f"1.00x ({statistics.mean(v[1] for v in runs[name].values()):.2f} s)"
+        elif baseline in runs:
+            paired = sorted(set(runs[name]) & set(runs[baseline]))
+            gain = mean_std([runs[name][s][0] - runs[baseline][s][0] for s in paired])
+            ratio = statistics.mean(runs[name][s][1] for s in paired) / statistics.mean(
+                runs[baseline][s][1] for s in paired
             )
-        elif name == baseline:
-            relative_time = f"1.00x ({statistics.mean(epoch_seconds[name]):.2f} s)"
-        lines.append(
-            f"| {name} | {METHODS[name].student} | {mean_std(accuracy[name])} | {gain} | {relative_time} |"
-        )
+            time = f"{ratio:.2f}x"
+        lines.append(f"| {name} | {student} | {mean_std(accuracy)} | {gain} | {time} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out-dir", default="runs/benchmark_methods")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the Markdown table goes")
+    parser.add_argument(
+        "--collect", type=Path, nargs="+", help="only tabulate the runs printed in these logs (no training)"
+    )
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    runs = collect(args.collect) if args.collect else run_methods(args.seeds, args.methods, args.out_dir)
+    lines = table(runs)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
