@@ -67,7 +67,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     unexpected = sorted(state.keys() - own.keys())
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
+        for k in sorted(own.keys() & state.keys())
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or mismatched:
