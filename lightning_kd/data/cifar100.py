@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
-
 from lightning_kd.data.indexed import WithIndex
+from lightning_kd.data.splits import SplitsDataModule
 
 if TYPE_CHECKING:
     from torchvision import transforms as T
@@ -25,7 +23,7 @@ _FILES = ("train", "test", "meta")
 _URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
-class CIFAR100DataModule(pl.LightningDataModule):
+class CIFAR100DataModule(SplitsDataModule):
     """CIFAR-100 (50,000 training and 10,000 test images of 32x32, 100 classes) via torchvision.
 
     Preprocessing follows the CRD benchmark (HobbitLong/RepDistiller, ``dataset/cifar100.py``):
@@ -67,15 +65,12 @@ class CIFAR100DataModule(pl.LightningDataModule):
         augment: bool = True,
         return_index: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
         self.return_index = return_index
         self.data_dir = Path(data_dir)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.download = download
         self.augment = augment
-        self.datasets: dict[str, Dataset] = {}
 
     @property
     def dataset_folder(self) -> Path:
@@ -138,26 +133,3 @@ class CIFAR100DataModule(pl.LightningDataModule):
         train = CIFAR100(root, train=True, transform=self.train_transform())
         test = CIFAR100(root, train=False, transform=self.test_transform())
         self.datasets = {"train": WithIndex(train) if self.return_index else train, "val": test, "test": test}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.datasets:
-            raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches ``(images (N, 3, 32, 32), labels (N,))``."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Batches of the **test** split (the benchmark has no separate validation set)."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Batches of the test split."""
-        return self._loader("test")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_kd.data.indexed import WithIndex
+from lightning_kd.data.splits import SplitsDataModule
 
 __all__ = ["MNIST1DDataModule"]
 
@@ -40,7 +40,7 @@ def generate_mnist1d(train_samples: int, test_samples: int, seed: int) -> dict[s
         np.random.set_state(numpy_state)
 
 
-class MNIST1DDataModule(pl.LightningDataModule):
+class MNIST1DDataModule(SplitsDataModule):
     """MNIST-1D: 40-sample 1-D signals of the ten digits, 10 classes.
 
     The package standardises with statistics of the whole dataset, test split included;
@@ -72,18 +72,15 @@ class MNIST1DDataModule(pl.LightningDataModule):
         seed: int = 42,
         return_index: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         if not 0 < val_samples < train_samples:
             raise ValueError(f"val_samples must be in [1, train_samples={train_samples}), got {val_samples}.")
         self.save_hyperparameters()
         self.train_samples = train_samples
         self.test_samples = test_samples
         self.val_samples = val_samples
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.seed = seed
         self.return_index = return_index
-        self.datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the data once and build the three splits."""
@@ -104,24 +101,3 @@ class MNIST1DDataModule(pl.LightningDataModule):
             "val": dataset(x[n_train:], y[n_train:]),
             "test": dataset(data["x_test"], data["y_test"]),
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(inputs, labels)``."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test")
