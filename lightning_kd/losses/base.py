@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs", "first_tensor"]
+__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs", "first_tensor", "modified_in_place_count"]
 
 
 @dataclass
@@ -100,6 +100,18 @@ class LossTerm(nn.Module):
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
         return f"name={self.name!r}, weight={self.weight}"
+
+
+def modified_in_place_count(feature: Tensor) -> int:
+    """How often ``feature`` was modified in place since it was made (its autograd version counter).
+
+    A hooked output changed afterwards (``ReLU(inplace=True)``, ``+=``) no longer holds what the
+    layer returned; 0 for untracked (inference) tensors.
+    """
+    try:
+        return feature._version
+    except RuntimeError:
+        return 0
 
 
 def first_tensor(value: Any) -> Tensor:

@@ -7,7 +7,7 @@ import warnings
 from torch import Tensor, nn
 
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs, modified_in_place_count
 from lightning_kd.losses.feature import make_regressor
 
 __all__ = ["ABTerm", "make_ab_connector"]
@@ -46,14 +46,6 @@ def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     if len(student_shape) == 2:
         return nn.Sequential(regressor, nn.BatchNorm1d(teacher_shape[1]))
     return nn.Sequential(*list(regressor)[:-1])  # conv + BatchNorm, no ReLU: the pre-ReLU response
-
-
-def _version(feature: Tensor) -> int:
-    """The autograd version counter of ``feature`` (0 when untracked, e.g. an inference tensor)."""
-    try:
-        return feature._version
-    except RuntimeError:
-        return 0
 
 
 class ABTerm(LayerPairTerm):
@@ -124,7 +116,7 @@ class ABTerm(LayerPairTerm):
         self.connector = connector.to(student.device)
 
     def _warn_if_modified_in_place(self, student: Tensor) -> None:
-        if self._warned_in_place or _version(student) == 0:
+        if self._warned_in_place or modified_in_place_count(student) == 0:
             return
         self._warned_in_place = True
         warnings.warn(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_kd.callbacks.feature_hooks import find_layer
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs, modified_in_place_count
 
 __all__ = ["FitNetTerm", "OFDTerm", "VIDTerm", "make_regressor", "margin_from_batchnorm"]
 
@@ -285,14 +285,6 @@ def _ofd_connector(in_channels: int, out_channels: int, ndim: int) -> nn.Sequent
     return nn.Sequential(layer, bn)  # BatchNorm: weight 1, bias 0 as theirs
 
 
-def _version(feature: Tensor) -> int:
-    """The autograd version counter of ``feature`` (0 when untracked, e.g. an inference tensor)."""
-    try:
-        return feature._version
-    except RuntimeError:
-        return 0
-
-
 class OFDTerm(LayerPairTerm):
     """Overhaul of feature distillation (Heo et al., ICCV 2019): partial L2 on pre-ReLU features.
 
@@ -421,7 +413,7 @@ class OFDTerm(LayerPairTerm):
         if self._warned_in_place:
             return
         for role, feature in (("student", student), ("teacher", teacher)):
-            if _version(feature) > 0:
+            if modified_in_place_count(feature) > 0:
                 self._warned_in_place = True
                 layer = self.student_layer if role == "student" else self.teacher_layer
                 warnings.warn(
