@@ -21,6 +21,7 @@ from lightning_kd.losses import (
     KDTerm,
     LayerPairTerm,
     LossTerm,
+    MultiTeacherKDTerm,
     NSTTerm,
     OFDTerm,
     ParaphraserTerm,
@@ -32,6 +33,8 @@ from lightning_kd.losses import (
     VIDTerm,
 )
 from lightning_kd.module import DistillationModule
+from lightning_kd.paradigms import MutualLearningModule
+from lightning_kd.teacher_ensemble import TeacherEnsemble
 
 __version__ = "0.1.0"
 
@@ -53,6 +56,8 @@ __all__ = [
     "LayerPairTerm",
     "LossTerm",
     "LossWeightSchedule",
+    "MultiTeacherKDTerm",
+    "MutualLearningModule",
     "NSTTerm",
     "OFDTerm",
     "ParaphraserTerm",
@@ -62,6 +67,7 @@ __all__ = [
     "SPTerm",
     "Stage",
     "StepOutputs",
+    "TeacherEnsemble",
     "TemperatureAnnealing",
     "VIDTerm",
     "__version__",

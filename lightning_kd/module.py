@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -19,41 +20,20 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.module_parts import (
+    BatchKey,
+    configure_optimization,
+    hparams_given_by_cli,
+    infer_num_classes,
+    logits_of,
+    select,
+)
+from lightning_kd.teacher_ensemble import TeacherEnsemble
 from lightning_kd.teachers import freeze, load_weights
 
 __all__ = ["DistillationModule", "logits_of"]
 
-TeacherMode = Literal["frozen", "trainable"]
-BatchKey = int | str
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits in a model's output.
-
-    The tensor itself, ``output["logits"]`` / ``.logits`` (Hugging Face ``ModelOutput``), or
-    the first element of a tuple.
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"Cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
-        "a mapping with 'logits', or a tuple whose first element is the logits."
-    )
-
-
-def infer_num_classes(model: nn.Module) -> int | None:
-    """``model.num_classes`` if set (timm, lightning_kd models), else the last ``nn.Linear``'s width."""
-    value = getattr(model, "num_classes", None)
-    if isinstance(value, int) and value > 0:
-        return value
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+TeacherMode = Literal["frozen", "trainable", "ema"]
 
 
 def default_losses(teacher: nn.Module | None, teacher_mode: TeacherMode) -> list[LossTerm]:
@@ -70,40 +50,12 @@ def default_losses(teacher: nn.Module | None, teacher_mode: TeacherMode) -> list
     return terms
 
 
-def _select(batch: Any, key: BatchKey, option: str) -> Any:
-    if isinstance(batch, Mapping):
-        if key not in batch:
-            raise KeyError(
-                f"The batch is a mapping with keys {list(batch)}; set {option} to one of them (got {key!r})."
-            )
-        return batch[key]
-    if isinstance(batch, Sequence) and not isinstance(batch, str):
-        if not isinstance(key, int) or not -len(batch) <= key < len(batch):
-            raise KeyError(
-                f"The batch is a sequence of {len(batch)} items; set {option} to an index (got {key!r})."
-            )
-        return batch[key]
-    raise TypeError(
-        f"Cannot select {option}={key!r} from a batch of type {type(batch).__name__}; "
-        "yield (inputs, targets) tuples or dicts, or override DistillationModule.unpack_batch."
-    )
-
-
-def _hparams_given_by_cli() -> bool:
-    """Whether LightningCLI is instantiating the module: it then records the config itself."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older or newer Lightning
-        return False
-    return _given_hyperparameters.get() is not None
-
-
 class DistillationModule(pl.LightningModule):
     """Train a ``student`` with a weighted sum of loss terms, taught by an optional ``teacher``.
 
     ``DistillationModule(student, teacher)`` is Hinton KD with the CRD benchmark's defaults
     (CE 0.1 + KD 0.9 at T = 4) from a frozen teacher, on ``(inputs, targets)`` batches.
-    One training step: teacher forward (under ``no_grad`` when frozen) -> student forward ->
+    One training step: teacher forward (under ``no_grad`` unless co-trained) -> student forward ->
     each term of ``losses`` -> ``sum(weight * term)``; every term is logged as
     ``train/loss_<name>`` and the total as ``train/loss``.
 
@@ -115,7 +67,16 @@ class DistillationModule(pl.LightningModule):
       ``teacher`` argument and ``teacher_checkpoint``).
     - ``"trainable"``: co-trained; optimised with the student, saved in checkpoints. It
       needs a term on its own outputs (the default adds ``CrossEntropyTerm(model="teacher")``).
+    - ``"ema"``: a mean teacher (Tarvainen & Valpola, NeurIPS 2017): a copy of the student
+      whose weights and float buffers follow ``ema <- d * ema + (1 - d) * student`` after every
+      optimizer step (``d = ema_decay``); no gradients, eval mode, saved in checkpoints.
+      Leave ``teacher`` unset: the copy is made here.
     - ``teacher=None``: plain supervised training (baselines, training teachers).
+
+    A :class:`~lightning_kd.TeacherEnsemble` is a teacher too (multi-teacher KD);
+    each member's accuracy is then logged as ``val|test/teacher<i>_acc``. With
+    ``teacher_input_key`` the teacher reads its own input from the batch (privileged
+    information, LUPI): the student never sees it.
 
     Metrics (torchmetrics): student accuracy ``train/acc``, ``val/acc``, ``test/acc``; with a
     teacher, ``val|test/teacher_acc`` and top-1 agreement ``val|test/agreement``.
@@ -124,13 +85,15 @@ class DistillationModule(pl.LightningModule):
         student: the network being trained.
         teacher: the network teaching it, or ``None``.
         losses: the loss terms; default: see :func:`default_losses`.
-        teacher_mode: ``"frozen"`` or ``"trainable"``.
+        teacher_mode: ``"frozen"``, ``"trainable"`` or ``"ema"``.
         teacher_checkpoint: a file with the teacher's trained weights (a Lightning checkpoint
             of a teacher trained by this module, or a state dict).
         save_teacher: also write a frozen teacher into checkpoints.
         num_classes: number of classes; default: inferred from the models.
         input_key: where the inputs are in a batch: an index for tuples, a key for dicts.
         target_key: where the labels are in a batch; ``None`` for unlabelled data.
+        teacher_input_key: where the teacher's own input is in a batch; default: the student's.
+        ema_decay: ``d`` of the ``"ema"`` teacher, in [0, 1).
         optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable`` in YAML); default
             Adam with lr 1e-3.
         lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0
@@ -151,6 +114,8 @@ class DistillationModule(pl.LightningModule):
         num_classes: int | None = None,
         input_key: BatchKey = 0,
         target_key: BatchKey | None = 1,
+        teacher_input_key: BatchKey | None = None,
+        ema_decay: float = 0.999,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -164,11 +129,20 @@ class DistillationModule(pl.LightningModule):
             )  # plain types keep checkpoints loadable with weights_only
         self.save_hyperparameters(
             ignore=None
-            if _hparams_given_by_cli()
+            if hparams_given_by_cli()
             else ["student", "teacher", "losses", "optimizer", "lr_scheduler"]
         )
-        if teacher_mode not in ("frozen", "trainable"):
-            raise ValueError(f"teacher_mode must be 'frozen' or 'trainable', got {teacher_mode!r}.")
+        if teacher_mode not in ("frozen", "trainable", "ema"):
+            raise ValueError(f"teacher_mode must be 'frozen', 'trainable' or 'ema', got {teacher_mode!r}.")
+        if teacher_mode == "ema":
+            if teacher is not None or teacher_checkpoint is not None:
+                raise ValueError(
+                    "teacher_mode='ema' makes the teacher a moving average of the student: leave "
+                    "`teacher` and `teacher_checkpoint` unset."
+                )
+            if not 0.0 <= ema_decay < 1.0:
+                raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+            teacher = copy.deepcopy(student)
         if teacher_checkpoint is not None and teacher is None:
             raise ValueError("teacher_checkpoint is set but there is no teacher: pass `teacher` as well.")
         self.student = student
@@ -177,6 +151,8 @@ class DistillationModule(pl.LightningModule):
         self.save_teacher = save_teacher
         self.input_key = input_key
         self.target_key = target_key
+        self.teacher_input_key = teacher_input_key
+        self.ema_decay = ema_decay
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -187,7 +163,7 @@ class DistillationModule(pl.LightningModule):
         if teacher is not None:
             if teacher_checkpoint is not None:
                 load_weights(teacher, teacher_checkpoint)
-            if self.teacher_is_frozen:
+            if self.teacher_without_gradients:
                 freeze(teacher)
 
         terms = list(losses) if losses is not None else default_losses(teacher, teacher_mode)
@@ -203,13 +179,20 @@ class DistillationModule(pl.LightningModule):
         names = ["train_acc", "val_acc", "test_acc"]
         if teacher is not None:
             names += ["val_teacher_acc", "test_teacher_acc", "val_agreement", "test_agreement"]
+        if isinstance(teacher, TeacherEnsemble):
+            names += [f"{stage}_teacher{i}_acc" for stage in ("val", "test") for i in range(len(teacher))]
         self.metrics = nn.ModuleDict({name: accuracy() for name in names})
 
     # ----------------------------------------------------------------- set-up checks
     @property
     def teacher_is_frozen(self) -> bool:
-        """Whether a teacher is present and frozen."""
+        """Whether a teacher is present and frozen (fixed weights from outside, not checkpointed)."""
         return self.teacher is not None and self.teacher_mode == "frozen"
+
+    @property
+    def teacher_without_gradients(self) -> bool:
+        """Whether a teacher is present and gets no gradients (frozen or EMA): eval mode, ``no_grad``."""
+        return self.teacher is not None and self.teacher_mode in ("frozen", "ema")
 
     def _check_terms(self, terms: list[LossTerm]) -> None:
         if not terms:
@@ -235,11 +218,12 @@ class DistillationModule(pl.LightningModule):
     def _ddp_ignored(self) -> list[str]:
         """Names DDP neither broadcasts nor all-reduces.
 
-        A frozen teacher (each process loads the same one) and the buffers of terms that keep
-        them in sync themselves (``LossTerm.synchronizes_own_buffers``).
+        A frozen teacher (each process loads the same one), an EMA teacher (each process
+        averages the same synchronised student), and the buffers of terms that keep them in
+        sync themselves (``LossTerm.synchronizes_own_buffers``).
         """
         names = []
-        if self.teacher_is_frozen:
+        if self.teacher_without_gradients:
             teacher = self.teacher
             names += [f"teacher.{n}" for n, _ in chain(teacher.named_parameters(), teacher.named_buffers())]
         for term_name, term in self.loss_terms.items():
@@ -262,15 +246,15 @@ class DistillationModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- model plumbing
     def on_fit_start(self) -> None:
-        """Silence Lightning's eval-mode warning for exactly the frozen teacher's modules (intended)."""
-        if self.teacher_is_frozen:
+        """Silence Lightning's eval-mode warning for exactly the fixed teacher's modules (intended)."""
+        if self.teacher_without_gradients:
             count = sum(1 for _ in self.teacher.modules())
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
 
     def train(self, mode: bool = True) -> DistillationModule:
-        """Set train/eval mode; a frozen teacher stays in eval mode regardless."""
+        """Set train/eval mode; a frozen or EMA teacher stays in eval mode regardless."""
         super().train(mode)
-        if self.teacher_is_frozen:
+        if self.teacher_without_gradients:
             self.teacher.eval()
         return self
 
@@ -280,18 +264,24 @@ class DistillationModule(pl.LightningModule):
 
     def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``; override for other layouts."""
-        inputs = _select(batch, self.input_key, "input_key")
-        targets = _select(batch, self.target_key, "target_key") if self.target_key is not None else None
+        inputs = select(batch, self.input_key, "input_key")
+        targets = select(batch, self.target_key, "target_key") if self.target_key is not None else None
         return inputs, targets
 
-    def teacher_logits(self, inputs: Any) -> Tensor | None:
-        """The teacher's logits (under ``no_grad`` when frozen), or ``None`` without a teacher."""
+    def teacher_inputs(self, batch: Any, inputs: Any) -> Any:
+        """What the teacher reads: ``batch[teacher_input_key]`` if set, else the student's ``inputs``."""
+        if self.teacher_input_key is None:
+            return inputs
+        return select(batch, self.teacher_input_key, "teacher_input_key")
+
+    def teacher_forward(self, inputs: Any) -> Any:
+        """The teacher's output (under ``no_grad`` unless co-trained), or ``None`` without a teacher."""
         if self.teacher is None:
             return None
-        if self.teacher_is_frozen:
+        if self.teacher_without_gradients:
             with torch.no_grad():
-                return logits_of(self.teacher(inputs))
-        return logits_of(self.teacher(inputs))
+                return self.teacher(inputs)
+        return self.teacher(inputs)
 
     def _declared_hooks(self) -> FeatureHooks | None:
         """FeatureHooks for exactly the layers that the loss terms declare (None if none)."""
@@ -356,16 +346,17 @@ class DistillationModule(pl.LightningModule):
     def step_outputs(self, batch: Any) -> StepOutputs:
         """Run the teacher, then the student, and gather what the loss terms read."""
         inputs, targets = self.unpack_batch(batch)
-        teacher_logits = self.teacher_logits(inputs)
+        teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
         student_logits = logits_of(self.student(inputs))
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(
             student_logits=student_logits,
             targets=targets,
-            teacher_logits=teacher_logits,
+            teacher_logits=logits_of(teacher_output) if teacher_output is not None else None,
             student_features=features.get("student", {}),
             teacher_features=features.get("teacher", {}),
             batch=batch,
+            teacher_output=teacher_output,
         )
 
     def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -397,7 +388,8 @@ class DistillationModule(pl.LightningModule):
     def _evaluate(self, batch: Any, stage: str) -> None:
         inputs, targets = self.unpack_batch(batch)
         student_logits = logits_of(self.student(inputs))
-        teacher_logits = self.teacher_logits(inputs)
+        teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        teacher_logits = logits_of(teacher_output) if teacher_output is not None else None
         if targets is not None:
             self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), targets), sync_dist=True)
             self.metrics[f"{stage}_acc"](student_logits, targets)
@@ -408,6 +400,10 @@ class DistillationModule(pl.LightningModule):
                 self.log(f"{stage}/teacher_acc", self.metrics[f"{stage}_teacher_acc"])
             self.metrics[f"{stage}_agreement"](student_logits, teacher_logits.argmax(dim=-1))
             self.log(f"{stage}/agreement", self.metrics[f"{stage}_agreement"])
+        if isinstance(self.teacher, TeacherEnsemble) and targets is not None:
+            for i, member_logits in enumerate(teacher_output["members"]):
+                self.metrics[f"{stage}_teacher{i}_acc"](member_logits, targets)
+                self.log(f"{stage}/teacher{i}_acc", self.metrics[f"{stage}_teacher{i}_acc"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement."""
@@ -423,24 +419,33 @@ class DistillationModule(pl.LightningModule):
         return logits_of(self.student(inputs))
 
     # ----------------------------------------------------------------- optimisation
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimizer, then move an EMA teacher towards the student."""
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher_mode == "ema":
+            self.update_ema_teacher()
+
+    @torch.no_grad()
+    def update_ema_teacher(self) -> None:
+        """``ema <- d * ema + (1 - d) * student`` for parameters and float buffers; other buffers copied."""
+        teacher_state = self.teacher.state_dict(keep_vars=True)
+        for name, value in self.student.state_dict(keep_vars=True).items():
+            target = teacher_state[name]
+            if target.is_floating_point():
+                target.lerp_(value.detach(), 1.0 - self.ema_decay)
+            else:
+                target.copy_(value)
+
     def configure_optimizers(self) -> Any:
         """Every trainable parameter (student, co-trained teacher, loss adapters) in one optimizer."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(params)
-        else:
-            optimizer = torch.optim.Adam(params, lr=1e-3)
-        if self.lr_scheduler_factory is not None:
-            scheduler = self.lr_scheduler_factory(optimizer)
-            config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config["monitor"] = "val/loss"
-            return {"optimizer": optimizer, "lr_scheduler": config}
-        if self.cosine_decay:
-            total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        return optimizer
+        return configure_optimization(
+            self,
+            [p for p in self.parameters() if p.requires_grad],
+            self.optimizer_factory,
+            self.lr_scheduler_factory,
+            self.lr_scheduler_interval,
+            self.cosine_decay,
+        )
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

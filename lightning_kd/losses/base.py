@@ -24,6 +24,9 @@ class StepOutputs:
         student_features: outputs of the student's hooked layers, by dotted path.
         teacher_features: outputs of the teacher's hooked layers, by dotted path.
         batch: the batch as the dataloader produced it.
+        teacher_output: the teacher's output as its ``forward`` returned it (a tensor, a
+            mapping such as a :class:`~lightning_kd.TeacherEnsemble`'s, or a Hugging
+            Face ``ModelOutput``); ``None`` without a teacher.
     """
 
     student_logits: Tensor
@@ -32,6 +35,7 @@ class StepOutputs:
     student_features: dict[str, Any] = field(default_factory=dict)
     teacher_features: dict[str, Any] = field(default_factory=dict)
     batch: Any = None
+    teacher_output: Any = None
 
 
 class LossTerm(nn.Module):

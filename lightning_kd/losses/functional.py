@@ -19,15 +19,24 @@ from torch import Tensor
 __all__ = [
     "ab_loss",
     "at_loss",
+    "bn_statistics_loss",
+    "byot_loss",
     "cc_loss",
+    "confidence_weights",
     "crd_loss",
+    "dafl_activation_loss",
+    "dafl_information_entropy_loss",
+    "dafl_one_hot_loss",
     "dist_loss",
     "dkd_loss",
+    "ensemble_log_probs",
     "fitnet_loss",
     "fsp_loss",
     "ft_loss",
+    "generalized_distillation_loss",
     "hcl_loss",
     "kd_loss",
+    "multi_teacher_kd_loss",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
@@ -1219,4 +1228,414 @@ def hcl_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -
     loss = _hcl_pair(student_feats[0], teacher_feats[0])
     for student, teacher in zip(student_feats[1:], teacher_feats[1:], strict=True):
         loss = loss + _hcl_pair(student, teacher)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Be Your Own Teacher self-distillation (Zhang et al., ICCV 2019).
+# --------------------------------------------------------------------------------------------
+
+
+@_float32_math
+def _byot_head(
+    logits: Tensor,
+    feature: Tensor,
+    deep_logits: Tensor,
+    deep_feature: Tensor,
+    target: Tensor,
+    alpha: float,
+    temperature: float,
+    feature_weight: float,
+) -> Tensor:
+    """BYOT loss of one shallow classifier (see :func:`byot_loss`); the deepest outputs are detached."""
+    cross_entropy = F.cross_entropy(logits, target)
+    distillation = kd_loss(logits, deep_logits.detach(), temperature)
+    hint = (feature - deep_feature.detach()).pow(2).flatten(1).sum(dim=1).mean()
+    return (1 - alpha) * cross_entropy + alpha * distillation + feature_weight * hint
+
+
+def byot_loss(
+    shallow_logits: Sequence[Tensor],
+    shallow_features: Sequence[Tensor],
+    deep_logits: Tensor,
+    deep_feature: Tensor,
+    target: Tensor,
+    alpha: float = 0.3,
+    temperature: float = 3.0,
+    feature_weight: float = 1e-4,
+) -> Tensor:
+    r"""Be Your Own Teacher: the deepest classifier teaches the shallow classifiers of the same network.
+
+    Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of
+    Convolutional Neural Networks via Self Distillation", ICCV 2019. With shallow classifiers
+    :math:`i = 1 \dots C-1` (logits :math:`z_i`, bottleneck features :math:`F_i`), the deepest
+    classifier's logits :math:`z_C` and its input feature :math:`F_C` (both detached: the
+    deepest classifier teaches and is not taught), labels :math:`y`, batch size :math:`N`:
+
+    .. math::
+        \mathcal{L} = \sum_{i=1}^{C-1} \Big[ (1 - \alpha)\,\mathrm{CE}(z_i, y)
+        + \alpha\, T^2\, \mathrm{KL}\big(\mathrm{softmax}(z_C / T) \,\|\, \mathrm{softmax}(z_i / T)\big)
+        + \lambda\, \frac{1}{N} \sum_{n} \lVert F_{i,n} - F_{C,n} \rVert_2^2 \Big]
+
+    Reductions: CE averaged over the batch; KL summed over classes and averaged over the batch
+    (``batchmean``, as :func:`kd_loss`), times :math:`T^2`; the hint is each sample's squared
+    L2 distance (summed over every feature element), averaged over the batch. The deepest
+    classifier's own cross-entropy is not part of this loss (a separate ``CrossEntropyTerm``).
+
+    Reference code: the authors' ``train.py`` (``ArchipLab-LinfengZhang/pytorch-self-distillation-final``)
+    uses :math:`\alpha = 0.3` (``loss_coefficient``) and :math:`T = 3`, the defaults here; its
+    KD part is the soft-target cross-entropy, which differs from the KL by the teacher's
+    entropy (same gradient) and has no :math:`T^2` (a factor 9 smaller at :math:`T = 3`), and
+    it has no hint term; the deepest CE has weight 1. ``luanyunteng/pytorch-be-your-own-teacher``
+    (``train.py``) adds the hint as ``beta * sum((F_i - F_C)**2 * mask)`` summed over the batch,
+    with ``beta = 1e-6`` at batch 128 and a mask (either feature positive) that changes nothing
+    for post-ReLU features: :math:`\lambda = \beta N \approx 10^{-4}`, the default here.
+
+    Args:
+        shallow_logits: ``(N, K)`` logits of each shallow classifier.
+        shallow_features: ``(N, ...)`` bottleneck feature of each shallow classifier, each of
+            ``deep_feature``'s shape.
+        deep_logits: ``(N, K)`` logits of the deepest classifier (detached here).
+        deep_feature: ``(N, ...)`` the deepest classifier's input feature (detached here).
+        target: ``(N,)`` class indices.
+        alpha: share of the distillation part, :math:`0 \le \alpha \le 1`; ``1 - alpha`` goes to CE.
+        temperature: softening temperature :math:`T > 0`.
+        feature_weight: :math:`\lambda \ge 0`, the weight of the hint.
+
+    Returns:
+        Scalar: the sum over the shallow classifiers.
+    """
+    shallow_logits, shallow_features = list(shallow_logits), list(shallow_features)
+    if not shallow_logits or len(shallow_logits) != len(shallow_features):
+        raise ValueError(
+            f"byot_loss needs one feature per shallow classifier (at least one), got {len(shallow_logits)} "
+            f"logits and {len(shallow_features)} features."
+        )
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (the share of distillation), got {alpha}.")
+    _check_positive("temperature", temperature)
+    if not feature_weight >= 0:
+        raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
+    _check_targets(deep_logits, target)
+    for index, (logits, feature) in enumerate(zip(shallow_logits, shallow_features, strict=True)):
+        _check_same_shape(
+            f"shallow_logits[{index}]",
+            logits,
+            "deep_logits",
+            deep_logits,
+            hint="Every classifier must predict the same classes.",
+        )
+        _check_same_shape(
+            f"shallow_features[{index}]",
+            feature,
+            "deep_feature",
+            deep_feature,
+            hint="Each shallow head's bottleneck must map its feature onto the deepest feature's shape.",
+        )
+    heads = zip(shallow_logits, shallow_features, strict=True)
+    losses = [
+        _byot_head(logits, feature, deep_logits, deep_feature, target, alpha, temperature, feature_weight)
+        for logits, feature in heads
+    ]
+    return torch.stack(losses).sum()
+
+
+def _check_teacher_stack(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor) -> None:
+    """``(M, N, C)`` teacher logits for ``(N, C)`` student logits; weights ``(M,)`` or ``(M, N)``."""
+    if teacher_logits.ndim != student_logits.ndim + 1 or teacher_logits.shape[1:] != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must stack one (N, C) tensor per teacher, i.e. shape (M, "
+            f"{', '.join(map(str, student_logits.shape))}); got {tuple(teacher_logits.shape)}. "
+            "Teachers and student must predict the same classes."
+        )
+    if weights.shape not in ((teacher_logits.shape[0],), teacher_logits.shape[:2]):
+        raise ValueError(
+            f"weights must have shape (M,) or (M, N) = {tuple(teacher_logits.shape[:2])} for "
+            f"{teacher_logits.shape[0]} teachers; got {tuple(weights.shape)}."
+        )
+
+
+@_float32_math
+def ensemble_log_probs(teacher_logits: Tensor, weights: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Log-probabilities of a weighted mixture of teachers' softened predictions.
+
+    .. math::
+        \log \bar p_n = \log \sum_m w_{mn} \, \mathrm{softmax}(t_{mn} / T)
+
+    computed as a ``logsumexp`` of :math:`\log w + \log\mathrm{softmax}` for stability.
+
+    Args:
+        teacher_logits: ``(M, N, C)`` logits of M teachers.
+        weights: ``(M,)`` or per-sample ``(M, N)`` non-negative weights summing to 1 over M.
+        temperature: softening temperature :math:`T > 0`.
+
+    Returns:
+        ``(N, C)`` log-probabilities of the mixture.
+    """
+    _check_positive("temperature", temperature)
+    _check_teacher_stack(teacher_logits[0], teacher_logits, weights)
+    log_weights = weights.clamp_min(0).log()
+    while log_weights.ndim < teacher_logits.ndim:
+        log_weights = log_weights.unsqueeze(-1)
+    return torch.logsumexp(log_weights + F.log_softmax(teacher_logits / temperature, dim=-1), dim=0)
+
+
+@_float32_math
+def multi_teacher_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float = 4.0
+) -> Tensor:
+    r"""KD from an ensemble: KL from the weighted mixture of the teachers' soft targets.
+
+    Hinton et al. (2015) distil an ensemble through its averaged predictions:
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{N} \sum_n \mathrm{KL}\Big(\sum_m w_{mn}\,
+        \mathrm{softmax}(t_{mn} / T) \,\Big\|\, \mathrm{softmax}(s_n / T)\Big)
+
+    Because the cross-entropy part of KL is linear in the target, the gradient with respect
+    to the student equals that of the weighted sum of per-teacher KD losses
+    :math:`\sum_m w_{mn} \mathrm{KL}_{mn}` (the form CA-MKD writes); the values differ by the
+    mixture's entropy, a constant for the student.
+
+    Args:
+        student_logits: ``(N, C)`` student logits.
+        teacher_logits: ``(M, N, C)`` logits of M teachers.
+        weights: ``(M,)`` or per-sample ``(M, N)`` weights summing to 1 over M.
+        temperature: softening temperature :math:`T > 0`.
+
+    Returns:
+        Scalar: KL summed over classes, averaged over samples, times :math:`T^2`.
+    """
+    _check_positive("temperature", temperature)
+    _check_teacher_stack(student_logits, teacher_logits, weights)
+    log_target = ensemble_log_probs(teacher_logits, weights, temperature)
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_target, reduction="sum", log_target=True)
+    return kl / student_logits.shape[0] * temperature**2
+
+
+@_float32_math
+def confidence_weights(teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    r"""Per-sample teacher weights from their confidence in the label (CA-MKD).
+
+    Zhang, Chen, Wang, "Confidence-Aware Multi-Teacher Knowledge Distillation", ICASSP 2022:
+    with :math:`\ell_{mn}` teacher m's cross-entropy on sample n,
+
+    .. math::
+        w_{mn} = \frac{1}{M - 1}\Big(1 - \frac{\exp \ell_{mn}}{\sum_k \exp \ell_{kn}}\Big)
+
+    so a teacher that is surer of the right class weighs more; weights sum to 1 over M
+    (a single teacher gets weight 1).
+
+    Args:
+        teacher_logits: ``(M, N, C)`` logits of M teachers.
+        targets: ``(N,)`` class indices.
+
+    Returns:
+        ``(M, N)`` weights.
+    """
+    num_teachers = teacher_logits.shape[0]
+    _check_targets(teacher_logits[0], targets)
+    if num_teachers == 1:
+        return torch.ones(teacher_logits.shape[:2], device=teacher_logits.device)
+    losses = torch.stack([F.cross_entropy(logits, targets, reduction="none") for logits in teacher_logits])
+    return (1.0 - losses.softmax(dim=0)) / (num_teachers - 1)
+
+
+@_float32_math
+def generalized_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None,
+    temperature: float = 1.0,
+    imitation: float = 0.5,
+) -> Tensor:
+    r"""Generalized distillation: imitate a teacher's softened predictions and fit the hard labels.
+
+    Lopez-Paz, Bottou, Schölkopf, Vapnik, "Unifying distillation and privileged information",
+    ICLR 2016, Eq. 2. The teacher may see privileged inputs :math:`x^\star` that the student
+    never sees (Vapnik's learning using privileged information); with :math:`x^\star = x` this is
+    Hinton's distillation. With :math:`\sigma` the softmax, :math:`s_n` the student's logits,
+    :math:`t_n` the teacher's, :math:`y_n` the label and
+    :math:`\ell(p, q) = -\sum_k p_k \log q_k` the cross-entropy:
+
+    .. math::
+        \mathcal{L} = \frac{1}{N} \sum_n \Big[(1 - \lambda)\, \ell\big(y_n, \sigma(s_n)\big)
+        + \lambda\, \ell\big(\sigma(t_n / T), \sigma(s_n)\big)\Big]
+
+    Unlike Hinton KD (:func:`kd_loss`), the student's softmax is taken at :math:`T = 1` and there is
+    no :math:`T^2` factor: the student's own probabilities match the teacher's softened ones. (The
+    authors' Keras code, ``code/mnist.py`` of ``lopezpaz/distillation_privileged_information``,
+    weights the soft term by :math:`T^2 \lambda` instead of :math:`\lambda`; that objective is
+    :math:`w` times this one with :math:`w = 1 - \lambda + T^2 \lambda` and imitation
+    :math:`T^2 \lambda / w`.) The soft term is a cross-entropy, so it includes the entropy of
+    the teacher's soft labels: its minimum is that entropy, not 0; the gradient equals a KL's.
+
+    Args:
+        student_logits: ``(..., C)`` student logits (computed from the regular inputs :math:`x`).
+        teacher_logits: ``(..., C)`` teacher logits, same shape (computed from :math:`x^\star`).
+        target: ``(...)`` class indices; may be ``None`` when ``imitation == 1`` (pure
+            imitation, e.g. on unlabelled data).
+        temperature: softening temperature :math:`T > 0` of the teacher's predictions.
+        imitation: the imitation parameter :math:`\lambda \in [0, 1]`: 0 is the student alone
+            on the labels, 1 pure imitation of the teacher.
+
+    Returns:
+        Scalar: the objective averaged over all leading positions.
+    """
+    _check_logit_pair(student_logits, teacher_logits, temperature)
+    if not 0.0 <= imitation <= 1.0:
+        raise ValueError(f"imitation (lambda) must be in [0, 1], got {imitation}.")
+    num_classes = student_logits.shape[-1]
+    log_p_student = F.log_softmax(student_logits.reshape(-1, num_classes), dim=-1)
+    soft_labels = F.softmax(teacher_logits.reshape(-1, num_classes) / temperature, dim=-1)
+    soft = -(soft_labels * log_p_student).sum(dim=-1).mean()
+    if imitation == 1.0:
+        return soft
+    if target is None:
+        raise ValueError(
+            f"generalized_distillation_loss needs labels when imitation < 1 (got imitation={imitation} "
+            "and target=None): pass the class indices, or set imitation=1 for pure imitation."
+        )
+    _check_targets(student_logits, target)
+    hard = F.nll_loss(log_p_student, target.reshape(-1))
+    return (1.0 - imitation) * hard + imitation * soft
+
+
+# --------------------------------------------------------------------------------------------
+# Data-free distillation: DAFL's generator losses (Chen et al., ICCV 2019) and DeepInversion's
+# BatchNorm-statistics prior (Yin et al., CVPR 2020).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_generated_logits(teacher_logits: Tensor) -> None:
+    if teacher_logits.ndim != 2 or teacher_logits.shape[0] < 1 or teacher_logits.shape[1] < 2:
+        raise ValueError(
+            f"teacher_logits must have shape (N, C) with N >= 1 samples and C >= 2 classes, got "
+            f"{tuple(teacher_logits.shape)}."
+        )
+
+
+@_float32_math
+def dafl_one_hot_loss(teacher_logits: Tensor) -> Tensor:
+    r"""DAFL's one-hot loss: cross-entropy of the teacher's predictions against their own argmax.
+
+    Chen et al., "Data-Free Learning of Student Networks", ICCV 2019, eq. (4). For the
+    teacher's logits :math:`y^n_T` on generated samples and the pseudo-labels
+    :math:`t^n = \arg\max_c y^n_{T,c}` (no gradient):
+
+    .. math::
+        \mathcal{L}_{oh} = \frac{1}{N} \sum_{n} H_{cross}(y^n_T, t^n)
+        = -\frac{1}{N} \sum_{n} \log \mathrm{softmax}(y^n_T)_{t^n}
+
+    Small when the teacher is as confident on generated samples as on real ones.
+
+    Args:
+        teacher_logits: ``(N, C)`` teacher logits on generated samples.
+
+    Returns:
+        Scalar: the mean over the batch.
+    """
+    _check_generated_logits(teacher_logits)
+    return F.cross_entropy(teacher_logits, teacher_logits.detach().argmax(dim=1))
+
+
+@_float32_math
+def dafl_activation_loss(features: Tensor) -> Tensor:
+    r"""DAFL's activation loss: minus the mean absolute value of the teacher's features.
+
+    Chen et al., "Data-Free Learning of Student Networks", ICCV 2019, eq. (5): real inputs
+    excite the teacher's penultimate features :math:`f^n_T` (the input of its classifier) more
+    than noise does. With :math:`d` elements per sample, as in the authors' code
+    (``-features_T.abs().mean()``):
+
+    .. math::
+        \mathcal{L}_a = -\frac{1}{N d} \sum_{n} \| f^n_T \|_1
+
+    (the paper's :math:`-\frac{1}{N}\sum_n \|f^n_T\|_1` divided by :math:`d`).
+
+    Args:
+        features: ``(N, ...)`` teacher features on generated samples.
+
+    Returns:
+        Scalar: minus the mean absolute value over all elements.
+    """
+    if features.ndim < 1 or features.numel() == 0:
+        raise ValueError(f"features must be a non-empty (N, ...) tensor, got shape {tuple(features.shape)}.")
+    return -features.abs().mean()
+
+
+@_float32_math
+def dafl_information_entropy_loss(teacher_logits: Tensor) -> Tensor:
+    r"""DAFL's information-entropy loss: minus the entropy of the teacher's batch-mean prediction.
+
+    Chen et al., "Data-Free Learning of Student Networks", ICCV 2019, eq. (6). With
+    :math:`\bar p = \frac{1}{N} \sum_n \mathrm{softmax}(y^n_T)`:
+
+    .. math::
+        \mathcal{L}_{ie} = -H_{info}(\bar p) = \sum_{c} \bar p_c \log \bar p_c
+
+    Smallest (:math:`-\log C`) when the generated batch covers all :math:`C` classes equally.
+    Natural logarithm; the authors' code uses :math:`\log_{10}`, i.e. this loss times
+    :math:`1 / \ln 10`. :math:`\log \bar p` is computed as a log-sum-exp of log-probabilities,
+    finite even where a class's mean probability underflows.
+
+    Args:
+        teacher_logits: ``(N, C)`` teacher logits on generated samples.
+
+    Returns:
+        Scalar in :math:`[-\log C, 0]`.
+    """
+    _check_generated_logits(teacher_logits)
+    log_probs = F.log_softmax(teacher_logits, dim=1)
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(teacher_logits.shape[0])
+    return (log_mean.exp() * log_mean).sum()
+
+
+@_float32_math
+def _bn_statistics_distance(inputs: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """One layer's term of :func:`bn_statistics_loss`."""
+    channels = inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
+    mean = channels.mean(dim=1)
+    var = channels.var(dim=1, unbiased=False)
+    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+
+
+def bn_statistics_loss(
+    inputs: Sequence[Tensor], running_means: Sequence[Tensor], running_vars: Sequence[Tensor]
+) -> Tensor:
+    r"""DeepInversion's feature-distribution prior: batch statistics against BatchNorm's running ones.
+
+    Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR
+    2020, eq. (4). For every BatchNorm layer :math:`l` of the teacher, with
+    :math:`\mu_l(x), \sigma^2_l(x)` the per-channel mean and (biased) variance of the layer's
+    input over the batch and all positions, and :math:`\hat\mu_l, \hat\sigma^2_l` the layer's
+    running statistics (those of the real training data):
+
+    .. math::
+        \mathcal{R}_{feature} = \sum_{l} \|\mu_l(x) - \hat\mu_l\|_2 + \|\sigma^2_l(x) - \hat\sigma^2_l\|_2
+
+    Args:
+        inputs: the inputs of the BatchNorm layers, ``(N, C_l, ...)`` each (channels in dim 1).
+        running_means: ``(C_l,)`` running means, in the same order.
+        running_vars: ``(C_l,)`` running variances, in the same order.
+
+    Returns:
+        Scalar: the sum over the layers.
+    """
+    inputs, running_means, running_vars = list(inputs), list(running_means), list(running_vars)
+    if not inputs or not len(inputs) == len(running_means) == len(running_vars):
+        raise ValueError(
+            f"bn_statistics_loss needs one running mean and variance per input (at least one layer), got "
+            f"{len(inputs)} inputs, {len(running_means)} means and {len(running_vars)} variances."
+        )
+    for index, (x, mean, var) in enumerate(zip(inputs, running_means, running_vars, strict=True)):
+        if x.ndim < 2 or mean.shape != (x.shape[1],) or var.shape != (x.shape[1],):
+            raise ValueError(
+                f"inputs[{index}] has shape {tuple(x.shape)}, running_means[{index}] {tuple(mean.shape)} and "
+                f"running_vars[{index}] {tuple(var.shape)}: expected (N, C, ...) inputs and (C,) statistics."
+            )
+    loss = _bn_statistics_distance(inputs[0], running_means[0], running_vars[0])
+    for x, mean, var in zip(inputs[1:], running_means[1:], running_vars[1:], strict=True):
+        loss = loss + _bn_statistics_distance(x, mean, var)
     return loss

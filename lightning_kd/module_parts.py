@@ -1,0 +1,112 @@
+"""Pieces every training module of the package shares.
+
+Reading a batch, finding logits in a model's output, inferring the class count, building
+the optimizer and its schedule, and knowing whether LightningCLI records the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+__all__ = [
+    "BatchKey",
+    "configure_optimization",
+    "hparams_given_by_cli",
+    "infer_num_classes",
+    "logits_of",
+    "select",
+]
+
+BatchKey = int | str
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output.
+
+    The tensor itself, ``output["logits"]`` / ``.logits`` (Hugging Face ``ModelOutput``), or
+    the first element of a tuple.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"Cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
+        "a mapping with 'logits', or a tuple whose first element is the logits."
+    )
+
+
+def infer_num_classes(model: nn.Module) -> int | None:
+    """``model.num_classes`` if set (timm, lightning_kd models), else the last ``nn.Linear``'s width."""
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def select(batch: Any, key: BatchKey, option: str) -> Any:
+    """``batch[key]`` for a mapping or sequence batch; the error names ``option`` and what fits."""
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise KeyError(
+                f"The batch is a mapping with keys {list(batch)}; set {option} to one of them (got {key!r})."
+            )
+        return batch[key]
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        if not isinstance(key, int) or not -len(batch) <= key < len(batch):
+            raise KeyError(
+                f"The batch is a sequence of {len(batch)} items; set {option} to an index (got {key!r})."
+            )
+        return batch[key]
+    raise TypeError(
+        f"Cannot select {option}={key!r} from a batch of type {type(batch).__name__}; "
+        "yield (inputs, targets) tuples or dicts, or override the module's unpack_batch."
+    )
+
+
+def hparams_given_by_cli() -> bool:
+    """Whether LightningCLI is instantiating the module: it then records the config itself."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older or newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+def configure_optimization(
+    module: pl.LightningModule,
+    params: list[nn.Parameter],
+    optimizer: OptimizerCallable | None,
+    lr_scheduler: LRSchedulerCallable | None,
+    lr_scheduler_interval: Literal["epoch", "step"],
+    cosine_decay: bool,
+) -> Any:
+    """What ``configure_optimizers`` returns for ``params``.
+
+    ``optimizer`` (default Adam, lr 1e-3) and ``lr_scheduler`` are callables as LightningCLI
+    gives them; without a scheduler, ``cosine_decay`` anneals the learning rate to 0 over the
+    run, stepped per optimizer step.
+    """
+    built = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
+    if lr_scheduler is not None:
+        scheduler = lr_scheduler(built)
+        config = {"scheduler": scheduler, "interval": lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": built, "lr_scheduler": config}
+    if cosine_decay:
+        total_steps = max(int(module.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(built, T_max=total_steps)
+        return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    return built

@@ -1,0 +1,182 @@
+"""MutualLearningModule: peers that learn together from the labels and from each other (DML)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_kd.losses.functional import kd_loss
+from lightning_kd.module_parts import (
+    BatchKey,
+    configure_optimization,
+    hparams_given_by_cli,
+    infer_num_classes,
+    logits_of,
+    select,
+)
+
+__all__ = ["MutualLearningModule"]
+
+
+class MutualLearningModule(pl.LightningModule):
+    r"""Deep mutual learning: any number of peers, each taught by the labels and the others.
+
+    Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018. Peer :math:`k` minimises
+
+    .. math::
+        \mathcal{L}_k = w_{ce}\,\mathrm{CE}(z_k, y) + w_{kd}\,\frac{1}{K-1}\sum_{l \ne k}
+        T^2\,\mathrm{KL}\big(\mathrm{softmax}(z_l/T) \,\|\, \mathrm{softmax}(z_k/T)\big)
+
+    with the other peers' logits :math:`z_l` detached, so the sum over peers that the single
+    optimizer minimises gives every peer exactly the gradient of its own loss. All peers
+    step together on predictions of the same batch; the paper updates them in turn, each with
+    the others' predictions recomputed after the previous update (K forward passes per peer
+    instead of one).
+
+    Logged: ``train/loss``, ``train/loss_peer<k>``; ``val|test/acc_peer<k>`` for every peer,
+    ``val|test/acc`` of peer 0 (what ``forward`` and ``predict`` use) and
+    ``val|test/acc_ensemble`` of the peers' averaged probabilities. Every peer is a submodule,
+    so checkpoints hold all of them.
+
+    Args:
+        peers: two or more networks over the same classes (any architectures).
+        temperature: softening temperature :math:`T` (the paper: 1).
+        ce_weight: :math:`w_{ce}`.
+        kd_weight: :math:`w_{kd}`.
+        num_classes: number of classes; default: inferred from the peers.
+        input_key: where the inputs are in a batch: an index for tuples, a key for dicts.
+        target_key: where the labels are in a batch.
+        optimizer: a callable ``params -> Optimizer``; default Adam with lr 1e-3.
+        lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
+        cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        peers: Sequence[nn.Module],
+        temperature: float = 1.0,
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        num_classes: int | None = None,
+        input_key: BatchKey = 0,
+        target_key: BatchKey = 1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        cosine_decay: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=None if hparams_given_by_cli() else ["peers", "optimizer", "lr_scheduler"]
+        )
+        if len(peers) < 2:
+            raise ValueError(f"Mutual learning needs at least two peers, got {len(peers)}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.peers = nn.ModuleList(peers)
+        self.temperature = float(temperature)
+        self.ce_weight = float(ce_weight)
+        self.kd_weight = float(kd_weight)
+        self.input_key = input_key
+        self.target_key = target_key
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.cosine_decay = cosine_decay
+        self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
+
+        def accuracy() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+
+        names = [f"{stage}_acc_peer{k}" for stage in ("val", "test") for k in range(len(peers))]
+        names += ["val_acc_ensemble", "test_acc_ensemble"]
+        self.metrics = nn.ModuleDict({name: accuracy() for name in names})
+
+    def _infer_num_classes(self) -> int:
+        found = {infer_num_classes(peer) for peer in self.peers}
+        if None in found or len(found) != 1:
+            raise ValueError(
+                f"Cannot infer one class count from the peers (found {sorted(map(str, found))}): build all "
+                "peers over the same classes and pass num_classes=."
+            )
+        return found.pop()
+
+    def forward(self, inputs: Any) -> Any:
+        """Peer 0's output."""
+        return self.peers[0](inputs)
+
+    def unpack_batch(self, batch: Any) -> tuple[Any, Tensor]:
+        """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``."""
+        return select(batch, self.input_key, "input_key"), select(batch, self.target_key, "target_key")
+
+    def peer_losses(self, logits: Sequence[Tensor], targets: Tensor) -> list[Tensor]:
+        """Every peer's loss (see the class docstring), in the order of ``logits``."""
+        losses = []
+        for k, own in enumerate(logits):
+            mimicry = sum(
+                kd_loss(own, other.detach(), self.temperature) for j, other in enumerate(logits) if j != k
+            )
+            ce = F.cross_entropy(own.float(), targets)
+            losses.append(self.ce_weight * ce + self.kd_weight * mimicry / (len(logits) - 1))
+        return losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One step of every peer; logs each peer's loss and the sum."""
+        inputs, targets = self.unpack_batch(batch)
+        logits = [logits_of(peer(inputs)) for peer in self.peers]
+        losses = self.peer_losses(logits, targets)
+        total = torch.stack(losses).sum()
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"The loss is not finite at step {self.global_step}: peer losses "
+                f"{[loss.item() for loss in losses]}. Check the inputs for NaN/Inf or lower the "
+                "learning rate."
+            )
+        for k, loss in enumerate(losses):
+            self.log(f"train/loss_peer{k}", loss.detach())
+        self.log("train/loss", total.detach(), prog_bar=True)
+        return total
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        inputs, targets = self.unpack_batch(batch)
+        logits = [logits_of(peer(inputs)) for peer in self.peers]
+        for k, peer_logits in enumerate(logits):
+            self.metrics[f"{stage}_acc_peer{k}"](peer_logits, targets)
+            self.log(f"{stage}/acc_peer{k}", self.metrics[f"{stage}_acc_peer{k}"], prog_bar=k == 0)
+        mean_probs = torch.stack([peer_logits.float().softmax(dim=-1) for peer_logits in logits]).mean(dim=0)
+        self.metrics[f"{stage}_acc_ensemble"](mean_probs, targets)
+        self.log(f"{stage}/acc_ensemble", self.metrics[f"{stage}_acc_ensemble"])
+        self.log(f"{stage}/acc", self.metrics[f"{stage}_acc_peer0"])
+        self.log(f"{stage}/loss", F.cross_entropy(logits[0].float(), targets), sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Every peer's accuracy and the peers' ensemble accuracy."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """As validation, under ``test/``."""
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Peer 0's logits."""
+        inputs = select(batch, self.input_key, "input_key")
+        return logits_of(self.peers[0](inputs))
+
+    def configure_optimizers(self) -> Any:
+        """All peers in one optimizer (each peer's gradient comes from its own loss only)."""
+        return configure_optimization(
+            self,
+            list(self.parameters()),
+            self.optimizer_factory,
+            self.lr_scheduler_factory,
+            self.lr_scheduler_interval,
+            self.cosine_decay,
+        )
