@@ -1,21 +1,21 @@
-"""The ``lightning-kd`` command: LightningCLI over DistillationModule and any datamodule."""
+"""The ``lightning-kd`` command: LightningCLI over the package's training modules and any datamodule."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
-
-from lightning_kd.module import DistillationModule
 
 __all__ = ["DistillationCLI", "main"]
 
 
 class DistillationCLI(LightningCLI):
-    """LightningCLI over :class:`~lightning_kd.DistillationModule` (or a subclass) and any datamodule.
+    """LightningCLI over any LightningModule and any datamodule.
 
-    Both are chosen with ``class_path`` / ``init_args``; the optimizer and scheduler are the
+    The model is :class:`~lightning_kd.DistillationModule` (or a subclass),
+    :class:`~lightning_kd.MutualLearningModule`, or any other LightningModule; model and data
+    are chosen with ``class_path`` / ``init_args``; the optimizer and scheduler are the
     model's ``optimizer`` / ``lr_scheduler`` arguments. Other ``LightningCLI`` arguments
     (``args``, ``run``, ...) pass through.
     """
@@ -23,7 +23,7 @@ class DistillationCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
-            DistillationModule,
+            LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
