@@ -10,6 +10,7 @@ from lightning_kd.callbacks import (
 from lightning_kd.losses import (
     ABTerm,
     ATTerm,
+    BYOTTerm,
     CCTerm,
     CRDTerm,
     CrossEntropyTerm,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ABTerm",
     "ATTerm",
+    "BYOTTerm",
     "CCTerm",
     "CRDTerm",
     "CrossEntropyTerm",

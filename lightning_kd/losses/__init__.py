@@ -12,11 +12,13 @@ from lightning_kd.losses.multi_teacher import MultiTeacherKDTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
 from lightning_kd.losses.review import ABF, ReviewKDTerm
+from lightning_kd.losses.self_distillation import BYOTTerm
 
 __all__ = [
     "ABF",
     "ABTerm",
     "ATTerm",
+    "BYOTTerm",
     "CCTerm",
     "ContrastMemory",
     "CRDTerm",
