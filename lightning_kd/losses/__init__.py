@@ -8,6 +8,7 @@ from lightning_kd.losses.contrastive import ContrastMemory, CRDTerm
 from lightning_kd.losses.factor import FTTerm, Paraphraser, ParaphraserTerm, Translator
 from lightning_kd.losses.feature import FitNetTerm, OFDTerm, VIDTerm, make_regressor, margin_from_batchnorm
 from lightning_kd.losses.fsp import FSPTerm
+from lightning_kd.losses.generalized import GeneralizedDistillationTerm
 from lightning_kd.losses.multi_teacher import MultiTeacherKDTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
@@ -28,6 +29,7 @@ __all__ = [
     "FitNetTerm",
     "FTTerm",
     "FSPTerm",
+    "GeneralizedDistillationTerm",
     "KDTerm",
     "LayerPairTerm",
     "LossTerm",
