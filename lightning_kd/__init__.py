@@ -35,7 +35,7 @@ from lightning_kd.losses import (
     VIDTerm,
 )
 from lightning_kd.module import DistillationModule
-from lightning_kd.paradigms import MutualLearningModule
+from lightning_kd.paradigms import ChainLink, DataFreeDistillationModule, MutualLearningModule, run_chain
 from lightning_kd.teacher_ensemble import TeacherEnsemble
 
 __version__ = "0.1.0"
@@ -43,12 +43,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ABTerm",
     "ATTerm",
+    "ChainLink",
     "BYOTTerm",
     "CCTerm",
     "CRDTerm",
     "CrossEntropyTerm",
     "DISTTerm",
     "DKDTerm",
+    "DataFreeDistillationModule",
     "DistillationModule",
     "DistillationStages",
     "FeatureHooks",
@@ -75,4 +77,5 @@ __all__ = [
     "TemperatureAnnealing",
     "VIDTerm",
     "__version__",
+    "run_chain",
 ]

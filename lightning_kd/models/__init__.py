@@ -1,7 +1,16 @@
-"""Teacher and student networks: small models for the embedded data, the CRD CIFAR models, timm by name."""
+"""Networks: small models for the embedded data, the CRD CIFAR models, timm by name, generators."""
 
 from lightning_kd.models.cifar import CIFAR_MODELS, create_cifar_model
+from lightning_kd.models.generator import ConvGenerator1d, Generator
 from lightning_kd.models.small import MLP, ConvNet1d
 from lightning_kd.models.timm_bridge import timm_model
 
-__all__ = ["CIFAR_MODELS", "MLP", "ConvNet1d", "create_cifar_model", "timm_model"]
+__all__ = [
+    "CIFAR_MODELS",
+    "MLP",
+    "ConvGenerator1d",
+    "ConvNet1d",
+    "Generator",
+    "create_cifar_model",
+    "timm_model",
+]

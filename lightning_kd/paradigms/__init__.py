@@ -1,5 +1,7 @@
 """Who teaches whom: training set-ups beyond one frozen teacher and one student."""
 
+from lightning_kd.paradigms.chain import ChainLink, LinkResult, run_chain
+from lightning_kd.paradigms.data_free import DataFreeDistillationModule
 from lightning_kd.paradigms.mutual import MutualLearningModule
 
-__all__ = ["MutualLearningModule"]
+__all__ = ["ChainLink", "DataFreeDistillationModule", "LinkResult", "MutualLearningModule", "run_chain"]
