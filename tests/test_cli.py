@@ -106,3 +106,17 @@ def test_wandb_logger_writes_an_offline_run(in_tmp: Path, monkeypatch: pytest.Mo
             break
         time.sleep(0.5)
     assert not missing, f"not in the offline W&B run: {missing}"
+
+
+def test_fit_prints_a_summary_with_the_gain(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
+    main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL, "--baseline_accuracy=0.5"])
+    out = capsys.readouterr().out
+    summary = out[out.rindex("Fit finished:") :].splitlines()
+    values = {line[:28].strip(): line[28:].strip() for line in summary[1:]}
+    student = float(values["student (val/acc)"])
+    assert float(values["baseline (given)"]) == 50.0
+    assert float(values["gain over the baseline"]) == pytest.approx(student - 50.0, abs=0.011)
+    assert 0.0 <= float(values["teacher (val/teacher_acc)"]) <= 100.0
+    assert values["checkpoint"].endswith("kd.ckpt") and Path(values["checkpoint"]).exists()
+    assert values["time"].endswith("(1 epochs)")

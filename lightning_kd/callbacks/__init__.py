@@ -2,11 +2,13 @@
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
+from lightning_kd.callbacks.report import DistillationReport
 from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
 from lightning_kd.callbacks.stages import DistillationStages, Stage
 from lightning_kd.callbacks.temperature import TemperatureAnnealing
 
 __all__ = [
+    "DistillationReport",
     "DistillationStages",
     "FeatureHooks",
     "LossWeightSchedule",

@@ -1,0 +1,199 @@
+"""DistillationReport: what distillation did, per class and in calibration, as plots for any logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from lightning_kd.module_parts import logits_of
+
+if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
+    from lightning_kd.module import DistillationModule
+
+__all__ = ["DistillationReport", "reliability_bins"]
+
+
+def reliability_bins(probs: Tensor, targets: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean confidence, accuracy and sample count per confidence bin (a reliability diagram's bars).
+
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017: samples are binned by
+    their top-1 probability into ``num_bins`` equal-width bins of (0, 1]; empty bins give NaN.
+    The expected calibration error itself comes from torchmetrics.
+    """
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == targets).float()
+    edges = torch.linspace(0, 1, num_bins + 1, device=probs.device)
+    index = (torch.bucketize(confidence, edges, right=False) - 1).clamp(0, num_bins - 1)
+    counts = torch.bincount(index, minlength=num_bins).float()
+    mean_confidence = torch.bincount(index, weights=confidence, minlength=num_bins) / counts
+    accuracy = torch.bincount(index, weights=correct, minlength=num_bins) / counts
+    return mean_confidence, accuracy, counts
+
+
+class DistillationReport(pl.Callback):
+    """Per-class accuracy and reliability diagrams of student and teacher, as images and PNG files.
+
+    For a :class:`~lightning_kd.DistillationModule` with a teacher:
+
+    - at the start of training, the teacher's validation accuracy is logged once as
+      ``reference/teacher_acc`` (a reference line next to ``val/acc``);
+    - at the end of fit, the student and the teacher are run on the validation data and
+      ``report/student_ece`` / ``report/teacher_ece`` (expected calibration error, torchmetrics)
+      are logged, and two figures are drawn: per-class accuracy of both, and their reliability
+      diagrams. They are saved as ``per_class_accuracy.png`` and ``reliability.png`` in
+      ``directory`` (default: beside the checkpoints) and logged as images to a W&B or
+      TensorBoard logger.
+
+    Runs on global rank 0 only.
+
+    Args:
+        directory: where the PNG files go; default: the checkpoint directory, else the log directory.
+        num_bins: confidence bins of the reliability diagram and the ECE.
+    """
+
+    def __init__(self, directory: str | Path | None = None, num_bins: int = 15) -> None:
+        super().__init__()
+        self.directory = Path(directory) if directory is not None else None
+        self.num_bins = num_bins
+        self.files: list[Path] = []
+
+    # ----------------------------------------------------------------- data
+    @staticmethod
+    def _val_loader(trainer: pl.Trainer) -> Any:
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+            return datamodule.val_dataloader()
+        return trainer.val_dataloaders
+
+    @torch.no_grad()
+    def collect(self, module: DistillationModule, loader: Any) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``."""
+        was_training = module.training
+        module.eval()
+        student, teacher, targets = [], [], []
+        try:
+            for batch in loader:
+                batch = move_data_to_device(batch, module.device)
+                inputs, batch_targets = module.unpack_batch(batch)
+                student.append(logits_of(module.student(inputs)).float())
+                output = module.teacher_forward(module.teacher_inputs(batch, inputs))
+                if output is not None:
+                    teacher.append(logits_of(output).float())
+                targets.append(batch_targets)
+        finally:
+            module.train(was_training)
+        return torch.cat(student), torch.cat(teacher) if teacher else None, torch.cat(targets)
+
+    def _usable(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
+        distillation = hasattr(module, "teacher_forward") and hasattr(module, "unpack_batch")
+        if not trainer.is_global_zero or not distillation or module.target_key is None:
+            return None
+        loader = self._val_loader(trainer)
+        if loader is None:
+            rank_zero_warn("DistillationReport needs validation data; no report is made.")
+        return loader
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the teacher's validation accuracy once, as a reference line."""
+        loader = self._usable(trainer, pl_module)
+        if loader is None or pl_module.teacher is None:
+            return
+        _, teacher, targets = self.collect(pl_module, loader)
+        accuracy = (teacher.argmax(dim=-1) == targets).float().mean().item()
+        for logger in trainer.loggers:
+            logger.log_metrics({"reference/teacher_acc": accuracy}, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the ECEs, draw and save both figures, and log them."""
+        loader = self._usable(trainer, pl_module)
+        if loader is None:
+            return
+        student, teacher, targets = self.collect(pl_module, loader)
+        models = {"student": student} if teacher is None else {"student": student, "teacher": teacher}
+        num_classes = pl_module.num_classes
+        per_class = {}
+        for name, logits in models.items():
+            per_class[name] = MulticlassAccuracy(num_classes, average=None).to(logits.device)(logits, targets)
+            ece = MulticlassCalibrationError(num_classes, n_bins=self.num_bins).to(logits.device)(
+                logits, targets
+            )
+            for logger in trainer.loggers:
+                logger.log_metrics({f"report/{name}_ece": ece.item()}, step=trainer.global_step)
+        figures = {
+            "per_class_accuracy": self._per_class_figure(per_class),
+            "reliability": self._reliability_figure(models, targets),
+        }
+        directory = self._directory(trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.files = []
+        for key, figure in figures.items():
+            path = directory / f"{key}.png"
+            figure.savefig(path, dpi=120)
+            self.files.append(path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"report/{key}", images=[str(path)])
+                elif isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(f"report/{key}", figure, global_step=trainer.global_step)
+
+    # ----------------------------------------------------------------- drawing
+    def _directory(self, trainer: pl.Trainer) -> Path:
+        if self.directory is not None:
+            return self.directory
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            return Path(checkpoint.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def _per_class_figure(per_class: dict[str, Tensor]) -> Figure:
+        figure = Figure(figsize=(8, 3.5), layout="constrained")
+        axes = figure.add_subplot()
+        width = 0.8 / len(per_class)
+        for i, (name, accuracy) in enumerate(per_class.items()):
+            classes = torch.arange(len(accuracy)).float() + i * width
+            axes.bar(classes.tolist(), (100 * accuracy.cpu()).tolist(), width=width, label=name)
+        num_classes = len(next(iter(per_class.values())))
+        axes.set_xticks([c + (len(per_class) - 1) * width / 2 for c in range(num_classes)])
+        axes.set_xticklabels([str(c) for c in range(num_classes)])
+        axes.set_xlabel("class")
+        axes.set_ylabel("validation accuracy (%)")
+        axes.set_title("Per-class accuracy")
+        axes.legend()
+        return figure
+
+    def _reliability_figure(self, models: dict[str, Tensor], targets: Tensor) -> Figure:
+        figure = Figure(figsize=(4.5 * len(models), 4), layout="constrained")
+        for i, (name, logits) in enumerate(models.items()):
+            axes = figure.add_subplot(1, len(models), i + 1)
+            confidence, accuracy, _ = reliability_bins(logits.softmax(dim=-1), targets, self.num_bins)
+            centers = (torch.arange(self.num_bins).float() + 0.5) / self.num_bins
+            filled = ~torch.isnan(accuracy.cpu())
+            axes.bar(
+                centers[filled].tolist(),
+                accuracy.cpu()[filled].tolist(),
+                width=1 / self.num_bins,
+                edgecolor="black",
+                label="accuracy",
+            )
+            axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+            axes.plot(
+                confidence.cpu()[filled].tolist(),
+                accuracy.cpu()[filled].tolist(),
+                "o",
+                label="mean confidence",
+            )
+            axes.set_xlabel("confidence")
+            axes.set_ylabel("accuracy")
+            axes.set_title(f"Reliability: {name}")
+            axes.legend(loc="upper left")
+        return figure
