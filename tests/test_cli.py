@@ -120,3 +120,11 @@ def test_fit_prints_a_summary_with_the_gain(in_tmp: Path, capsys: pytest.Capture
     assert 0.0 <= float(values["teacher (val/teacher_acc)"]) <= 100.0
     assert values["checkpoint"].endswith("kd.ckpt") and Path(values["checkpoint"]).exists()
     assert values["time"].endswith("(1 epochs)")
+
+
+def test_report_callback_from_the_command_line(in_tmp: Path) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
+    report = "--trainer.callbacks+=lightning_kd.callbacks.DistillationReport"
+    main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL, report])
+    for name in ("per_class_accuracy.png", "reliability.png"):
+        assert (in_tmp / "runs/mnist1d/checkpoints" / name).read_bytes().startswith(b"\x89PNG")
