@@ -9,19 +9,32 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureHooks", "find_layer"]
+__all__ = ["FeatureHooks", "find_layer", "uncompiled"]
 
 ROLES = ("student", "teacher")
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(model)`` wraps, or ``model`` itself when it is not compiled.
+
+    The compiled wrapper runs the original module, so hooks on its submodules still fire; their
+    paths are the original ones (``"layer3"``, not ``"_orig_mod.layer3"``).
+    """
+    return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
 def find_layer(model: nn.Module, path: str, role: str = "model") -> nn.Module:
     """Return the submodule of ``model`` at dotted ``path`` (``"layer3.1.conv2"``).
 
+    A model wrapped by ``torch.compile`` is searched by its original paths (see :func:`uncompiled`).
+
     Raises:
         ValueError: the path names no submodule; the message lists the closest names.
     """
+    model = uncompiled(model)
     modules = dict(model.named_modules())
     if path in modules and path != "":
         return modules[path]
