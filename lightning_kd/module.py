@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
@@ -28,6 +29,7 @@ from lightning_kd.module_parts import (
     logits_of,
     select,
 )
+from lightning_kd.teacher_cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint
 from lightning_kd.teacher_ensemble import TeacherEnsemble
 from lightning_kd.teachers import freeze, load_weights
 
@@ -101,6 +103,9 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
         check_finite: stop with an error naming the term when the loss is NaN or infinite.
+        teacher_cache: a :class:`~lightning_kd.teacher_cache.TeacherOutputCache` for a frozen
+            teacher: its training outputs (logits and the hooked features the terms declare) are
+            computed once, stored by sample index, and reused, skipping the teacher forward.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         cosine_decay: bool = True,
         check_finite: bool = True,
+        teacher_cache: TeacherOutputCache | None = None,
     ) -> None:
         super().__init__()
         if teacher_checkpoint is not None:
@@ -130,7 +136,7 @@ class DistillationModule(pl.LightningModule):
         self.save_hyperparameters(
             ignore=None
             if hparams_given_by_cli()
-            else ["student", "teacher", "losses", "optimizer", "lr_scheduler"]
+            else ["student", "teacher", "losses", "optimizer", "lr_scheduler", "teacher_cache"]
         )
         if teacher_mode not in ("frozen", "trainable", "ema"):
             raise ValueError(f"teacher_mode must be 'frozen', 'trainable' or 'ema', got {teacher_mode!r}.")
@@ -145,6 +151,13 @@ class DistillationModule(pl.LightningModule):
             teacher = copy.deepcopy(student)
         if teacher_checkpoint is not None and teacher is None:
             raise ValueError("teacher_checkpoint is set but there is no teacher: pass `teacher` as well.")
+        if teacher_cache is not None and (teacher is None or teacher_mode != "frozen"):
+            raise ValueError(
+                "teacher_cache stores a fixed teacher's outputs: it needs a teacher with "
+                "teacher_mode='frozen' "
+                f"(got teacher={'None' if teacher is None else type(teacher).__name__}, "
+                f"teacher_mode={teacher_mode!r}). Remove teacher_cache or freeze the teacher."
+            )
         self.student = student
         self.teacher = teacher
         self.teacher_mode = teacher_mode
@@ -158,6 +171,7 @@ class DistillationModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
         self.check_finite = check_finite
+        self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
 
         if teacher is not None:
@@ -250,6 +264,32 @@ class DistillationModule(pl.LightningModule):
         if self.teacher_without_gradients:
             count = sum(1 for _ in self.teacher.modules())
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
+
+    def on_train_start(self) -> None:
+        """Open the teacher cache for this teacher and training set (rebuilt if either changed)."""
+        if self.teacher_cache is None:
+            return
+        dataset = self.trainer.train_dataloader.dataset
+        fingerprint = f"{teacher_fingerprint(self.teacher)}|{dataset_fingerprint(dataset)}"
+        probe = self.trainer.strategy.batch_to_device(default_collate([dataset[0]]), self.device)
+        inputs, _ = self.unpack_batch(probe)
+        logits = logits_of(self.teacher_forward(self.teacher_inputs(probe, inputs)))
+        features = self.feature_hooks.features["teacher"] if self.feature_hooks is not None else {}
+        layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
+        self.teacher_cache.open(
+            fingerprint,
+            len(dataset),
+            logits,
+            {path: features[path] for path in layers},
+            self.trainer.strategy,
+        )
+        if self.feature_hooks is not None:
+            self.feature_hooks.clear()
+
+    def on_train_epoch_end(self) -> None:
+        """Flush the teacher cache; it is marked complete once every training sample is stored."""
+        if self.teacher_cache is not None:
+            self.teacher_cache.finish_epoch(self.trainer.strategy)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode; a frozen or EMA teacher stays in eval mode regardless."""
@@ -346,7 +386,11 @@ class DistillationModule(pl.LightningModule):
     def step_outputs(self, batch: Any) -> StepOutputs:
         """Run the teacher, then the student, and gather what the loss terms read."""
         inputs, targets = self.unpack_batch(batch)
-        teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        cached = self.teacher_cache is not None and self.training
+        if cached:
+            teacher_output, teacher_features = self.cached_teacher_forward(batch, inputs)
+        else:
+            teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
         student_logits = logits_of(self.student(inputs))
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(
@@ -354,10 +398,26 @@ class DistillationModule(pl.LightningModule):
             targets=targets,
             teacher_logits=logits_of(teacher_output) if teacher_output is not None else None,
             student_features=features.get("student", {}),
-            teacher_features=features.get("teacher", {}),
+            teacher_features=teacher_features if cached else features.get("teacher", {}),
             batch=batch,
             teacher_output=teacher_output,
         )
+
+    def cached_teacher_forward(self, batch: Any, inputs: Any) -> tuple[Tensor, dict[str, Any]]:
+        """The teacher's logits and hooked features from the cache; on a miss, the teacher's (then stored)."""
+        indices = self.teacher_cache.indices_of(batch)
+        found = self.teacher_cache.lookup(indices, self.device)
+        if found is not None:
+            return found
+        output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"teacher_cache stores logits, but the teacher returns a {type(output).__name__}; terms that "
+                "read more than the logits (ensembles, teacher_output) need teacher_cache=None."
+            )
+        features = self.feature_hooks.features["teacher"] if self.feature_hooks is not None else {}
+        self.teacher_cache.store(indices, output, features)
+        return output, dict(features)
 
     def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total and each term's unweighted value."""
