@@ -441,7 +441,7 @@ class DistillationModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value.detach())
         self.log("train/loss", total.detach(), prog_bar=True)
         if outputs.targets is not None:
-            self.metrics["train_acc"](outputs.student_logits.detach(), outputs.targets)
+            self.metrics["train_acc"].update(outputs.student_logits.detach(), outputs.targets)
             self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return total
 

@@ -58,6 +58,8 @@ def main(out: Path) -> None:
         },
         out / f"rank{trainer.global_rank}.pt",
     )
+    # tear gloo down before exit: its threads otherwise abort the process at interpreter exit
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
