@@ -8,7 +8,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["LayerPairTerm", "LossTerm", "StepOutputs", "first_tensor", "modified_in_place_count"]
+__all__ = [
+    "LayerPairTerm",
+    "LossTerm",
+    "StepOutputs",
+    "checked_temperature",
+    "first_tensor",
+    "modified_in_place_count",
+]
 
 
 @dataclass
@@ -36,6 +43,13 @@ class StepOutputs:
     teacher_features: dict[str, Any] = field(default_factory=dict)
     batch: Any = None
     teacher_output: Any = None
+
+
+def checked_temperature(temperature: float) -> float:
+    """``temperature`` as a float; a ``ValueError`` unless it is > 0."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    return float(temperature)
 
 
 class LossTerm(nn.Module):

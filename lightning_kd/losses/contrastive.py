@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_temperature
 
 __all__ = ["CRDTerm", "ContrastMemory", "Embed"]
 
@@ -47,8 +47,7 @@ def _check_memory_settings(num_samples: int, feat_dim: int, temperature: float, 
     for name, value, minimum in (("num_samples", num_samples, 2), ("feat_dim", feat_dim, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    checked_temperature(temperature)
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["GeneralizedDistillationTerm"]
 
@@ -39,11 +39,9 @@ class GeneralizedDistillationTerm(LossTerm):
         imitation: float = 0.5,
     ) -> None:
         super().__init__(name, weight)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not 0.0 <= imitation <= 1.0:
             raise ValueError(f"imitation (lambda) must be in [0, 1], got {imitation}.")
-        self.temperature = float(temperature)
+        self.temperature = checked_temperature(temperature)
         self.imitation = float(imitation)
 
     def forward(self, outputs: StepOutputs) -> Tensor:

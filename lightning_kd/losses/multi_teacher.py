@@ -7,7 +7,7 @@ from typing import Literal
 from torch import Tensor
 
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["MultiTeacherKDTerm"]
 
@@ -36,9 +36,7 @@ class MultiTeacherKDTerm(LossTerm):
         super().__init__(name, weight)
         if weighting not in ("fixed", "confidence"):
             raise ValueError(f"weighting must be 'fixed' or 'confidence', got {weighting!r}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        self.temperature = float(temperature)
+        self.temperature = checked_temperature(temperature)
         self.weighting = weighting
 
     def forward(self, outputs: StepOutputs) -> Tensor:

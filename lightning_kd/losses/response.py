@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["CrossEntropyTerm", "DISTTerm", "DKDTerm", "KDTerm"]
 
@@ -51,12 +51,6 @@ class CrossEntropyTerm(LossTerm):
         return F.cross_entropy(logits.float(), outputs.targets, label_smoothing=self.label_smoothing)
 
 
-def _check_temperature(temperature: float) -> float:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    return float(temperature)
-
-
 def _teacher_logits(term: LossTerm, outputs: StepOutputs) -> Tensor:
     """The teacher's logits, detached; a clear error when the step has no teacher."""
     if outputs.teacher_logits is None:
@@ -87,7 +81,7 @@ class KDTerm(LossTerm):
         standardize: bool = False,
     ) -> None:
         super().__init__(name, weight)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = checked_temperature(temperature)
         self.standardize = bool(standardize)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
@@ -131,7 +125,7 @@ class DKDTerm(LossTerm):
         super().__init__(name, weight)
         self.alpha = float(alpha)
         self.beta = float(beta)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``dkd_loss(student_logits, teacher_logits.detach(), targets, alpha, beta, temperature)``."""
@@ -181,7 +175,7 @@ class DISTTerm(LossTerm):
         super().__init__(name, weight)
         self.beta = float(beta)
         self.gamma = float(gamma)
-        self.temperature = _check_temperature(temperature)
+        self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``dist_loss(student_logits, teacher_logits.detach(), beta, gamma, temperature)``."""

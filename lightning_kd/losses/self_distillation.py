@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lightning_kd.callbacks.feature_hooks import find_layer
 from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs, first_tensor
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, first_tensor
 from lightning_kd.module_parts import logits_of
 
 __all__ = ["AuxiliaryHead", "BYOTTerm", "make_auxiliary_head"]
@@ -137,13 +137,11 @@ class BYOTTerm(LossTerm):
             )
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1] (the share of distillation), got {alpha}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         if not feature_weight >= 0:
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
         self.deep_layer = deep_layer
         self.alpha = float(alpha)
-        self.temperature = float(temperature)
+        self.temperature = checked_temperature(temperature)
         self.feature_weight = float(feature_weight)
         self.bottleneck_relu = bool(bottleneck_relu)
         self.heads: nn.ModuleList | None = None

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.module_parts import (
     BatchKey,
@@ -79,10 +80,8 @@ class MutualLearningModule(pl.LightningModule):
         )
         if len(peers) < 2:
             raise ValueError(f"Mutual learning needs at least two peers, got {len(peers)}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.peers = nn.ModuleList(peers)
-        self.temperature = float(temperature)
+        self.temperature = checked_temperature(temperature)
         self.ce_weight = float(ce_weight)
         self.kd_weight = float(kd_weight)
         self.input_key = input_key
