@@ -18,6 +18,18 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 NUM_FEATURES = 8
 NUM_CLASSES = 4
 
+#: command-line overrides that shrink an MNIST-1D recipe to a few steps of tiny data
+TINY_MNIST1D_FIT = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.train_samples=600",
+    "--data.init_args.val_samples=100",
+    "--data.init_args.test_samples=200",
+]
+
 
 class RandomDataModule(pl.LightningDataModule):
     """Gaussian inputs with labels from a fixed random linear map (learnable, deterministic)."""

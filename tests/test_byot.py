@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MNIST1D_FIT
 from torch import Tensor, nn
 
 from lightning_kd.cli import main
@@ -180,14 +181,7 @@ def test_recipe_fits_and_saves_the_heads(tmp_path: Path, monkeypatch: pytest.Mon
             "fit",
             "--config",
             str(CONFIG),
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=3",
-            "--trainer.limit_val_batches=1",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false",
-            "--data.init_args.train_samples=600",
-            "--data.init_args.val_samples=100",
-            "--data.init_args.test_samples=200",
+            *TINY_MNIST1D_FIT,
         ]
     )
     state = torch.load(tmp_path / "runs/mnist1d/checkpoints/byot.ckpt", weights_only=True)["state_dict"]

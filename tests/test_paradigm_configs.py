@@ -6,21 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MNIST1D_FIT
 
 from lightning_kd import DistillationModule, MutualLearningModule
 from lightning_kd.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist1d"
-SMALL = [
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--data.init_args.train_samples=600",
-    "--data.init_args.val_samples=100",
-    "--data.init_args.test_samples=200",
-]
+SMALL = TINY_MNIST1D_FIT
 
 
 @pytest.fixture(scope="module")
