@@ -12,7 +12,7 @@ import torch
 from conftest import RandomDataModule, small_net
 from torch import nn
 
-from lightning_kd.paradigms.chain import ChainLink, GenerationEnsemble, ensemble_accuracy, main, run_chain
+from lightning_kd.paradigms.chain import ChainLink, ensemble_accuracy, main, run_chain
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist1d" / "paradigms"
 TINY: dict[str, Any] = {
@@ -152,8 +152,6 @@ def test_generation_ensemble_averages_probabilities() -> None:
     models = [small_net().eval(), small_net().eval(), small_net().eval()]
     with torch.no_grad():
         probabilities = torch.stack([m(datamodule.x).double().softmax(dim=1) for m in models]).mean(dim=0)
-        output = GenerationEnsemble(models)(datamodule.x)
-    torch.testing.assert_close(output.double(), probabilities.log(), rtol=1e-5, atol=1e-6)
     expected = (probabilities.argmax(dim=1) == datamodule.y).double().mean().item()
     accuracy = ensemble_accuracy(models, datamodule, {"accelerator": "cpu", "devices": 1})
     assert accuracy == pytest.approx(expected, abs=1e-6)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,20 +34,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_kd.losses.base import LossTerm
-from lightning_kd.module import DistillationModule, infer_num_classes, logits_of
+from lightning_kd.module import DistillationModule
+from lightning_kd.teacher_ensemble import TeacherEnsemble
 from lightning_kd.teachers import load_weights
 
 __all__ = [
     "ChainLink",
-    "GenerationEnsemble",
     "LinkResult",
     "chain_table",
     "ensemble_accuracy",
@@ -108,26 +106,6 @@ class LinkResult:
     checkpoint: str
     seconds_per_epoch: float
     status: LinkStatus
-
-
-class GenerationEnsemble(nn.Module):
-    """The average of several models' class probabilities (born-again ensembles, Furlanello et al., 2018).
-
-    ``forward`` returns ``log(mean_m softmax(logits_m))``: log-probabilities whose argmax is the
-    ensemble's prediction, so it can stand wherever logits are expected.
-    """
-
-    def __init__(self, models: Sequence[nn.Module]) -> None:
-        super().__init__()
-        if not models:
-            raise ValueError("GenerationEnsemble needs at least one model.")
-        self.members = nn.ModuleList(models)
-        self.num_classes = infer_num_classes(models[0])
-
-    def forward(self, x: Any) -> Tensor:
-        """Log of the mean class probabilities, ``(N, num_classes)``."""
-        log_probabilities = torch.stack([logits_of(m(x)).float().log_softmax(dim=-1) for m in self.members])
-        return torch.logsumexp(log_probabilities, dim=0) - math.log(len(self.members))  # stable log-mean-exp
 
 
 class _EpochTimer(pl.Callback):
@@ -390,11 +368,15 @@ def _reuse(results_file: Path, expected: Mapping[str, Any], link: ChainLink) -> 
 def ensemble_accuracy(
     models: Sequence[nn.Module], datamodule: pl.LightningDataModule, trainer: Mapping[str, Any] | None = None
 ) -> float:
-    """Test accuracy of the :class:`GenerationEnsemble` of ``models`` (their mean class probabilities)."""
+    """Test accuracy of the mean class probabilities of ``models`` (the born-again ensemble).
+
+    The ensemble is a :class:`~lightning_kd.TeacherEnsemble` with equal weights, tested as the
+    module's network.
+    """
     settings = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
     settings.update(trainer or {}, max_epochs=None, enable_checkpointing=False)
     tester = pl.Trainer(**settings)
-    module = DistillationModule(GenerationEnsemble(models))
+    module = DistillationModule(TeacherEnsemble(models))
     (metrics,) = tester.test(module, datamodule=datamodule, verbose=False)
     return metrics["test/acc"]
 
