@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+import zipfile
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["DistillationCLI", "fit_summary", "main"]
+__all__ = ["DistillationCLI", "check_checkpoint_file", "fit_summary", "main"]
 
 
 def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | None = None) -> str:
@@ -35,6 +37,35 @@ def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | Non
     lines.append(f"  {'time':<26} {seconds:.0f} s ({trainer.current_epoch} epochs)")
     lines.append(f"  {'checkpoint':<26} {path or 'none written'}")
     return "\n".join(lines)
+
+
+def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
+    """Reject a truncated or foreign ``--ckpt_path`` file before Lightning loads it.
+
+    ``torch.save`` writes a zip archive (since PyTorch 1.6) whose directory sits at the end of
+    the file, so reading that directory catches truncated and non-checkpoint files without
+    unpickling anything. Lightning's special values (``"last"``, ``"best"``, ...) and paths that
+    are not local files are left to Lightning.
+
+    Raises:
+        ValueError: the file is not a complete ``torch.save`` archive.
+    """
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return
+    try:
+        with zipfile.ZipFile(ckpt_path) as archive:
+            complete = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError) as error:
+        complete, reason = False, str(error)
+    else:
+        reason = "it holds no data.pkl"
+    if not complete:
+        raise ValueError(
+            f"Cannot load --ckpt_path {str(ckpt_path)!r}: it is truncated or not a checkpoint "
+            f"({reason}). "
+            "Pass a complete .ckpt written by Lightning (e.g. runs/.../checkpoints/last.ckpt), or drop "
+            "--ckpt_path to start afresh."
+        )
 
 
 class DistillationCLI(LightningCLI):
@@ -67,6 +98,13 @@ class DistillationCLI(LightningCLI):
             default=None,
             help="validation accuracy (a fraction) of the student trained alone; the summary shows the gain",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check ``--ckpt_path`` (LightningCLI reads its hyperparameters right after)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
 
     def before_fit(self) -> None:
         """Start the clock for the summary."""

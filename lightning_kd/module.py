@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
@@ -102,7 +103,8 @@ class DistillationModule(pl.LightningModule):
             over the run, stepped per optimizer step (unless ``cosine_decay=False``).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
-        check_finite: stop with an error naming the term when the loss is NaN or infinite.
+        check_finite: stop with an error naming the term (and any NaN/Inf batch entry) when the loss
+            is NaN or infinite.
         teacher_cache: a :class:`~lightning_kd.teacher_cache.TeacherOutputCache` for a frozen
             teacher: its training outputs (logits and the hooked features the terms declare) are
             computed once, stored by sample index, and reused, skipping the teacher forward.
@@ -291,6 +293,33 @@ class DistillationModule(pl.LightningModule):
         if self.teacher_cache is not None:
             self.teacher_cache.finish_epoch(self.trainer.strategy)
 
+    def on_fit_end(self) -> None:
+        """Fail loudly when the training set is empty (Lightning only logs "No training batches")."""
+        if self.trainer.num_training_batches != 0:
+            return
+        loaders = self.trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        source = (
+            f"{type(self.trainer.datamodule).__name__}.train_dataloader()"
+            if self.trainer.datamodule is not None
+            else "the train_dataloaders given to Trainer.fit"
+        )
+        for loader in loaders:
+            if not isinstance(loader, DataLoader) or not hasattr(loader.dataset, "__len__"):
+                continue
+            samples = len(loader.dataset)
+            if samples == 0:
+                raise ValueError(
+                    f"The training split is empty: {source} has a dataset of 0 samples, so nothing was "
+                    "trained. Check the datamodule's data path and split sizes (e.g. train_samples)."
+                )
+            if loader.drop_last and loader.batch_size and samples < loader.batch_size:
+                raise ValueError(
+                    f"The training split gives no batch: {source} has {samples} samples, fewer than "
+                    f"batch_size={loader.batch_size} with drop_last=True. Lower the batch size or add data."
+                )
+
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode; a frozen or EMA teacher stays in eval mode regardless."""
         super().train(mode)
@@ -426,16 +455,68 @@ class DistillationModule(pl.LightningModule):
         assert isinstance(total, Tensor)
         if self.check_finite and not torch.isfinite(total):
             bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
+            cause = self._non_finite_inputs(outputs.batch)
             raise FloatingPointError(
                 f"The loss is not finite at step {self.global_step}: terms {bad or values} gave NaN/Inf. "
-                "Check the inputs for NaN/Inf, lower the learning rate, or fix the term's settings "
-                "(check_finite=False turns this check off)."
+                + (
+                    f"The inputs are not finite: {cause}. Clean the dataset (drop or impute those samples, "
+                    "e.g. torch.nan_to_num in the dataset's transform) "
+                    if cause
+                    else "The inputs are finite: lower the learning rate, or fix the term's settings "
+                )
+                + "(check_finite=False turns this check off)."
             )
         return total, values
+
+    @staticmethod
+    def _non_finite_inputs(batch: Any) -> str:
+        """Which entries of ``batch`` hold NaN/Inf (``""`` if none); called once the loss is not finite."""
+        if isinstance(batch, Mapping):
+            entries = list(batch.items())
+        elif isinstance(batch, list | tuple):
+            entries = list(enumerate(batch))
+        else:
+            entries = [(None, batch)]
+        causes = []
+        for key, value in entries:
+            tensors: list[Tensor] = []
+            apply_to_collection(value, Tensor, tensors.append)
+            floats = [t for t in tensors if t.is_floating_point()]
+            bad = sum(int((~torch.isfinite(t)).sum()) for t in floats)
+            if bad:
+                name = "the batch" if key is None else f"batch[{key!r}]"
+                causes.append(f"{name} holds {bad} NaN/Inf of {sum(t.numel() for t in floats)} values")
+        return "; ".join(causes)
+
+    def check_labels(self, targets: Any, batch_idx: int, stage: str) -> None:
+        """Raise a ``ValueError`` naming a label outside ``[0, num_classes)``.
+
+        Without it, cross-entropy fails with a bare "Target out of bounds" (a device-side assert
+        on CUDA). Labels on the CPU are checked in every batch (a min/max over the batch); labels
+        on an accelerator in the first batch of each epoch of each loop only, as reading the
+        result waits for the device. Soft (floating-point) targets are not checked.
+        """
+        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.numel() == 0:
+            return
+        if targets.device.type != "cpu" and batch_idx != 0:
+            return
+        low, high = (int(value) for value in torch.aminmax(targets))
+        if low < 0 or high >= self.num_classes:
+            fix = (
+                "labels must not be negative (map ignored samples out of the dataset)"
+                if low < 0
+                else f"or build the models with num_classes >= {high + 1} and pass num_classes="
+            )
+            raise ValueError(
+                f"Label {low if low < 0 else high} in a {stage} batch is outside [0, num_classes) with "
+                f"num_classes={self.num_classes}. Fix the dataset's labels (they must be 0 .. "
+                f"{self.num_classes - 1}), {fix}."
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One distillation step; logs every term and the total."""
         outputs = self.step_outputs(batch)
+        self.check_labels(outputs.targets, batch_idx, "training")
         total, values = self.compute_loss(outputs)
         for name, value in values.items():
             self.log(f"train/loss_{name}", value.detach())
@@ -467,10 +548,12 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement."""
+        self.check_labels(self.unpack_batch(batch)[1], batch_idx, "validation")
         self._evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
+        self.check_labels(self.unpack_batch(batch)[1], batch_idx, "test")
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -269,7 +269,7 @@ class DataFreeDistillationModule(DistillationModule):
             )
         total = sum(self.generator_weights[name] * value for name, value in parts.items())
         assert isinstance(total, Tensor)
-        self._check_finite("generator", total, parts)
+        self._check_generator_finite(total, parts)
         return inputs, teacher_logits, total, parts
 
     def step_outputs(self, batch: Tensor, teacher_logits: Tensor | None = None) -> StepOutputs:
@@ -294,15 +294,13 @@ class DataFreeDistillationModule(DistillationModule):
         self, inputs: Tensor, teacher_logits: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's weighted loss on generated ``inputs`` (detached) and each term's value."""
-        total, values = self.compute_loss(self.step_outputs(inputs, teacher_logits))
-        self._check_finite("student", total, values)
-        return total, values
+        return self.compute_loss(self.step_outputs(inputs, teacher_logits))  # compute_loss checks finiteness
 
-    def _check_finite(self, model: str, total: Tensor, parts: dict[str, Tensor]) -> None:
+    def _check_generator_finite(self, total: Tensor, parts: dict[str, Tensor]) -> None:
         if self.check_finite and not torch.isfinite(total):
             bad = {name: value.item() for name, value in parts.items() if not torch.isfinite(value)}
             raise FloatingPointError(
-                f"The {model} loss is not finite at step {self.global_step}: {bad or parts} gave NaN/Inf. "
+                f"The generator loss is not finite at step {self.global_step}: {bad or parts} gave NaN/Inf. "
                 "Lower the learning rates or the weights (check_finite=False turns this check off)."
             )
 
