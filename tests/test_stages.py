@@ -104,6 +104,8 @@ def test_init_stage_trains_only_the_adapter_then_the_student() -> None:
             assert torch.equal(snapshots.students[epoch][name], tensor), (epoch, name)
     assert not torch.equal(snapshots.regressors[0], snapshots.regressors[1])  # the regressor learns
     assert not torch.equal(snapshots.students[3]["0.weight"], initial["0.weight"])  # then the student does
+    # ... with its BatchNorm back in train mode: the running statistics move again
+    assert not torch.equal(snapshots.students[3]["1.running_mean"], snapshots.students[2]["1.running_mean"])
     assert trainer.callback_metrics["kd/stage"].item() == 1.0
 
 

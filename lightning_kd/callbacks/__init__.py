@@ -3,6 +3,7 @@
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
 from lightning_kd.callbacks.report import DistillationReport
+from lightning_kd.callbacks.reproducible_order import ReproducibleOrder
 from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
 from lightning_kd.callbacks.stages import DistillationStages, Stage
 from lightning_kd.callbacks.temperature import TemperatureAnnealing
@@ -12,6 +13,7 @@ __all__ = [
     "DistillationStages",
     "FeatureHooks",
     "LossWeightSchedule",
+    "ReproducibleOrder",
     "ScheduledValue",
     "Stage",
     "TemperatureAnnealing",

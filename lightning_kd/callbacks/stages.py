@@ -102,6 +102,8 @@ class DistillationStages(Callback):
             term.weight = (
                 self.configured_weights[name] if stage.weights is None else stage.weights.get(name, 0.0)
             )
+        if self._frozen_norms:  # back to train mode; the module's train() keeps a fixed teacher in eval
+            pl_module.train(pl_module.training)
         self._frozen_norms = []
         if stage.trainable is not None:
             self._frozen_norms = [

@@ -1,0 +1,92 @@
+"""SIGKILL a fit mid-epoch, resume from last.ckpt: the same final weights and loss as without the kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from kill_resume import SCENARIOS, fit  # noqa: E402
+
+from lightning_kd.callbacks.reproducible_order import ReproducibleOrder  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "scripts" / "kill_resume.py"
+KILL_AT_STEP = 8  # the 2nd of 3 steps in epoch 2; last.ckpt holds the end of epoch 1 (step 6)
+
+
+def _run_and_kill(out_dir: Path, scenario: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, str(SCRIPT), str(out_dir), scenario, "--kill-at-step", str(KILL_AT_STEP)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    marker = out_dir / "step.txt"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the run ended before step {KILL_AT_STEP}:\n{process.stdout.read().decode()}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the run did not reach the kill step in 120 s")
+        time.sleep(0.05)
+    time.sleep(0.05)  # the marker is written before the sleep: let the write finish
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    process.stdout.close()
+    assert marker.read_text().split() == [str(KILL_AT_STEP), "2"]  # killed inside epoch 2
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path: Path, scenario: str) -> None:
+    reference = fit(tmp_path / "full", scenario)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _run_and_kill(killed, scenario)
+    last = torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and last["epoch"] == 1  # the end of epoch 1, not the killed step
+    resumed = fit(killed, scenario, resume=True)
+
+    assert resumed["global_step"] == reference["global_step"] == 12
+    assert resumed["state"].keys() == reference["state"].keys()
+    for name, tensor in reference["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), f"{scenario}: {name} differs after resume"
+    # the run did move on from the checkpoint (else equal states would prove nothing)
+    saved = last["state_dict"]
+    assert any(not torch.equal(saved[k], v) for k, v in reference["state"].items() if k in saved)
+    for name in ("train/loss", "val/loss"):
+        assert torch.equal(resumed["metrics"][name], reference["metrics"][name]), name
+
+
+# ----------------------------------------------------------------- the callback alone
+def test_epoch_order_is_a_function_of_seed_and_step() -> None:
+    dataset = TensorDataset(torch.arange(10.0))
+    loaders = {"a": DataLoader(dataset, shuffle=True), "b": DataLoader(dataset)}
+    trainer = SimpleNamespace(train_dataloader=loaders, global_step=6)
+    callback = ReproducibleOrder(seed=3)
+    orders = []
+    for _ in range(2):
+        torch.manual_seed(len(orders))  # the global state must not matter
+        callback.on_train_epoch_start(trainer, None)  # type: ignore[arg-type]
+        orders.append(list(loaders["a"].sampler))
+    seed = int(np.random.SeedSequence([3, 0, 6]).generate_state(2)[0])
+    assert (
+        orders[0] == orders[1] == torch.randperm(10, generator=torch.Generator().manual_seed(seed)).tolist()
+    )
+    assert loaders["b"].sampler.__class__.__name__ == "SequentialSampler"
+
+
+def test_resuming_with_another_seed_is_an_error() -> None:
+    ReproducibleOrder(seed=1).load_state_dict({"seed": 1})
+    with pytest.raises(ValueError, match="seed=2.*seed=1"):
+        ReproducibleOrder(seed=2).load_state_dict(ReproducibleOrder(seed=1).state_dict())
