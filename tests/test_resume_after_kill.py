@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,16 +25,16 @@ SCRIPT = Path(__file__).parent / "scripts" / "kill_resume.py"
 KILL_AT_STEP = 8  # the 2nd of 3 steps in epoch 2; last.ckpt holds the end of epoch 1 (step 6)
 
 
-def _run_and_kill(out_dir: Path, scenario: str) -> None:
+def _run_and_kill(out_dir: Path, scenario: str, kill_at_step: int = KILL_AT_STEP) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(SCRIPT), str(out_dir), scenario, "--kill-at-step", str(KILL_AT_STEP)]
+    command = [sys.executable, str(SCRIPT), str(out_dir), scenario, "--kill-at-step", str(kill_at_step)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     marker = out_dir / "step.txt"
     deadline = time.monotonic() + 120
     while not marker.exists():
         if process.poll() is not None:
             raise AssertionError(
-                f"the run ended before step {KILL_AT_STEP}:\n{process.stdout.read().decode()}"
+                f"the run ended before step {kill_at_step}:\n{process.stdout.read().decode()}"
             )
         if time.monotonic() > deadline:
             process.kill()
@@ -43,7 +44,7 @@ def _run_and_kill(out_dir: Path, scenario: str) -> None:
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     process.stdout.close()
-    assert marker.read_text().split() == [str(KILL_AT_STEP), "2"]  # killed inside epoch 2
+    assert marker.read_text().split() == [str(kill_at_step), str(kill_at_step // 3)]  # 3 steps per epoch
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -64,6 +65,24 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path: Path, scen
     # the run did move on from the checkpoint (else equal states would prove nothing)
     saved = last["state_dict"]
     assert any(not torch.equal(saved[k], v) for k, v in reference["state"].items() if k in saved)
+    for name in ("train/loss", "val/loss"):
+        assert torch.equal(resumed["metrics"][name], reference["metrics"][name]), name
+
+
+def test_a_cache_build_killed_in_its_first_epoch_is_resumed_not_used_half_built(tmp_path: Path) -> None:
+    reference = fit(tmp_path / "full", "cache")
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    _run_and_kill(killed, "cache", kill_at_step=2)  # inside epoch 0, while the cache is being filled
+    meta = json.loads((killed / "teacher_cache" / "meta.json").read_text())
+    assert meta["complete"] is False  # the half-built cache says so
+    assert not (killed / "ckpt" / "last.ckpt").exists()  # no epoch ended: the rerun starts afresh
+    resumed = fit(killed, "cache", resume=True)
+
+    assert json.loads((killed / "teacher_cache" / "meta.json").read_text())["complete"] is True
+    for name, tensor in reference["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), f"cache: {name} differs after the rerun"
     for name in ("train/loss", "val/loss"):
         assert torch.equal(resumed["metrics"][name], reference["metrics"][name]), name
 

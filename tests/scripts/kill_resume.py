@@ -32,8 +32,9 @@ from lightning_kd.losses.contrastive import CRDTerm  # noqa: E402
 from lightning_kd.losses.feature import FitNetTerm  # noqa: E402
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm  # noqa: E402
 from lightning_kd.module import DistillationModule  # noqa: E402
+from lightning_kd.teacher_cache import TeacherOutputCache  # noqa: E402
 
-SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages")
+SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages", "cache")
 EPOCHS, SAMPLES, BATCH = 4, 48, 16  # 3 steps per epoch, 12 in all
 SEED = 7
 
@@ -55,7 +56,7 @@ class StopAtStep(pl.Callback):
             time.sleep(120)
 
 
-def _module(scenario: str) -> DistillationModule:
+def _module(scenario: str, out_dir: Path) -> DistillationModule:
     optimizer = lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9)  # noqa: E731
     common: dict[str, Any] = dict(optimizer=optimizer)
     if scenario == "schedules":
@@ -73,6 +74,9 @@ def _module(scenario: str) -> DistillationModule:
     if scenario == "stages":
         losses = [CrossEntropyTerm(), KDTerm(weight=0.5), FitNetTerm("2", "2", weight=10.0)]
         return DistillationModule(small_net(), small_net(hidden=32), losses=losses, **common)
+    if scenario == "cache":  # memory-mapped teacher outputs, filled in the first epoch
+        cache = TeacherOutputCache(out_dir / "teacher_cache")
+        return DistillationModule(small_net(), small_net(hidden=32), teacher_cache=cache, **common)
     raise ValueError(f"Unknown scenario {scenario!r}; choose from {SCENARIOS}.")
 
 
@@ -99,8 +103,8 @@ def fit(
     torch.set_num_threads(1)
     try:
         pl.seed_everything(SEED, verbose=False)
-        module = _module(scenario)
-        datamodule = (IndexedDataModule if scenario == "crd" else RandomDataModule)(
+        module = _module(scenario, out_dir)
+        datamodule = (IndexedDataModule if scenario in ("crd", "cache") else RandomDataModule)(
             n=SAMPLES, batch_size=BATCH
         )
         checkpoint = ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, every_n_epochs=1)
