@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import statistics
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from seeds import Runs, collect, mean_std
 from torch import nn
 
 from lightning_kd.data import MNIST1DDataModule
@@ -51,8 +51,6 @@ ASSISTANTS: dict[str, Callable[[], nn.Module]] = {
     "cnn_tiny": lambda: ConvNet1d(num_classes=10, widths=(4, 8, 8), hidden=16),
     "mlp_wide": lambda: MLP(in_features=40, num_classes=10, hidden=(512, 512)),
 }
-RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s/epoch$")
-Runs = dict[str, dict[int, tuple[float, float]]]  # row -> seed -> (accuracy, seconds per epoch)
 
 
 def student(seed: int) -> nn.Module:
@@ -108,22 +106,6 @@ def run_seed(seed: int, assistants: list[str], out_dir: Path) -> Runs:
         record(f"assistant_{name}", assistant_result.accuracy, assistant_result.seconds_per_epoch)
         record(f"takd_{name}", takd.accuracy, takd.seconds_per_epoch)
     return runs
-
-
-def collect(logs: list[Path]) -> Runs:
-    """The runs printed in the logs of earlier invocations (e.g. one seed per process)."""
-    runs: Runs = {}
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if match := RUN_LINE.match(line.strip()):
-                seed, row, accuracy, seconds = match.groups()
-                runs.setdefault(row, {})[int(seed)] = (float(accuracy) / 100, float(seconds))
-    return runs
-
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
 
 
 def paired(runs: Runs, row: str, reference: str) -> str:

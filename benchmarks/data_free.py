@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from seeds import Runs, collect
 
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
@@ -46,8 +47,6 @@ RESULTS = Path(__file__).parent / "results" / "data_free.md"
 TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_LR = 60, 150, 3e-3
 RUNS = ("teacher", "scratch", "kd", "dafl", "dafl_bn")
 RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s$")
-
-Runs = dict[str, dict[int, tuple[float, float]]]  # run -> seed -> (test accuracy, seconds)
 
 
 def student(seed: int) -> MLP:
@@ -107,17 +106,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, tuple[float, floa
     return results
 
 
-def collect(logs: list[Path]) -> Runs:
-    """The runs printed in the logs of earlier invocations (e.g. one seed per process)."""
-    runs: Runs = {}
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if match := RUN_LINE.match(line.strip()):
-                seed, name, accuracy, seconds = match.groups()
-                runs.setdefault(name, {})[int(seed)] = (float(accuracy) / 100, float(seconds))
-    return runs
-
-
 def table(runs: Runs, args: argparse.Namespace) -> list[str]:
     """Markdown: per-seed test accuracy of every run, then mean ± std."""
     seeds = sorted({seed for per_seed in runs.values() for seed in per_seed})
@@ -162,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.collect:
-        runs = collect(args.collect)
+        runs = collect(args.collect, RUN_LINE)
     else:
         runs = {}
         for seed in args.seeds:

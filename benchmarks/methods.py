@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import statistics
 import warnings
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from seeds import Runs, collect, mean_std
 from torch import nn
 
 from lightning_kd import (
@@ -176,10 +176,6 @@ def make_student(kind: str, seed: int) -> nn.Module:
     return ConvNet1d(num_classes=10, widths=(16, 32, 32), hidden=64)
 
 
-Runs = dict[str, dict[int, tuple[float, float]]]  # method -> seed -> (accuracy, seconds per epoch)
-RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s/epoch$")
-
-
 def run_methods(seeds: list[int], names: list[str], out_dir: str) -> Runs:
     """Train the seed's teacher, then every method's student; print one line per run."""
     datamodule = MNIST1DDataModule(return_index=True)  # CRD's memory bank reads the sample index
@@ -208,23 +204,8 @@ def run_methods(seeds: list[int], names: list[str], out_dir: str) -> Runs:
     return runs
 
 
-def collect(logs: list[Path]) -> Runs:
-    """The runs printed in the logs of earlier invocations (e.g. one seed per process)."""
-    runs: Runs = {}
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if match := RUN_LINE.match(line.strip()):
-                seed, name, accuracy, seconds = match.groups()
-                runs.setdefault(name, {})[int(seed)] = (float(accuracy) / 100, float(seconds))
-    return runs
-
-
 def table(runs: Runs) -> list[str]:
     """Markdown: accuracy mean ± std, gain over the same student's baseline (paired by seed), time."""
-
-    def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
 
     seeds = sorted({seed for per_seed in runs.values() for seed in per_seed})
     lines = [

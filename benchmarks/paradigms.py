@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from methods import collect
+from seeds import Runs, collect, mean_std
 
 from lightning_kd import (
     CrossEntropyTerm,
@@ -101,9 +100,6 @@ PARADIGMS: dict[str, Builder] = {
 }
 
 
-Runs = dict[str, dict[int, tuple[float, float]]]  # row -> seed -> (accuracy, seconds per epoch)
-
-
 def run(seeds: list[int], names: list[str], out_dir: str) -> Runs:
     """Train the seed's two teachers, then every paradigm; print one line per run."""
     datamodule = MNIST1DDataModule()
@@ -134,10 +130,6 @@ def table(runs: Runs) -> list[str]:
     Seconds per epoch are printed per run but left out of the table: the seeds run side by
     side with other jobs, so times of different rows are not comparable.
     """
-
-    def mean_std(values: list[float], sign: str = "") -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):{sign}.2f} ± {100 * spread:.2f}"
 
     seeds = sorted({seed for per_seed in runs.values() for seed in per_seed})
     lines = [

@@ -1,0 +1,31 @@
+"""What the seed benchmarks share: the per-run line they print, reading it back, mean ± std.
+
+Each benchmark prints one line per run (``seed 0 kd  72.10  0.139 s/epoch``) so that seeds
+can run as separate processes and be tabulated later with ``--collect``.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+Runs = dict[str, dict[int, tuple[float, float]]]  # row -> seed -> (accuracy, seconds)
+RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s/epoch$")
+
+
+def collect(logs: list[Path], pattern: re.Pattern[str] = RUN_LINE) -> Runs:
+    """The runs printed in the logs of earlier invocations (e.g. one seed per process)."""
+    runs: Runs = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if match := pattern.match(line.strip()):
+                seed, name, accuracy, seconds = match.groups()
+                runs.setdefault(name, {})[int(seed)] = (float(accuracy) / 100, float(seconds))
+    return runs
+
+
+def mean_std(values: list[float], sign: str = "") -> str:
+    """``mean ± std`` of accuracies (fractions) in points; ``sign="+"`` shows the sign of gains."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):{sign}.2f} ± {100 * spread:.2f}"
