@@ -122,9 +122,12 @@ def test_fit_prints_a_summary_with_the_gain(in_tmp: Path, capsys: pytest.Capture
     assert values["time"].endswith("(1 epochs)")
 
 
-def test_report_callback_from_the_command_line(in_tmp: Path) -> None:
+def test_report_callbacks_from_the_command_line(in_tmp: Path) -> None:
     main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
     report = "--trainer.callbacks+=lightning_kd.callbacks.DistillationReport"
-    main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL, report])
+    compression = "--trainer.callbacks+=lightning_kd.callbacks.CompressionReport"
+    main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL, report, compression])
     for name in ("per_class_accuracy.png", "reliability.png"):
         assert (in_tmp / "runs/mnist1d/checkpoints" / name).read_bytes().startswith(b"\x89PNG")
+    table = (in_tmp / "runs/mnist1d/checkpoints/compression.md").read_text()
+    assert "78.9 K" in table and "102 K" in table  # the MLP student's and the ConvNet1d teacher's parameters

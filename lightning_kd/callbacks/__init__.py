@@ -1,5 +1,6 @@
 """Ingredient 3 of distillation (how it unfolds over training) and its plumbing."""
 
+from lightning_kd.callbacks.compression import CompressionReport
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
 from lightning_kd.callbacks.report import DistillationReport
@@ -9,6 +10,7 @@ from lightning_kd.callbacks.stages import DistillationStages, Stage
 from lightning_kd.callbacks.temperature import TemperatureAnnealing
 
 __all__ = [
+    "CompressionReport",
     "DistillationReport",
     "DistillationStages",
     "FeatureHooks",
