@@ -31,6 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from seeds import write_table
 from torch import nn
 
 from lightning_kd.data import MNIST1DDataModule
@@ -200,9 +201,7 @@ def main() -> None:
         else run_methods(args.seeds, args.methods, args.out_dir, args.epochs)
     )
     lines = table(runs)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from seeds import Runs, collect, mean_std
+from seeds import Runs, collect, mean_std, write_table
 from torch import nn
 
 from lightning_kd.data import MNIST1DDataModule
@@ -171,9 +171,7 @@ def main() -> None:
             for row, per_seed in run_seed(seed, args.assistants, args.out_dir).items():
                 runs.setdefault(row, {}).update(per_seed)
     lines = table(runs)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(lines, args.results)
 
 
 if __name__ == "__main__":

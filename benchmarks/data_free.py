@@ -32,7 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from seeds import Runs, collect
+from seeds import Runs, collect, write_table
 
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
@@ -157,9 +157,7 @@ def main() -> None:
             for name, result in run_seed(seed, args).items():
                 runs.setdefault(name, {})[seed] = result
     lines = table(runs, args)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from seeds import Runs, collect, mean_std
+from seeds import Runs, collect, mean_std, write_table
 
 from lightning_kd import (
     CrossEntropyTerm,
@@ -167,9 +167,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     runs = collect(args.collect) if args.collect else run(args.seeds, args.paradigms, args.out_dir)
     lines = table(runs)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(lines, args.results)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,10 @@ def mean_std(values: list[float], sign: str = "") -> str:
     """``mean ± std`` of accuracies (fractions) in points; ``sign="+"`` shows the sign of gains."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):{sign}.2f} ± {100 * spread:.2f}"
+
+
+def write_table(lines: list[str], path: Path) -> None:
+    """Write a Markdown table to ``path`` (creating its folder) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
