@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_kd.callbacks.feature_hooks import uncompiled
+from lightning_kd.callbacks.report import beside_checkpoints
 
 __all__ = [
     "CompressionReport",
@@ -283,18 +284,10 @@ class CompressionReport(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         self.table = compression_table(self.costs, accuracy, torch.get_num_threads())
-        directory = self._directory(trainer)
+        directory = self.directory or beside_checkpoints(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "compression.md"
         self.path.write_text("# Compression report\n\n" + self.table)
-
-    def _directory(self, trainer: pl.Trainer) -> Path:
-        if self.directory is not None:
-            return self.directory
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            return Path(checkpoint.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def _first_dim(inputs: Any) -> int:

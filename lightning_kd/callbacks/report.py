@@ -18,7 +18,15 @@ from lightning_kd.module_parts import logits_of
 if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
     from lightning_kd.module import DistillationModule
 
-__all__ = ["DistillationReport", "reliability_bins"]
+__all__ = ["DistillationReport", "beside_checkpoints", "reliability_bins"]
+
+
+def beside_checkpoints(trainer: pl.Trainer) -> Path:
+    """Where end-of-fit reports go: the checkpoint directory, else the log directory."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        return Path(checkpoint.dirpath)
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def reliability_bins(probs: Tensor, targets: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +140,7 @@ class DistillationReport(pl.Callback):
             "per_class_accuracy": self._per_class_figure(per_class),
             "reliability": self._reliability_figure(models, targets),
         }
-        directory = self._directory(trainer)
+        directory = self.directory or beside_checkpoints(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         self.files = []
         for key, figure in figures.items():
@@ -146,14 +154,6 @@ class DistillationReport(pl.Callback):
                     logger.experiment.add_figure(f"report/{key}", figure, global_step=trainer.global_step)
 
     # ----------------------------------------------------------------- drawing
-    def _directory(self, trainer: pl.Trainer) -> Path:
-        if self.directory is not None:
-            return self.directory
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-            return Path(checkpoint.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir)
-
     @staticmethod
     def _per_class_figure(per_class: dict[str, Tensor]) -> Figure:
         figure = Figure(figsize=(8, 3.5), layout="constrained")
