@@ -24,6 +24,8 @@ from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
 from lightning_kd.module_parts import (
     BatchKey,
+    InputKey,
+    call_model,
     configure_optimization,
     hparams_given_by_cli,
     infer_num_classes,
@@ -93,7 +95,9 @@ class DistillationModule(pl.LightningModule):
             of a teacher trained by this module, or a state dict).
         save_teacher: also write a frozen teacher into checkpoints.
         num_classes: number of classes; default: inferred from the models.
-        input_key: where the inputs are in a batch: an index for tuples, a key for dicts.
+        input_key: where the inputs are in a batch: an index for tuples, a key for dicts, a list of
+            keys of a dict batch (passed as keyword arguments, e.g. ``[input_ids, attention_mask]``
+            for Hugging Face models), or ``None`` for the whole batch.
         target_key: where the labels are in a batch; ``None`` for unlabelled data.
         teacher_input_key: where the teacher's own input is in a batch; default: the student's.
         ema_decay: ``d`` of the ``"ema"`` teacher, in [0, 1).
@@ -119,9 +123,9 @@ class DistillationModule(pl.LightningModule):
         teacher_checkpoint: str | Path | None = None,
         save_teacher: bool = False,
         num_classes: int | None = None,
-        input_key: BatchKey = 0,
+        input_key: InputKey = 0,
         target_key: BatchKey | None = 1,
-        teacher_input_key: BatchKey | None = None,
+        teacher_input_key: InputKey = None,
         ema_decay: float = 0.999,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -187,17 +191,29 @@ class DistillationModule(pl.LightningModule):
         self.loss_terms = nn.ModuleDict({term.name: term for term in terms})
         self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
 
-        self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
+        self.num_classes = num_classes
+        self.metrics = self.build_metrics()
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """The torchmetrics objects of the run (sets ``num_classes`` when it was not given)."""
+        if self.num_classes is None:
+            self.num_classes = self._infer_num_classes()
 
         def accuracy() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
 
         names = ["train_acc", "val_acc", "test_acc"]
-        if teacher is not None:
+        if self.teacher is not None:
             names += ["val_teacher_acc", "test_teacher_acc", "val_agreement", "test_agreement"]
-        if isinstance(teacher, TeacherEnsemble):
-            names += [f"{stage}_teacher{i}_acc" for stage in ("val", "test") for i in range(len(teacher))]
-        self.metrics = nn.ModuleDict({name: accuracy() for name in names})
+        if isinstance(self.teacher, TeacherEnsemble):
+            members = range(len(self.teacher))
+            names += [f"{stage}_teacher{i}_acc" for stage in ("val", "test") for i in members]
+        return nn.ModuleDict({name: accuracy() for name in names})
+
+    @staticmethod
+    def prediction_of(output: Any) -> Tensor:
+        """The tensor the loss terms read as ``student_logits`` / ``teacher_logits``: the logits."""
+        return logits_of(output)
 
     # ----------------------------------------------------------------- set-up checks
     @property
@@ -275,7 +291,7 @@ class DistillationModule(pl.LightningModule):
         fingerprint = f"{teacher_fingerprint(self.teacher)}|{dataset_fingerprint(dataset)}"
         probe = self.trainer.strategy.batch_to_device(default_collate([dataset[0]]), self.device)
         inputs, _ = self.unpack_batch(probe)
-        logits = logits_of(self.teacher_forward(self.teacher_inputs(probe, inputs)))
+        logits = self.prediction_of(self.teacher_forward(self.teacher_inputs(probe, inputs)))
         features = self.feature_hooks.features["teacher"] if self.feature_hooks is not None else {}
         layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
         self.teacher_cache.open(
@@ -329,7 +345,7 @@ class DistillationModule(pl.LightningModule):
 
     def forward(self, inputs: Any) -> Any:
         """The student's output."""
-        return self.student(inputs)
+        return call_model(self.student, inputs)
 
     def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``; override for other layouts."""
@@ -349,8 +365,8 @@ class DistillationModule(pl.LightningModule):
             return None
         if self.teacher_without_gradients:
             with torch.no_grad():
-                return self.teacher(inputs)
-        return self.teacher(inputs)
+                return call_model(self.teacher, inputs)
+        return call_model(self.teacher, inputs)
 
     def _declared_hooks(self) -> FeatureHooks | None:
         """FeatureHooks for exactly the layers that the loss terms declare (None if none)."""
@@ -420,16 +436,17 @@ class DistillationModule(pl.LightningModule):
             teacher_output, teacher_features = self.cached_teacher_forward(batch, inputs)
         else:
             teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
-        student_logits = logits_of(self.student(inputs))
+        student_output = call_model(self.student, inputs)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(
-            student_logits=student_logits,
+            student_logits=self.prediction_of(student_output),
             targets=targets,
-            teacher_logits=logits_of(teacher_output) if teacher_output is not None else None,
+            teacher_logits=self.prediction_of(teacher_output) if teacher_output is not None else None,
             student_features=features.get("student", {}),
             teacher_features=teacher_features if cached else features.get("teacher", {}),
             batch=batch,
             teacher_output=teacher_output,
+            student_output=student_output,
         )
 
     def cached_teacher_forward(self, batch: Any, inputs: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -528,7 +545,7 @@ class DistillationModule(pl.LightningModule):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         inputs, targets = self.unpack_batch(batch)
-        student_logits = logits_of(self.student(inputs))
+        student_logits = logits_of(call_model(self.student, inputs))
         teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
         teacher_logits = logits_of(teacher_output) if teacher_output is not None else None
         if targets is not None:
@@ -559,7 +576,7 @@ class DistillationModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's logits."""
         inputs, _ = self.unpack_batch(batch)
-        return logits_of(self.student(inputs))
+        return self.prediction_of(call_model(self.student, inputs))
 
     # ----------------------------------------------------------------- optimisation
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "BatchKey",
+    "InputKey",
+    "call_model",
     "configure_optimization",
     "hparams_given_by_cli",
     "infer_num_classes",
@@ -24,6 +26,16 @@ __all__ = [
 ]
 
 BatchKey = int | str
+#: where a model's inputs are in a batch: a key or index, several keys of a mapping batch (passed to
+#: the model as keyword arguments), or ``None`` for the whole batch.
+InputKey = int | str | list[str] | None
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping batch (Hugging Face keyword inputs), else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 def logits_of(output: Any) -> Tensor:
@@ -55,8 +67,20 @@ def infer_num_classes(model: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
-def select(batch: Any, key: BatchKey, option: str) -> Any:
-    """``batch[key]`` for a mapping or sequence batch; the error names ``option`` and what fits."""
+def select(batch: Any, key: InputKey, option: str) -> Any:
+    """``batch[key]`` for a mapping or sequence batch; the error names ``option`` and what fits.
+
+    ``key=None`` gives the whole batch; a list of keys gives the sub-mapping of those keys.
+    """
+    if key is None:
+        return batch
+    if isinstance(key, list):
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"{option}={key!r} (a list of keys) needs mapping batches, but the batch is a "
+                f"{type(batch).__name__}; give a single key or index."
+            )
+        return {name: select(batch, name, option) for name in key}
     if isinstance(batch, Mapping):
         if key not in batch:
             raise KeyError(

@@ -23,9 +23,10 @@ class StepOutputs:
     """Everything a loss term may read from one training step.
 
     Attributes:
-        student_logits: the student's predictions.
+        student_logits: the student's predictions (its embeddings, in an
+            :class:`~lightning_kd.EmbeddingDistillationModule`).
         targets: the labels of the batch (``None`` for unlabelled data).
-        teacher_logits: the teacher's predictions; ``None`` without a teacher. They carry
+        teacher_logits: the teacher's predictions (or embeddings); ``None`` without a teacher. They carry
             gradients only for a co-trained teacher; terms that distil into the student
             detach them.
         student_features: outputs of the student's hooked layers, by dotted path.
@@ -34,6 +35,7 @@ class StepOutputs:
         teacher_output: the teacher's output as its ``forward`` returned it (a tensor, a
             mapping such as a :class:`~lightning_kd.TeacherEnsemble`'s, or a Hugging
             Face ``ModelOutput``); ``None`` without a teacher.
+        student_output: the student's output as its ``forward`` returned it.
     """
 
     student_logits: Tensor
@@ -43,6 +45,7 @@ class StepOutputs:
     teacher_features: dict[str, Any] = field(default_factory=dict)
     batch: Any = None
     teacher_output: Any = None
+    student_output: Any = None
 
 
 def checked_temperature(temperature: float) -> float:

@@ -29,6 +29,7 @@ __all__ = [
     "dafl_one_hot_loss",
     "dist_loss",
     "dkd_loss",
+    "embedding_match_loss",
     "ensemble_log_probs",
     "fitnet_loss",
     "fsp_loss",
@@ -1639,3 +1640,39 @@ def bn_statistics_loss(
     for x, mean, var in zip(inputs[1:], running_means[1:], running_vars[1:], strict=True):
         loss = loss + _bn_statistics_distance(x, mean, var)
     return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding (representation) distillation, without labels.
+# --------------------------------------------------------------------------------------------
+
+
+@_float32_math
+def embedding_match_loss(student_emb: Tensor, teacher_emb: Tensor, kind: str = "cosine") -> Tensor:
+    r"""Distance between the student's and the teacher's embedding of each sample.
+
+    ``"cosine"``: :math:`\frac{1}{N}\sum_i \left(1 - \cos(s_i, t_i)\right)`, as in the
+    "Cosine" distillation baseline of SEED (Fang et al., ICLR 2021) and in sentence-embedding
+    distillation (Reimers & Gurevych, EMNLP 2020, which uses MSE). ``"mse"``: the mean over all
+    elements of :math:`(s - t)^2`.
+
+    Args:
+        student_emb: ``(N, D)`` student embeddings.
+        teacher_emb: ``(N, D)`` teacher embeddings.
+        kind: ``"cosine"`` or ``"mse"``.
+
+    Returns:
+        Scalar: mean over samples (cosine) or over all elements (MSE).
+    """
+    if kind not in ("cosine", "mse"):
+        raise ValueError(f"kind must be 'cosine' or 'mse', got {kind!r}.")
+    _check_same_shape(
+        "student_emb",
+        student_emb,
+        "teacher_emb",
+        teacher_emb,
+        hint="Give the student a projection head onto the teacher's embedding width.",
+    )
+    if kind == "mse":
+        return F.mse_loss(student_emb, teacher_emb)
+    return (1 - F.cosine_similarity(student_emb, teacher_emb, dim=-1)).mean()
