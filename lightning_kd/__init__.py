@@ -16,6 +16,7 @@ from lightning_kd.losses import (
     CrossEntropyTerm,
     DISTTerm,
     DKDTerm,
+    EmbeddingMatchTerm,
     FitNetTerm,
     FSPTerm,
     FTTerm,
@@ -35,7 +36,13 @@ from lightning_kd.losses import (
     VIDTerm,
 )
 from lightning_kd.module import DistillationModule
-from lightning_kd.paradigms import ChainLink, DataFreeDistillationModule, MutualLearningModule, run_chain
+from lightning_kd.paradigms import (
+    ChainLink,
+    DataFreeDistillationModule,
+    EmbeddingDistillationModule,
+    MutualLearningModule,
+    run_chain,
+)
 from lightning_kd.teacher_ensemble import TeacherEnsemble
 
 __version__ = "0.1.0"
@@ -53,6 +60,8 @@ __all__ = [
     "DataFreeDistillationModule",
     "DistillationModule",
     "DistillationStages",
+    "EmbeddingDistillationModule",
+    "EmbeddingMatchTerm",
     "FeatureHooks",
     "FitNetTerm",
     "FTTerm",

@@ -5,6 +5,7 @@ from lightning_kd.losses.attention import ATTerm, NSTTerm
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 from lightning_kd.losses.boundary import ABTerm
 from lightning_kd.losses.contrastive import ContrastMemory, CRDTerm
+from lightning_kd.losses.embedding import EmbeddingMatchTerm
 from lightning_kd.losses.factor import FTTerm, Paraphraser, ParaphraserTerm, Translator
 from lightning_kd.losses.feature import FitNetTerm, OFDTerm, VIDTerm, make_regressor, margin_from_batchnorm
 from lightning_kd.losses.fsp import FSPTerm
@@ -26,6 +27,7 @@ __all__ = [
     "CrossEntropyTerm",
     "DISTTerm",
     "DKDTerm",
+    "EmbeddingMatchTerm",
     "FitNetTerm",
     "FTTerm",
     "FSPTerm",
