@@ -15,7 +15,7 @@ __all__ = ["DistillationCLI", "check_checkpoint_file", "fit_summary", "main"]
 
 
 def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | None = None) -> str:
-    """A few lines on a finished fit: teacher, baseline, student accuracy, gain, time, checkpoint."""
+    """A few lines on a finished fit: teacher, baseline, student accuracy (or cosine), gain, time."""
     metrics = trainer.callback_metrics
 
     def percent(key: str) -> float | None:
@@ -32,6 +32,8 @@ def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | Non
         if value is not None:
             sign = "+" if name.startswith("gain") else ""
             lines.append(f"  {name:<26} {value:{sign}.2f}")
+    if "val/cosine" in metrics:
+        lines.append(f"  {'cosine to teacher (val)':<26} {float(metrics['val/cosine']):.4f}")
     checkpoint = trainer.checkpoint_callback
     path = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint is not None else ""
     lines.append(f"  {'time':<26} {seconds:.0f} s ({trainer.current_epoch} epochs)")

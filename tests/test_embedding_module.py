@@ -148,3 +148,13 @@ def test_bad_set_ups_name_the_fix() -> None:
     loader = DataLoader(TensorDataset(torch.randn(8, NUM_FEATURES)), batch_size=4)
     with pytest.raises(ValueError, match="projection head onto the teacher"):
         make_trainer(max_steps=1).fit(module, loader)
+
+
+def test_fit_summary_reports_the_cosine() -> None:
+    from lightning_kd.cli import fit_summary
+
+    loader = DataLoader(TensorDataset(torch.randn(16, NUM_FEATURES)), batch_size=8)
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(EmbeddingDistillationModule(encoder(), encoder()), loader, loader)
+    line = next(line for line in fit_summary(trainer, 1.0).splitlines() if "cosine" in line)
+    assert float(line.split()[-1]) == pytest.approx(float(trainer.callback_metrics["val/cosine"]), abs=1e-4)
