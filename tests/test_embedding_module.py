@@ -154,7 +154,7 @@ def test_fit_summary_reports_the_cosine() -> None:
     from lightning_kd.cli import fit_summary
 
     loader = DataLoader(TensorDataset(torch.randn(16, NUM_FEATURES)), batch_size=8)
-    trainer = make_trainer(max_steps=1)
+    trainer = make_trainer(max_epochs=1)
     trainer.fit(EmbeddingDistillationModule(encoder(), encoder()), loader, loader)
     line = next(line for line in fit_summary(trainer, 1.0).splitlines() if "cosine" in line)
     assert float(line.split()[-1]) == pytest.approx(float(trainer.callback_metrics["val/cosine"]), abs=1e-4)
