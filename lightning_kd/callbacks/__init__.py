@@ -1,5 +1,7 @@
 """Ingredient 3 of distillation (how it unfolds over training) and its plumbing."""
 
+from lightning_kd.callbacks.cka import CKAReport
+from lightning_kd.callbacks.class_agreement import ClassAgreementReport, ClassChanges
 from lightning_kd.callbacks.compression import CompressionReport
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
@@ -8,8 +10,12 @@ from lightning_kd.callbacks.reproducible_order import ReproducibleOrder
 from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
 from lightning_kd.callbacks.stages import DistillationStages, Stage
 from lightning_kd.callbacks.temperature import TemperatureAnnealing
+from lightning_kd.callbacks.temperature_entropy import TemperatureEntropyReport
 
 __all__ = [
+    "CKAReport",
+    "ClassAgreementReport",
+    "ClassChanges",
     "CompressionReport",
     "DistillationReport",
     "DistillationStages",
@@ -19,6 +25,7 @@ __all__ = [
     "ScheduledValue",
     "Stage",
     "TemperatureAnnealing",
+    "TemperatureEntropyReport",
     "find_layer",
     "schedule_value",
 ]

@@ -7,26 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from lightning_kd.module_parts import logits_of
+from lightning_kd.callbacks.report_io import (
+    beside_checkpoints,
+    collect_logits,
+    log_metrics,
+    save_and_log_figure,
+    validation_loader,
+)
 
 if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
     from lightning_kd.module import DistillationModule
 
 __all__ = ["DistillationReport", "beside_checkpoints", "reliability_bins"]
-
-
-def beside_checkpoints(trainer: pl.Trainer) -> Path:
-    """Where end-of-fit reports go: the checkpoint directory, else the log directory."""
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-        return Path(checkpoint.dirpath)
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def reliability_bins(probs: Tensor, targets: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
@@ -74,37 +71,16 @@ class DistillationReport(pl.Callback):
         self.files: list[Path] = []
 
     # ----------------------------------------------------------------- data
-    @staticmethod
-    def _val_loader(trainer: pl.Trainer) -> Any:
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
-            return datamodule.val_dataloader()
-        return trainer.val_dataloaders
-
-    @torch.no_grad()
     def collect(self, module: DistillationModule, loader: Any) -> tuple[Tensor, Tensor | None, Tensor]:
         """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``."""
-        was_training = module.training
-        module.eval()
-        student, teacher, targets = [], [], []
-        try:
-            for batch in loader:
-                batch = move_data_to_device(batch, module.device)
-                inputs, batch_targets = module.unpack_batch(batch)
-                student.append(logits_of(module.student(inputs)).float())
-                output = module.teacher_forward(module.teacher_inputs(batch, inputs))
-                if output is not None:
-                    teacher.append(logits_of(output).float())
-                targets.append(batch_targets)
-        finally:
-            module.train(was_training)
-        return torch.cat(student), torch.cat(teacher) if teacher else None, torch.cat(targets)
+        logits = collect_logits(module, loader)
+        return logits["student"], logits.get("teacher"), logits["targets"]
 
     def _usable(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
         distillation = hasattr(module, "teacher_forward") and hasattr(module, "unpack_batch")
         if not trainer.is_global_zero or not distillation or module.target_key is None:
             return None
-        loader = self._val_loader(trainer)
+        loader = validation_loader(trainer)
         if loader is None:
             rank_zero_warn("DistillationReport needs validation data; no report is made.")
         return loader
@@ -117,8 +93,7 @@ class DistillationReport(pl.Callback):
             return
         _, teacher, targets = self.collect(pl_module, loader)
         accuracy = (teacher.argmax(dim=-1) == targets).float().mean().item()
-        for logger in trainer.loggers:
-            logger.log_metrics({"reference/teacher_acc": accuracy}, step=trainer.global_step)
+        log_metrics(trainer, {"reference/teacher_acc": accuracy})
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute the ECEs, draw and save both figures, and log them."""
@@ -134,24 +109,16 @@ class DistillationReport(pl.Callback):
             ece = MulticlassCalibrationError(num_classes, n_bins=self.num_bins).to(logits.device)(
                 logits, targets
             )
-            for logger in trainer.loggers:
-                logger.log_metrics({f"report/{name}_ece": ece.item()}, step=trainer.global_step)
+            log_metrics(trainer, {f"report/{name}_ece": ece.item()})
         figures = {
             "per_class_accuracy": self._per_class_figure(per_class),
             "reliability": self._reliability_figure(models, targets),
         }
         directory = self.directory or beside_checkpoints(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.files = []
-        for key, figure in figures.items():
-            path = directory / f"{key}.png"
-            figure.savefig(path, dpi=120)
-            self.files.append(path)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"report/{key}", images=[str(path)])
-                elif isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure(f"report/{key}", figure, global_step=trainer.global_step)
+        self.files = [
+            save_and_log_figure(trainer, figure, directory, key, f"report/{key}")
+            for key, figure in figures.items()
+        ]
 
     # ----------------------------------------------------------------- drawing
     @staticmethod

@@ -19,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "ab_loss",
     "at_loss",
+    "attention_kl_loss",
     "bn_statistics_loss",
     "byot_loss",
     "cc_loss",
@@ -36,15 +37,21 @@ __all__ = [
     "ft_loss",
     "generalized_distillation_loss",
     "hcl_loss",
+    "hidden_state_loss",
     "kd_loss",
+    "linear_cka",
     "multi_teacher_kd_loss",
+    "non_argmax_probability",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
     "pkt_loss",
     "rkd_loss",
+    "seed_loss",
+    "soft_label_entropy",
     "sp_loss",
     "vid_loss",
+    "value_relation_loss",
 ]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
@@ -1676,3 +1683,321 @@ def embedding_match_loss(student_emb: Tensor, teacher_emb: Tensor, kind: str = "
     if kind == "mse":
         return F.mse_loss(student_emb, teacher_emb)
     return (1 - F.cosine_similarity(student_emb, teacher_emb, dim=-1)).mean()
+
+
+@_float32_math
+def linear_cka(features_x: Tensor, features_y: Tensor) -> Tensor:
+    r"""Linear centered kernel alignment (CKA): how similar two representations of the same samples are.
+
+    Kornblith, Norouzi, Lee, Hinton, "Similarity of Neural Network Representations Revisited",
+    ICML 2019. With :math:`X` ``(N, D_x)`` and :math:`Y` ``(N, D_y)`` the two layers' outputs on
+    the same :math:`N` samples (flattened per sample), each column-centred:
+
+    .. math::
+        \mathrm{CKA}(X, Y) = \frac{\|Y^\top X\|_F^2}{\|X^\top X\|_F \, \|Y^\top Y\|_F}
+
+    It lies in :math:`[0, 1]`, is 1 for :math:`X = Y`, does not change under an orthogonal
+    transform or an isotropic scaling of either representation, and compares layers of
+    different widths. When :math:`N` is small against the widths, the same number is computed
+    from the :math:`N \times N` Gram matrices :math:`K = XX^\top, L = YY^\top` as
+    :math:`\langle K, L\rangle_F / (\|K\|_F \|L\|_F)` (as :math:`\|Y^\top X\|_F^2 = \mathrm{tr}(KL)`),
+    whichever needs fewer multiplications.
+
+    Args:
+        features_x: ``(N, ...)`` outputs of one layer; everything after dim 0 is flattened.
+        features_y: ``(N, ...)`` outputs of another layer on the same samples.
+
+    Returns:
+        Scalar in :math:`[0, 1]`; NaN when either representation is the same for every sample
+        (nothing is left after centring).
+    """
+    if features_x.ndim == 0 or features_y.ndim == 0 or features_x.shape[0] != features_y.shape[0]:
+        raise ValueError(
+            f"features_x has shape {tuple(features_x.shape)} but features_y has shape "
+            f"{tuple(features_y.shape)}: CKA compares two representations of the same samples, so both "
+            "need the same number of samples in the first dimension."
+        )
+    if features_x.shape[0] < 2:
+        raise ValueError(f"CKA needs at least 2 samples to centre the features, got {features_x.shape[0]}.")
+    x = _rows(features_x)
+    y = _rows(features_y)
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    n, width_x, width_y = x.shape[0], x.shape[1], y.shape[1]
+    if n * (width_x + width_y) < width_x**2 + width_y**2 + width_x * width_y:
+        gram_x, gram_y = x @ x.T, y @ y.T
+        cross = (gram_x * gram_y).sum()
+        return cross / (torch.linalg.matrix_norm(gram_x) * torch.linalg.matrix_norm(gram_y))
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))
+
+
+def _check_soft_label_input(logits: Tensor, temperature: float, minimum_classes: int, why: str) -> None:
+    _check_positive("temperature", temperature)
+    _check_num_classes(logits, minimum_classes, why)
+
+
+@_float32_math
+def soft_label_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Mean Shannon entropy, in nats, of temperature-softened predictions: how soft the soft labels are.
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015: raising the
+    temperature :math:`T` of :math:`p = \mathrm{softmax}(z / T)` spreads probability onto the
+    non-target classes. With :math:`H(p) = -\sum_c p_c \log p_c`, the entropy is 0 for a one-hot
+    prediction, :math:`\log C` for a uniform one, and grows towards :math:`\log C` with :math:`T`.
+    Computed by :class:`torch.distributions.Categorical`.
+
+    Args:
+        logits: ``(..., C)`` logits (e.g. the teacher's).
+        temperature: :math:`T > 0`.
+
+    Returns:
+        Scalar in :math:`[0, \log C]`: the entropy averaged over all leading positions (the mean
+        over samples for ``(N, C)``).
+    """
+    _check_soft_label_input(logits, temperature, 1, "(one score per class)")
+    return torch.distributions.Categorical(logits=logits / temperature).entropy().mean()
+
+
+@_float32_math
+def non_argmax_probability(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""Mean probability that a softened prediction gives each class other than its top-1 ("dark knowledge").
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 call the
+    relative probabilities of the wrong classes the dark knowledge that soft labels carry. With
+    :math:`p = \mathrm{softmax}(z / T)` over :math:`C` classes, per sample
+    :math:`(1 - \max_c p_c) / (C - 1)`: 0 for a one-hot prediction, :math:`1 / C` for a uniform one.
+
+    Args:
+        logits: ``(..., C)`` logits, ``C >= 2``.
+        temperature: :math:`T > 0`.
+
+    Returns:
+        Scalar in :math:`[0, 1 / C]`: averaged over all leading positions.
+    """
+    _check_soft_label_input(logits, temperature, 2, "(a top-1 class and at least one other)")
+    top = F.softmax(logits / temperature, dim=-1).amax(dim=-1)
+    return ((1 - top) / (logits.shape[-1] - 1)).mean()
+
+
+@_float32_math
+def seed_loss(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    queue: Tensor,
+    student_temperature: float = 0.2,
+    teacher_temperature: float = 0.01,
+) -> Tensor:
+    r"""SEED: the student matches the teacher's similarity distribution over a queue of embeddings.
+
+    Fang, Wang, Wang, Zhang, Yang, Liu, "SEED: Self-supervised Distillation For Visual
+    Representation", ICLR 2021 (``seed/builder.py`` of ``jacobswan1/SEED``). With
+    :math:`z^S_i, z^T_i` the L2-normalised embeddings of sample :math:`i` and
+    :math:`\mathbf{D}^+ = [z^T_i, d_1, \dots, d_K]` the teacher's own embedding followed by the
+    :math:`K` queue rows :math:`d_j`,
+
+    .. math::
+
+        p^T_{ij} = \mathrm{softmax}_j\left(z^T_i \cdot \mathbf{D}^+_j / \tau_T\right), \quad
+        p^S_{ij} = \mathrm{softmax}_j\left(z^S_i \cdot \mathbf{D}^+_j / \tau_S\right), \quad
+        L = \frac{1}{N} \sum_i \sum_j -p^T_{ij} \log p^S_{ij}
+
+    (the first column is the positive: :math:`z^T_i \cdot z^T_i = 1` for the teacher,
+    :math:`z^S_i \cdot z^T_i` for the student). The teacher side carries no gradient.
+
+    Args:
+        student_emb: ``(N, D)`` student embeddings (normalised here).
+        teacher_emb: ``(N, D)`` teacher embeddings (normalised here; detached).
+        queue: ``(K, D)`` past teacher embeddings, rows L2-normalised (not renormalised here);
+            ``K`` may be 0 (then the loss is 0: one candidate only).
+        student_temperature: :math:`\tau_S > 0` (0.2 in the paper and the authors' code).
+        teacher_temperature: :math:`\tau_T > 0` (0.01 here; the authors' code defaults to 1e-4).
+
+    Returns:
+        Scalar: the cross-entropy summed over the :math:`1 + K` candidates, averaged over the batch.
+    """
+    _check_same_shape(
+        "student_emb",
+        student_emb,
+        "teacher_emb",
+        teacher_emb,
+        hint="Give the student a projection head onto the teacher's embedding width.",
+    )
+    if student_emb.ndim != 2:
+        raise ValueError(f"Expected (N, D) embeddings, got student_emb of shape {tuple(student_emb.shape)}.")
+    if queue.ndim != 2 or queue.shape[1] != student_emb.shape[1]:
+        raise ValueError(
+            f"queue has shape {tuple(queue.shape)}; expected (K, D={student_emb.shape[1]}): one teacher "
+            "embedding of the same width per row."
+        )
+    _check_positive("student_temperature", student_temperature)
+    _check_positive("teacher_temperature", teacher_temperature)
+    student = F.normalize(student_emb, dim=1)
+    teacher = F.normalize(teacher_emb.detach(), dim=1)
+    queue = queue.detach()
+    student_scores = torch.cat([(student * teacher).sum(dim=1, keepdim=True), student @ queue.T], dim=1)
+    teacher_scores = torch.cat([(teacher * teacher).sum(dim=1, keepdim=True), teacher @ queue.T], dim=1)
+    student_scores = student_scores / student_temperature
+    teacher_scores = teacher_scores / teacher_temperature
+    teacher_probs = F.softmax(teacher_scores, dim=1)
+    return -(teacher_probs * F.log_softmax(student_scores, dim=1)).sum(dim=1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer distillation: hidden states, attention maps, value relations (TinyBERT, MiniLM).
+# Token positions where ``attention_mask`` is 0 (padding) never enter these losses.
+# --------------------------------------------------------------------------------------------
+
+
+def _real_tokens(attention_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """``attention_mask`` as a boolean ``(N, L)`` tensor (all True when ``None``), checked."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the token states need "
+            f"({batch}, {length}): pass the batch's attention_mask (1 for real tokens, 0 for padding)."
+        )
+    real = attention_mask.bool()
+    if not real.any(dim=1).all():
+        raise ValueError(
+            "attention_mask marks no real token in some sequence: every sequence needs at least one "
+            "token with mask 1 (drop empty sentences from the dataset)."
+        )
+    return real
+
+
+@_float32_math
+def hidden_state_loss(
+    student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    r"""TinyBERT hidden-state loss: mean squared error between token states, over real tokens only.
+
+    Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding", Findings of
+    EMNLP 2020, Eq. 8: :math:`\mathcal{L}_{hidn} = \mathrm{MSE}(H^S W_h, H^T)`; with
+    :math:`H^S = E^S` and :math:`H^T = E^T` it is their embedding-layer loss (Eq. 9). The
+    projection :math:`W_h` onto the teacher's width belongs to the loss term
+    (:class:`~lightning_kd.losses.transformer.HiddenStateTerm`); pass its output here. Unlike the
+    authors' code (an MSE over every position), padded positions are left out.
+
+    Args:
+        student_hidden: ``(N, L, D)`` token states of the student (after the projection).
+        teacher_hidden: ``(N, L, D)`` token states of the teacher.
+        attention_mask: ``(N, L)``, 1 for real tokens and 0 for padding; ``None``: every token is real.
+
+    Returns:
+        Scalar: the mean of :math:`(h^S - h^T)^2` over real tokens and the ``D`` features.
+    """
+    _check_same_shape(
+        "student_hidden",
+        student_hidden,
+        "teacher_hidden",
+        teacher_hidden,
+        hint="Project the student's states onto the teacher's width (HiddenStateTerm does) and tokenize "
+        "both models' inputs with the same tokenizer.",
+    )
+    if student_hidden.ndim != 3:
+        raise ValueError(f"Token states must be (N, L, D), got shape {tuple(student_hidden.shape)}.")
+    real = _real_tokens(attention_mask, *student_hidden.shape[:2], student_hidden.device)
+    per_token = (student_hidden - teacher_hidden).pow(2).mean(dim=-1)
+    return torch.where(real, per_token, 0.0).sum() / real.sum()
+
+
+def _masked_attention_kl(teacher_probs: Tensor, student_log_probs: Tensor, real: Tensor) -> Tensor:
+    """``KL(teacher || student)`` per ``(N, H, L, L)`` row over real keys; mean over heads, real queries."""
+    pointwise = torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_log_probs
+    keep = (teacher_probs > 0) & real[:, None, None, :]
+    rows = torch.where(keep, pointwise, 0.0).sum(dim=-1)
+    queries = real[:, None, :].expand_as(rows)
+    return torch.where(queries, rows, 0.0).sum() / queries.sum()
+
+
+@_float32_math
+def attention_kl_loss(
+    student_attention: Tensor, teacher_attention: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
+    r"""MiniLM self-attention distribution transfer: KL from the teacher's attention rows to the student's.
+
+    Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of
+    Pre-Trained Transformers", NeurIPS 2020, Eq. 7:
+    :math:`\mathcal{L}_{AT} = \frac{1}{A_h |x|} \sum_{a=1}^{A_h} \sum_{t=1}^{|x|}
+    D_{KL}(A^T_{a,t} \,\|\, A^S_{a,t})`, on the attention distributions
+    :math:`A = \mathrm{softmax}(QK^\top / \sqrt{d_k})` of the last layer (the probabilities that
+    Hugging Face models return with ``output_attentions=True``). Rows (queries) and columns (keys)
+    of padded tokens are left out; the mean runs over heads and the real queries of the whole
+    batch. Student probabilities are clamped at the smallest positive float before the logarithm,
+    so a zero where the teacher also puts zero gives no NaN gradient.
+
+    Args:
+        student_attention: ``(N, H, L, L)`` attention probabilities of the student (rows sum to 1).
+        teacher_attention: ``(N, H, L, L)`` attention probabilities of the teacher, same heads.
+        attention_mask: ``(N, L)``, 1 for real tokens and 0 for padding; ``None``: every token is real.
+
+    Returns:
+        Scalar >= 0: the KL divergence in nats, averaged over heads and real query tokens.
+    """
+    _check_same_shape(
+        "student_attention",
+        student_attention,
+        "teacher_attention",
+        teacher_attention,
+        hint="Student and teacher need the same number of attention heads (build the student with the "
+        "teacher's num_attention_heads) and inputs from the same tokenizer.",
+    )
+    if student_attention.ndim != 4 or student_attention.shape[-1] != student_attention.shape[-2]:
+        raise ValueError(f"Attention maps must be (N, H, L, L), got shape {tuple(student_attention.shape)}.")
+    n, _, length, _ = student_attention.shape
+    real = _real_tokens(attention_mask, n, length, student_attention.device)
+    student_log_probs = student_attention.clamp_min(torch.finfo(student_attention.dtype).tiny).log()
+    return _masked_attention_kl(teacher_attention, student_log_probs, real)
+
+
+def _value_relation_log_probs(values: Tensor, num_heads: int, real: Tensor) -> Tensor:
+    """``log_softmax(V_a V_a^T / sqrt(d_k))`` per head ``a`` of ``(N, L, D)`` values, padded keys masked."""
+    n, length, width = values.shape
+    per_head = values.reshape(n, length, num_heads, width // num_heads).transpose(1, 2)
+    scores = per_head @ per_head.transpose(-1, -2) / math.sqrt(width // num_heads)
+    scores = scores.masked_fill(~real[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+@_float32_math
+def value_relation_loss(
+    student_values: Tensor, teacher_values: Tensor, num_heads: int, attention_mask: Tensor | None = None
+) -> Tensor:
+    r"""MiniLM value-relation transfer: KL between the scaled dot-products of values, per head.
+
+    Wang et al., "MiniLM", NeurIPS 2020, Eq. 8-9: :math:`VR_a = \mathrm{softmax}(V_a V_a^\top /
+    \sqrt{d_k})` for each head :math:`a` of the last layer's values, and
+    :math:`\mathcal{L}_{VR} = \frac{1}{A_h |x|} \sum_a \sum_t D_{KL}(VR^T_{a,t} \,\|\, VR^S_{a,t})`.
+    Both models' values are split into the same ``num_heads`` heads, each with its own
+    :math:`d_k = D / \text{num\_heads}`, so the student may be narrower (with MiniLMv2's relation
+    heads, ``num_heads`` may differ from the models' attention heads). Padded tokens are left out as
+    keys (masked before the softmax) and as queries; the mean runs over heads and real queries.
+
+    Args:
+        student_values: ``(N, L, D_s)`` value vectors (the output of the last layer's value projection).
+        teacher_values: ``(N, L, D_t)`` value vectors of the teacher.
+        num_heads: heads to split both into; must divide ``D_s`` and ``D_t``.
+        attention_mask: ``(N, L)``, 1 for real tokens and 0 for padding; ``None``: every token is real.
+
+    Returns:
+        Scalar >= 0: the KL divergence in nats, averaged over heads and real query tokens.
+    """
+    same_tokens = student_values.shape[:2] == teacher_values.shape[:2]
+    if student_values.ndim != 3 or teacher_values.ndim != 3 or not same_tokens:
+        raise ValueError(
+            f"student_values {tuple(student_values.shape)} and teacher_values {tuple(teacher_values.shape)} "
+            "must both be (N, L, D) for the same N sentences of L tokens (same tokenizer for both models)."
+        )
+    for name, values in (("student_values", student_values), ("teacher_values", teacher_values)):
+        if num_heads < 1 or values.shape[-1] % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the width {values.shape[-1]} of {name}: pick a number "
+                "of relation heads that divides both models' hidden sizes."
+            )
+    n, length, _ = student_values.shape
+    real = _real_tokens(attention_mask, n, length, student_values.device)
+    teacher_probs = _value_relation_log_probs(teacher_values, num_heads, real).exp()
+    student_log_probs = _value_relation_log_probs(student_values, num_heads, real)
+    return _masked_attention_kl(teacher_probs, student_log_probs, real)
