@@ -4,6 +4,7 @@ from lightning_kd.callbacks.cka import CKAReport
 from lightning_kd.callbacks.class_agreement import ClassAgreementReport, ClassChanges
 from lightning_kd.callbacks.compression import CompressionReport
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
+from lightning_kd.callbacks.knn_probe import KNNProbe
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
 from lightning_kd.callbacks.report import DistillationReport
 from lightning_kd.callbacks.reproducible_order import ReproducibleOrder
@@ -20,6 +21,7 @@ __all__ = [
     "DistillationReport",
     "DistillationStages",
     "FeatureHooks",
+    "KNNProbe",
     "LossWeightSchedule",
     "ReproducibleOrder",
     "ScheduledValue",

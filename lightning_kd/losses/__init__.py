@@ -14,6 +14,7 @@ from lightning_kd.losses.multi_teacher import MultiTeacherKDTerm
 from lightning_kd.losses.relation import CCTerm, PKTTerm, RKDTerm, SPTerm
 from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KDTerm
 from lightning_kd.losses.review import ABF, ReviewKDTerm
+from lightning_kd.losses.seed import SEEDTerm
 from lightning_kd.losses.self_distillation import BYOTTerm
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "PKTTerm",
     "ReviewKDTerm",
     "RKDTerm",
+    "SEEDTerm",
     "SPTerm",
     "StepOutputs",
     "Translator",

@@ -2,6 +2,7 @@
 
 from lightning_kd.models.cifar import CIFAR_MODELS, create_cifar_model
 from lightning_kd.models.generator import ConvGenerator1d, Generator
+from lightning_kd.models.layer_embedding import LayerEmbedding
 from lightning_kd.models.small import MLP, ConvNet1d
 from lightning_kd.models.timm_bridge import timm_model
 
@@ -11,6 +12,7 @@ __all__ = [
     "ConvGenerator1d",
     "ConvNet1d",
     "Generator",
+    "LayerEmbedding",
     "create_cifar_model",
     "timm_model",
 ]

@@ -1,0 +1,75 @@
+"""A network's inner layer as its output: a trained classifier's penultimate features as an embedding."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_kd.module_parts import call_model
+from lightning_kd.teachers import load_weights
+
+__all__ = ["LayerEmbedding"]
+
+
+class LayerEmbedding(nn.Module):
+    """``model``'s forward, returning the output of one of its layers, flattened to ``(N, D)``.
+
+    Turns a trained classifier into an embedding teacher for
+    :class:`~lightning_kd.EmbeddingDistillationModule`, e.g. the 128-d penultimate features of
+    :class:`~lightning_kd.models.ConvNet1d` (``layer="embedding"``), as SEED distils a teacher's
+    representation rather than its predictions. The whole ``model`` runs (the layers after
+    ``layer`` too, a small cost for a classifier head); a forward hook, registered for the call
+    only, catches the layer's output.
+
+    The weights can come from ``checkpoint`` (any file :func:`~lightning_kd.teachers.load_weights`
+    reads, e.g. the Lightning checkpoint of ``configs/mnist1d/teacher.yaml``): this wrapper's own
+    state-dict keys carry the prefix ``model.``, so pass the file here rather than as the
+    distillation module's ``teacher_checkpoint``.
+
+    Args:
+        model: the network.
+        layer: dotted path of the layer (as in ``model.named_modules()``).
+        checkpoint: a file with ``model``'s trained weights, loaded now.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, checkpoint: str | Path | None = None) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        if layer not in modules or not layer:
+            nearest = difflib.get_close_matches(layer, [n for n in modules if n], n=3, cutoff=0.0)
+            raise ValueError(
+                f"{type(model).__name__} has no layer {layer!r}; nearest existing names: {nearest}."
+            )
+        if checkpoint is not None:
+            load_weights(model, checkpoint)
+        self.model = model
+        self.layer = layer
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+
+    def forward(self, inputs: Any) -> Tensor:
+        """``(N, D)``: the layer's output on ``inputs``, flattened after the batch dimension."""
+        captured: list[Tensor] = []
+        handle = self.model.get_submodule(self.layer).register_forward_hook(
+            lambda _module, _args, output: captured.append(output)
+        )
+        try:
+            call_model(self.model, inputs)
+        finally:
+            handle.remove()
+        if not captured or not isinstance(captured[-1], Tensor):
+            raise TypeError(
+                f"Layer {self.layer!r} of {type(self.model).__name__} "
+                + (
+                    "did not run in forward."
+                    if not captured
+                    else f"returned {type(captured[-1]).__name__}, not a tensor."
+                )
+            )
+        return captured[-1].flatten(1)
+
+    def extra_repr(self) -> str:
+        """The layer (and checkpoint) shown in the module repr."""
+        return f"layer={self.layer!r}" + (f", checkpoint={self.checkpoint!r}" if self.checkpoint else "")

@@ -1,0 +1,314 @@
+"""Self-supervised distillation: SEED's loss and queue, the k-NN probe, label-free data, the recipes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import NUM_CLASSES, NUM_FEATURES, TINY_MNIST1D_FIT, RandomDataModule, make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_kd.callbacks.knn_probe import KNNProbe, linear_probe_accuracy, weighted_knn_scores
+from lightning_kd.cli import main
+from lightning_kd.data.unlabelled import UnlabelledDataModule
+from lightning_kd.losses import functional
+from lightning_kd.losses.base import StepOutputs
+from lightning_kd.losses.seed import SEEDTerm
+from lightning_kd.models import ConvNet1d
+from lightning_kd.models.layer_embedding import LayerEmbedding
+from lightning_kd.paradigms.embedding import EmbeddingDistillationModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist1d"
+WIDTH = 6
+
+
+def encoder(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(NUM_FEATURES, 16), nn.ReLU(), nn.Linear(16, WIDTH))
+
+
+def seed_module(queue_size: int = 10, input_key: int | None = 0) -> EmbeddingDistillationModule:
+    return EmbeddingDistillationModule(
+        encoder(1),
+        encoder(2),
+        losses=[SEEDTerm(queue_size=queue_size)],
+        input_key=input_key,
+        cosine_decay=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ SEED math
+def seed_loss_float64(
+    s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_s: float, tau_t: float
+) -> float:
+    """Sample by sample, as KL(p_T || p_S) + H(p_T), in float64."""
+    total = 0.0
+    for si, ti in zip(s.double(), t.double(), strict=True):
+        si, ti = si / si.norm(), ti / ti.norm()
+        candidates = torch.cat([ti[None], queue.double()])
+        p_t = torch.softmax(candidates @ ti / tau_t, dim=0)
+        p_s = torch.softmax(candidates @ si / tau_s, dim=0)
+        kl = (p_t * (p_t.clamp_min(1e-300).log() - p_s.log())).sum()
+        entropy = -(p_t * p_t.clamp_min(1e-300).log()).sum()
+        total += float(kl + entropy)
+    return total / len(s)
+
+
+def test_seed_loss_matches_an_independent_float64_computation() -> None:
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    queue = F.normalize(torch.randn(7, 4), dim=1)
+    for tau_s, tau_t in ((0.2, 0.01), (0.5, 0.5), (1.0, 0.1)):
+        expected = seed_loss_float64(s, t, queue, tau_s, tau_t)
+        assert functional.seed_loss(s, t, queue, tau_s, tau_t).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_seed_loss_by_hand() -> None:
+    # teacher (1, 0), student (0, 1), queue [(0, 1)], both temperatures 1:
+    # teacher scores [1, 0] -> p_T = [e, 1] / (e + 1)
+    # student scores [0, 1] -> log p_S = [-log(1 + e), 1 - log(1 + e)]
+    t, s, queue = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 1.0]])
+    e = math.e
+    expected = -(e / (e + 1) * -math.log(1 + e) + 1 / (e + 1) * (1 - math.log(1 + e)))
+    assert functional.seed_loss(s, t, queue, 1.0, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # identical student and teacher with equal temperatures: the cross-entropy is the entropy of p_T
+    q = F.normalize(torch.randn(9, 3), dim=1)
+    z = torch.randn(4, 3)
+    p_t = torch.softmax(torch.cat([torch.ones(4, 1), F.normalize(z, dim=1) @ q.T], dim=1) / 0.3, dim=1)
+    entropy = -(p_t * p_t.log()).sum(dim=1).mean()
+    assert functional.seed_loss(z, z, q, 0.3, 0.3).item() == pytest.approx(entropy.item(), rel=1e-5)
+    # an empty queue leaves one candidate: the loss is 0
+    assert functional.seed_loss(z, z + 1, torch.zeros(0, 3)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_seed_loss_gradient_reaches_the_student_only() -> None:
+    s, t = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    queue = F.normalize(torch.randn(5, 4), dim=1).requires_grad_()
+    functional.seed_loss(s, t, queue).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None and queue.grad is None
+
+
+def test_seed_loss_bad_input() -> None:
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="projection head"):
+        functional.seed_loss(z, torch.randn(2, 3), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"expected \(K, D=4\)"):
+        functional.seed_loss(z, z, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        functional.seed_loss(z, z, torch.zeros(3, 4), teacher_temperature=0.0)
+    with pytest.raises(ValueError, match="queue_size"):
+        SEEDTerm(queue_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SEEDTerm(student_temperature=-1.0)
+    term = SEEDTerm(queue_size=4, embedding_dim=3)
+    with pytest.raises(ValueError, match="Set embedding_dim"):
+        term(StepOutputs(student_logits=z, teacher_logits=z))
+    with pytest.raises(ValueError, match="projection"):
+        term(StepOutputs(student_logits=torch.randn(2, 3), teacher_logits=torch.randn(2, 4)))
+
+
+# ------------------------------------------------------------------------------------------ the queue
+def test_queue_is_fifo_and_wraps_around() -> None:
+    term = SEEDTerm(queue_size=5, embedding_dim=2)
+    first, second = torch.randn(3, 2) * 4, torch.randn(3, 2)
+    term.enqueue(first)
+    assert torch.allclose(term.queue[:3], F.normalize(first, dim=1)) and int(term.queue_pointer) == 3
+    before = term.queue.clone()
+    term.enqueue(second)  # rows 3, 4, then 0
+    assert torch.allclose(term.queue[[3, 4, 0]], F.normalize(second, dim=1))
+    assert torch.equal(term.queue[1:3], before[1:3]) and int(term.queue_pointer) == 1
+    many = torch.randn(7, 2)  # more than the queue: as if written in turn from row 1, the last 5 remain
+    term.enqueue(many)
+    assert torch.allclose(term.queue[[3, 4, 0, 1, 2]], F.normalize(many[2:], dim=1))
+    assert int(term.queue_pointer) == (1 + 7) % 5
+
+
+def test_queue_is_sized_on_first_use_and_untouched_outside_training() -> None:
+    term = SEEDTerm(queue_size=8)
+    assert not term.queue_ready
+    outputs = StepOutputs(student_logits=torch.randn(3, 5), teacher_logits=torch.randn(3, 5))
+    term.eval()
+    term(outputs)
+    assert term.queue.shape == (8, 5) and torch.allclose(term.queue.norm(dim=1), torch.ones(8))
+    queue = term.queue.clone()
+    term(outputs)
+    assert torch.equal(term.queue, queue) and int(term.queue_pointer) == 0
+    term.train()
+    term(outputs)
+    assert torch.allclose(term.queue[:3], F.normalize(outputs.teacher_logits, dim=1))
+    assert int(term.queue_pointer) == 3
+
+
+def test_validation_does_not_touch_the_queue(datamodule: RandomDataModule) -> None:
+    module = seed_module()
+    make_trainer(limit_train_batches=2).fit(module, datamodule)
+    term = module.loss_terms["seed"]
+    queue, pointer = term.queue.clone(), int(term.queue_pointer)
+    assert pointer == 32 % 10  # two batches of 16 enqueued
+    make_trainer().validate(module, datamodule)
+    assert torch.equal(term.queue, queue) and int(term.queue_pointer) == pointer
+
+
+def test_queue_is_loaded_into_an_unsized_term_and_a_resumed_run_continues_exactly(
+    datamodule: RandomDataModule, tmp_path: Path
+) -> None:
+    data = TensorDataset(datamodule.x, datamodule.y)
+
+    def fit(epochs: int, ckpt_path: str | None = None) -> EmbeddingDistillationModule:
+        torch.manual_seed(0)
+        module = seed_module()
+        trainer = make_trainer(max_epochs=epochs, enable_checkpointing=True, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / f"{epochs}.ckpt")
+        return module
+
+    straight = fit(2)
+    fit(1)
+    resumed = fit(2, ckpt_path=str(tmp_path / "1.ckpt"))
+    for name in ("queue", "queue_pointer"):
+        assert torch.equal(
+            getattr(resumed.loss_terms["seed"], name), getattr(straight.loss_terms["seed"], name)
+        )
+    for (name, value), other in zip(
+        straight.student.state_dict().items(), resumed.student.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(value, other), name
+    # a term that has not seen an embedding yet takes the saved queue's width
+    checkpoint = torch.load(tmp_path / "2.ckpt", weights_only=True)
+    fresh = seed_module()
+    fresh.on_load_checkpoint(checkpoint)  # adds the frozen teacher, left out of the file
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(fresh.loss_terms["seed"].queue, straight.loss_terms["seed"].queue)
+
+
+# ------------------------------------------------------------------------------------------ k-NN probe
+def test_weighted_knn_by_hand() -> None:
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.2]])
+    # cosines to the query: 0.995, 0.0995, 0.7741, -0.995
+    # -> the 2 nearest are references 0 (class 0) and 2 (class 1)
+    cos = F.cosine_similarity(query, reference)
+    scores = weighted_knn_scores(query, reference, labels, num_classes=3, k=2, temperature=0.5)
+    expected = torch.tensor([[math.exp(cos[0] / 0.5), math.exp(cos[2] / 0.5), 0.0]])
+    assert torch.allclose(scores, expected, rtol=1e-5)
+    # k larger than the reference set: everyone votes
+    all_votes = weighted_knn_scores(query, reference, labels, 3, k=50, temperature=1.0)
+    assert all_votes[0, 1].item() == pytest.approx(math.exp(cos[1]) + math.exp(cos[2]), rel=1e-5)
+    with pytest.raises(ValueError, match="same width"):
+        weighted_knn_scores(query, torch.zeros(2, 3), labels[:2], 3)
+    with pytest.raises(ValueError, match="one per reference"):
+        weighted_knn_scores(query, reference, labels[:2], 3)
+
+
+def test_linear_probe_separates_separable_classes() -> None:
+    x = torch.randn(60, 3)
+    y = (x[:, 0] > 0).long()
+    assert linear_probe_accuracy(x, y, x, y, num_classes=2).item() == 1.0
+
+
+# ------------------------------------------------------------------------------------------ no labels
+class BareInputs(Dataset):
+    """Samples that are a bare tensor: no label anywhere."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def test_training_on_bare_tensors_with_a_probe_on_labelled_loaders(datamodule: RandomDataModule) -> None:
+    labelled = DataLoader(TensorDataset(datamodule.x, datamodule.y), batch_size=32)
+    probe = KNNProbe(
+        k=5, linear_probe=True, linear_probe_steps=10, reference_dataloader=labelled, val_dataloader=labelled
+    )
+    module = seed_module(input_key=None)
+    trainer = make_trainer(max_epochs=2, callbacks=[probe])
+    bare = DataLoader(BareInputs(datamodule.x), batch_size=16)
+    trainer.fit(module, bare, bare)
+    metrics = trainer.callback_metrics
+    for key in ("val/knn_student_acc", "val/knn_teacher_acc", "val/linear_student_acc", "val/cosine"):
+        assert 0.0 <= float(metrics[key]) <= 1.0, key
+    assert int(module.loss_terms["seed"].queue_pointer) == (2 * 64) % 10
+    with pytest.raises(ValueError, match="UnlabelledDataModule"):  # no labels to probe with
+        make_trainer(callbacks=[KNNProbe(reference_dataloader=bare, val_dataloader=bare)]).validate(
+            module, bare
+        )
+
+
+def test_unlabelled_datamodule_hides_labels_from_training_and_keeps_them_for_the_probe(
+    datamodule: RandomDataModule,
+) -> None:
+    unlabelled = UnlabelledDataModule(datamodule)
+    unlabelled.setup("fit")
+    batch = next(iter(unlabelled.train_dataloader()))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (16, NUM_FEATURES)
+    labelled_batch = next(iter(unlabelled.labelled_dataloader("val")))
+    assert torch.equal(labelled_batch[0], datamodule.x[:16])
+    seen: list[object] = []
+
+    class Recording(EmbeddingDistillationModule):
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            seen.append(batch)
+            return super().training_step(batch, batch_idx)
+
+    module = Recording(encoder(1), encoder(2), losses=[SEEDTerm(queue_size=10)], input_key=None)
+    trainer = make_trainer(limit_train_batches=2, callbacks=[KNNProbe(k=3, num_classes=NUM_CLASSES)])
+    trainer.fit(module, unlabelled)
+    assert all(isinstance(b, torch.Tensor) for b in seen) and len(seen) == 2
+    assert "val/knn_student_acc" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
+        unlabelled.labelled_dataloader("predict")
+
+
+def test_layer_embedding_returns_the_layer_and_names_the_nearest_layers() -> None:
+    net = ConvNet1d()
+    wrapped = LayerEmbedding(net, "embedding")
+    x = torch.randn(2, 1, 40)
+    expected = net.embedding(net.conv3(net.conv2(net.conv1(x))))
+    assert torch.equal(wrapped(x), expected)
+    with pytest.raises(ValueError, match="nearest existing names"):
+        LayerEmbedding(net, "embeding")
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def _tiny(override: str) -> str:
+    return override.replace("--data.init_args.", "--data.init_args.datamodule.init_args.")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory whose runs/ holds a (briefly) trained teacher."""
+    root = tmp_path_factory.mktemp("self_supervised")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["fit", "--config", str(CONFIGS / "teacher.yaml"), *TINY_MNIST1D_FIT])
+    return root
+
+
+@pytest.mark.parametrize("name", ["seed", "cosine"])
+def test_recipe_fits_without_labels_and_reports_knn(
+    name: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(workdir)
+    config = CONFIGS / "self_supervised" / f"{name}.yaml"
+    main(["fit", "--config", str(config), *map(_tiny, TINY_MNIST1D_FIT)])
+    header = (workdir / f"runs/mnist1d/{name}/version_0/metrics.csv").read_text().splitlines()[0]
+    for column in (f"train/loss_{name}", "val/cosine", "val/knn_student_acc", "val/knn_teacher_acc"):
+        assert column in header, column
+    checkpoint = workdir / f"runs/mnist1d/checkpoints/{name}.ckpt"
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    restored = EmbeddingDistillationModule.load_from_checkpoint(checkpoint)
+    assert torch.equal(restored.student.classifier.weight, state["student.classifier.weight"])
+    if name == "seed":
+        assert torch.equal(restored.loss_terms["seed"].queue, state["loss_terms.seed.queue"])
+        assert int(state["loss_terms.seed.queue_pointer"]) == 2 * 128  # two batches enqueued
