@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,26 @@ def test_recipe_fits_without_labels_and_reports_knn(
     if name == "seed":
         assert torch.equal(restored.loss_terms["seed"].queue, state["loss_terms.seed.queue"])
         assert int(state["loss_terms.seed.queue_pointer"]) == 2 * 128  # two batches enqueued
+
+
+def test_ddp_ranks_share_one_queue_of_every_rank_s_teacher_embeddings(tmp_path: Path) -> None:
+    script = Path(__file__).parent / "scripts" / "ddp_seed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(rank["global_step"] == 4 for rank in ranks)  # 64 samples / 2 processes / batch 8
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
+    assert int(ranks[0]["pointer"]) == 0  # 64 keys written into a 64-row queue: wrapped once
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)).double()
+    teacher.load_state_dict(ranks[0]["teacher"])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(teacher(ranks[0]["inputs"].double()), dim=1)
+    # every sample's teacher embedding, whichever rank saw it, is in the queue exactly once
+    distances = torch.cdist(expected, ranks[0]["queue"].double())
+    assert distances.min(dim=1).values.max() < 1e-5
+    assert torch.equal(distances.argmin(dim=1).sort().values, torch.arange(64))
+    for name, tensor in ranks[0]["student"].items():
+        torch.testing.assert_close(tensor, ranks[1]["student"][name], rtol=0, atol=1e-6)
