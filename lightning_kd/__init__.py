@@ -4,6 +4,7 @@ from lightning_kd.callbacks import (
     DistillationStages,
     FeatureHooks,
     LossWeightSchedule,
+    QuantizationAwareTraining,
     Stage,
     TemperatureAnnealing,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "LossTerm",
     "LossWeightSchedule",
     "MultiTeacherKDTerm",
+    "QuantizationAwareTraining",
     "MutualLearningModule",
     "NSTTerm",
     "OFDTerm",

@@ -6,6 +6,14 @@ from lightning_kd.callbacks.compression import CompressionReport
 from lightning_kd.callbacks.feature_hooks import FeatureHooks, find_layer
 from lightning_kd.callbacks.knn_probe import KNNProbe
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
+from lightning_kd.callbacks.quantization import (
+    QuantizationAwareTraining,
+    convert_to_int8,
+    evaluate_int8,
+    post_training_int8,
+    prepare_qat,
+    restore_qat_student,
+)
 from lightning_kd.callbacks.report import DistillationReport
 from lightning_kd.callbacks.reproducible_order import ReproducibleOrder
 from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
@@ -23,11 +31,17 @@ __all__ = [
     "FeatureHooks",
     "KNNProbe",
     "LossWeightSchedule",
+    "QuantizationAwareTraining",
     "ReproducibleOrder",
     "ScheduledValue",
     "Stage",
     "TemperatureAnnealing",
     "TemperatureEntropyReport",
+    "convert_to_int8",
+    "evaluate_int8",
     "find_layer",
+    "post_training_int8",
+    "prepare_qat",
+    "restore_qat_student",
     "schedule_value",
 ]
