@@ -291,3 +291,20 @@ def test_yaml_recipes_run_and_save_the_int8_student(tmp_path: Path, monkeypatch:
             assert int8(torch.randn(3, 40)).shape == (3, 10)
     header = (tmp_path / "runs/mnist1d/qat_kd/version_0/metrics.csv").read_text().splitlines()[0]
     assert "val/teacher_acc" in header
+
+
+def test_int8_runs_under_deterministic_algorithms_and_restores_the_setting() -> None:
+    """Trainer(deterministic=True) turns on torch.use_deterministic_algorithms; int8 kernels lack it."""
+    datamodule = RandomDataModule(n=32)
+    prepared = prepare_qat(mlp(), datamodule.x[:16])
+    prepared(datamodule.x)  # the observers see data once
+    prepared.eval().apply(disable_observer)
+    torch.use_deterministic_algorithms(True)
+    try:
+        int8 = convert_to_int8(prepared)
+        result = evaluate_int8(int8, [(datamodule.x, datamodule.y)], prepared)
+        assert 0.0 <= result["acc"] <= 1.0 and result["agreement"] >= 0.9
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -69,13 +69,25 @@ def _quiet_torch_ao() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _engine(backend: str) -> Iterator[None]:
-    """Run int8 kernels of ``backend`` (``torch.backends.quantized.engine``), then restore the engine."""
+    """Run int8 kernels of ``backend`` (``torch.backends.quantized.engine``), then restore the engine.
+
+    Quantized tensors are resized by an op without a deterministic implementation, so under
+    ``Trainer(deterministic=True)`` (``torch.use_deterministic_algorithms(True)``) that setting
+    is relaxed to ``warn_only`` for the int8 model's run, and restored afterwards.
+    """
     previous = torch.backends.quantized.engine
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.backends.quantized.engine = backend
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have a deterministic implementation.*")
+            yield
     finally:
         torch.backends.quantized.engine = previous
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def _check_backend(backend: str) -> str:
