@@ -10,6 +10,7 @@ from lightning_kd.callbacks import (
 )
 from lightning_kd.losses import (
     ABTerm,
+    AttentionMapTerm,
     ATTerm,
     BYOTTerm,
     CCTerm,
@@ -22,6 +23,7 @@ from lightning_kd.losses import (
     FSPTerm,
     FTTerm,
     GeneralizedDistillationTerm,
+    HiddenStateTerm,
     KDTerm,
     LayerPairTerm,
     LossTerm,
@@ -35,6 +37,7 @@ from lightning_kd.losses import (
     SEEDTerm,
     SPTerm,
     StepOutputs,
+    ValueRelationTerm,
     VIDTerm,
 )
 from lightning_kd.module import DistillationModule
@@ -52,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ABTerm",
     "ATTerm",
+    "AttentionMapTerm",
     "ChainLink",
     "BYOTTerm",
     "CCTerm",
@@ -69,6 +73,7 @@ __all__ = [
     "FTTerm",
     "FSPTerm",
     "GeneralizedDistillationTerm",
+    "HiddenStateTerm",
     "KDTerm",
     "LayerPairTerm",
     "LossTerm",
@@ -88,6 +93,7 @@ __all__ = [
     "StepOutputs",
     "TeacherEnsemble",
     "TemperatureAnnealing",
+    "ValueRelationTerm",
     "VIDTerm",
     "__version__",
     "run_chain",

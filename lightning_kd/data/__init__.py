@@ -5,11 +5,13 @@ from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
+from lightning_kd.data.sentences import DocstringSentencesDataModule
 from lightning_kd.data.splits import SplitsDataModule
 from lightning_kd.data.unlabelled import InputsOnly, UnlabelledDataModule
 
 __all__ = [
     "CIFAR100DataModule",
+    "DocstringSentencesDataModule",
     "InputsOnly",
     "LatentNoiseDataModule",
     "MNIST1DDataModule",

@@ -16,11 +16,13 @@ from lightning_kd.losses.response import CrossEntropyTerm, DISTTerm, DKDTerm, KD
 from lightning_kd.losses.review import ABF, ReviewKDTerm
 from lightning_kd.losses.seed import SEEDTerm
 from lightning_kd.losses.self_distillation import BYOTTerm
+from lightning_kd.losses.transformer import AttentionMapTerm, HiddenStateTerm, ValueRelationTerm
 
 __all__ = [
     "ABF",
     "ABTerm",
     "ATTerm",
+    "AttentionMapTerm",
     "BYOTTerm",
     "CCTerm",
     "ContrastMemory",
@@ -32,6 +34,7 @@ __all__ = [
     "FitNetTerm",
     "FTTerm",
     "FSPTerm",
+    "HiddenStateTerm",
     "GeneralizedDistillationTerm",
     "KDTerm",
     "LayerPairTerm",
@@ -48,6 +51,7 @@ __all__ = [
     "SPTerm",
     "StepOutputs",
     "Translator",
+    "ValueRelationTerm",
     "VIDTerm",
     "functional",
     "make_regressor",

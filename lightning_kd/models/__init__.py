@@ -3,6 +3,12 @@
 from lightning_kd.models.cifar import CIFAR_MODELS, create_cifar_model
 from lightning_kd.models.generator import ConvGenerator1d, Generator
 from lightning_kd.models.layer_embedding import LayerEmbedding
+from lightning_kd.models.sentence_encoder import (
+    SentenceEncoder,
+    minilm_teacher,
+    small_bert_encoder,
+    student_from_teacher,
+)
 from lightning_kd.models.small import MLP, ConvNet1d
 from lightning_kd.models.timm_bridge import timm_model
 
@@ -13,6 +19,10 @@ __all__ = [
     "ConvNet1d",
     "Generator",
     "LayerEmbedding",
+    "SentenceEncoder",
     "create_cifar_model",
+    "minilm_teacher",
+    "small_bert_encoder",
+    "student_from_teacher",
     "timm_model",
 ]
