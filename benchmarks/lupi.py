@@ -31,6 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from seeds import quiet_trainer
 from torch import nn
 
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
@@ -78,17 +79,7 @@ def accuracy(model: nn.Module, datamodule: MNISTPrivilegedDataModule, split: str
 
 def fit(module: DistillationModule, datamodule: MNISTPrivilegedDataModule, epochs: int) -> None:
     """Train ``module`` for ``epochs`` with no validation loop, logger or checkpoint."""
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(epochs)
     trainer.fit(module, datamodule=datamodule)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from seeds import Runs, collect, mean_std, write_table
+from seeds import Runs, collect, mean_std, quiet_trainer, write_table
 
 from lightning_kd import DistillationModule
 from lightning_kd.callbacks.compression import checkpoint_bytes, latency_ms
@@ -63,17 +63,7 @@ def fit_and_test_int8(
 ) -> tuple[float, float, float]:
     """Fit with QAT, test; (int8 test accuracy, fake-quant float test accuracy, seconds per epoch)."""
     qat = QuantizationAwareTraining(freeze_observers_epoch=epochs - epochs // 4, filename=None)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[qat],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(epochs, callbacks=[qat], limit_val_batches=None)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = (time.perf_counter() - started) / epochs

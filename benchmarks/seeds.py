@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
 
 Runs = dict[str, dict[int, tuple[float, float]]]  # row -> seed -> (accuracy, seconds)
 RUN_LINE = re.compile(r"^seed (\d+) (\S+)\s+([\d.]+)\s+([\d.]+) s/epoch$")
@@ -36,3 +39,19 @@ def write_table(lines: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def quiet_trainer(epochs: int, **overrides: Any) -> pl.Trainer:
+    """A CPU Trainer for ``epochs`` with no validation loop, logger, checkpoint or progress bar."""
+    settings: dict[str, Any] = dict(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return pl.Trainer(**{**settings, **overrides})

@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from seeds import mean_std, write_table
+from seeds import mean_std, quiet_trainer, write_table
 from torch.utils.data import DataLoader
 
 from lightning_kd import DistillationModule
@@ -40,20 +40,6 @@ from lightning_kd.paradigms.embedding import EmbeddingDistillationModule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "self_supervised.md"
 ROWS = ["teacher", "random student", "cosine", "mse", "seed", "seed tau_T=1e-4"]
-
-
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
 
 
 def evaluate(model: torch.nn.Module, teacher: torch.nn.Module, data: MNIST1DDataModule) -> tuple[float, ...]:
@@ -76,7 +62,7 @@ def run_seed(seed: int, teacher_epochs: int, epochs: int, train_samples: int) ->
     data.setup("fit")
     pl.seed_everything(seed, verbose=False)
     classifier = ConvNet1d(num_classes=10)
-    trainer(teacher_epochs).fit(DistillationModule(classifier), data)
+    quiet_trainer(teacher_epochs).fit(DistillationModule(classifier), data)
     teacher = LayerEmbedding(classifier, "embedding").eval()
     pl.seed_everything(seed, verbose=False)
     initial_student = MLP(40, num_classes=128, hidden=(256, 256))
@@ -97,7 +83,7 @@ def run_seed(seed: int, teacher_epochs: int, epochs: int, train_samples: int) ->
         student = copy.deepcopy(initial_student)
         module = EmbeddingDistillationModule(student, copy.deepcopy(teacher), losses=[term], input_key=None)
         start = time.perf_counter()
-        trainer(epochs).fit(module, UnlabelledDataModule(data))
+        quiet_trainer(epochs).fit(module, UnlabelledDataModule(data))
         results[name] = (*evaluate(student, teacher, data), (time.perf_counter() - start) / epochs)
         print(
             f"seed {seed} {name:<16} knn {100 * results[name][0]:6.2f} linear {100 * results[name][1]:6.2f} "

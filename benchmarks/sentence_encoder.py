@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from seeds import write_table  # noqa: E402
+from seeds import quiet_trainer, write_table  # noqa: E402
 
 from lightning_kd.data.sentences import DocstringSentencesDataModule  # noqa: E402
 from lightning_kd.losses.embedding import EmbeddingMatchTerm  # noqa: E402
@@ -173,7 +173,7 @@ def main() -> None:
                 optimizer=lambda params, lr=lr: torch.optim.AdamW(params, lr=lr),
             )
             fit_start = time.perf_counter()
-            trainer(args.epochs).fit(module, data)
+            quiet_trainer(args.epochs).fit(module, data)
             fit_minutes = (time.perf_counter() - fit_start) / 60
             student_test = embed(student, test_loader)
             after = F.cosine_similarity(student_test, teacher_test).mean().item()
@@ -233,20 +233,6 @@ def spread(values: tuple[float, ...]) -> str:
     """Mean ± std over seeds, three decimals."""
     deviation = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {deviation:.3f}"
-
-
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
 
 
 if __name__ == "__main__":

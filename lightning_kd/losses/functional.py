@@ -1654,6 +1654,16 @@ def bn_statistics_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_embedding_pair(student_emb: Tensor, teacher_emb: Tensor) -> None:
+    _check_same_shape(
+        "student_emb",
+        student_emb,
+        "teacher_emb",
+        teacher_emb,
+        hint="Give the student a projection head onto the teacher's embedding width.",
+    )
+
+
 @_float32_math
 def embedding_match_loss(student_emb: Tensor, teacher_emb: Tensor, kind: str = "cosine") -> Tensor:
     r"""Distance between the student's and the teacher's embedding of each sample.
@@ -1673,13 +1683,7 @@ def embedding_match_loss(student_emb: Tensor, teacher_emb: Tensor, kind: str = "
     """
     if kind not in ("cosine", "mse"):
         raise ValueError(f"kind must be 'cosine' or 'mse', got {kind!r}.")
-    _check_same_shape(
-        "student_emb",
-        student_emb,
-        "teacher_emb",
-        teacher_emb,
-        hint="Give the student a projection head onto the teacher's embedding width.",
-    )
+    _check_embedding_pair(student_emb, teacher_emb)
     if kind == "mse":
         return F.mse_loss(student_emb, teacher_emb)
     return (1 - F.cosine_similarity(student_emb, teacher_emb, dim=-1)).mean()
@@ -1816,13 +1820,7 @@ def seed_loss(
     Returns:
         Scalar: the cross-entropy summed over the :math:`1 + K` candidates, averaged over the batch.
     """
-    _check_same_shape(
-        "student_emb",
-        student_emb,
-        "teacher_emb",
-        teacher_emb,
-        hint="Give the student a projection head onto the teacher's embedding width.",
-    )
+    _check_embedding_pair(student_emb, teacher_emb)
     if student_emb.ndim != 2:
         raise ValueError(f"Expected (N, D) embeddings, got student_emb of shape {tuple(student_emb.shape)}.")
     if queue.ndim != 2 or queue.shape[1] != student_emb.shape[1]:
