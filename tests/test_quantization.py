@@ -252,11 +252,31 @@ def test_feature_hooks_follow_the_prepared_student() -> None:
 
 
 # ----------------------------------------------------------------- bad input
+class BranchesOnItsInput(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def test_convnet1d_is_a_traceable_student() -> None:
+    x = torch.randn(4, 40)
+    model = ConvNet1d()
+    assert torch.equal(model(x), model(x.unsqueeze(1)))  # (N, L) is read as one channel
+    prepared = prepare_qat(model, x)
+    assert any(isinstance(m, FakeQuantizeBase) for m in prepared.modules())
+    assert prepared(x).shape == (4, 10)
+
+
 def test_bad_input_gets_errors_that_name_the_fix() -> None:
     with pytest.raises(ValueError, match="Unknown quantization backend 'tpu'"):
         QuantizationAwareTraining(backend="tpu")
     with pytest.raises(TypeError, match="not FX-traceable.*non_traceable_modules"):
-        prepare_qat(ConvNet1d(), torch.randn(2, 1, 40))
+        prepare_qat(BranchesOnItsInput(), torch.randn(2, 8))
     with pytest.raises(TypeError, match="call prepare_qat"):
         convert_to_int8(copy.deepcopy(mlp()))
 
