@@ -112,3 +112,26 @@ def test_short_fit_without_teacher(tmp_path: Path) -> None:
     }
     accuracy = 100 * float(trainer.callback_metrics["val/acc"])
     assert "teacher" not in report.table and f"| val accuracy | {accuracy:.2f}% |" in report.table
+
+
+class KeywordEncoder(nn.Module):
+    """Takes ``signal=`` (a dict batch's key, as Hugging Face models take ``input_ids=``)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(NUM_FEATURES, width)
+
+    def forward(self, signal: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embedding": self.linear(signal)}
+
+
+def test_dict_batches_are_measured_with_keyword_inputs(tmp_path: Path) -> None:
+    from lightning_kd.paradigms.embedding import EmbeddingDistillationModule
+
+    module = EmbeddingDistillationModule(KeywordEncoder(6), KeywordEncoder(6), input_key=["signal"])
+    report = CompressionReport(directory=tmp_path, repeats=2, warmup=1)
+    make_trainer(max_epochs=1, callbacks=[report]).fit(module, RandomDataModule(as_dict=True))
+    for name in ("student", "teacher"):
+        assert report.costs[name].params == NUM_FEATURES * 6 + 6
+        assert report.costs[name].macs == NUM_FEATURES * 6
+    assert (tmp_path / "compression.md").is_file()

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_kd.callbacks.feature_hooks import uncompiled
-from lightning_kd.callbacks.report import beside_checkpoints
+from lightning_kd.callbacks.report_io import beside_checkpoints
+from lightning_kd.module_parts import call_model
 
 __all__ = [
     "CompressionReport",
@@ -60,7 +61,8 @@ def _batch_of(example_input: Any, batch_size: int) -> Any:
 
 
 def _forward(model: nn.Module, example_input: Any) -> Any:
-    return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    """Positional arguments for a tuple, keyword arguments for a mapping (dict batches), else one input."""
+    return model(*example_input) if isinstance(example_input, tuple) else call_model(model, example_input)
 
 
 @torch.no_grad()
