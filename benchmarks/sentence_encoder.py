@@ -156,7 +156,7 @@ def main() -> None:
     test_loader = data.test_dataloader()
     teacher_test = embed(teacher, test_loader)
     teacher_pairs = pairwise(teacher_test)
-    check = check_against_sentence_transformers(teacher, data.splits["test"][:64], data.collate)
+    check = check_against_sentence_transformers(teacher, data.datasets["test"][:64], data.collate_fn)
     latency_batch = next(iter(test_loader))
     teacher_params = parameters(teacher)
     rows: dict[str, list[tuple]] = {}

@@ -350,7 +350,7 @@ def test_docstring_sentences_are_deterministic_and_splits_disjoint(tmp_path: Pat
         train_sentences=120, val_sentences=30, test_sentences=30, batch_size=8, cache_dir=str(tmp_path)
     )
     data.setup("fit")
-    splits = data.splits
+    splits = data.datasets
     assert [len(splits[s]) for s in ("train", "val", "test")] == [120, 30, 30]
     assert len(set(splits["train"]) | set(splits["val"]) | set(splits["test"])) == 180
     assert all(s[0].isupper() and s.endswith(".") for s in splits["test"])

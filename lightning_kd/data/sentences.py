@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import Tensor
-from torch.utils.data import DataLoader
+
+from lightning_kd.data.splits import SplitsDataModule
 
 __all__ = ["DocstringSentencesDataModule", "SentenceCollator", "docstring_sentences"]
 
@@ -148,7 +148,7 @@ class SentenceCollator:
         return dict(encoded)
 
 
-class DocstringSentencesDataModule(pl.LightningDataModule):
+class DocstringSentencesDataModule(SplitsDataModule):
     """Unlabelled sentences for sentence-encoder distillation, built offline from package docstrings.
 
     :func:`docstring_sentences` gives ``train + val + test`` distinct sentences, split in that
@@ -182,7 +182,7 @@ class DocstringSentencesDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers=0)
         if min(train_sentences, val_sentences, test_sentences) < 1:
             raise ValueError(
                 f"Every split needs at least one sentence, got train={train_sentences}, val={val_sentences}, "
@@ -192,11 +192,8 @@ class DocstringSentencesDataModule(pl.LightningDataModule):
         self.sizes = {"train": train_sentences, "val": val_sentences, "test": test_sentences}
         self.sources = list(sources) if sources is not None else ["stdlib"]
         self.max_length = max_length
-        self.batch_size = batch_size
         self.seed = seed
         self.cache_dir = cache_dir
-        self.splits: dict[str, list[str]] = {}
-        self.collate: SentenceCollator | None = None
 
     def corpus(self) -> list[str]:
         """All sentences, train first, then validation, then test (read from ``cache_dir`` when there)."""
@@ -218,34 +215,15 @@ class DocstringSentencesDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build (or read) the corpus, split it, and load the tokenizer."""
-        if self.splits:
+        if self.datasets:
             return
         sentences = self.corpus()
         start = 0
         for split, size in self.sizes.items():
-            self.splits[split] = sentences[start : start + size]
+            self.datasets[split] = sentences[start : start + size]  # type: ignore[assignment]
             start += size
         if self.tokenizer is None:
             from lightning_kd.models.sentence_encoder import minilm_tokenizer_path
 
             self.tokenizer = minilm_tokenizer_path()
-        self.collate = SentenceCollator(self.tokenizer, self.max_length)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if not self.splits:
-            raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test")
+        self.collate_fn = SentenceCollator(self.tokenizer, self.max_length)

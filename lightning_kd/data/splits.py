@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,6 +24,8 @@ class SplitsDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.datasets: dict[str, Dataset] = {}
+        #: how samples become a batch (e.g. a tokenizer); ``None``: PyTorch's default collation
+        self.collate_fn: Callable[[list[Any]], Any] | None = None
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if not self.datasets:
@@ -29,6 +34,7 @@ class SplitsDataModule(pl.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
