@@ -13,34 +13,12 @@ from torch import Tensor, nn
 
 from lightning_kd.losses import functional
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_temperature
+from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
 __all__ = ["CRDTerm", "ContrastMemory", "Embed"]
 
 #: random keys drawn at once when sampling negatives without replacement (bounds the memory).
 _KEYS_PER_CHUNK = 2**24
-
-
-def _world_size() -> int:
-    """Processes in the default ``torch.distributed`` group; 1 when it is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _all_gather_rows(tensor: Tensor) -> Tensor:
-    """``tensor`` of every process concatenated along dim 0 in rank order (row counts may differ)."""
-    world = _world_size()
-    if world == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-    counts = [torch.empty_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:size] for rows, size in zip(gathered, sizes, strict=True)])
 
 
 def _check_memory_settings(num_samples: int, feat_dim: int, temperature: float, momentum: float) -> None:
@@ -116,10 +94,9 @@ class ContrastMemory(nn.Module):
 
     def _broadcast_once(self) -> None:
         """Rank 0's banks and Z to every process, the first time they are used in a distributed run."""
-        if self._broadcast_done or _world_size() == 1:
+        if self._broadcast_done or world_size() == 1:  # a later DDP run still needs it
             return
-        for buffer in (self.memory_student, self.memory_teacher, self.z_student, self.z_teacher):
-            dist.broadcast(buffer, src=0)
+        broadcast_from_rank_zero((self.memory_student, self.memory_teacher, self.z_student, self.z_teacher))
         self._broadcast_done = True
 
     def sample(self, indices: Tensor, num_negatives: int) -> Tensor:
@@ -198,7 +175,7 @@ class ContrastMemory(nn.Module):
         """Set each unset Z to ``mean(unnormalised scores) * num_samples`` (over all processes)."""
         count = torch.tensor(float(student_raw.numel()), dtype=torch.float64, device=student_raw.device)
         sums = torch.stack([student_raw.sum().double(), teacher_raw.sum().double(), count])
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(sums)
         z_student, z_teacher = sums[0] / sums[2] * self.num_samples, sums[1] / sums[2] * self.num_samples
         if self.z_student.item() < 0:
@@ -230,7 +207,7 @@ class ContrastMemory(nn.Module):
             )
         self._broadcast_once()
         rows = torch.cat([student_emb.detach().float(), teacher_emb.detach().float()], dim=1)
-        indices, rows = _all_gather_rows(indices), _all_gather_rows(rows)
+        indices, rows = all_gather_rows(indices), all_gather_rows(rows)
         # each index once, from its last occurrence: a deterministic result on every process
         unique, inverse = torch.unique(indices, return_inverse=True)
         positions = torch.arange(indices.shape[0], device=indices.device)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses import functional
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
-from lightning_kd.losses.contrastive import _all_gather_rows, _world_size
+from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
 __all__ = ["SEEDTerm"]
 
@@ -105,10 +104,9 @@ class SEEDTerm(LossTerm):
 
     def _broadcast_once(self) -> None:
         """Rank 0's queue and pointer to every process, the first time they are used in a distributed run."""
-        if self._broadcast_done or _world_size() == 1:
+        if self._broadcast_done or world_size() == 1:  # a later DDP run still needs it
             return
-        for buffer in (self.queue, self.queue_pointer):
-            dist.broadcast(buffer, src=0)
+        broadcast_from_rank_zero((self.queue, self.queue_pointer))
         self._broadcast_done = True
 
     def _checked_embeddings(self, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
@@ -135,7 +133,7 @@ class SEEDTerm(LossTerm):
     def enqueue(self, teacher_emb: Tensor) -> None:
         """Write the L2-normalised ``(N, D)`` embeddings (of all processes under DDP) at the pointer, FIFO."""
         self._broadcast_once()
-        keys = _all_gather_rows(F.normalize(teacher_emb.detach().float(), dim=1))
+        keys = all_gather_rows(F.normalize(teacher_emb.detach().float(), dim=1))
         count, pointer = len(keys), int(self.queue_pointer)
         kept = keys[-self.queue_size :]  # as if all were written in turn: the last queue_size remain
         rows = (
