@@ -172,6 +172,8 @@ class DistillationModule(pl.LightningModule):
         self.target_key = target_key
         self.teacher_input_key = teacher_input_key
         self.ema_decay = ema_decay
+        #: (teacher floats, student floats, other (teacher, student) pairs) of the EMA update
+        self._ema_pairs: tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]] | None = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -587,14 +589,33 @@ class DistillationModule(pl.LightningModule):
 
     @torch.no_grad()
     def update_ema_teacher(self) -> None:
-        """``ema <- d * ema + (1 - d) * student`` for parameters and float buffers; other buffers copied."""
-        teacher_state = self.teacher.state_dict(keep_vars=True)
-        for name, value in self.student.state_dict(keep_vars=True).items():
-            target = teacher_state[name]
-            if target.is_floating_point():
-                target.lerp_(value.detach(), 1.0 - self.ema_decay)
-            else:
-                target.copy_(value)
+        """``ema <- d * ema + (1 - d) * student`` for parameters and float buffers; other buffers copied.
+
+        The float tensors are averaged in one fused ``torch._foreach_lerp_`` call; the pairing of
+        teacher and student tensors is found once and kept until the module moves (``_apply``).
+        """
+        if self._ema_pairs is None:
+            teacher_state = self.teacher.state_dict(keep_vars=True)
+            pairs = [
+                (teacher_state[name], value)
+                for name, value in self.student.state_dict(keep_vars=True).items()
+            ]
+            floats = [(t, s) for t, s in pairs if t.is_floating_point()]
+            self._ema_pairs = (
+                [t for t, _ in floats],
+                [s for _, s in floats],
+                [(t, s) for t, s in pairs if not t.is_floating_point()],
+            )
+        teacher_floats, student_floats, others = self._ema_pairs
+        if teacher_floats:
+            torch._foreach_lerp_(teacher_floats, [s.detach() for s in student_floats], 1.0 - self.ema_decay)
+        for target, value in others:
+            target.copy_(value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
+        """Forget the EMA tensor pairing when tensors are moved or cast (``.to()``, ``.half()``)."""
+        self._ema_pairs = None
+        return super()._apply(fn, *args, **kwargs)
 
     def configure_optimizers(self) -> Any:
         """Every trainable parameter (student, co-trained teacher, loss adapters) in one optimizer."""

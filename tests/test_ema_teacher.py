@@ -110,3 +110,22 @@ def test_bad_ema_settings_are_rejected() -> None:
         DistillationModule(small_net(), small_net(), teacher_mode="ema")
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
         DistillationModule(small_net(), teacher_mode="ema", ema_decay=1.0)
+
+
+def test_update_follows_tensors_that_a_cast_replaced() -> None:
+    """``.double()`` replaces the buffers: the update must average the new ones, not stale copies."""
+    module = DistillationModule(small_net(), teacher_mode="ema", ema_decay=0.5)
+    module.update_ema_teacher()  # pairs the tensors
+    module.double()
+    student_bn, teacher_bn = module.student[1], module.teacher[1]
+    with torch.no_grad():
+        student_bn.running_mean.fill_(2.0)
+        teacher_bn.running_mean.fill_(0.0)
+        student_bn.weight.fill_(4.0)
+        teacher_bn.weight.fill_(0.0)
+    student_bn.num_batches_tracked.fill_(7)
+    module.update_ema_teacher()
+    assert teacher_bn.running_mean.dtype == torch.float64
+    assert torch.equal(teacher_bn.running_mean, torch.full_like(teacher_bn.running_mean, 1.0))
+    assert torch.equal(teacher_bn.weight, torch.full_like(teacher_bn.weight, 2.0))
+    assert int(teacher_bn.num_batches_tracked) == 7
