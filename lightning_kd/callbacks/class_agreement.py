@@ -12,28 +12,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import uncompiled
 from lightning_kd.callbacks.report_io import (
     beside_checkpoints,
     collect_logits,
     log_metrics,
+    per_class_accuracy,
     save_and_log_figure,
     validation_loader,
 )
 from lightning_kd.teachers import load_weights
 
-__all__ = ["ClassAgreementReport", "ClassChanges", "per_class_accuracy"]
-
-
-def per_class_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:
-    """Top-1 accuracy of each class (recall: the share of its samples predicted as it), torchmetrics.
-
-    ``(num_classes,)``; a class without samples gets 0 (torchmetrics' ``MulticlassAccuracy``
-    with ``average=None``).
-    """
-    return MulticlassAccuracy(num_classes, average=None).to(logits.device)(logits, targets).cpu()
+__all__ = ["ClassAgreementReport", "ClassChanges"]
 
 
 @dataclass

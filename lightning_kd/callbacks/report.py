@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_kd.callbacks.report_io import (
     beside_checkpoints,
     collect_logits,
     log_metrics,
+    per_class_accuracy,
     save_and_log_figure,
     validation_loader,
 )
@@ -105,7 +106,7 @@ class DistillationReport(pl.Callback):
         num_classes = pl_module.num_classes
         per_class = {}
         for name, logits in models.items():
-            per_class[name] = MulticlassAccuracy(num_classes, average=None).to(logits.device)(logits, targets)
+            per_class[name] = per_class_accuracy(logits, targets, num_classes)
             ece = MulticlassCalibrationError(num_classes, n_bins=self.num_bins).to(logits.device)(
                 logits, targets
             )
