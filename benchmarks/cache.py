@@ -43,7 +43,7 @@ from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.models import MLP, ConvNet1d, create_cifar_model
 from lightning_kd.module import DistillationModule
-from lightning_kd.teacher_cache import TeacherOutputCache
+from lightning_kd.teachers.cache import TeacherOutputCache
 
 RESULTS = Path(__file__).parent / "results" / "cache.md"
 VARIANTS = ["student", "kd", "kd_cached", "kd_cached_disk_topk"]

@@ -48,7 +48,7 @@ from lightning_kd.paradigms import (
     MutualLearningModule,
     run_chain,
 )
-from lightning_kd.teacher_ensemble import TeacherEnsemble
+from lightning_kd.teachers import TeacherEnsemble, TeacherOutputCache
 
 __version__ = "0.1.0"
 
@@ -92,6 +92,7 @@ __all__ = [
     "Stage",
     "StepOutputs",
     "TeacherEnsemble",
+    "TeacherOutputCache",
     "TemperatureAnnealing",
     "ValueRelationTerm",
     "VIDTerm",

@@ -22,19 +22,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
-from lightning_kd.module_parts import (
-    BatchKey,
-    InputKey,
-    call_model,
-    configure_optimization,
-    hparams_given_by_cli,
-    infer_num_classes,
-    logits_of,
-    select,
-)
-from lightning_kd.teacher_cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint
-from lightning_kd.teacher_ensemble import TeacherEnsemble
-from lightning_kd.teachers import freeze, load_weights
+from lightning_kd.model_io import BatchKey, InputKey, call_model, infer_num_classes, logits_of, select
+from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
+from lightning_kd.teachers.cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint
+from lightning_kd.teachers.ensemble import TeacherEnsemble
+from lightning_kd.teachers.loading import freeze, load_weights
 
 __all__ = ["DistillationModule", "logits_of"]
 
@@ -109,7 +101,7 @@ class DistillationModule(pl.LightningModule):
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
         check_finite: stop with an error naming the term (and any NaN/Inf batch entry) when the loss
             is NaN or infinite.
-        teacher_cache: a :class:`~lightning_kd.teacher_cache.TeacherOutputCache` for a frozen
+        teacher_cache: a :class:`~lightning_kd.TeacherOutputCache` for a frozen
             teacher: its training outputs (logits and the hooked features the terms declare) are
             computed once, stored by sample index, and reused, skipping the teacher forward.
     """

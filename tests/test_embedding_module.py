@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd import DistillationModule
 from lightning_kd.losses import functional
 from lightning_kd.losses.embedding import EmbeddingMatchTerm
-from lightning_kd.module_parts import call_model, select
+from lightning_kd.model_io import call_model, select
 from lightning_kd.paradigms.embedding import EmbeddingDistillationModule, embedding_of
 
 

@@ -20,7 +20,7 @@ from lightning_kd.data.indexed import WithIndex
 from lightning_kd.losses.feature import FitNetTerm
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
 from lightning_kd.module import DistillationModule
-from lightning_kd.teacher_cache import (
+from lightning_kd.teachers.cache import (
     TeacherOutputCache,
     dataset_fingerprint,
     teacher_fingerprint,

@@ -22,7 +22,7 @@ from lightning_kd.callbacks.report_io import (
     save_and_log_figure,
     validation_loader,
 )
-from lightning_kd.teachers import load_weights
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = ["ClassAgreementReport", "ClassChanges"]
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_kd.callbacks.feature_hooks import uncompiled
 from lightning_kd.callbacks.report_io import beside_checkpoints
-from lightning_kd.module_parts import call_model
+from lightning_kd.model_io import call_model
 
 __all__ = [
     "CompressionReport",

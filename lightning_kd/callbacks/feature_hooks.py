@@ -1,63 +1,31 @@
-"""Capture intermediate outputs of named submodules with forward hooks."""
+"""FeatureHooks: the Lightning callback that captures the layers the loss terms read."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch._dynamo.eval_frame import OptimizedModule
-from torch.utils.hooks import RemovableHandle
+
+from lightning_kd.hooks import LayerHooks, find_layer, uncompiled
 
 __all__ = ["FeatureHooks", "find_layer", "uncompiled"]
 
 ROLES = ("student", "teacher")
 
 
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module that ``torch.compile(model)`` wraps, or ``model`` itself when it is not compiled.
-
-    The compiled wrapper runs the original module, so hooks on its submodules still fire; their
-    paths are the original ones (``"layer3"``, not ``"_orig_mod.layer3"``).
-    """
-    return model._orig_mod if isinstance(model, OptimizedModule) else model
-
-
-def find_layer(model: nn.Module, path: str, role: str = "model") -> nn.Module:
-    """Return the submodule of ``model`` at dotted ``path`` (``"layer3.1.conv2"``).
-
-    A model wrapped by ``torch.compile`` is searched by its original paths (see :func:`uncompiled`).
-
-    Raises:
-        ValueError: the path names no submodule; the message lists the closest names.
-    """
-    model = uncompiled(model)
-    modules = dict(model.named_modules())
-    if path in modules and path != "":
-        return modules[path]
-    names = [name for name in modules if name]
-    closest = difflib.get_close_matches(path, names, n=5, cutoff=0.3)
-    top_level = [name for name in names if "." not in name]
-    raise ValueError(
-        f"Unknown {role} layer {path!r} in {type(model).__name__}. "
-        f"Closest module names: {closest or 'none'}; top-level modules: {top_level}. "
-        f"Use a dotted path from `{role}.named_modules()`."
-    )
-
-
 class FeatureHooks(Callback):
     """Capture the outputs of named student / teacher layers during each forward pass.
 
-    Hooks are registered in :meth:`setup`, on the unwrapped ``pl_module.student`` and
-    ``pl_module.teacher`` before any strategy wraps the model (DDP, FSDP) or it is
-    compiled, and removed in :meth:`teardown`. Captured tensors are dropped at the end of
-    every batch, so memory does not grow over an epoch. A
-    :class:`~lightning_kd.DistillationModule` adds this callback itself for the layers its
-    loss terms declare; the captured outputs reach the terms as
-    ``StepOutputs.student_features`` / ``teacher_features``.
+    A thin Lightning adapter over :class:`~lightning_kd.hooks.LayerHooks`: the hooks are
+    registered in :meth:`setup`, on the unwrapped ``pl_module.student`` and
+    ``pl_module.teacher`` before any strategy wraps the model (DDP, FSDP) or it is compiled,
+    and removed in :meth:`teardown`. Captured tensors are dropped at the end of every batch, so
+    memory does not grow over an epoch. A :class:`~lightning_kd.DistillationModule` adds this
+    callback itself for the layers its loss terms declare; the captured outputs reach the terms
+    as ``StepOutputs.student_features`` / ``teacher_features``.
 
     Args:
         student_layers: dotted module paths in the student.
@@ -70,7 +38,7 @@ class FeatureHooks(Callback):
             "teacher": tuple(dict.fromkeys(teacher_layers)),
         }
         self.features: dict[str, dict[str, Any]] = {role: {} for role in ROLES}
-        self._handles: list[RemovableHandle] = []
+        self._hooks: list[LayerHooks] = []
 
     @property
     def state_key(self) -> str:
@@ -80,7 +48,7 @@ class FeatureHooks(Callback):
     @property
     def attached(self) -> bool:
         """Whether the hooks are registered."""
-        return bool(self._handles)
+        return any(hooks.attached for hooks in self._hooks)
 
     def attach(self, pl_module: nn.Module) -> None:
         """Register the hooks on ``pl_module.student`` / ``pl_module.teacher``."""
@@ -93,29 +61,21 @@ class FeatureHooks(Callback):
                 raise ValueError(
                     f"Layers {list(paths)} were requested on the {role}, but there is no {role}."
                 )
-            for path in paths:
-                layer = find_layer(model, path, role)
-                self._handles.append(layer.register_forward_hook(self._capture(role, path)))
+            hooks = LayerHooks.on(model, paths, role).attach()
+            self.features[role] = hooks.captured
+            self._hooks.append(hooks)
 
     def detach(self) -> None:
         """Remove every hook and drop captured outputs."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for hooks in self._hooks:
+            hooks.detach()
+        self._hooks.clear()
         self.clear()
 
     def clear(self) -> None:
         """Drop the captured outputs (the hooks stay)."""
         for store in self.features.values():
             store.clear()
-
-    def _capture(self, role: str, path: str) -> Callable[[nn.Module, Any, Any], None]:
-        store = self.features[role]
-
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            store[path] = output
-
-        return hook
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Register the hooks before the strategy wraps the model."""

@@ -11,7 +11,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_kd.module_parts import BatchKey, call_model, select
+from lightning_kd.model_io import BatchKey, call_model, select
 
 __all__ = ["KNNProbe", "embed_dataset", "linear_probe_accuracy", "weighted_knn_scores"]
 

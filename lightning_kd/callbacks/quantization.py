@@ -33,7 +33,7 @@ from torch.fx.proxy import TraceError
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.report_io import beside_checkpoints
-from lightning_kd.module_parts import call_model, logits_of
+from lightning_kd.model_io import call_model, logits_of
 
 __all__ = [
     "BACKENDS",

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_kd.module_parts import call_model, logits_of
+from lightning_kd.model_io import call_model, logits_of
 
 if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
     from lightning_kd.module import DistillationModule

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_kd.module_parts import BatchKey, select
+from lightning_kd.model_io import BatchKey, select
 
 __all__ = ["InputsOnly", "UnlabelledDataModule"]
 

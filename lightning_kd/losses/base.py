@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_kd.hooks import first_tensor
+
 __all__ = [
     "LayerPairTerm",
     "LossTerm",
@@ -133,17 +135,6 @@ def modified_in_place_count(feature: Tensor) -> int:
         return feature._version
     except RuntimeError:
         return 0
-
-
-def first_tensor(value: Any) -> Tensor:
-    """The tensor of a hooked output: the output itself, or the first tensor of a tuple/list."""
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            if isinstance(item, Tensor):
-                return item
-    raise TypeError(f"A hooked layer returned {type(value).__name__}; expected a tensor or tuple of tensors.")
 
 
 class LayerPairTerm(LossTerm):

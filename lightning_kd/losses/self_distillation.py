@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_kd.callbacks.feature_hooks import find_layer
 from lightning_kd.losses import functional
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, first_tensor
-from lightning_kd.module_parts import logits_of
+from lightning_kd.model_io import logits_of
 
 __all__ = ["AuxiliaryHead", "BYOTTerm", "make_auxiliary_head"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_kd.module_parts import call_model
-from lightning_kd.teachers import load_weights
+from lightning_kd.model_io import call_model
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = ["LayerEmbedding"]
 

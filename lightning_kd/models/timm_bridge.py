@@ -8,7 +8,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from lightning_kd.teachers import load_weights
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = ["timm_model"]
 

@@ -42,8 +42,8 @@ from torch import nn
 
 from lightning_kd.losses.base import LossTerm
 from lightning_kd.module import DistillationModule
-from lightning_kd.teacher_ensemble import TeacherEnsemble
-from lightning_kd.teachers import load_weights
+from lightning_kd.teachers.ensemble import TeacherEnsemble
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = [
     "ChainLink",

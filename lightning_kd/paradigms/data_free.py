@@ -20,8 +20,8 @@ from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.losses import functional
 from lightning_kd.losses.base import LossTerm, StepOutputs, first_tensor
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.model_io import BatchKey, logits_of
 from lightning_kd.module import DistillationModule
-from lightning_kd.module_parts import BatchKey, logits_of
 
 __all__ = ["GENERATOR_PARTS", "DataFreeDistillationModule"]
 

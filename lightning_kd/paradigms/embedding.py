@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from lightning_kd.losses.base import LossTerm
 from lightning_kd.losses.embedding import EmbeddingMatchTerm
+from lightning_kd.model_io import InputKey
 from lightning_kd.module import DistillationModule
-from lightning_kd.module_parts import InputKey, hparams_given_by_cli
+from lightning_kd.module_setup import hparams_given_by_cli
 
 __all__ = ["EmbeddingDistillationModule", "embedding_of"]
 

@@ -14,14 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
-from lightning_kd.module_parts import (
-    BatchKey,
-    configure_optimization,
-    hparams_given_by_cli,
-    infer_num_classes,
-    logits_of,
-    select,
-)
+from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
+from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
 
 __all__ = ["MutualLearningModule"]
 

@@ -18,7 +18,7 @@ from conftest import RandomDataModule, small_net  # noqa: E402
 
 from lightning_kd.data.indexed import WithIndex  # noqa: E402
 from lightning_kd.module import DistillationModule  # noqa: E402
-from lightning_kd.teacher_cache import TeacherOutputCache  # noqa: E402
+from lightning_kd.teachers.cache import TeacherOutputCache  # noqa: E402
 
 
 class IndexedDataModule(RandomDataModule):

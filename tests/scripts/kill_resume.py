@@ -32,7 +32,7 @@ from lightning_kd.losses.contrastive import CRDTerm  # noqa: E402
 from lightning_kd.losses.feature import FitNetTerm  # noqa: E402
 from lightning_kd.losses.response import CrossEntropyTerm, KDTerm  # noqa: E402
 from lightning_kd.module import DistillationModule  # noqa: E402
-from lightning_kd.teacher_cache import TeacherOutputCache  # noqa: E402
+from lightning_kd.teachers.cache import TeacherOutputCache  # noqa: E402
 
 SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages", "cache")
 EPOCHS, SAMPLES, BATCH = 4, 48, 16  # 3 steps per epoch, 12 in all

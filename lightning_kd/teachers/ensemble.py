@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.losses.functional import ensemble_log_probs
-from lightning_kd.module_parts import infer_num_classes, logits_of
-from lightning_kd.teachers import load_weights
+from lightning_kd.model_io import infer_num_classes, logits_of
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = ["TeacherEnsemble"]
 
