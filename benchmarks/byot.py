@@ -35,9 +35,7 @@ from seeds import write_table
 from torch import nn
 
 from lightning_kd.data import MNIST1DDataModule
-from lightning_kd.losses.base import LossTerm
-from lightning_kd.losses.response import CrossEntropyTerm
-from lightning_kd.losses.self_distillation import BYOTTerm
+from lightning_kd.losses import BYOTTerm, CrossEntropyTerm, LossTerm
 from lightning_kd.models import MLP, ConvNet1d
 from lightning_kd.module import DistillationModule
 from lightning_kd.quickstart import fit_and_test

@@ -36,7 +36,7 @@ from seeds import Runs, collect, write_table
 
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
-from lightning_kd.losses.response import KDTerm
+from lightning_kd.losses import KDTerm
 from lightning_kd.models import MLP, ConvNet1d
 from lightning_kd.models.generator import ConvGenerator1d
 from lightning_kd.module import DistillationModule

@@ -35,7 +35,7 @@ from seeds import quiet_trainer
 from torch import nn
 
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
-from lightning_kd.losses.generalized import GeneralizedDistillationTerm
+from lightning_kd.losses import GeneralizedDistillationTerm
 from lightning_kd.models import MLP
 from lightning_kd.module import DistillationModule
 

@@ -32,8 +32,7 @@ from lightning_kd import DistillationModule
 from lightning_kd.callbacks.knn_probe import embed_dataset, linear_probe_accuracy, weighted_knn_scores
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.unlabelled import UnlabelledDataModule
-from lightning_kd.losses.embedding import EmbeddingMatchTerm
-from lightning_kd.losses.seed import SEEDTerm
+from lightning_kd.losses import EmbeddingMatchTerm, SEEDTerm
 from lightning_kd.models import MLP, ConvNet1d
 from lightning_kd.models.layer_embedding import LayerEmbedding
 from lightning_kd.paradigms.embedding import EmbeddingDistillationModule

@@ -37,8 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from seeds import quiet_trainer, write_table  # noqa: E402
 
 from lightning_kd.data.sentences import DocstringSentencesDataModule  # noqa: E402
-from lightning_kd.losses.embedding import EmbeddingMatchTerm  # noqa: E402
-from lightning_kd.losses.transformer import AttentionMapTerm, HiddenStateTerm  # noqa: E402
+from lightning_kd.losses import AttentionMapTerm, EmbeddingMatchTerm, HiddenStateTerm  # noqa: E402
 from lightning_kd.models.sentence_encoder import (  # noqa: E402
     SentenceEncoder,
     minilm_teacher,

@@ -42,7 +42,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_kd.data import MNIST1DDataModule
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.losses import CrossEntropyTerm, KDTerm
 from lightning_kd.models import MLP, ConvNet1d
 from lightning_kd.module import DistillationModule
 from lightning_kd.quickstart import fit_and_test

@@ -20,8 +20,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
-from lightning_kd.losses.base import LossTerm, StepOutputs
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, InputKey, call_model, infer_num_classes, logits_of, select
 from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
 from lightning_kd.teachers.cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint

@@ -40,7 +40,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_kd.losses.base import LossTerm
+from lightning_kd.losses import LossTerm
 from lightning_kd.module import DistillationModule
 from lightning_kd.teachers.ensemble import TeacherEnsemble
 from lightning_kd.teachers.loading import load_weights

@@ -15,11 +15,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_kd.callbacks.feature_hooks import find_layer
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
-from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs, first_tensor
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm
+from lightning_kd.hooks import find_layer, first_tensor
+from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs, functional
 from lightning_kd.model_io import BatchKey, logits_of
 from lightning_kd.module import DistillationModule
 

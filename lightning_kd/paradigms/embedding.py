@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_kd.losses.base import LossTerm
-from lightning_kd.losses.embedding import EmbeddingMatchTerm
+from lightning_kd.losses import EmbeddingMatchTerm, LossTerm
 from lightning_kd.model_io import InputKey
 from lightning_kd.module import DistillationModule
 from lightning_kd.module_setup import hparams_given_by_cli
