@@ -1,17 +1,30 @@
-"""The ``lightning-kd`` command: LightningCLI over the package's training modules and any datamodule."""
+"""The commands: ``lightning-kd`` (LightningCLI over any module and datamodule) and ``lightning-kd-chain``."""
 
 from __future__ import annotations
 
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["DistillationCLI", "check_checkpoint_file", "fit_summary", "main"]
+from lightning_kd.losses import LossTerm
+from lightning_kd.paradigms.chain import ChainLink, LinkResult, chain_table, ensemble_accuracy, run_chain
+
+__all__ = [
+    "DistillationCLI",
+    "build_chain_parser",
+    "chain_main",
+    "check_checkpoint_file",
+    "fit_summary",
+    "main",
+]
 
 
 def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | None = None) -> str:
@@ -117,6 +130,62 @@ class DistillationCLI(LightningCLI):
         """Print the end-of-fit summary."""
         baseline = self.config[self.subcommand].get("baseline_accuracy")
         print(fit_summary(self.trainer, time.perf_counter() - self._fit_started, baseline))
+
+
+def build_chain_parser() -> ArgumentParser:
+    """The ``lightning-kd-chain`` argument parser: one YAML (``--config``) describes the whole chain."""
+    parser = ArgumentParser(
+        prog="lightning-kd-chain",
+        description="Train a chain of models, each distilled from the previous one "
+        "(born-again networks, teacher assistants).",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with the options below")
+    parser.add_argument("--links", type=list[ChainLink], required=True, help="the chain, first link first")
+    parser.add_argument("--data", type=pl.LightningDataModule, required=True, help="the datamodule")
+    parser.add_argument("--out_dir", type=str, default="runs/chain", help="checkpoints, results files, logs")
+    parser.add_argument(
+        "--losses",
+        type=list[LossTerm] | None,
+        default=None,
+        help="default losses of links with a teacher",
+    )
+    parser.add_argument("--optimizer", type=OptimizerCallable | None, default=None, help="default optimizer")
+    parser.add_argument(
+        "--trainer",
+        type=dict[str, Any],
+        default={},
+        help="pl.Trainer settings for every link; max_epochs overrides every link's epochs",
+    )
+    parser.add_argument("--seed", type=int | None, default=0, help="seeds model creation and each link's fit")
+    parser.add_argument("--ensemble", type=bool, default=False, help="also test the average of all links")
+    parser.add_argument("--progress", type=bool, default=True, help="show Lightning's progress bars")
+    return parser
+
+
+def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
+    """Run ``lightning-kd-chain --config chain.yaml``: train the chain, print each link's accuracy."""
+    parser = build_chain_parser()
+    config = parser.parse_args(args)
+    if config.seed is not None:
+        pl.seed_everything(config.seed, verbose=False)
+    # jsonargparse >= 4.49 names it `instantiate`, older versions `instantiate_classes`
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    chain = instantiate(config)
+    results = run_chain(
+        chain.links,
+        chain.data,
+        chain.out_dir,
+        losses=chain.losses,
+        optimizer=chain.optimizer,
+        trainer=chain.trainer,
+        seed=chain.seed,
+        progress=chain.progress,
+    )
+    ensemble = None
+    if chain.ensemble:
+        ensemble = ensemble_accuracy([link.model for link in chain.links], chain.data, chain.trainer)
+    print("\n" + chain_table(results, ensemble))
+    return results
 
 
 def main(args: ArgsType = None) -> None:

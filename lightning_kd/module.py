@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -16,34 +15,36 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, InputKey, call_model, infer_num_classes, logits_of, select
 from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
-from lightning_kd.teachers.cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint
+from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
-from lightning_kd.teachers.loading import freeze, load_weights
+from lightning_kd.teachers.roles import TeacherRole, teacher_role
 
 __all__ = ["DistillationModule", "logits_of"]
 
 TeacherMode = Literal["frozen", "trainable", "ema"]
 
 
-def default_losses(teacher: nn.Module | None, teacher_mode: TeacherMode) -> list[LossTerm]:
+def default_losses(teacher: nn.Module | None, role: TeacherRole) -> list[LossTerm]:
     """The objective when none is given.
 
     Without a teacher: cross-entropy. With one: Hinton KD with the CRD benchmark's defaults
-    (CE 0.1, KD 0.9, T = 4); a co-trained teacher also learns from the labels (weight 1).
+    (CE 0.1, KD 0.9, T = 4), plus the role's own terms (a co-trained teacher also learns from
+    the labels, weight 1).
     """
     if teacher is None:
         return [CrossEntropyTerm("ce", weight=1.0)]
-    terms: list[LossTerm] = [CrossEntropyTerm("ce", weight=0.1), KDTerm("kd", weight=0.9, temperature=4.0)]
-    if teacher_mode == "trainable":
-        terms.append(CrossEntropyTerm("teacher_ce", weight=1.0, model="teacher"))
-    return terms
+    return [
+        CrossEntropyTerm("ce", weight=0.1),
+        KDTerm("kd", weight=0.9, temperature=4.0),
+        *role.default_terms(),
+    ]
 
 
 class DistillationModule(pl.LightningModule):
@@ -55,7 +56,7 @@ class DistillationModule(pl.LightningModule):
     each term of ``losses`` -> ``sum(weight * term)``; every term is logged as
     ``train/loss_<name>`` and the total as ``train/loss``.
 
-    Teacher modes:
+    Teacher modes (each a role in :mod:`lightning_kd.teachers.roles`, which the module asks):
 
     - ``"frozen"``: eval mode at all times (also after validation), ``requires_grad=False``,
       never in the optimizer, ignored by DDP, and left out of checkpoints unless
@@ -135,26 +136,8 @@ class DistillationModule(pl.LightningModule):
             if hparams_given_by_cli()
             else ["student", "teacher", "losses", "optimizer", "lr_scheduler", "teacher_cache"]
         )
-        if teacher_mode not in ("frozen", "trainable", "ema"):
-            raise ValueError(f"teacher_mode must be 'frozen', 'trainable' or 'ema', got {teacher_mode!r}.")
-        if teacher_mode == "ema":
-            if teacher is not None or teacher_checkpoint is not None:
-                raise ValueError(
-                    "teacher_mode='ema' makes the teacher a moving average of the student: leave "
-                    "`teacher` and `teacher_checkpoint` unset."
-                )
-            if not 0.0 <= ema_decay < 1.0:
-                raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
-            teacher = copy.deepcopy(student)
-        if teacher_checkpoint is not None and teacher is None:
-            raise ValueError("teacher_checkpoint is set but there is no teacher: pass `teacher` as well.")
-        if teacher_cache is not None and (teacher is None or teacher_mode != "frozen"):
-            raise ValueError(
-                "teacher_cache stores a fixed teacher's outputs: it needs a teacher with "
-                "teacher_mode='frozen' "
-                f"(got teacher={'None' if teacher is None else type(teacher).__name__}, "
-                f"teacher_mode={teacher_mode!r}). Remove teacher_cache or freeze the teacher."
-            )
+        self.teacher_role = teacher_role(teacher_mode, ema_decay, teacher_cache, teacher)
+        teacher = self.teacher_role.make_teacher(student, teacher, teacher_checkpoint)
         self.student = student
         self.teacher = teacher
         self.teacher_mode = teacher_mode
@@ -163,8 +146,6 @@ class DistillationModule(pl.LightningModule):
         self.target_key = target_key
         self.teacher_input_key = teacher_input_key
         self.ema_decay = ema_decay
-        #: (teacher floats, student floats, other (teacher, student) pairs) of the EMA update
-        self._ema_pairs: tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]] | None = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -173,13 +154,7 @@ class DistillationModule(pl.LightningModule):
         self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
 
-        if teacher is not None:
-            if teacher_checkpoint is not None:
-                load_weights(teacher, teacher_checkpoint)
-            if self.teacher_without_gradients:
-                freeze(teacher)
-
-        terms = list(losses) if losses is not None else default_losses(teacher, teacher_mode)
+        terms = list(losses) if losses is not None else default_losses(teacher, self.teacher_role)
         self._check_terms(terms)
         self.loss_terms = nn.ModuleDict({term.name: term for term in terms})
         self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
@@ -212,12 +187,12 @@ class DistillationModule(pl.LightningModule):
     @property
     def teacher_is_frozen(self) -> bool:
         """Whether a teacher is present and frozen (fixed weights from outside, not checkpointed)."""
-        return self.teacher is not None and self.teacher_mode == "frozen"
+        return self.teacher is not None and self.teacher_role.restored_from_source
 
     @property
     def teacher_without_gradients(self) -> bool:
         """Whether a teacher is present and gets no gradients (frozen or EMA): eval mode, ``no_grad``."""
-        return self.teacher is not None and self.teacher_mode in ("frozen", "ema")
+        return self.teacher is not None and not self.teacher_role.receives_gradients
 
     def _check_terms(self, terms: list[LossTerm]) -> None:
         if not terms:
@@ -232,13 +207,8 @@ class DistillationModule(pl.LightningModule):
             needing = [t.name for t in terms if t.needs_teacher]
             if needing:
                 raise ValueError(f"Loss terms {needing} need a teacher, but teacher is None.")
-        elif self.teacher_mode == "trainable" and not any(
-            isinstance(t, CrossEntropyTerm) and t.model == "teacher" for t in terms
-        ):
-            raise ValueError(
-                "A trainable teacher needs a loss on its own outputs, e.g. "
-                "CrossEntropyTerm(name='teacher_ce', model='teacher'); otherwise it never learns."
-            )
+        else:
+            self.teacher_role.check_terms(terms)
 
     def _ddp_ignored(self) -> list[str]:
         """Names DDP neither broadcasts nor all-reduces.
@@ -248,7 +218,7 @@ class DistillationModule(pl.LightningModule):
         sync themselves (``LossTerm.synchronizes_own_buffers``).
         """
         names = []
-        if self.teacher_without_gradients:
+        if self.teacher is not None and self.teacher_role.ddp_ignores_teacher():
             teacher = self.teacher
             names += [f"teacher.{n}" for n, _ in chain(teacher.named_parameters(), teacher.named_buffers())]
         for term_name, term in self.loss_terms.items():
@@ -277,30 +247,14 @@ class DistillationModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
 
     def on_train_start(self) -> None:
-        """Open the teacher cache for this teacher and training set (rebuilt if either changed)."""
-        if self.teacher_cache is None:
-            return
-        dataset = self.trainer.train_dataloader.dataset
-        fingerprint = f"{teacher_fingerprint(self.teacher)}|{dataset_fingerprint(dataset)}"
-        probe = self.trainer.strategy.batch_to_device(default_collate([dataset[0]]), self.device)
-        inputs, _ = self.unpack_batch(probe)
-        logits = self.prediction_of(self.teacher_forward(self.teacher_inputs(probe, inputs)))
-        features = self.feature_hooks.features["teacher"] if self.feature_hooks is not None else {}
-        layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
-        self.teacher_cache.open(
-            fingerprint,
-            len(dataset),
-            logits,
-            {path: features[path] for path in layers},
-            self.trainer.strategy,
-        )
-        if self.feature_hooks is not None:
-            self.feature_hooks.clear()
+        """Let the teacher's role prepare (a cached teacher opens its cache for this training set)."""
+        if self.teacher is not None:
+            self.teacher_role.on_train_start(self)
 
     def on_train_epoch_end(self) -> None:
-        """Flush the teacher cache; it is marked complete once every training sample is stored."""
-        if self.teacher_cache is not None:
-            self.teacher_cache.finish_epoch(self.trainer.strategy)
+        """Let the teacher's role finish the epoch (a cached teacher flushes its cache)."""
+        if self.teacher is not None:
+            self.teacher_role.on_train_epoch_end(self)
 
     def on_fit_end(self) -> None:
         """Fail loudly when the training set is empty (Lightning only logs "No training batches")."""
@@ -356,10 +310,7 @@ class DistillationModule(pl.LightningModule):
         """The teacher's output (under ``no_grad`` unless co-trained), or ``None`` without a teacher."""
         if self.teacher is None:
             return None
-        if self.teacher_without_gradients:
-            with torch.no_grad():
-                return call_model(self.teacher, inputs)
-        return call_model(self.teacher, inputs)
+        return self.teacher_role.forward(self.teacher, inputs)
 
     def _declared_hooks(self) -> FeatureHooks | None:
         """FeatureHooks for exactly the layers that the loss terms declare (None if none)."""
@@ -377,9 +328,10 @@ class DistillationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model)."""
         if any(term.needs_build for term in self.loss_terms.values()):
-            self.build_terms(self._probe_batch(stage))
+            self.build_terms(self.probe_batch(stage))
 
-    def _probe_batch(self, stage: str) -> Any:
+    def probe_batch(self, stage: str) -> Any:
+        """One batch to size the loss terms' adapters on: the datamodule's, else ``example_input_array``."""
         datamodule = self.trainer.datamodule
         if datamodule is not None:
             loader = {"fit": "train", "validate": "val", "test": "test"}.get(stage, "predict")
@@ -421,13 +373,19 @@ class DistillationModule(pl.LightningModule):
                 self.feature_hooks.clear()
 
     # ----------------------------------------------------------------- steps
-    def step_outputs(self, batch: Any) -> StepOutputs:
-        """Run the teacher, then the student, and gather what the loss terms read."""
+    def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:
+        """Run the teacher, then the student, and gather what the loss terms read.
+
+        Args:
+            batch: a batch as the dataloader gives it.
+            teacher_output: the teacher's output on ``batch`` when the caller already has it (the
+                teacher then does not run again); default: the teacher's role provides it.
+        """
         inputs, targets = self.unpack_batch(batch)
-        cached = self.teacher_cache is not None and self.training
-        if cached:
-            teacher_output, teacher_features = self.cached_teacher_forward(batch, inputs)
-        else:
+        teacher_features = None
+        if teacher_output is None and self.teacher is not None and self.training:
+            teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
+        elif teacher_output is None and self.teacher is not None:
             teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
         student_output = call_model(self.student, inputs)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
@@ -436,27 +394,11 @@ class DistillationModule(pl.LightningModule):
             targets=targets,
             teacher_logits=self.prediction_of(teacher_output) if teacher_output is not None else None,
             student_features=features.get("student", {}),
-            teacher_features=teacher_features if cached else features.get("teacher", {}),
+            teacher_features=features.get("teacher", {}) if teacher_features is None else teacher_features,
             batch=batch,
             teacher_output=teacher_output,
             student_output=student_output,
         )
-
-    def cached_teacher_forward(self, batch: Any, inputs: Any) -> tuple[Tensor, dict[str, Any]]:
-        """The teacher's logits and hooked features from the cache; on a miss, the teacher's (then stored)."""
-        indices = self.teacher_cache.indices_of(batch)
-        found = self.teacher_cache.lookup(indices, self.device)
-        if found is not None:
-            return found
-        output = self.teacher_forward(self.teacher_inputs(batch, inputs))
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"teacher_cache stores logits, but the teacher returns a {type(output).__name__}; terms that "
-                "read more than the logits (ensembles, teacher_output) need teacher_cache=None."
-            )
-        features = self.feature_hooks.features["teacher"] if self.feature_hooks is not None else {}
-        self.teacher_cache.store(indices, output, features)
-        return output, dict(features)
 
     def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total and each term's unweighted value."""
@@ -536,7 +478,8 @@ class DistillationModule(pl.LightningModule):
             self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return total
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
+        """Student (and teacher) accuracy and their agreement on one held-out batch, under ``stage/``."""
         inputs, targets = self.unpack_batch(batch)
         student_logits = logits_of(call_model(self.student, inputs))
         teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
@@ -559,12 +502,12 @@ class DistillationModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement."""
         self.check_labels(self.unpack_batch(batch)[1], batch_idx, "validation")
-        self._evaluate(batch, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
         self.check_labels(self.unpack_batch(batch)[1], batch_idx, "test")
-        self._evaluate(batch, "test")
+        self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The student's logits."""
@@ -573,39 +516,18 @@ class DistillationModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step the optimizer, then move an EMA teacher towards the student."""
+        """Step the optimizer, then let the teacher's role follow the student (an EMA teacher moves)."""
         super().optimizer_step(*args, **kwargs)
-        if self.teacher_mode == "ema":
-            self.update_ema_teacher()
+        if self.teacher is not None:
+            self.teacher_role.after_optimizer_step(self.student, self.teacher)
 
-    @torch.no_grad()
     def update_ema_teacher(self) -> None:
-        """``ema <- d * ema + (1 - d) * student`` for parameters and float buffers; other buffers copied.
-
-        The float tensors are averaged in one fused ``torch._foreach_lerp_`` call; the pairing of
-        teacher and student tensors is found once and kept until the module moves (``_apply``).
-        """
-        if self._ema_pairs is None:
-            teacher_state = self.teacher.state_dict(keep_vars=True)
-            pairs = [
-                (teacher_state[name], value)
-                for name, value in self.student.state_dict(keep_vars=True).items()
-            ]
-            floats = [(t, s) for t, s in pairs if t.is_floating_point()]
-            self._ema_pairs = (
-                [t for t, _ in floats],
-                [s for _, s in floats],
-                [(t, s) for t, s in pairs if not t.is_floating_point()],
-            )
-        teacher_floats, student_floats, others = self._ema_pairs
-        if teacher_floats:
-            torch._foreach_lerp_(teacher_floats, [s.detach() for s in student_floats], 1.0 - self.ema_decay)
-        for target, value in others:
-            target.copy_(value)
+        """Move an EMA teacher towards the student now (:meth:`EMATeacher.after_optimizer_step`)."""
+        self.teacher_role.after_optimizer_step(self.student, self.teacher)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
-        """Forget the EMA tensor pairing when tensors are moved or cast (``.to()``, ``.half()``)."""
-        self._ema_pairs = None
+        """The teacher's role forgets the tensors it holds: they are moved or cast (``.to()``)."""
+        self.teacher_role.forget_tensors()
         return super()._apply(fn, *args, **kwargs)
 
     def configure_optimizers(self) -> Any:
@@ -622,7 +544,7 @@ class DistillationModule(pl.LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave a frozen teacher out of the checkpoint unless ``save_teacher``."""
-        if self.teacher_is_frozen and not self.save_teacher:
+        if self.teacher is not None and not self.teacher_role.in_checkpoint(self.save_teacher):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = type(state)(
                 (k, v) for k, v in state.items() if not k.startswith("teacher.")

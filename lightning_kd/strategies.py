@@ -10,6 +10,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
+from lightning_kd.teachers.roles import FrozenTeacher
+
 __all__ = ["DistillationFSDPStrategy", "distillation_wrap_policy"]
 
 
@@ -85,13 +87,13 @@ class DistillationFSDPStrategy(FSDPStrategy):
                 f"got {type(module).__name__}; use lightning's FSDPStrategy for other modules."
             )
         teacher = getattr(module, "teacher", None)
-        mode = getattr(module, "teacher_mode", "frozen")
-        if teacher is not None and mode == "ema":
+        role = getattr(module, "teacher_role", FrozenTeacher())
+        if teacher is not None and role.copies_student:
             raise ValueError(
-                "teacher_mode='ema' cannot run under FSDP: the EMA update needs the student's whole "
+                f"teacher_mode={role.mode!r} cannot run under FSDP: the teacher follows the student's whole "
                 "parameters, which FSDP shards. Use strategy='ddp'."
             )
-        ignore_teacher = teacher is not None and mode == "frozen" and not self.shard_teacher
+        ignore_teacher = teacher is not None and not role.receives_gradients and not self.shard_teacher
         self.kwargs["auto_wrap_policy"] = distillation_wrap_policy(
             module, self.layer_classes, wrap_teacher=not ignore_teacher
         )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_kd.hooks import LayerHooks, find_layer
 from lightning_kd.model_io import call_model
 from lightning_kd.teachers.loading import load_weights
 
@@ -37,12 +37,7 @@ class LayerEmbedding(nn.Module):
 
     def __init__(self, model: nn.Module, layer: str, checkpoint: str | Path | None = None) -> None:
         super().__init__()
-        modules = dict(model.named_modules())
-        if layer not in modules or not layer:
-            nearest = difflib.get_close_matches(layer, [n for n in modules if n], n=3, cutoff=0.0)
-            raise ValueError(
-                f"{type(model).__name__} has no layer {layer!r}; nearest existing names: {nearest}."
-            )
+        find_layer(model, layer)  # fail now on an unknown path, naming the closest ones
         if checkpoint is not None:
             load_weights(model, checkpoint)
         self.model = model
@@ -51,24 +46,19 @@ class LayerEmbedding(nn.Module):
 
     def forward(self, inputs: Any) -> Tensor:
         """``(N, D)``: the layer's output on ``inputs``, flattened after the batch dimension."""
-        captured: list[Tensor] = []
-        handle = self.model.get_submodule(self.layer).register_forward_hook(
-            lambda _module, _args, output: captured.append(output)
-        )
-        try:
+        with LayerHooks.on(self.model, [self.layer]) as hooks:
             call_model(self.model, inputs)
-        finally:
-            handle.remove()
-        if not captured or not isinstance(captured[-1], Tensor):
+        output = hooks.captured.get(self.layer)
+        if not isinstance(output, Tensor):
             raise TypeError(
                 f"Layer {self.layer!r} of {type(self.model).__name__} "
                 + (
                     "did not run in forward."
-                    if not captured
-                    else f"returned {type(captured[-1]).__name__}, not a tensor."
+                    if output is None
+                    else f"returned {type(output).__name__}, not a tensor."
                 )
             )
-        return captured[-1].flatten(1)
+        return output.flatten(1)
 
     def extra_repr(self) -> str:
         """The layer (and checkpoint) shown in the module repr."""

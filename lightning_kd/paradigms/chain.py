@@ -12,7 +12,7 @@ One concept covers two paradigms:
 :func:`run_chain` trains the links in order with :class:`~lightning_kd.DistillationModule`:
 link ``k`` is the student, link ``k - 1`` the frozen teacher, loaded from the checkpoint that
 link ``k - 1`` wrote. The first link learns from the labels or is given by a checkpoint. The
-``lightning-kd-chain`` command (:func:`main`) runs a chain from one YAML file.
+``lightning-kd-chain`` command (:func:`lightning_kd.cli.chain_main`) runs a chain from one YAML file.
 
 Each link keeps its files in ``<out_dir>/<name>/``: ``checkpoint.ckpt`` (written after every
 epoch), ``version_*/metrics.csv`` (CSV logs) and ``result.json``. A link is *finished* once its
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
@@ -50,7 +49,6 @@ __all__ = [
     "LinkResult",
     "chain_table",
     "ensemble_accuracy",
-    "main",
     "run_chain",
 ]
 
@@ -406,63 +404,3 @@ def chain_table(results: Sequence[LinkResult], ensemble: float | None = None) ->
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
-
-
-def build_parser() -> ArgumentParser:
-    """The ``lightning-kd-chain`` argument parser: one YAML (``--config``) describes the whole chain."""
-    parser = ArgumentParser(
-        prog="lightning-kd-chain",
-        description="Train a chain of models, each distilled from the previous one "
-        "(born-again networks, teacher assistants).",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with the options below")
-    parser.add_argument("--links", type=list[ChainLink], required=True, help="the chain, first link first")
-    parser.add_argument("--data", type=pl.LightningDataModule, required=True, help="the datamodule")
-    parser.add_argument("--out_dir", type=str, default="runs/chain", help="checkpoints, results files, logs")
-    parser.add_argument(
-        "--losses",
-        type=list[LossTerm] | None,
-        default=None,
-        help="default losses of links with a teacher",
-    )
-    parser.add_argument("--optimizer", type=OptimizerCallable | None, default=None, help="default optimizer")
-    parser.add_argument(
-        "--trainer",
-        type=dict[str, Any],
-        default={},
-        help="pl.Trainer settings for every link; max_epochs overrides every link's epochs",
-    )
-    parser.add_argument("--seed", type=int | None, default=0, help="seeds model creation and each link's fit")
-    parser.add_argument("--ensemble", type=bool, default=False, help="also test the average of all links")
-    parser.add_argument("--progress", type=bool, default=True, help="show Lightning's progress bars")
-    return parser
-
-
-def main(args: Sequence[str] | None = None) -> list[LinkResult]:
-    """Run ``lightning-kd-chain --config chain.yaml``: train the chain, print each link's accuracy."""
-    parser = build_parser()
-    config = parser.parse_args(args)
-    if config.seed is not None:
-        pl.seed_everything(config.seed, verbose=False)
-    # jsonargparse >= 4.49 names it `instantiate`, older versions `instantiate_classes`
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    chain = instantiate(config)
-    results = run_chain(
-        chain.links,
-        chain.data,
-        chain.out_dir,
-        losses=chain.losses,
-        optimizer=chain.optimizer,
-        trainer=chain.trainer,
-        seed=chain.seed,
-        progress=chain.progress,
-    )
-    ensemble = None
-    if chain.ensemble:
-        ensemble = ensemble_accuracy([link.model for link in chain.links], chain.data, chain.trainer)
-    print("\n" + chain_table(results, ensemble))
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,24 +15,21 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
-from lightning_kd.hooks import find_layer, first_tensor
-from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs, functional
+from lightning_kd.hooks import LayerHooks, find_layer, first_tensor
+from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, logits_of
 from lightning_kd.module import DistillationModule
+from lightning_kd.paradigms.generator_losses import (
+    bn_statistics_loss,
+    dafl_activation_loss,
+    dafl_information_entropy_loss,
+    dafl_one_hot_loss,
+)
 
 __all__ = ["GENERATOR_PARTS", "DataFreeDistillationModule"]
 
 #: the parts of the generator's loss, logged as ``train/loss_<part>``.
 GENERATOR_PARTS = ("one_hot", "activation", "entropy", "bn")
-
-
-@dataclass
-class _TeacherTaps:
-    """What the hooks read during the teacher's forward on generated samples."""
-
-    features: Tensor | None = None
-    bn_inputs: list[Tensor] = field(default_factory=list)
-    bn_layers: list[_BatchNorm] = field(default_factory=list)
 
 
 def _last_linear(teacher: nn.Module) -> str:
@@ -57,12 +53,12 @@ class DataFreeDistillationModule(DistillationModule):
        gradient flows through it into ``x``) classifies ``x``, and the generator minimises
        ``one_hot_weight * L_oh + activation_weight * L_a + entropy_weight * L_ie
        (+ bn_weight * R_bn)``: the teacher is confident on ``x``
-       (:func:`~lightning_kd.losses.functional.dafl_one_hot_loss`), its penultimate features
-       fire strongly (:func:`~lightning_kd.losses.functional.dafl_activation_loss`), and the
+       (:func:`~lightning_kd.paradigms.generator_losses.dafl_one_hot_loss`), its penultimate features
+       fire strongly (:func:`~lightning_kd.paradigms.generator_losses.dafl_activation_loss`), and the
        batch covers the classes evenly
-       (:func:`~lightning_kd.losses.functional.dafl_information_entropy_loss`). Optionally
+       (:func:`~lightning_kd.paradigms.generator_losses.dafl_information_entropy_loss`). Optionally
        DeepInversion's prior (Yin et al., CVPR 2020): ``x`` matches the statistics stored in
-       the teacher's BatchNorm layers (:func:`~lightning_kd.losses.functional.bn_statistics_loss`).
+       the teacher's BatchNorm layers (:func:`~lightning_kd.paradigms.generator_losses.bn_statistics_loss`).
     2. **student step**: on ``x.detach()``, the student minimises ``losses`` against the
        teacher's detached logits of the same ``x``; default DAFL's: the KL divergence
        ``KL(softmax(t) || softmax(s))`` at temperature 1 (:class:`~lightning_kd.KDTerm`).
@@ -197,7 +193,7 @@ class DataFreeDistillationModule(DistillationModule):
             )
         super().setup(stage)
 
-    def _probe_batch(self, stage: str) -> Tensor:
+    def probe_batch(self, stage: str) -> Tensor:
         """Two generated samples (generator in eval mode, no gradient) to size the student terms' adapters."""
         was_training = self.generator.training
         self.generator.eval()
@@ -207,39 +203,17 @@ class DataFreeDistillationModule(DistillationModule):
         finally:
             self.generator.train(was_training)
 
-    @contextmanager
-    def _teacher_taps(self) -> Iterator[_TeacherTaps]:
-        """Hooks on the teacher for one forward: its features and (if used) its BatchNorm inputs."""
-        taps = _TeacherTaps()
-        handles = []
+    def _teacher_taps(self) -> tuple[LayerHooks, LayerHooks | None]:
+        """Hooks for one teacher forward: its features, and (if used) every BatchNorm's input."""
         if self._classifier is not None:
-
-            def read_input(module: nn.Module, args: tuple[Any, ...]) -> None:
-                taps.features = first_tensor(args)
-
-            layer = find_layer(self.teacher, self._classifier, "teacher")
-            handles.append(layer.register_forward_pre_hook(read_input))
+            features = LayerHooks.on(self.teacher, [self._classifier], "teacher", capture="input")
         else:
             assert self.feature_layer is not None
-
-            def read_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                taps.features = first_tensor(output)
-
-            layer = find_layer(self.teacher, self.feature_layer, "teacher")
-            handles.append(layer.register_forward_hook(read_output))
-        if "bn" in self.generator_weights:
-
-            def read_bn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                taps.bn_inputs.append(first_tensor(args))
-                taps.bn_layers.append(module)
-
-            bn_layers = [m for m in self.teacher.modules() if isinstance(m, _BatchNorm)]
-            handles += [layer.register_forward_hook(read_bn) for layer in bn_layers]
-        try:
-            yield taps
-        finally:
-            for handle in handles:
-                handle.remove()
+            features = LayerHooks.on(self.teacher, [self.feature_layer], "teacher")
+        if "bn" not in self.generator_weights:
+            return features, None
+        batch_norms = [m for m in self.teacher.modules() if isinstance(m, _BatchNorm)]
+        return features, LayerHooks(dict(enumerate(batch_norms)), capture="input", keep="all")
 
     # ----------------------------------------------------------------- losses
     def generator_loss(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -250,34 +224,38 @@ class DataFreeDistillationModule(DistillationModule):
         part unweighted.
         """
         inputs = self.generator(z)
-        with self._teacher_taps() as taps:
+        feature_hooks, bn_hooks = self._teacher_taps()
+        with feature_hooks, bn_hooks or nullcontext():
             teacher_logits = logits_of(self.teacher(inputs))
-        if taps.features is None:
+        if not feature_hooks.captured:
             raise RuntimeError("The teacher's feature layer did not run in its forward: set feature_layer=.")
         parts = {
-            "one_hot": functional.dafl_one_hot_loss(teacher_logits),
-            "activation": functional.dafl_activation_loss(taps.features),
-            "entropy": functional.dafl_information_entropy_loss(teacher_logits),
+            "one_hot": dafl_one_hot_loss(teacher_logits),
+            "activation": dafl_activation_loss(first_tensor(next(iter(feature_hooks.captured.values())))),
+            "entropy": dafl_information_entropy_loss(teacher_logits),
         }
-        if "bn" in self.generator_weights:
-            parts["bn"] = functional.bn_statistics_loss(
-                taps.bn_inputs,
-                [layer.running_mean for layer in taps.bn_layers],
-                [layer.running_var for layer in taps.bn_layers],
+        if bn_hooks is not None:  # every call of every BatchNorm that ran
+            calls = [(bn_hooks.layers[i], x) for i, seen in bn_hooks.captured.items() for x in seen]
+            parts["bn"] = bn_statistics_loss(
+                [x for _, x in calls],
+                [layer.running_mean for layer, _ in calls],
+                [layer.running_var for layer, _ in calls],
             )
         total = sum(self.generator_weights[name] * value for name, value in parts.items())
         assert isinstance(total, Tensor)
         self._check_generator_finite(total, parts)
         return inputs, teacher_logits, total, parts
 
-    def step_outputs(self, batch: Tensor, teacher_logits: Tensor | None = None) -> StepOutputs:
+    def step_outputs(self, batch: Tensor, teacher_output: Tensor | None = None) -> StepOutputs:
         """The student's (and the teacher's) outputs on generated samples ``batch`` (no labels).
 
-        ``teacher_logits``: the teacher's logits on ``batch`` if already computed (they are
+        ``teacher_output``: the teacher's logits on ``batch`` if already computed (they are
         detached); otherwise the teacher runs under ``no_grad``.
         """
         batch = batch.detach()
-        teacher_logits = self.teacher_logits(batch) if teacher_logits is None else teacher_logits.detach()
+        teacher_logits = (
+            logits_of(self.teacher_forward(batch)) if teacher_output is None else teacher_output.detach()
+        )
         student_logits = logits_of(self.student(batch))
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_kd.losses import EmbeddingMatchTerm, LossTerm
 from lightning_kd.model_io import InputKey
 from lightning_kd.module import DistillationModule
 from lightning_kd.module_setup import hparams_given_by_cli
+from lightning_kd.teachers.roles import TEACHER_MODES
 
 __all__ = ["EmbeddingDistillationModule", "embedding_of"]
 
@@ -63,17 +62,11 @@ class EmbeddingDistillationModule(DistillationModule):
         teacher: the network whose embeddings are reproduced (``None`` with ``teacher_mode="ema"``).
         losses: the loss terms; default ``[EmbeddingMatchTerm("embedding", kind="cosine")]``.
         teacher_mode: ``"frozen"`` or ``"ema"``.
-        teacher_checkpoint: a file with the teacher's trained weights.
-        save_teacher: also write a frozen teacher into checkpoints.
         input_key: where the inputs are in a batch (see :class:`~lightning_kd.DistillationModule`);
             a list of keys of a dict batch is passed as keyword arguments, ``None`` is the whole batch.
-        teacher_input_key: where the teacher's own input is; default: the student's.
-        ema_decay: ``d`` of the ``"ema"`` teacher.
-        optimizer: a callable ``params -> Optimizer``; default Adam with lr 1e-3.
-        lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0.
-        lr_scheduler_interval: ``"epoch"`` or ``"step"``.
-        cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
-        check_finite: stop with an error naming the term when the loss is NaN or infinite.
+        **kwargs: the other arguments of :class:`~lightning_kd.DistillationModule`
+            (``teacher_checkpoint``, ``save_teacher``, ``teacher_input_key``, ``ema_decay``,
+            ``optimizer``, ``lr_scheduler``, ...); there are no labels, so no ``target_key``.
     """
 
     def __init__(
@@ -82,41 +75,28 @@ class EmbeddingDistillationModule(DistillationModule):
         teacher: nn.Module | None = None,
         losses: Sequence[LossTerm] | None = None,
         teacher_mode: Literal["frozen", "ema"] = "frozen",
-        teacher_checkpoint: str | Path | None = None,
-        save_teacher: bool = False,
         input_key: InputKey = 0,
-        teacher_input_key: InputKey = None,
-        ema_decay: float = 0.999,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        cosine_decay: bool = True,
-        check_finite: bool = True,
+        **kwargs: Any,
     ) -> None:
-        if teacher_mode not in ("frozen", "ema"):
+        role = TEACHER_MODES.get(teacher_mode)
+        if role is None or role.receives_gradients:
             raise ValueError(
                 f"teacher_mode must be 'frozen' or 'ema' for embedding distillation, got {teacher_mode!r}."
             )
-        if teacher is None and teacher_mode == "frozen":
+        if teacher is None and not role.copies_student:
             raise ValueError(
                 "Embedding distillation needs a teacher: pass `teacher` (or teacher_mode='ema')."
             )
+        if "target_key" in kwargs:
+            raise ValueError("Embedding distillation reads no labels: remove target_key.")
         super().__init__(
             student,
             teacher,
             losses=list(losses) if losses is not None else [EmbeddingMatchTerm("embedding", kind="cosine")],
             teacher_mode=teacher_mode,
-            teacher_checkpoint=teacher_checkpoint,
-            save_teacher=save_teacher,
             input_key=input_key,
             target_key=None,
-            teacher_input_key=teacher_input_key,
-            ema_decay=ema_decay,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
-            cosine_decay=cosine_decay,
-            check_finite=check_finite,
+            **kwargs,
         )
         modules = ["student", "teacher", "losses", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(ignore=None if hparams_given_by_cli() else modules)
@@ -130,7 +110,8 @@ class EmbeddingDistillationModule(DistillationModule):
         """The embedding in a model's output (:func:`embedding_of`)."""
         return embedding_of(output)
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
+        """The held-out objective and the mean student-teacher cosine, under ``stage/``."""
         outputs = self.step_outputs(batch)
         total, _ = self.compute_loss(outputs)
         student, teacher = outputs.student_logits.float(), outputs.teacher_logits.float()

@@ -138,7 +138,8 @@ class MutualLearningModule(pl.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True)
         return total
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
+        """Every peer's accuracy and the ensemble's on one held-out batch, under ``stage/``."""
         inputs, targets = self.unpack_batch(batch)
         logits = [logits_of(peer(inputs)) for peer in self.peers]
         for k, peer_logits in enumerate(logits):
@@ -152,11 +153,11 @@ class MutualLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Every peer's accuracy and the peers' ensemble accuracy."""
-        self._evaluate(batch, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self._evaluate(batch, "test")
+        self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Peer 0's logits."""
