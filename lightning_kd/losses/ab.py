@@ -96,7 +96,7 @@ def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     - ``nn.Identity()`` when channels and spatial sizes already agree (theirs: an empty
       ``nn.Sequential()``), e.g. for resnet8x4 against resnet32x4;
     - otherwise ``ConvReg(s, t, use_relu=False)``: the convolution of
-      :func:`~lightning_kd.losses.feature.make_regressor` (a 1x1 convolution with bias for equal
+      :func:`~lightning_kd.losses.adapters.make_regressor` (a 1x1 convolution with bias for equal
       sizes; stride-2 3x3, stride-2 transposed 4x4 or ``(1 + H_s - H_t) x (1 + W_s - W_t)``
       otherwise) and a ``BatchNorm2d``, without the ReLU, default init;
     - ``(N, C, L)`` sequences of equal length: ``Conv1d(C_s, C_t, 1)`` + ``BatchNorm1d``;

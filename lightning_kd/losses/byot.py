@@ -217,7 +217,7 @@ class BYOTTerm(LayerListTerm):
     ``sum_i (1 - alpha) CE(z_i, y) + alpha T^2 KL(softmax(z_C/T) || softmax(z_i/T))
     + feature_weight ||F_i - F_C||^2``, with :math:`z_C, F_C` detached (see
     :func:`lightning_kd.losses.functional.byot_loss` for the reductions). The deepest
-    classifier's own cross-entropy is a separate :class:`~lightning_kd.losses.response.CrossEntropyTerm`
+    classifier's own cross-entropy is a separate :class:`~lightning_kd.losses.cross_entropy.CrossEntropyTerm`
     (weight 1 in the authors' code). No teacher is needed.
 
     The heads (:func:`make_auxiliary_head`) are built on the module's probe batch, owned by this

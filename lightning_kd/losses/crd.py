@@ -66,7 +66,7 @@ def crd_loss(
     ``ContrastLoss`` / ``CRDLoss`` in ``crd/criterion.py`` of ``HobbitLong/RepDistiller``. A score
     is :math:`P = \exp(u^\top v / \tau) / Z` for an anchor embedding :math:`u` of one model and a
     memory-bank embedding :math:`v` of the other model
-    (:class:`~lightning_kd.losses.contrastive.ContrastMemory` computes them); column 0 holds the
+    (:class:`~lightning_kd.losses.crd.ContrastMemory` computes them); column 0 holds the
     positive (the same sample), columns :math:`1 \dots K` the negatives. With the uniform noise
     distribution :math:`P_n = 1 / n` over the :math:`n` = ``num_samples`` training samples, NCE
     models the probability that a pair is real as

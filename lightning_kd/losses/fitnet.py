@@ -31,7 +31,7 @@ def fitnet_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     :math:`\mathcal{L} = \frac{1}{|F|} \sum (r(F^s) - F^t)^2`, the mean over every element,
     as the CRD benchmark's ``HintLoss`` (``nn.MSELoss()``). The regressor :math:`r` that maps
     the student's shape onto the teacher's belongs to the loss term
-    (:class:`~lightning_kd.losses.feature.FitNetTerm`); pass its output here.
+    (:class:`~lightning_kd.losses.fitnet.FitNetTerm`); pass its output here.
 
     Args:
         student_feature: the student's feature after the regressor, any shape.

@@ -61,7 +61,7 @@ def ofd_loss(student_feat: Tensor, teacher_feat: Tensor, margin: Tensor) -> Tens
     ``(source > target) | (target > 0)``, *sum* over all elements), divided by the batch size as
     their training loop does (``loss_distill.sum() / batch_size / 1000`` in
     ``CIFAR-100/train_with_distillation.py``; the 1/1000 is the weight of
-    :class:`~lightning_kd.losses.feature.OFDTerm`, ImageNet uses 1/10000). An earlier version of
+    :class:`~lightning_kd.losses.ofd.OFDTerm`, ImageNet uses 1/10000). An earlier version of
     that file spells out the three cases (above the margin, between margin and 0, positive);
     both versions agree wherever :math:`m \le 0`, which :func:`ofd_margin` always gives. Their
     distiller sums this loss over :math:`L` layer pairs and divides pair :math:`i` (shallowest

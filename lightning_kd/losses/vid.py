@@ -55,7 +55,7 @@ def vid_loss(predicted_mean: Tensor, teacher_feat: Tensor, log_scale: Tensor, ep
     For a fixed mean, the loss is smallest where :math:`\sigma_c^2` equals the mean squared
     residual of channel :math:`c`; gradients reach the mean (the regressor and the student) and
     ``log_scale``. The regressor, the pooling of the larger map and :math:`\alpha` belong to
-    :class:`~lightning_kd.losses.feature.VIDTerm`.
+    :class:`~lightning_kd.losses.vid.VIDTerm`.
 
     Args:
         predicted_mean: ``(N, C, ...)`` the regressor's output :math:`\mu`.
