@@ -14,16 +14,9 @@ import warnings
 
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
 from lightning_kd.losses.adapters import check_feature_pair, make_regressor
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-    modified_in_place_count,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs, modified_in_place_count
 
 __all__ = ["ab_loss", "ABTerm", "make_ab_connector"]
 
@@ -153,7 +146,7 @@ class ABTerm(LayerPairTerm):
             built from the shapes.
     """
 
-    adapters = {"connector": "connector"}
+    adapter_attributes = {"connector": "connector"}
 
     def __init__(
         self,
@@ -193,7 +186,7 @@ class ABTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``ab_loss(connector(student_feature), teacher_feature, margin)``, the teacher detached."""
-        connector = self.adapter("connector")
+        connector = self.built_adapter("connector")
         student, teacher = self.pair(outputs)
         self._warn_if_modified_in_place(student)
         return ab_loss(connector(student), teacher, margin=self.margin)

@@ -13,16 +13,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_feature_maps,
-    _check_positive,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_feature_maps, _check_positive, _float32_math
 from lightning_kd.losses._maps import _attention_map, _pool_to_common_size
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
 
 __all__ = ["at_loss", "ATTerm"]
 

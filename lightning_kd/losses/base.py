@@ -69,10 +69,11 @@ class LossTerm(nn.Module):
     training.
 
     **Adapters.** A term whose trainable parts depend on the models' shapes names the
-    attributes that :meth:`build` creates in :attr:`adapters` (attribute -> how messages call
-    it) and sets them to ``None`` (or to a module given by the user) in ``__init__``. The base
-    class then provides :attr:`needs_build` (true while any of them is ``None``) and
-    :meth:`adapter` (the built attribute, or one ``RuntimeError`` saying how to build it).
+    attributes that :meth:`build` creates in :attr:`adapter_attributes` (attribute -> how
+    messages call it) and sets them to ``None`` (or to a module given by the user) in
+    ``__init__``. The base class then provides :attr:`needs_build` (true while any of them is
+    ``None``) and :meth:`built_adapter` (the built attribute, or one ``RuntimeError`` saying how
+    to build it). :meth:`captured_feature` reads a hooked layer's output.
 
     Args:
         name: key of the term; logged as ``train/loss_<name>``.
@@ -86,7 +87,7 @@ class LossTerm(nn.Module):
     synchronizes_own_buffers: bool = False
     #: the attributes that :meth:`build` (or :meth:`bind`) fills in, mapped to the words that
     #: messages use for them (``{"regressor": "regressor"}``); ``{}``: nothing to build.
-    adapters: ClassVar[Mapping[str, str]] = {}
+    adapter_attributes: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
         super().__init__()
@@ -109,8 +110,8 @@ class LossTerm(nn.Module):
 
     @property
     def needs_build(self) -> bool:
-        """Whether :meth:`build` must run (once, on a probe step): while any of :attr:`adapters` is None."""
-        return any(getattr(self, attribute) is None for attribute in self.adapters)
+        """Whether :meth:`build` must run (once, on a probe step): while an adapter attribute is None."""
+        return any(getattr(self, attribute) is None for attribute in self.adapter_attributes)
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, terms: Mapping[str, LossTerm]) -> None:
         """Read what the term needs from the models or its sibling terms, before :meth:`build`.
@@ -131,15 +132,15 @@ class LossTerm(nn.Module):
     def forward(self, outputs: StepOutputs) -> Tensor:  # noqa: D102 - documented in the class
         raise NotImplementedError(f"{type(self).__name__} must implement forward(outputs) -> Tensor.")
 
-    def adapter(self, attribute: str) -> Any:
-        """The built adapter ``attribute`` (one of :attr:`adapters`).
+    def built_adapter(self, attribute: str) -> Any:
+        """The built adapter ``attribute`` (one of :attr:`adapter_attributes`).
 
         Raises:
             RuntimeError: it is still ``None`` (:meth:`unbuilt_error`).
         """
         value = getattr(self, attribute)
         if value is None:
-            raise self.unbuilt_error(self.adapters.get(attribute, attribute))
+            raise self.unbuilt_error(self.adapter_attributes.get(attribute, attribute))
         return value
 
     def unbuilt_error(self, what: str) -> RuntimeError:
@@ -149,7 +150,9 @@ class LossTerm(nn.Module):
             "probe batch. Run the term inside a fit, or call module.build_terms(batch) first."
         )
 
-    def feature(self, outputs: StepOutputs, role: Literal["student", "teacher"], path: str) -> Tensor:
+    def captured_feature(
+        self, outputs: StepOutputs, role: Literal["student", "teacher"], path: str
+    ) -> Tensor:
         """The tensor that the ``role`` model's layer at ``path`` output in this step.
 
         The teacher's is detached: terms distil into the student (a co-trained teacher learns
@@ -180,7 +183,7 @@ class LossTerm(nn.Module):
             raise ValueError(f"Loss term {self.name!r} needs the teacher's {what}, but the step has none.")
         return outputs.teacher_logits.detach()
 
-    def labels(self, outputs: StepOutputs, why: str = "", fix: str = "") -> Tensor:
+    def required_targets(self, outputs: StepOutputs, why: str = "", fix: str = "") -> Tensor:
         """The batch's targets.
 
         Args:
@@ -239,10 +242,10 @@ class LayerPairTerm(LossTerm):
         return (self.teacher_layer,)
 
     def pair(self, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
-        """``(student_feature, teacher_feature.detach())`` of this step (see :meth:`LossTerm.feature`)."""
+        """``(student_feature, teacher_feature.detach())`` of this step (see :meth:`captured_feature`)."""
         return (
-            self.feature(outputs, "student", self.student_layer),
-            self.feature(outputs, "teacher", self.teacher_layer),
+            self.captured_feature(outputs, "student", self.student_layer),
+            self.captured_feature(outputs, "teacher", self.teacher_layer),
         )
 
     def extra_repr(self) -> str:
@@ -283,10 +286,10 @@ class LayerListTerm(LossTerm):
         """The teacher layers, in order."""
         return self._teacher_layers
 
-    def features(self, outputs: StepOutputs, role: Literal["student", "teacher"]) -> list[Tensor]:
-        """The outputs of the ``role`` model's layers, in order (see :meth:`LossTerm.feature`)."""
+    def captured_features(self, outputs: StepOutputs, role: Literal["student", "teacher"]) -> list[Tensor]:
+        """The outputs of the ``role`` model's layers, in order (see :meth:`LossTerm.captured_feature`)."""
         layers = self._student_layers if role == "student" else self._teacher_layers
-        return [self.feature(outputs, role, path) for path in layers]
+        return [self.captured_feature(outputs, role, path) for path in layers]
 
     def extra_repr(self) -> str:
         """Name, weight and layers, shown in the module repr."""

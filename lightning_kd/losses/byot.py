@@ -19,18 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.hooks import LayerHooks, first_tensor
-from lightning_kd.losses._checks import (
-    _check_positive,
-    _check_same_shape,
-    _check_targets,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LayerListTerm,
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_positive, _check_same_shape, _check_targets, _float32_math
+from lightning_kd.losses.base import LayerListTerm, LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.kd import kd_loss
 from lightning_kd.model_io import logits_of
 
@@ -240,7 +230,7 @@ class BYOTTerm(LayerListTerm):
     """
 
     needs_teacher = False
-    adapters = {"heads": "heads"}
+    adapter_attributes = {"heads": "heads"}
 
     def __init__(
         self,
@@ -285,7 +275,7 @@ class BYOTTerm(LayerListTerm):
 
     def build(self, outputs: StepOutputs) -> None:
         """Create one head per shallow layer from the probe step's shapes."""
-        deep = self.feature(outputs, "student", self.deep_layer).flatten(1)
+        deep = self.captured_feature(outputs, "student", self.deep_layer).flatten(1)
         if self.bottleneck_relu and bool((deep < 0).any()):
             raise ValueError(
                 f"Loss term {self.name!r}: the output of deep_layer {self.deep_layer!r} has negative values, "
@@ -295,7 +285,7 @@ class BYOTTerm(LayerListTerm):
         num_classes = outputs.student_logits.shape[-1]
         heads = [
             make_auxiliary_head(
-                tuple(self.feature(outputs, "student", layer).shape),
+                tuple(self.captured_feature(outputs, "student", layer).shape),
                 deep.shape[1],
                 num_classes,
                 self.bottleneck_relu,
@@ -306,15 +296,15 @@ class BYOTTerm(LayerListTerm):
 
     def _run_heads(self, stages: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``(features, logits)`` of the heads, from the outputs of ``shallow_layers`` in that order."""
-        outputs = [head(stage) for head, stage in zip(self.adapter("heads"), stages, strict=True)]
+        outputs = [head(stage) for head, stage in zip(self.built_adapter("heads"), stages, strict=True)]
         return [feature for feature, _ in outputs], [logits for _, logits in outputs]
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``byot_loss`` of every head against the student's logits and deepest feature (both detached)."""
-        targets = self.labels(outputs, why=" (BYOT)")
-        deep = self.feature(outputs, "student", self.deep_layer).flatten(1)
+        targets = self.required_targets(outputs, why=" (BYOT)")
+        deep = self.captured_feature(outputs, "student", self.deep_layer).flatten(1)
         features, logits = self._run_heads(
-            [self.feature(outputs, "student", layer) for layer in self.shallow_layers]
+            [self.captured_feature(outputs, "student", layer) for layer in self.shallow_layers]
         )
         return byot_loss(
             logits,

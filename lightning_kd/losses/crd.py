@@ -21,15 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
 __all__ = ["ContrastMemory", "crd_loss", "CRDTerm", "Embed"]
@@ -406,7 +399,7 @@ class CRDTerm(LayerPairTerm):
     """
 
     synchronizes_own_buffers = True
-    adapters = {
+    adapter_attributes = {
         "embed_student": "student embedding head",
         "embed_teacher": "teacher embedding head",
         "memory": "memory",
@@ -514,8 +507,11 @@ class CRDTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``crd_loss`` of the batch's embeddings against the memory banks; then, in training, the update."""
-        embed_student, embed_teacher = self.adapter("embed_student"), self.adapter("embed_teacher")
-        memory = self.adapter("memory")
+        embed_student, embed_teacher = (
+            self.built_adapter("embed_student"),
+            self.built_adapter("embed_teacher"),
+        )
+        memory = self.built_adapter("memory")
         student, teacher = self._checked_pair(outputs)
         self._check_width(student, embed_student, "student", self.student_layer)
         self._check_width(teacher, embed_teacher, "teacher", self.teacher_layer)

@@ -12,10 +12,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LossTerm, StepOutputs
 
 __all__ = ["CrossEntropyTerm"]
 
@@ -51,7 +48,7 @@ class CrossEntropyTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """Mean cross-entropy over the batch."""
-        targets = self.labels(outputs)
+        targets = self.required_targets(outputs)
         logits = outputs.student_logits if self.model == "student" else outputs.teacher_logits
         assert logits is not None
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)

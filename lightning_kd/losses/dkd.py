@@ -14,17 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_logit_pair,
-    _check_num_classes,
-    _check_targets,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["dkd_loss", "DKDTerm"]
 
@@ -138,7 +129,7 @@ class DKDTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``dkd_loss(student_logits, teacher_logits.detach(), targets, alpha, beta, temperature)``."""
-        targets = self.labels(outputs, why=" (DKD) to split the target class from the others")
+        targets = self.required_targets(outputs, why=" (DKD) to split the target class from the others")
         return dkd_loss(
             outputs.student_logits,
             self.detached_teacher_logits(outputs),

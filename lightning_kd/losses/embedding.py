@@ -16,14 +16,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_embedding_pair,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-)
+from lightning_kd.losses._checks import _check_embedding_pair, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs
 
 __all__ = ["embedding_match_loss", "EmbeddingMatchTerm"]
 

@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
 from lightning_kd.losses.adapters import make_regressor
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
 
 __all__ = ["fitnet_loss", "FitNetTerm"]
 
@@ -66,7 +60,7 @@ class FitNetTerm(LayerPairTerm):
             built from the shapes.
     """
 
-    adapters = {"regressor": "regressor"}
+    adapter_attributes = {"regressor": "regressor"}
 
     def __init__(
         self,
@@ -86,6 +80,6 @@ class FitNetTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``fitnet_loss(regressor(student_feature), teacher_feature)``."""
-        regressor = self.adapter("regressor")
+        regressor = self.built_adapter("regressor")
         student, teacher = self.pair(outputs)
         return fitnet_loss(regressor(student), teacher)

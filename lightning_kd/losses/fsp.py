@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LayerListTerm,
-    StepOutputs,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.base import LayerListTerm, StepOutputs
 
 __all__ = ["fsp_loss", "FSPTerm"]
 
@@ -119,6 +113,6 @@ class FSPTerm(LayerListTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``fsp_loss`` of the two pairs; the teacher's maps are detached."""
-        s1, s2 = self.features(outputs, "student")
-        t1, t2 = self.features(outputs, "teacher")
+        s1, s2 = self.captured_features(outputs, "student")
+        t1, t2 = self.captured_features(outputs, "teacher")
         return fsp_loss(s1, s2, t1, t2)

@@ -32,17 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_feature_maps,
-    _check_positive,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_feature_maps, _check_positive, _float32_math
 from lightning_kd.losses._maps import _attention_map, _pool_to_common_size
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    LossTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 
 __all__ = ["factor_channels", "ft_loss", "FTTerm", "Paraphraser", "ParaphraserTerm", "Translator"]
 
@@ -233,7 +225,7 @@ class ParaphraserTerm(LossTerm):
             ``forward(feature) -> (factor, reconstruction)``; default: built from the shape.
     """
 
-    adapters = {"paraphraser": "paraphraser"}
+    adapter_attributes = {"paraphraser": "paraphraser"}
 
     def __init__(
         self,
@@ -259,7 +251,7 @@ class ParaphraserTerm(LossTerm):
 
     def teacher_feature(self, outputs: StepOutputs) -> Tensor:
         """The (detached) teacher feature of this step."""
-        return self.feature(outputs, "teacher", self.teacher_layer)
+        return self.captured_feature(outputs, "teacher", self.teacher_layer)
 
     def build(self, outputs: StepOutputs) -> None:
         """Create the paraphraser from the probe's teacher feature."""
@@ -272,7 +264,7 @@ class ParaphraserTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """The reconstruction error ``mean((decoder(encoder(t)) - t) ** 2)`` of the teacher feature."""
-        paraphraser = self.adapter("paraphraser")
+        paraphraser = self.built_adapter("paraphraser")
         teacher = self.teacher_feature(outputs)
         _, reconstruction = paraphraser(teacher)
         return _reconstruction_error(reconstruction, teacher)
@@ -324,7 +316,7 @@ class FTTerm(LayerPairTerm):
             built from the shapes.
     """
 
-    adapters = {"translator": "translator"}
+    adapter_attributes = {"translator": "translator"}
 
     def __init__(
         self,
@@ -432,7 +424,7 @@ class FTTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``ft_loss(translator(s), paraphraser.encode(t))``; the teacher's factor carries no gradient."""
-        translator, paraphraser = self.adapter("translator"), self.paraphraser
+        translator, paraphraser = self.built_adapter("translator"), self.paraphraser
         if paraphraser is None:
             raise self.unbuilt_error("paraphraser")
         student, teacher = self.pair(outputs)

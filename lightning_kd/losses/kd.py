@@ -16,16 +16,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_logit_pair,
-    _check_num_classes,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["kd_loss", "KDTerm"]
 

@@ -13,16 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_logit_pair,
-    _check_targets,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_logit_pair, _check_targets, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["generalized_distillation_loss", "GeneralizedDistillationTerm"]
 
@@ -126,7 +118,7 @@ class GeneralizedDistillationTerm(LossTerm):
         teacher_logits = self.detached_teacher_logits(outputs)
         targets = outputs.targets
         if self.imitation < 1.0:
-            targets = self.labels(
+            targets = self.required_targets(
                 outputs,
                 why=f" when imitation < 1 (got {self.imitation})",
                 fix="set the module's target_key, or imitation=1.0 for pure imitation",

@@ -18,16 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_positive,
-    _check_targets,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_positive, _check_targets, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 
 __all__ = ["confidence_weights", "ensemble_log_probs", "multi_teacher_kd_loss", "MultiTeacherKDTerm"]
 
@@ -174,7 +166,7 @@ class MultiTeacherKDTerm(LossTerm):
         if self.weighting == "fixed":
             weights = output["weights"]
         else:
-            targets = self.labels(
+            targets = self.required_targets(
                 outputs,
                 why=" to weigh the teachers by their confidence in them",
                 fix="use weighting='fixed' for unlabelled batches",

@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_feature_maps,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_feature_maps, _float32_math
 from lightning_kd.losses._maps import _pool_to_common_size
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
 
 __all__ = ["nst_loss", "NSTTerm"]
 

@@ -18,18 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.hooks import find_layer
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-    _per_channel,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math, _per_channel
 from lightning_kd.losses.adapters import check_feature_pair, pointwise
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    LossTerm,
-    StepOutputs,
-    modified_in_place_count,
-)
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs, modified_in_place_count
 
 __all__ = ["margin_from_batchnorm", "ofd_loss", "ofd_margin", "OFDTerm"]
 
@@ -215,7 +206,7 @@ class OFDTerm(LayerPairTerm):
             built from the shapes.
     """
 
-    adapters = {"connector": "connector", "margin": "margin"}
+    adapter_attributes = {"connector": "connector", "margin": "margin"}
 
     def __init__(
         self,
@@ -305,7 +296,7 @@ class OFDTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``ofd_loss(connector(student_feature), teacher_feature, margin)``."""
-        connector, margin = self.adapter("connector"), self.adapter("margin")
+        connector, margin = self.built_adapter("connector"), self.built_adapter("margin")
         student, teacher = self.pair(outputs)
         self._warn_if_modified_in_place(student, teacher)
         return ofd_loss(connector(student), teacher, margin)

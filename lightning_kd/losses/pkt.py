@@ -12,16 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_positive,
-    _check_same_batch,
-    _float32_math,
-)
+from lightning_kd.losses._checks import _check_positive, _check_same_batch, _float32_math
 from lightning_kd.losses._maps import _rows
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
 
 __all__ = ["pkt_loss", "PKTTerm"]
 

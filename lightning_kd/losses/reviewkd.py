@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LayerListTerm,
-    StepOutputs,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.base import LayerListTerm, StepOutputs
 
 __all__ = ["ABF", "hcl_loss", "ReviewKDTerm"]
 
@@ -241,7 +235,7 @@ class ReviewKDTerm(LayerListTerm):
             level's channels ``C``, as the authors.
     """
 
-    adapters = {"abfs": "ABFs"}
+    adapter_attributes = {"abfs": "ABFs"}
 
     def __init__(
         self,
@@ -265,7 +259,10 @@ class ReviewKDTerm(LayerListTerm):
 
     def _levels(self, outputs: StepOutputs) -> tuple[list[Tensor], list[Tensor]]:
         """Student and (detached) teacher features, shallow to deep, vectors viewed as maps."""
-        student, teacher = self.features(outputs, "student"), self.features(outputs, "teacher")
+        student, teacher = (
+            self.captured_features(outputs, "student"),
+            self.captured_features(outputs, "teacher"),
+        )
         shapes = [
             (f"student layer {layer!r}", tuple(feature.shape))
             for layer, feature in zip(self._student_layers, student, strict=True)
@@ -311,7 +308,7 @@ class ReviewKDTerm(LayerListTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``hcl_loss`` of the fused student features (review from deep to shallow) and the teacher's."""
-        abfs = self.adapter("abfs")
+        abfs = self.built_adapter("abfs")
         student, teacher = self._levels(outputs)
         fused: list[Tensor] = []
         residual: Tensor | None = None

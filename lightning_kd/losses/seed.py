@@ -17,16 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import (
-    _check_embedding_pair,
-    _check_positive,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LossTerm,
-    StepOutputs,
-    checked_temperature,
-)
+from lightning_kd.losses._checks import _check_embedding_pair, _check_positive, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
 __all__ = ["seed_loss", "SEEDTerm"]

@@ -27,15 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.hooks import find_layer
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-)
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    LossTerm,
-    StepOutputs,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 
 __all__ = [
     "attention_kl_loss",
@@ -275,7 +268,7 @@ class HiddenStateTerm(LossTerm):
         projection: the module mapping student states onto the teacher's width; default: built.
     """
 
-    adapters = {"projection": "projection"}
+    adapter_attributes = {"projection": "projection"}
 
     def __init__(
         self,
@@ -313,7 +306,7 @@ class HiddenStateTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """Sum over the mapped pairs of the masked MSE between projected student and teacher states."""
-        projection = self.adapter("projection")
+        projection = self.built_adapter("projection")
         student = model_output_field(outputs.student_output, "hidden_states", self.name, "student")
         teacher = model_output_field(outputs.teacher_output, "hidden_states", self.name, "teacher")
         mask = attention_mask_of(outputs, self.mask_key, self.name)
@@ -410,7 +403,7 @@ class ValueRelationTerm(LayerPairTerm):
     """
 
     #: the number of relation heads, read from the teacher in :meth:`bind` when not given.
-    adapters = {"num_heads": "num_heads"}
+    adapter_attributes = {"num_heads": "num_heads"}
 
     def __init__(
         self,
@@ -442,7 +435,7 @@ class ValueRelationTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """KL(teacher || student) of the value relations, averaged over heads and real tokens."""
-        num_heads = self.adapter("num_heads")
+        num_heads = self.built_adapter("num_heads")
         student, teacher = self.pair(outputs)
         mask = attention_mask_of(outputs, self.mask_key, self.name)
         return value_relation_loss(student, teacher, num_heads, mask)

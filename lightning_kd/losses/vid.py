@@ -16,17 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import (
-    _check_same_shape,
-    _float32_math,
-    _per_channel,
-)
+from lightning_kd.losses._checks import _check_same_shape, _float32_math, _per_channel
 from lightning_kd.losses._maps import _pool_to_common_size
 from lightning_kd.losses.adapters import check_feature_pair, pointwise
-from lightning_kd.losses.base import (
-    LayerPairTerm,
-    StepOutputs,
-)
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs
 
 __all__ = ["vid_loss", "VIDTerm"]
 
@@ -122,7 +115,7 @@ class VIDTerm(LayerPairTerm):
             default: built from the shapes.
     """
 
-    adapters = {"regressor": "regressor", "log_scale": "variance"}
+    adapter_attributes = {"regressor": "regressor", "log_scale": "variance"}
 
     def __init__(
         self,
@@ -175,7 +168,7 @@ class VIDTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``vid_loss(regressor(student_feature), teacher_feature, log_scale, eps)``, after pooling."""
-        regressor, log_scale = self.adapter("regressor"), self.adapter("log_scale")
+        regressor, log_scale = self.built_adapter("regressor"), self.built_adapter("log_scale")
         student, teacher = self._pooled_pair(outputs)
         return vid_loss(regressor(student), teacher, log_scale, eps=self.eps)
 
