@@ -1,16 +1,24 @@
-"""The contract between the training step and a loss term."""
+"""The contract between the training step and a loss term, and what every term shares.
+
+:class:`LossTerm` owns the lifecycle of a term's adapters (the trainable parts that
+:meth:`~LossTerm.build` sizes on a probe batch), the lookup of hooked features, and the errors
+that say what to fix. :class:`LayerPairTerm` reads one student and one teacher layer,
+:class:`LayerListTerm` several.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
 from lightning_kd.hooks import first_tensor
+from lightning_kd.losses._checks import checked_temperature
 
 __all__ = [
+    "LayerListTerm",
     "LayerPairTerm",
     "LossTerm",
     "StepOutputs",
@@ -50,21 +58,22 @@ class StepOutputs:
     student_output: Any = None
 
 
-def checked_temperature(temperature: float) -> float:
-    """``temperature`` as a float; a ``ValueError`` unless it is > 0."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    return float(temperature)
-
-
 class LossTerm(nn.Module):
     """A named, weighted term of the training objective.
 
-    Subclasses implement :meth:`forward` (``StepOutputs -> scalar``) with the math taken from
-    :mod:`lightning_kd.losses.functional`, declare the layers they read in
-    :attr:`student_layers` / :attr:`teacher_layers` (the module hooks exactly those), and own
-    any trainable adapter they need. ``weight`` is a plain attribute so that schedules
-    (:class:`~lightning_kd.callbacks.LossWeightSchedule`) can change it during training.
+    Subclasses implement :meth:`forward` (``StepOutputs -> scalar``) with the math of their
+    method's ``*_loss`` function (also in :mod:`lightning_kd.losses.functional`), declare the
+    layers they read in :attr:`student_layers` / :attr:`teacher_layers` (the module hooks
+    exactly those), and own any trainable adapter they need. ``weight`` is a plain attribute so
+    that schedules (:class:`~lightning_kd.callbacks.LossWeightSchedule`) can change it during
+    training.
+
+    **Adapters.** A term whose trainable parts depend on the models' shapes names the
+    attributes that :meth:`build` creates in :attr:`adapter_attributes` (attribute -> how
+    messages call it) and sets them to ``None`` (or to a module given by the user) in
+    ``__init__``. The base class then provides :attr:`needs_build` (true while any of them is
+    ``None``) and :meth:`built_adapter` (the built attribute, or one ``RuntimeError`` saying how
+    to build it). :meth:`captured_feature` reads a hooked layer's output.
 
     Args:
         name: key of the term; logged as ``train/loss_<name>``.
@@ -76,6 +85,9 @@ class LossTerm(nn.Module):
     #: whether the term keeps its buffers identical across DDP processes itself (a memory bank
     #: updated with all-gathered samples); DDP then leaves them alone.
     synchronizes_own_buffers: bool = False
+    #: the attributes that :meth:`build` (or :meth:`bind`) fills in, mapped to the words that
+    #: messages use for them (``{"regressor": "regressor"}``); ``{}``: nothing to build.
+    adapter_attributes: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, name: str, weight: float = 1.0) -> None:
         super().__init__()
@@ -98,8 +110,8 @@ class LossTerm(nn.Module):
 
     @property
     def needs_build(self) -> bool:
-        """Whether :meth:`build` must run (once, on a probe step) before training."""
-        return False
+        """Whether :meth:`build` must run (once, on a probe step): while an adapter attribute is None."""
+        return any(getattr(self, attribute) is None for attribute in self.adapter_attributes)
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, terms: Mapping[str, LossTerm]) -> None:
         """Read what the term needs from the models or its sibling terms, before :meth:`build`.
@@ -119,6 +131,73 @@ class LossTerm(nn.Module):
 
     def forward(self, outputs: StepOutputs) -> Tensor:  # noqa: D102 - documented in the class
         raise NotImplementedError(f"{type(self).__name__} must implement forward(outputs) -> Tensor.")
+
+    def built_adapter(self, attribute: str) -> Any:
+        """The built adapter ``attribute`` (one of :attr:`adapter_attributes`).
+
+        Raises:
+            RuntimeError: it is still ``None`` (:meth:`unbuilt_error`).
+        """
+        value = getattr(self, attribute)
+        if value is None:
+            raise self.unbuilt_error(self.adapter_attributes.get(attribute, attribute))
+        return value
+
+    def unbuilt_error(self, what: str) -> RuntimeError:
+        """The error for a term used before its ``what`` (an adapter, in words) was built."""
+        return RuntimeError(
+            f"Loss term {self.name!r} has no {what} yet: DistillationModule builds them in setup() on a "
+            "probe batch. Run the term inside a fit, or call module.build_terms(batch) first."
+        )
+
+    def captured_feature(
+        self, outputs: StepOutputs, role: Literal["student", "teacher"], path: str
+    ) -> Tensor:
+        """The tensor that the ``role`` model's layer at ``path`` output in this step.
+
+        The teacher's is detached: terms distil into the student (a co-trained teacher learns
+        from its own terms).
+
+        Raises:
+            KeyError: no output of that layer was captured; the message says how features are captured.
+        """
+        features = outputs.student_features if role == "student" else outputs.teacher_features
+        try:
+            value = features[path]
+        except KeyError:
+            raise KeyError(
+                f"Loss term {self.name!r}: no captured output for {role} layer {path!r}. Features are "
+                "captured by the FeatureHooks that DistillationModule adds for the layers its terms declare; "
+                "call the term inside a fit, or attach FeatureHooks yourself."
+            ) from None
+        tensor = first_tensor(value)
+        return tensor if role == "student" else tensor.detach()
+
+    def detached_teacher_logits(self, outputs: StepOutputs, what: str = "logits") -> Tensor:
+        """The teacher's logits (``what``: or embeddings) of this step, detached.
+
+        Raises:
+            ValueError: the step has no teacher output.
+        """
+        if outputs.teacher_logits is None:
+            raise ValueError(f"Loss term {self.name!r} needs the teacher's {what}, but the step has none.")
+        return outputs.teacher_logits.detach()
+
+    def required_targets(self, outputs: StepOutputs, why: str = "", fix: str = "") -> Tensor:
+        """The batch's targets.
+
+        Args:
+            outputs: the step.
+            why: appended to "needs labels" in the error (e.g. ``" to split the target class"``).
+            fix: what to do, appended to the error.
+
+        Raises:
+            ValueError: the batch has no targets.
+        """
+        if outputs.targets is None:
+            fix = f": {fix}" if fix else ""
+            raise ValueError(f"Loss term {self.name!r} needs labels{why}, but the batch has no targets{fix}.")
+        return outputs.targets
 
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
@@ -163,19 +242,56 @@ class LayerPairTerm(LossTerm):
         return (self.teacher_layer,)
 
     def pair(self, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
-        """``(student_feature, teacher_feature.detach())`` of this step."""
-        try:
-            student = outputs.student_features[self.student_layer]
-            teacher = outputs.teacher_features[self.teacher_layer]
-        except KeyError as error:
-            raise KeyError(
-                f"Loss term {self.name!r}: no captured output for layer {error.args[0]!r}. Features are "
-                "captured by the FeatureHooks that DistillationModule adds for the layers its terms declare; "
-                "call the term inside a fit, or attach FeatureHooks yourself."
-            ) from None
-        return first_tensor(student), first_tensor(teacher).detach()
+        """``(student_feature, teacher_feature.detach())`` of this step (see :meth:`captured_feature`)."""
+        return (
+            self.captured_feature(outputs, "student", self.student_layer),
+            self.captured_feature(outputs, "teacher", self.teacher_layer),
+        )
 
     def extra_repr(self) -> str:
         """Name, weight and layers, shown in the module repr."""
         layers = f"student_layer={self.student_layer!r}, teacher_layer={self.teacher_layer!r}"
+        return f"{super().extra_repr()}, {layers}"
+
+
+class LayerListTerm(LossTerm):
+    """A term on the outputs of several student layers and/or several teacher layers (FSP, ReviewKD, BYOT).
+
+    Args:
+        student_layers: dotted paths of the student layers, in the order the term reads them.
+        teacher_layers: dotted paths of the teacher layers, in the order the term reads them.
+        name: key of the term.
+        weight: factor in the total loss.
+
+    Raises:
+        TypeError: a single string was given instead of a list of paths.
+    """
+
+    def __init__(
+        self, student_layers: Sequence[str], teacher_layers: Sequence[str], name: str, weight: float = 1.0
+    ) -> None:
+        super().__init__(name, weight)
+        if isinstance(student_layers, str) or isinstance(teacher_layers, str):
+            raise TypeError("student_layers and teacher_layers are lists of layer paths, not single strings.")
+        self._student_layers = tuple(student_layers)
+        self._teacher_layers = tuple(teacher_layers)
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """The student layers, in order."""
+        return self._student_layers
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        """The teacher layers, in order."""
+        return self._teacher_layers
+
+    def captured_features(self, outputs: StepOutputs, role: Literal["student", "teacher"]) -> list[Tensor]:
+        """The outputs of the ``role`` model's layers, in order (see :meth:`LossTerm.captured_feature`)."""
+        layers = self._student_layers if role == "student" else self._teacher_layers
+        return [self.captured_feature(outputs, role, path) for path in layers]
+
+    def extra_repr(self) -> str:
+        """Name, weight and layers, shown in the module repr."""
+        layers = f"student_layers={self._student_layers}, teacher_layers={self._teacher_layers}"
         return f"{super().extra_repr()}, {layers}"

@@ -1,4 +1,13 @@
-"""SEED: self-supervised distillation against a FIFO queue of the teacher's past embeddings."""
+r"""SEED: self-supervised distillation against a FIFO queue of the teacher's past embeddings.
+
+Fang, Wang, Wang, Zhang, Yang, Liu, "SEED: Self-supervised Distillation For Visual
+Representation", ICLR 2021. With :math:`\mathbf{D}^+ = [z^T_i, d_1, \dots, d_K]`:
+
+.. math::
+    p^T_{ij} = \mathrm{softmax}_j(z^T_i \cdot \mathbf{D}^+_j / \tau_T), \quad
+    p^S_{ij} = \mathrm{softmax}_j(z^S_i \cdot \mathbf{D}^+_j / \tau_S), \quad
+    \mathcal{L} = \frac{1}{N} \sum_i \sum_j -p^T_{ij} \log p^S_{ij}
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,68 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses import functional
+from lightning_kd.losses._checks import _check_embedding_pair, _check_positive, _float32_math
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
-__all__ = ["SEEDTerm"]
+__all__ = ["seed_loss", "SEEDTerm"]
+
+
+@_float32_math
+def seed_loss(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    queue: Tensor,
+    student_temperature: float = 0.2,
+    teacher_temperature: float = 0.01,
+) -> Tensor:
+    r"""SEED: the student matches the teacher's similarity distribution over a queue of embeddings.
+
+    Fang, Wang, Wang, Zhang, Yang, Liu, "SEED: Self-supervised Distillation For Visual
+    Representation", ICLR 2021 (``seed/builder.py`` of ``jacobswan1/SEED``). With
+    :math:`z^S_i, z^T_i` the L2-normalised embeddings of sample :math:`i` and
+    :math:`\mathbf{D}^+ = [z^T_i, d_1, \dots, d_K]` the teacher's own embedding followed by the
+    :math:`K` queue rows :math:`d_j`,
+
+    .. math::
+
+        p^T_{ij} = \mathrm{softmax}_j\left(z^T_i \cdot \mathbf{D}^+_j / \tau_T\right), \quad
+        p^S_{ij} = \mathrm{softmax}_j\left(z^S_i \cdot \mathbf{D}^+_j / \tau_S\right), \quad
+        L = \frac{1}{N} \sum_i \sum_j -p^T_{ij} \log p^S_{ij}
+
+    (the first column is the positive: :math:`z^T_i \cdot z^T_i = 1` for the teacher,
+    :math:`z^S_i \cdot z^T_i` for the student). The teacher side carries no gradient.
+
+    Args:
+        student_emb: ``(N, D)`` student embeddings (normalised here).
+        teacher_emb: ``(N, D)`` teacher embeddings (normalised here; detached).
+        queue: ``(K, D)`` past teacher embeddings, rows L2-normalised (not renormalised here);
+            ``K`` may be 0 (then the loss is 0: one candidate only).
+        student_temperature: :math:`\tau_S > 0` (0.2 in the paper and the authors' code).
+        teacher_temperature: :math:`\tau_T > 0` (0.01 here; the authors' code defaults to 1e-4).
+
+    Returns:
+        Scalar: the cross-entropy summed over the :math:`1 + K` candidates, averaged over the batch.
+    """
+    _check_embedding_pair(student_emb, teacher_emb)
+    if student_emb.ndim != 2:
+        raise ValueError(f"Expected (N, D) embeddings, got student_emb of shape {tuple(student_emb.shape)}.")
+    if queue.ndim != 2 or queue.shape[1] != student_emb.shape[1]:
+        raise ValueError(
+            f"queue has shape {tuple(queue.shape)}; expected (K, D={student_emb.shape[1]}): one teacher "
+            "embedding of the same width per row."
+        )
+    _check_positive("student_temperature", student_temperature)
+    _check_positive("teacher_temperature", teacher_temperature)
+    student = F.normalize(student_emb, dim=1)
+    teacher = F.normalize(teacher_emb.detach(), dim=1)
+    queue = queue.detach()
+    student_scores = torch.cat([(student * teacher).sum(dim=1, keepdim=True), student @ queue.T], dim=1)
+    teacher_scores = torch.cat([(teacher * teacher).sum(dim=1, keepdim=True), teacher @ queue.T], dim=1)
+    student_scores = student_scores / student_temperature
+    teacher_scores = teacher_scores / teacher_temperature
+    teacher_probs = F.softmax(teacher_scores, dim=1)
+    return -(teacher_probs * F.log_softmax(student_scores, dim=1)).sum(dim=1).mean()
 
 
 class SEEDTerm(LossTerm):
@@ -110,11 +176,7 @@ class SEEDTerm(LossTerm):
         self._broadcast_done = True
 
     def _checked_embeddings(self, outputs: StepOutputs) -> tuple[Tensor, Tensor]:
-        if outputs.teacher_logits is None:
-            raise ValueError(
-                f"Loss term {self.name!r} needs the teacher's embeddings, but the step has none."
-            )
-        student, teacher = outputs.student_logits, outputs.teacher_logits.detach()
+        student, teacher = outputs.student_logits, self.detached_teacher_logits(outputs, "embeddings")
         if student.ndim != 2 or student.shape != teacher.shape:
             raise ValueError(
                 f"Loss term {self.name!r} (SEED) needs (N, D) embeddings of the same shape, got student "
@@ -149,7 +211,7 @@ class SEEDTerm(LossTerm):
             self._create_queue(student.shape[1], student.device)
         self._broadcast_once()
         # a copy, as the authors' `queue.clone()`: the enqueue below writes in place before backward
-        loss = functional.seed_loss(
+        loss = seed_loss(
             student, teacher, self.queue.clone(), self.student_temperature, self.teacher_temperature
         )
         if self.training:

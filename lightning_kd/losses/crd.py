@@ -1,4 +1,14 @@
-"""CRD: contrastive representation distillation against a memory bank of past embeddings."""
+r"""Contrastive representation distillation (CRD) against memory banks of past embeddings.
+
+Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020. With scores
+:math:`P = \exp(u^\top v / \tau) / Z`, :math:`K` negatives and :math:`P_n = 1 / n`, one direction is
+
+.. math::
+    \mathcal{L}(P) = -\frac{1}{N} \sum_i \Big[\log \frac{P_{i0}}{P_{i0} + K P_n + \epsilon}
+    + \sum_{k=1}^{K} \log \frac{K P_n}{P_{ik} + K P_n + \epsilon}\Big]
+
+and :math:`\mathcal{L}_{CRD} = \mathcal{L}(P^s) + \mathcal{L}(P^t)`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +21,97 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses import functional
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
 
-__all__ = ["CRDTerm", "ContrastMemory", "Embed"]
+__all__ = ["ContrastMemory", "crd_loss", "CRDTerm", "Embed"]
+
+
+#: added to the denominators of CRD's NCE loss, as ``eps`` in the authors' ``crd/criterion.py``.
+_CRD_EPS = 1e-7
+
+
+def _check_crd_scores(name: str, scores: Tensor) -> None:
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(
+            f"{name} must have shape (N, 1 + K): the positive's score in column 0, then K >= 1 negatives' "
+            f"scores; got shape {tuple(scores.shape)}."
+        )
+
+
+def _crd_nce(scores: Tensor, num_samples: int, eps: float) -> Tensor:
+    """One direction of CRD's NCE loss: ``-(sum log h(positive) + sum log(1 - h(negatives))) / N``."""
+    noise = (scores.shape[1] - 1) / num_samples  # K * Pn, with Pn = 1 / num_samples
+    positive, negatives = scores[:, 0], scores[:, 1:]
+    log_positive = torch.log(positive / (positive + noise + eps))
+    log_negatives = torch.log(noise / (negatives + noise + eps))
+    return -(log_positive.sum() + log_negatives.sum()) / scores.shape[0]
+
+
+@_float32_math
+def crd_loss(
+    student_scores: Tensor, teacher_scores: Tensor, num_samples: int, eps: float = _CRD_EPS
+) -> Tensor:
+    r"""CRD's NCE loss on the scores of one positive and K negatives, summed over both anchors.
+
+    Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICLR 2020, as
+    ``ContrastLoss`` / ``CRDLoss`` in ``crd/criterion.py`` of ``HobbitLong/RepDistiller``. A score
+    is :math:`P = \exp(u^\top v / \tau) / Z` for an anchor embedding :math:`u` of one model and a
+    memory-bank embedding :math:`v` of the other model
+    (:class:`~lightning_kd.losses.crd.ContrastMemory` computes them); column 0 holds the
+    positive (the same sample), columns :math:`1 \dots K` the negatives. With the uniform noise
+    distribution :math:`P_n = 1 / n` over the :math:`n` = ``num_samples`` training samples, NCE
+    models the probability that a pair is real as
+    :math:`h = P / (P + K P_n)`, and one direction of the loss is
+
+    .. math::
+        \mathcal{L}(P) = -\frac{1}{N} \sum_{i=1}^{N} \Big[
+        \log \frac{P_{i0}}{P_{i0} + K P_n + \epsilon}
+        + \sum_{k=1}^{K} \log \frac{K P_n}{P_{ik} + K P_n + \epsilon} \Big],
+        \qquad \epsilon = 10^{-7}
+
+    exactly as ``ContrastLoss`` (:math:`\epsilon` in the denominators only; the log-terms are
+    *summed* over the positive and the :math:`K` negatives and divided by the batch size
+    :math:`N`, not averaged over the :math:`1 + K` columns). CRD contrasts in both directions and
+    adds them, as ``CRDLoss.forward`` does; this function does the sum:
+
+    .. math::
+        \mathcal{L}_{CRD} = \mathcal{L}(P^{s}) + \mathcal{L}(P^{t})
+
+    where :math:`P^{s}` anchors on the student's embedding (scored against the teacher's
+    memory) and :math:`P^{t}` on the teacher's (scored against the student's memory). For one
+    direction alone, pass the same scores twice and halve the result.
+
+    Args:
+        student_scores: ``(N, 1 + K)`` student-anchored scores, positive in column 0, all > 0.
+        teacher_scores: ``(N, 1 + K)`` teacher-anchored scores, same shape.
+        num_samples: :math:`n`, the size of the training set (of the memory bank), for
+            :math:`P_n = 1 / n`.
+        eps: :math:`\epsilon \ge 0` added to the denominators.
+
+    Returns:
+        Scalar: ``L(student_scores) + L(teacher_scores)``, each summed over the :math:`1 + K`
+        columns and averaged over the :math:`N` rows. The authors' code returns a 1-element
+        tensor; here a 0-d one.
+    """
+    _check_crd_scores("student_scores", student_scores)
+    _check_crd_scores("teacher_scores", teacher_scores)
+    _check_same_shape(
+        "student_scores",
+        student_scores,
+        "teacher_scores",
+        teacher_scores,
+        hint="Both directions score the same positive and negatives.",
+    )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"num_samples must be a positive integer (the training set size), got {num_samples!r}."
+        )
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}.")
+    return _crd_nce(student_scores, num_samples, eps) + _crd_nce(teacher_scores, num_samples, eps)
+
 
 #: random keys drawn at once when sampling negatives without replacement (bounds the memory).
 _KEYS_PER_CHUNK = 2**24
@@ -303,6 +399,11 @@ class CRDTerm(LayerPairTerm):
     """
 
     synchronizes_own_buffers = True
+    adapter_attributes = {
+        "embed_student": "student embedding head",
+        "embed_teacher": "teacher embedding head",
+        "memory": "memory",
+    }
 
     def __init__(
         self,
@@ -330,11 +431,6 @@ class CRDTerm(LayerPairTerm):
         self.embed_student: Embed | None = None
         self.embed_teacher: Embed | None = None
         self.memory: ContrastMemory | None = None
-
-    @property
-    def needs_build(self) -> bool:
-        """Until the heads and the memory exist."""
-        return self.memory is None
 
     def build(self, outputs: StepOutputs) -> None:
         """Create both embedding heads (from the probe step's feature sizes) and the memory banks."""
@@ -411,23 +507,23 @@ class CRDTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``crd_loss`` of the batch's embeddings against the memory banks; then, in training, the update."""
-        if self.memory is None or self.embed_student is None or self.embed_teacher is None:
-            raise RuntimeError(
-                f"Loss term {self.name!r} has no embedding heads and memory yet: the module builds them in "
-                "setup() (or call build(outputs) on a probe step)."
-            )
+        embed_student, embed_teacher = (
+            self.built_adapter("embed_student"),
+            self.built_adapter("embed_teacher"),
+        )
+        memory = self.built_adapter("memory")
         student, teacher = self._checked_pair(outputs)
-        self._check_width(student, self.embed_student, "student", self.student_layer)
-        self._check_width(teacher, self.embed_teacher, "teacher", self.teacher_layer)
+        self._check_width(student, embed_student, "student", self.student_layer)
+        self._check_width(teacher, embed_teacher, "teacher", self.teacher_layer)
         indices = self._indices(outputs.batch, student.shape[0], student.device)
         with torch.autocast(device_type=student.device.type, enabled=False):
-            student_emb = self.embed_student(student.to(self.embed_student.linear.weight.dtype)).float()
-            teacher_emb = self.embed_teacher(teacher.to(self.embed_teacher.linear.weight.dtype)).float()
-        contrast_idx = self.memory.sample(indices, self.num_negatives)
-        student_scores, teacher_scores = self.memory.score(student_emb, teacher_emb, contrast_idx)
-        loss = functional.crd_loss(student_scores, teacher_scores, self.num_samples)
+            student_emb = embed_student(student.to(embed_student.linear.weight.dtype)).float()
+            teacher_emb = embed_teacher(teacher.to(embed_teacher.linear.weight.dtype)).float()
+        contrast_idx = memory.sample(indices, self.num_negatives)
+        student_scores, teacher_scores = memory.score(student_emb, teacher_emb, contrast_idx)
+        loss = crd_loss(student_scores, teacher_scores, self.num_samples)
         if self.training:
-            self.memory.update(indices, student_emb, teacher_emb)
+            memory.update(indices, student_emb, teacher_emb)
         return loss
 
     def extra_repr(self) -> str:

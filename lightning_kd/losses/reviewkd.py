@@ -1,4 +1,12 @@
-"""ReviewKD: the student's stages reviewed from deep to shallow, fused by attention, matched by HCL."""
+r"""ReviewKD: the student's stages reviewed from deep to shallow, fused by attention, matched by HCL.
+
+Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. The hierarchical
+context loss of one pair, with :math:`P_l` average pooling to :math:`l \times l`:
+
+.. math::
+    \mathcal{L}_{pair} = \frac{\ell(F^s, F^t) + \sum_k 2^{-k} \ell(P_{l_k}(F^s), P_{l_k}(F^t))}
+    {1 + \sum_k 2^{-k}}, \qquad \mathcal{L} = \sum_{pairs} \mathcal{L}_{pair}
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,93 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs, first_tensor
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.base import LayerListTerm, StepOutputs
 
-__all__ = ["ABF", "ReviewKDTerm"]
+__all__ = ["ABF", "hcl_loss", "ReviewKDTerm"]
+
+
+#: output sizes of HCL's pooled pyramid levels, finest first (``hcl`` in ``CIFAR-100/model/reviewkd.py``).
+_HCL_LEVELS = (4, 2, 1)
+
+
+@_float32_math
+def _hcl_pair(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """HCL of one pair of equally shaped ``(N, C, H, W)`` or ``(N, C, L)`` maps (see :func:`hcl_loss`)."""
+    loss = F.mse_loss(student_feat, teacher_feat)
+    level_weight, total_weight = 1.0, 1.0
+    smallest = min(student_feat.shape[2:])
+    for size in _HCL_LEVELS:
+        if size >= smallest:
+            continue
+        level_weight /= 2.0
+        if student_feat.ndim == 4:
+            pooled_s = F.adaptive_avg_pool2d(student_feat, (size, size))
+            pooled_t = F.adaptive_avg_pool2d(teacher_feat, (size, size))
+        else:
+            pooled_s = F.adaptive_avg_pool1d(student_feat, size)
+            pooled_t = F.adaptive_avg_pool1d(teacher_feat, size)
+        loss = loss + level_weight * F.mse_loss(pooled_s, pooled_t)
+        total_weight += level_weight
+    return loss / total_weight
+
+
+def hcl_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    r"""ReviewKD's hierarchical context loss: MSE over a pyramid of average-pooled maps, summed over pairs.
+
+    Chen, Liu, Zhao, Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021. For one pair
+    of maps :math:`F^s, F^t` of the same shape (the student's fused feature and the teacher's),
+    with :math:`P_l` adaptive average pooling to :math:`l \times l` (to length :math:`l` for
+    1-D maps) and :math:`\ell` the mean squared error over all elements:
+
+    .. math::
+        \mathcal{L}_{pair} = \frac{\ell(F^s, F^t) + \sum_{k=1}^{K} 2^{-k}\,
+        \ell\big(P_{l_k}(F^s), P_{l_k}(F^t)\big)}{1 + \sum_{k=1}^{K} 2^{-k}}, \qquad
+        \mathcal{L} = \sum_{pairs} \mathcal{L}_{pair}
+
+    where :math:`l_1 > l_2 > \dots > l_K` are the levels of :math:`(4, 2, 1)` *smaller* than
+    the map. The full map has weight 1 and every level used halves the weight: an 8x8 map
+    gives weights 1, 1/2, 1/4, 1/8 (levels 4, 2, 1; total 1.875), a 4x4 map 1, 1/2, 1/4 (levels
+    2, 1), a 1x1 map (the pooled feature) only the plain MSE. This is ``hcl`` of the authors'
+    code (``CIFAR-100/model/reviewkd.py`` of ``dvlab-research/ReviewKD``; ``hcl_loss`` in
+    ``mdistiller/distillers/ReviewKD.py`` of ``megvii-research/mdistiller`` is the same):
+    ``F.mse_loss`` (mean), ``F.adaptive_avg_pool2d``, a level skipped when ``l >= h``, the sum
+    over pairs. The authors test the height only and pool to a square; here a level is used
+    when it is smaller than every spatial size, the same for their square maps. Their
+    ``zip`` silently drops unpaired maps; here the numbers must match.
+
+    Args:
+        student_feats: ``(N, C, H, W)`` (or ``(N, C, L)``) maps, e.g. ReviewKD's fused student
+            features, one per pair.
+        teacher_feats: the teacher's maps, in the same order, each of its pair's shape.
+
+    Returns:
+        Scalar: the sum over the pairs of each pair's weighted mean of its levels' MSEs.
+    """
+    student_feats, teacher_feats = list(student_feats), list(teacher_feats)
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(
+            f"hcl_loss needs one teacher map per student map (at least one pair), got {len(student_feats)} "
+            f"student and {len(teacher_feats)} teacher maps."
+        )
+    for index, (student, teacher) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        if student.ndim not in (3, 4) or teacher.ndim not in (3, 4):
+            raise ValueError(
+                f"student_feats[{index}] has shape {tuple(student.shape)} and teacher_feats[{index}] has "
+                f"shape {tuple(teacher.shape)}: expected (N, C, H, W) (or (N, C, L)) maps."
+            )
+        _check_same_shape(
+            f"student_feats[{index}]",
+            student,
+            f"teacher_feats[{index}]",
+            teacher,
+            hint="HCL compares maps of equal shape: map the student's features onto the teacher's first.",
+        )
+    loss = _hcl_pair(student_feats[0], teacher_feats[0])
+    for student, teacher in zip(student_feats[1:], teacher_feats[1:], strict=True):
+        loss = loss + _hcl_pair(student, teacher)
+    return loss
+
 
 #: upper bound of the fusion width, as ``min(512, in_channels[-1])`` in the authors' ``ReviewKD``.
 _MAX_MID_CHANNELS = 512
@@ -103,7 +194,7 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
-class ReviewKDTerm(LossTerm):
+class ReviewKDTerm(LayerListTerm):
     """ReviewKD (Chen et al., CVPR 2021): student features reviewed from deep to shallow, matched by HCL.
 
     The layers are listed from shallow to deep, one teacher layer per student layer. Each level
@@ -144,6 +235,8 @@ class ReviewKDTerm(LossTerm):
             level's channels ``C``, as the authors.
     """
 
+    adapter_attributes = {"abfs": "ABFs"}
+
     def __init__(
         self,
         student_layers: Sequence[str],
@@ -152,9 +245,7 @@ class ReviewKDTerm(LossTerm):
         weight: float = 1.0,
         mid_channels: int | None = None,
     ) -> None:
-        super().__init__(name, weight)
-        if isinstance(student_layers, str) or isinstance(teacher_layers, str):
-            raise TypeError("student_layers and teacher_layers are lists of layer paths, not single strings.")
+        super().__init__(student_layers, teacher_layers, name, weight)
         if len(student_layers) != len(teacher_layers) or not student_layers:
             raise ValueError(
                 f"ReviewKDTerm needs one teacher layer per student layer (at least one), got "
@@ -163,40 +254,15 @@ class ReviewKDTerm(LossTerm):
             )
         if mid_channels is not None and mid_channels < 1:
             raise ValueError(f"mid_channels must be >= 1, got {mid_channels}.")
-        self._student_layers = tuple(student_layers)
-        self._teacher_layers = tuple(teacher_layers)
         self.mid_channels = mid_channels
         self.abfs: nn.ModuleList | None = None
 
-    @property
-    def student_layers(self) -> tuple[str, ...]:
-        """The student layers, shallow to deep."""
-        return self._student_layers
-
-    @property
-    def teacher_layers(self) -> tuple[str, ...]:
-        """The teacher layers, shallow to deep."""
-        return self._teacher_layers
-
-    @property
-    def needs_build(self) -> bool:
-        """Until the ABFs exist."""
-        return self.abfs is None
-
-    def _captured(self, features: dict, layer: str) -> Tensor:
-        try:
-            return first_tensor(features[layer])
-        except KeyError:
-            raise KeyError(
-                f"Loss term {self.name!r}: no captured output for layer {layer!r}. Features are captured by "
-                "the FeatureHooks that DistillationModule adds for the layers its terms declare; call the "
-                "term inside a fit, or attach FeatureHooks yourself."
-            ) from None
-
     def _levels(self, outputs: StepOutputs) -> tuple[list[Tensor], list[Tensor]]:
         """Student and (detached) teacher features, shallow to deep, vectors viewed as maps."""
-        student = [self._captured(outputs.student_features, layer) for layer in self._student_layers]
-        teacher = [self._captured(outputs.teacher_features, layer).detach() for layer in self._teacher_layers]
+        student, teacher = (
+            self.captured_features(outputs, "student"),
+            self.captured_features(outputs, "teacher"),
+        )
         shapes = [
             (f"student layer {layer!r}", tuple(feature.shape))
             for layer, feature in zip(self._student_layers, student, strict=True)
@@ -242,19 +308,17 @@ class ReviewKDTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``hcl_loss`` of the fused student features (review from deep to shallow) and the teacher's."""
-        if self.abfs is None:
-            raise RuntimeError(f"Loss term {self.name!r} has no ABFs yet: the module builds them in setup().")
+        abfs = self.built_adapter("abfs")
         student, teacher = self._levels(outputs)
         fused: list[Tensor] = []
         residual: Tensor | None = None
         for abf, student_feat, teacher_feat in zip(
-            reversed(self.abfs), reversed(student), reversed(teacher), strict=True
+            reversed(abfs), reversed(student), reversed(teacher), strict=True
         ):
             output, residual = abf(student_feat, residual, tuple(teacher_feat.shape[2:]))
             fused.insert(0, output)
-        return functional.hcl_loss(fused, teacher)
+        return hcl_loss(fused, teacher)
 
     def extra_repr(self) -> str:
         """Name, weight, layers and fusion width, shown in the module repr."""
-        layers = f"student_layers={self._student_layers}, teacher_layers={self._teacher_layers}"
-        return f"{super().extra_repr()}, {layers}, mid_channels={self.mid_channels}"
+        return f"{super().extra_repr()}, mid_channels={self.mid_channels}"

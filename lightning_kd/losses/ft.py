@@ -1,4 +1,12 @@
-"""Factor transfer (Kim et al., NeurIPS 2018): a paraphraser on the teacher, a translator on the student.
+r"""Factor transfer (FT): a paraphraser on the teacher, a translator on the student.
+
+Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer",
+NeurIPS 2018. With :math:`Q = \operatorname{vec}(\frac{1}{C} \sum_c |F_c|^q)` of the translator's
+factor (student) and the paraphraser's factor (teacher):
+
+.. math::
+    \mathcal{L} = \frac{1}{N H W} \sum_n \Big\lVert \frac{Q^s_n}{\lVert Q^s_n \rVert_2}
+    - \frac{Q^t_n}{\lVert Q^t_n \rVert_2} \Big\rVert_p^p
 
 Two terms, so that :class:`~lightning_kd.callbacks.DistillationStages` can weight the two
 objectives of the method apart:
@@ -24,15 +32,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses import functional
-from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs, first_tensor
+from lightning_kd.losses._checks import _check_feature_maps, _check_positive, _float32_math
+from lightning_kd.losses._maps import _attention_map, _pool_to_common_size
+from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
 
-__all__ = ["FTTerm", "Paraphraser", "ParaphraserTerm", "Translator"]
+__all__ = ["factor_channels", "ft_loss", "FTTerm", "Paraphraser", "ParaphraserTerm", "Translator"]
+
+
+@_float32_math
+def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, power: float = 2.0) -> Tensor:
+    r"""Factor transfer: L_p distance between the normalised factors of the translator and the paraphraser.
+
+    Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer",
+    NeurIPS 2018. The paper compares the vectorised factors, each divided by its L2 norm,
+    :math:`\lVert F_T / \lVert F_T \rVert_2 - F_S / \lVert F_S \rVert_2 \rVert_p` with
+    :math:`p = 1`. This function follows ``FactorTransfer`` of the CRD benchmark
+    (``distiller_zoo/FT.py`` of ``HobbitLong/RepDistiller``, ``p1=2``, ``p2=1``), which first
+    reduces each ``(N, C, H, W)`` factor to a spatial map, as attention transfer does:
+
+    .. math::
+        Q = \operatorname{vec}\Big(\frac{1}{C} \sum_c |F_c|^{q}\Big) \in \mathbb{R}^{HW}, \qquad
+        \mathcal{L} = \frac{1}{N H W} \sum_{n} \Big\lVert \frac{Q^s_n}{\lVert Q^s_n \rVert_2}
+        - \frac{Q^t_n}{\lVert Q^t_n \rVert_2} \Big\rVert_p^p
+
+    with :math:`q` = ``power`` (2) and :math:`p` = ``p`` (1): the channel mean of the squared
+    factor, ``F.normalize`` (eps :math:`10^{-12}`), and the *mean* over batch and positions of
+    the absolute difference to the power :math:`p`. The benchmark raises :math:`F` itself to the
+    power (and the difference, for :math:`p \ne 1`); here absolute values, which is the same for
+    the defaults and avoids NaN or sign cancellation otherwise.
+
+    Spatial sizes may differ: the larger map is average-pooled down to the smaller size, each
+    dimension separately (the benchmark pools to a square chosen from the heights, the same for
+    square maps). Channel counts may differ (the benchmark's factors both have
+    ``int(rate * C_t)`` channels). Invariant to scaling either factor.
+
+    Args:
+        student_factor: ``(N, C_s, H_s, W_s)`` (or ``(N, C_s, L_s)``) the translator's output.
+        teacher_factor: ``(N, C_t, H_t, W_t)`` (or ``(N, C_t, L_t)``) the paraphraser's factor.
+        p: exponent :math:`p > 0` of the distance (1 in the benchmark and the paper).
+        power: exponent :math:`q > 0` of the channel mean (2 in the benchmark).
+
+    Returns:
+        Scalar: the mean over the batch and the positions of ``|difference| ** p``.
+    """
+    _check_feature_maps("student_factor", student_factor, "teacher_factor", teacher_factor)
+    _check_positive("p", p)
+    _check_positive("power", power)
+    student_factor, teacher_factor = _pool_to_common_size(student_factor, teacher_factor)
+    difference = _attention_map(student_factor, power) - _attention_map(teacher_factor, power)
+    return difference.abs().pow(p).mean()
+
 
 #: negative slope of every LeakyReLU of the benchmark's paraphraser and translator.
 _LEAKY_SLOPE = 0.1
-
-#: attribute of the probe step's StepOutputs under which ParaphraserTerm.build announces itself.
 
 
 def _check_map_rank(what: str, ndim: int, shape: tuple[int, ...]) -> None:
@@ -142,7 +194,7 @@ class Translator(nn.Module):
         return self.encoder(feature)
 
 
-@functional._float32_math
+@_float32_math
 def _reconstruction_error(reconstruction: Tensor, feature: Tensor) -> Tensor:
     """Mean squared error over all elements (the benchmark's ``nn.MSELoss()``), in float32."""
     return F.mse_loss(reconstruction, feature)
@@ -173,6 +225,8 @@ class ParaphraserTerm(LossTerm):
             ``forward(feature) -> (factor, reconstruction)``; default: built from the shape.
     """
 
+    adapter_attributes = {"paraphraser": "paraphraser"}
+
     def __init__(
         self,
         teacher_layer: str,
@@ -195,22 +249,9 @@ class ParaphraserTerm(LossTerm):
         """The one teacher layer this term reads."""
         return (self.teacher_layer,)
 
-    @property
-    def needs_build(self) -> bool:
-        """Until the paraphraser exists."""
-        return self.paraphraser is None
-
     def teacher_feature(self, outputs: StepOutputs) -> Tensor:
         """The (detached) teacher feature of this step."""
-        try:
-            feature = outputs.teacher_features[self.teacher_layer]
-        except KeyError:
-            raise KeyError(
-                f"Loss term {self.name!r}: no captured output for teacher layer {self.teacher_layer!r}. "
-                "Features are captured by the FeatureHooks that DistillationModule adds for the layers its "
-                "terms declare; call the term inside a fit, or attach FeatureHooks yourself."
-            ) from None
-        return first_tensor(feature).detach()
+        return self.captured_feature(outputs, "teacher", self.teacher_layer)
 
     def build(self, outputs: StepOutputs) -> None:
         """Create the paraphraser from the probe's teacher feature."""
@@ -223,12 +264,9 @@ class ParaphraserTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """The reconstruction error ``mean((decoder(encoder(t)) - t) ** 2)`` of the teacher feature."""
-        if self.paraphraser is None:
-            raise RuntimeError(
-                f"Loss term {self.name!r} has no paraphraser yet: the module builds it in setup()."
-            )
+        paraphraser = self.built_adapter("paraphraser")
         teacher = self.teacher_feature(outputs)
-        _, reconstruction = self.paraphraser(teacher)
+        _, reconstruction = paraphraser(teacher)
         return _reconstruction_error(reconstruction, teacher)
 
     def extra_repr(self) -> str:
@@ -278,6 +316,8 @@ class FTTerm(LayerPairTerm):
             built from the shapes.
     """
 
+    adapter_attributes = {"translator": "translator"}
+
     def __init__(
         self,
         student_layer: str,
@@ -311,7 +351,7 @@ class FTTerm(LayerPairTerm):
     @property
     def needs_build(self) -> bool:
         """Until the translator exists and the paraphraser term is bound."""
-        return self.translator is None or not self._bound
+        return super().needs_build or not self._bound
 
     def bind_paraphraser(self, term: ParaphraserTerm) -> None:
         """Read the paraphraser of ``term`` (kept as a plain reference, not a submodule).
@@ -384,16 +424,13 @@ class FTTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``ft_loss(translator(s), paraphraser.encode(t))``; the teacher's factor carries no gradient."""
-        paraphraser = self.paraphraser
-        if self.translator is None or paraphraser is None:
-            raise RuntimeError(
-                f"Loss term {self.name!r} has no translator / paraphraser yet: the module builds them in "
-                "setup()."
-            )
+        translator, paraphraser = self.built_adapter("translator"), self.paraphraser
+        if paraphraser is None:
+            raise self.unbuilt_error("paraphraser")
         student, teacher = self.pair(outputs)
         with torch.no_grad():
             teacher_factor = paraphraser.encode(teacher)
-        return functional.ft_loss(self.translator(student), teacher_factor, p=self.p, power=self.power)
+        return ft_loss(translator(student), teacher_factor, p=self.p, power=self.power)
 
     def extra_repr(self) -> str:
         """Name, weight, layers and settings, shown in the module repr."""

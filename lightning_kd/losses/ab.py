@@ -1,4 +1,12 @@
-"""Activation boundaries (Heo et al., AAAI 2019): student pre-ReLU responses on the teacher's side of zero."""
+r"""Activation boundaries (AB): the student's pre-ReLU responses on the teacher's side of zero.
+
+Heo, Lee, Yun, Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+Hidden Neurons", AAAI 2019. A squared hinge with margin :math:`m` per neuron:
+
+.. math::
+    \mathcal{L} = \frac{3}{1000} \cdot \frac{1}{N} \sum (s + m)^2 \mathbb{1}[s > -m \wedge t \le 0]
+    + (s - m)^2 \mathbb{1}[s \le m \wedge t > 0]
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,70 @@ import warnings
 
 from torch import Tensor, nn
 
-from lightning_kd.losses import functional
+from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses.adapters import check_feature_pair, make_regressor
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs, modified_in_place_count
-from lightning_kd.losses.feature import make_regressor
 
-__all__ = ["ABTerm", "make_ab_connector"]
+__all__ = ["ab_loss", "ABTerm", "make_ab_connector"]
+
+
+#: ``ABLoss.forward`` of the CRD benchmark divides every pair's loss by 1000 and multiplies it by 3.
+_AB_SCALE = 3.0 / 1000.0
+
+
+@_float32_math
+def ab_loss(student_pre: Tensor, teacher_pre: Tensor, margin: float = 1.0) -> Tensor:
+    r"""Activation boundaries: the student's pre-ReLU responses on the teacher's side of zero, by a margin.
+
+    Heo, Lee, Yun, Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+    Hidden Neurons", AAAI 2019: the paper's alternative (differentiable) loss, a squared hinge on
+    each neuron. With :math:`s` the student's pre-ReLU response (through the connector),
+    :math:`t` the teacher's pre-ReLU response and :math:`m \ge 0` the margin:
+
+    .. math::
+        \ell(s, t) = (s + m)^2 \, \mathbb{1}[s > -m \,\wedge\, t \le 0]
+        + (s - m)^2 \, \mathbb{1}[s \le m \,\wedge\, t > 0]
+
+    .. math::
+        \mathcal{L} = \frac{3}{1000} \cdot \frac{1}{N} \sum_{n, c, \dots} \ell(s, t)
+
+    Where the teacher's neuron is inactive (:math:`t \le 0`) the student is pushed below
+    :math:`-m`, where it is active above :math:`m`; beyond the margin a response costs nothing.
+    Only the sign of :math:`t` enters, so a teacher feature that went through a ReLU (even in
+    place) gives the same loss as its pre-ReLU values.
+
+    As ``ABLoss.criterion_alternative_l2`` and ``ABLoss.forward`` of the CRD benchmark
+    (``distiller_zoo/AB.py`` of ``HobbitLong/RepDistiller``, after the authors'
+    ``bhheo/AB_distillation``): the masks ``(s > -m) & (t <= 0)`` and ``(s <= m) & (t > 0)``, the
+    *sum* over all elements divided by the batch size, then ``/ 1000 * 3``, all included here.
+    The benchmark further multiplies pair :math:`i` of :math:`L` (shallowest first,
+    :math:`i = 0, \dots, L - 1`) by :math:`2^{i - L + 1}` (for three stages: 1/4, 1/2, 1): with
+    one term per pair, put that factor into each term's weight. Its margin is 1.
+
+    Args:
+        student_pre: ``(N, ...)`` the student's pre-ReLU feature through the connector.
+        teacher_pre: ``(N, ...)`` the teacher's pre-ReLU feature, same shape.
+        margin: :math:`m \ge 0`.
+
+    Returns:
+        Scalar: the squared hinges summed over all elements, divided by the batch size, times 3/1000.
+    """
+    _check_same_shape(
+        "student_pre",
+        student_pre,
+        "teacher_pre",
+        teacher_pre,
+        hint="The connector must map the student feature onto the teacher feature's shape.",
+    )
+    if student_pre.ndim == 0:
+        raise ValueError("student_pre and teacher_pre must have a batch dimension, got 0-d tensors.")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}.")
+    teacher_active = teacher_pre > 0
+    push_down = (student_pre > -margin) & ~teacher_active
+    push_up = (student_pre <= margin) & teacher_active
+    hinges = (student_pre + margin).pow(2) * push_down + (student_pre - margin).pow(2) * push_up
+    return hinges.sum() / student_pre.shape[0] * _AB_SCALE
 
 
 def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
@@ -22,7 +89,7 @@ def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     - ``nn.Identity()`` when channels and spatial sizes already agree (theirs: an empty
       ``nn.Sequential()``), e.g. for resnet8x4 against resnet32x4;
     - otherwise ``ConvReg(s, t, use_relu=False)``: the convolution of
-      :func:`~lightning_kd.losses.feature.make_regressor` (a 1x1 convolution with bias for equal
+      :func:`~lightning_kd.losses.adapters.make_regressor` (a 1x1 convolution with bias for equal
       sizes; stride-2 3x3, stride-2 transposed 4x4 or ``(1 + H_s - H_t) x (1 + W_s - W_t)``
       otherwise) and a ``BatchNorm2d``, without the ReLU, default init;
     - ``(N, C, L)`` sequences of equal length: ``Conv1d(C_s, C_t, 1)`` + ``BatchNorm1d``;
@@ -31,15 +98,9 @@ def make_ab_connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, 
     Raises:
         ValueError: no such mapping exists; the message names both shapes.
     """
-    if len(student_shape) != len(teacher_shape) or len(student_shape) not in (2, 3, 4):
-        raise ValueError(
-            f"Cannot connect a student feature of shape {student_shape} to a teacher feature of shape "
-            f"{teacher_shape}: both must be (N, C), (N, C, L) or (N, C, H, W). Pick layers of the same kind."
-        )
-    if student_shape[0] != teacher_shape[0]:
-        raise ValueError(
-            f"Student feature {student_shape} and teacher feature {teacher_shape} differ in batch size."
-        )
+    check_feature_pair(
+        student_shape, teacher_shape, "Cannot connect a student feature to a teacher feature: "
+    )
     if student_shape[1:] == teacher_shape[1:]:
         return nn.Identity()
     regressor = make_regressor(student_shape, teacher_shape)
@@ -85,6 +146,8 @@ class ABTerm(LayerPairTerm):
             built from the shapes.
     """
 
+    adapter_attributes = {"connector": "connector"}
+
     def __init__(
         self,
         student_layer: str,
@@ -100,11 +163,6 @@ class ABTerm(LayerPairTerm):
         self.margin = float(margin)
         self.connector = connector
         self._warned_in_place = False
-
-    @property
-    def needs_build(self) -> bool:
-        """Until the connector exists."""
-        return self.connector is None
 
     def build(self, outputs: StepOutputs) -> None:
         """Create the connector from the probe step's feature shapes."""
@@ -128,13 +186,10 @@ class ABTerm(LayerPairTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``ab_loss(connector(student_feature), teacher_feature, margin)``, the teacher detached."""
-        if self.connector is None:
-            raise RuntimeError(
-                f"Loss term {self.name!r} has no connector yet: the module builds it in setup()."
-            )
+        connector = self.built_adapter("connector")
         student, teacher = self.pair(outputs)
         self._warn_if_modified_in_place(student)
-        return functional.ab_loss(self.connector(student), teacher, margin=self.margin)
+        return ab_loss(connector(student), teacher, margin=self.margin)
 
     def extra_repr(self) -> str:
         """Name, weight, layers and margin, shown in the module repr."""

@@ -1,18 +1,134 @@
-"""Be Your Own Teacher (BYOT): the student's deepest classifier teaches auxiliary heads on its own stages."""
+r"""Be Your Own Teacher (BYOT): the student's deepest classifier teaches auxiliary heads on its own stages.
+
+Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
+Neural Networks via Self Distillation", ICCV 2019:
+
+.. math::
+    \mathcal{L} = \sum_{i=1}^{C-1} \Big[(1 - \alpha)\,\mathrm{CE}(z_i, y)
+    + \alpha\, T^2 \mathrm{KL}\big(\mathrm{softmax}(z_C / T) \,\|\, \mathrm{softmax}(z_i / T)\big)
+    + \lambda \frac{1}{N} \sum_n \lVert F_{i,n} - F_{C,n} \rVert_2^2\Big]
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.callbacks.feature_hooks import find_layer
-from lightning_kd.losses import functional
-from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, first_tensor
+from lightning_kd.hooks import LayerHooks, first_tensor
+from lightning_kd.losses._checks import _check_positive, _check_same_shape, _check_targets, _float32_math
+from lightning_kd.losses.base import LayerListTerm, LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses.kd import kd_loss
 from lightning_kd.model_io import logits_of
 
-__all__ = ["AuxiliaryHead", "BYOTTerm", "make_auxiliary_head"]
+__all__ = ["AuxiliaryHead", "byot_loss", "BYOTTerm", "make_auxiliary_head"]
+
+
+@_float32_math
+def _byot_head(
+    logits: Tensor,
+    feature: Tensor,
+    deep_logits: Tensor,
+    deep_feature: Tensor,
+    target: Tensor,
+    alpha: float,
+    temperature: float,
+    feature_weight: float,
+) -> Tensor:
+    """BYOT loss of one shallow classifier (see :func:`byot_loss`); the deepest outputs are detached."""
+    cross_entropy = F.cross_entropy(logits, target)
+    distillation = kd_loss(logits, deep_logits.detach(), temperature)
+    hint = (feature - deep_feature.detach()).pow(2).flatten(1).sum(dim=1).mean()
+    return (1 - alpha) * cross_entropy + alpha * distillation + feature_weight * hint
+
+
+def byot_loss(
+    shallow_logits: Sequence[Tensor],
+    shallow_features: Sequence[Tensor],
+    deep_logits: Tensor,
+    deep_feature: Tensor,
+    target: Tensor,
+    alpha: float = 0.3,
+    temperature: float = 3.0,
+    feature_weight: float = 1e-4,
+) -> Tensor:
+    r"""Be Your Own Teacher: the deepest classifier teaches the shallow classifiers of the same network.
+
+    Zhang, Song, Gao, Chen, Bao, Ma, "Be Your Own Teacher: Improve the Performance of
+    Convolutional Neural Networks via Self Distillation", ICCV 2019. With shallow classifiers
+    :math:`i = 1 \dots C-1` (logits :math:`z_i`, bottleneck features :math:`F_i`), the deepest
+    classifier's logits :math:`z_C` and its input feature :math:`F_C` (both detached: the
+    deepest classifier teaches and is not taught), labels :math:`y`, batch size :math:`N`:
+
+    .. math::
+        \mathcal{L} = \sum_{i=1}^{C-1} \Big[ (1 - \alpha)\,\mathrm{CE}(z_i, y)
+        + \alpha\, T^2\, \mathrm{KL}\big(\mathrm{softmax}(z_C / T) \,\|\, \mathrm{softmax}(z_i / T)\big)
+        + \lambda\, \frac{1}{N} \sum_{n} \lVert F_{i,n} - F_{C,n} \rVert_2^2 \Big]
+
+    Reductions: CE averaged over the batch; KL summed over classes and averaged over the batch
+    (``batchmean``, as :func:`kd_loss`), times :math:`T^2`; the hint is each sample's squared
+    L2 distance (summed over every feature element), averaged over the batch. The deepest
+    classifier's own cross-entropy is not part of this loss (a separate ``CrossEntropyTerm``).
+
+    Reference code: the authors' ``train.py`` (``ArchipLab-LinfengZhang/pytorch-self-distillation-final``)
+    uses :math:`\alpha = 0.3` (``loss_coefficient``) and :math:`T = 3`, the defaults here; its
+    KD part is the soft-target cross-entropy, which differs from the KL by the teacher's
+    entropy (same gradient) and has no :math:`T^2` (a factor 9 smaller at :math:`T = 3`), and
+    it has no hint term; the deepest CE has weight 1. ``luanyunteng/pytorch-be-your-own-teacher``
+    (``train.py``) adds the hint as ``beta * sum((F_i - F_C)**2 * mask)`` summed over the batch,
+    with ``beta = 1e-6`` at batch 128 and a mask (either feature positive) that changes nothing
+    for post-ReLU features: :math:`\lambda = \beta N \approx 10^{-4}`, the default here.
+
+    Args:
+        shallow_logits: ``(N, K)`` logits of each shallow classifier.
+        shallow_features: ``(N, ...)`` bottleneck feature of each shallow classifier, each of
+            ``deep_feature``'s shape.
+        deep_logits: ``(N, K)`` logits of the deepest classifier (detached here).
+        deep_feature: ``(N, ...)`` the deepest classifier's input feature (detached here).
+        target: ``(N,)`` class indices.
+        alpha: share of the distillation part, :math:`0 \le \alpha \le 1`; ``1 - alpha`` goes to CE.
+        temperature: softening temperature :math:`T > 0`.
+        feature_weight: :math:`\lambda \ge 0`, the weight of the hint.
+
+    Returns:
+        Scalar: the sum over the shallow classifiers.
+    """
+    shallow_logits, shallow_features = list(shallow_logits), list(shallow_features)
+    if not shallow_logits or len(shallow_logits) != len(shallow_features):
+        raise ValueError(
+            f"byot_loss needs one feature per shallow classifier (at least one), got {len(shallow_logits)} "
+            f"logits and {len(shallow_features)} features."
+        )
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (the share of distillation), got {alpha}.")
+    _check_positive("temperature", temperature)
+    if not feature_weight >= 0:
+        raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
+    _check_targets(deep_logits, target)
+    for index, (logits, feature) in enumerate(zip(shallow_logits, shallow_features, strict=True)):
+        _check_same_shape(
+            f"shallow_logits[{index}]",
+            logits,
+            "deep_logits",
+            deep_logits,
+            hint="Every classifier must predict the same classes.",
+        )
+        _check_same_shape(
+            f"shallow_features[{index}]",
+            feature,
+            "deep_feature",
+            deep_feature,
+            hint="Each shallow head's bottleneck must map its feature onto the deepest feature's shape.",
+        )
+    heads = zip(shallow_logits, shallow_features, strict=True)
+    losses = [
+        _byot_head(logits, feature, deep_logits, deep_feature, target, alpha, temperature, feature_weight)
+        for logits, feature in heads
+    ]
+    return torch.stack(losses).sum()
 
 
 class AuxiliaryHead(nn.Module):
@@ -81,7 +197,7 @@ def make_auxiliary_head(
     return AuxiliaryHead(bottleneck, nn.Linear(feature_size, num_classes))
 
 
-class BYOTTerm(LossTerm):
+class BYOTTerm(LayerListTerm):
     """Be Your Own Teacher (Zhang et al., ICCV 2019): auxiliary classifiers on the student's own stages.
 
     One :class:`AuxiliaryHead` per layer of ``shallow_layers`` reads that stage's output and
@@ -91,7 +207,7 @@ class BYOTTerm(LossTerm):
     ``sum_i (1 - alpha) CE(z_i, y) + alpha T^2 KL(softmax(z_C/T) || softmax(z_i/T))
     + feature_weight ||F_i - F_C||^2``, with :math:`z_C, F_C` detached (see
     :func:`lightning_kd.losses.functional.byot_loss` for the reductions). The deepest
-    classifier's own cross-entropy is a separate :class:`~lightning_kd.losses.response.CrossEntropyTerm`
+    classifier's own cross-entropy is a separate :class:`~lightning_kd.losses.cross_entropy.CrossEntropyTerm`
     (weight 1 in the authors' code). No teacher is needed.
 
     The heads (:func:`make_auxiliary_head`) are built on the module's probe batch, owned by this
@@ -114,6 +230,7 @@ class BYOTTerm(LossTerm):
     """
 
     needs_teacher = False
+    adapter_attributes = {"heads": "heads"}
 
     def __init__(
         self,
@@ -126,8 +243,9 @@ class BYOTTerm(LossTerm):
         feature_weight: float = 1e-4,
         bottleneck_relu: bool = True,
     ) -> None:
-        super().__init__(name, weight)
-        self.shallow_layers = tuple(shallow_layers)
+        if isinstance(shallow_layers, str):
+            raise TypeError("shallow_layers is a list of layer paths, not a single string.")
+        super().__init__((*shallow_layers, deep_layer), (), name, weight)
         if not self.shallow_layers:
             raise ValueError("shallow_layers is empty: name at least one student layer to attach a head to.")
         if deep_layer in self.shallow_layers or len(set(self.shallow_layers)) != len(self.shallow_layers):
@@ -139,7 +257,6 @@ class BYOTTerm(LossTerm):
             raise ValueError(f"alpha must be in [0, 1] (the share of distillation), got {alpha}.")
         if not feature_weight >= 0:
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
-        self.deep_layer = deep_layer
         self.alpha = float(alpha)
         self.temperature = checked_temperature(temperature)
         self.feature_weight = float(feature_weight)
@@ -147,28 +264,18 @@ class BYOTTerm(LossTerm):
         self.heads: nn.ModuleList | None = None
 
     @property
-    def student_layers(self) -> tuple[str, ...]:
-        """The shallow stages and the deepest feature."""
-        return (*self.shallow_layers, self.deep_layer)
+    def shallow_layers(self) -> tuple[str, ...]:
+        """The student stages that get a head, shallowest first."""
+        return self.student_layers[:-1]
 
     @property
-    def needs_build(self) -> bool:
-        """Until the heads exist."""
-        return self.heads is None
-
-    def _feature(self, outputs: StepOutputs, layer: str) -> Tensor:
-        try:
-            return first_tensor(outputs.student_features[layer])
-        except KeyError:
-            raise KeyError(
-                f"Loss term {self.name!r}: no captured output for student layer {layer!r}. Features are "
-                "captured by the FeatureHooks that DistillationModule adds for the layers its terms declare; "
-                "call the term inside a fit, or attach FeatureHooks yourself."
-            ) from None
+    def deep_layer(self) -> str:
+        """The layer whose output the student's final classifier reads."""
+        return self.student_layers[-1]
 
     def build(self, outputs: StepOutputs) -> None:
         """Create one head per shallow layer from the probe step's shapes."""
-        deep = self._feature(outputs, self.deep_layer).flatten(1)
+        deep = self.captured_feature(outputs, "student", self.deep_layer).flatten(1)
         if self.bottleneck_relu and bool((deep < 0).any()):
             raise ValueError(
                 f"Loss term {self.name!r}: the output of deep_layer {self.deep_layer!r} has negative values, "
@@ -178,7 +285,10 @@ class BYOTTerm(LossTerm):
         num_classes = outputs.student_logits.shape[-1]
         heads = [
             make_auxiliary_head(
-                tuple(self._feature(outputs, layer).shape), deep.shape[1], num_classes, self.bottleneck_relu
+                tuple(self.captured_feature(outputs, "student", layer).shape),
+                deep.shape[1],
+                num_classes,
+                self.bottleneck_relu,
             )
             for layer in self.shallow_layers
         ]
@@ -186,25 +296,22 @@ class BYOTTerm(LossTerm):
 
     def _run_heads(self, stages: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``(features, logits)`` of the heads, from the outputs of ``shallow_layers`` in that order."""
-        if self.heads is None:
-            raise RuntimeError(
-                f"Loss term {self.name!r} has no heads yet: the module builds them in setup()."
-            )
-        outputs = [head(stage) for head, stage in zip(self.heads, stages, strict=True)]
+        outputs = [head(stage) for head, stage in zip(self.built_adapter("heads"), stages, strict=True)]
         return [feature for feature, _ in outputs], [logits for _, logits in outputs]
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``byot_loss`` of every head against the student's logits and deepest feature (both detached)."""
-        if outputs.targets is None:
-            raise ValueError(f"Loss term {self.name!r} (BYOT) needs labels, but the batch has no targets.")
-        deep = self._feature(outputs, self.deep_layer).flatten(1)
-        features, logits = self._run_heads([self._feature(outputs, layer) for layer in self.shallow_layers])
-        return functional.byot_loss(
+        targets = self.required_targets(outputs, why=" (BYOT)")
+        deep = self.captured_feature(outputs, "student", self.deep_layer).flatten(1)
+        features, logits = self._run_heads(
+            [self.captured_feature(outputs, "student", layer) for layer in self.shallow_layers]
+        )
+        return byot_loss(
             logits,
             features,
             outputs.student_logits,
             deep,
-            outputs.targets,
+            targets,
             alpha=self.alpha,
             temperature=self.temperature,
             feature_weight=self.feature_weight,
@@ -218,20 +325,10 @@ class BYOTTerm(LossTerm):
         the heads' BatchNorms) for predictions, e.g.
         ``module.loss_terms["byot"].head_logits(module.student, x)``.
         """
-        captured: dict[str, Any] = {}
-        handles = []
-        for layer in self.shallow_layers:
-
-            def hook(module: nn.Module, args: Any, output: Any, layer: str = layer) -> None:
-                captured[layer] = output
-
-            handles.append(find_layer(student, layer, "student").register_forward_hook(hook))
-        try:
+        with LayerHooks.on(student, self.shallow_layers, "student") as hooks:
             final = student(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        _, logits = self._run_heads([first_tensor(captured[layer]) for layer in self.shallow_layers])
+            stages = [first_tensor(hooks.captured[layer]) for layer in self.shallow_layers]
+        _, logits = self._run_heads(stages)
         result = dict(zip(self.shallow_layers, logits, strict=True))
         result["final"] = logits_of(final)
         return result
@@ -239,7 +336,7 @@ class BYOTTerm(LossTerm):
     def extra_repr(self) -> str:
         """Name, weight, layers and settings, shown in the module repr."""
         return (
-            f"{super().extra_repr()}, shallow_layers={list(self.shallow_layers)}, "
+            f"{LossTerm.extra_repr(self)}, shallow_layers={list(self.shallow_layers)}, "
             f"deep_layer={self.deep_layer!r}, alpha={self.alpha}, temperature={self.temperature}, "
             f"feature_weight={self.feature_weight}"
         )

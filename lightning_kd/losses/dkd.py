@@ -1,0 +1,144 @@
+r"""Decoupled knowledge distillation (DKD): target-class and non-target-class KD, weighted apart.
+
+Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022. With
+:math:`b = (p_g, 1 - p_g)` the binary target/non-target probabilities and :math:`\hat p` the
+distribution among the non-target classes:
+
+.. math::
+    \mathcal{L} = \alpha\, T^2 \mathrm{KL}(b^t \| b^s) + \beta\, T^2 \mathrm{KL}(\hat p^t \| \hat p^s)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets, _float32_math
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+
+__all__ = ["dkd_loss", "DKDTerm"]
+
+
+def _dkd_log_probs(scaled_logits: Tensor, target_mask: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of DKD's two distributions, from ``(M, C)`` logits already divided by T.
+
+    Returns ``(binary, non_target)``: ``(M, 2)`` log-probabilities of (target, not target) and
+    ``(M, C)`` log-probabilities among the non-target classes, with 0 (not -inf) at the target so
+    that the KL of those entries is exactly 0 and no NaN reaches the gradient.
+    """
+    log_norm = torch.logsumexp(scaled_logits, dim=-1, keepdim=True)
+    log_p_target = scaled_logits.gather(-1, target.unsqueeze(-1)) - log_norm
+    rest = scaled_logits.masked_fill(target_mask, float("-inf"))
+    log_rest_norm = torch.logsumexp(rest, dim=-1, keepdim=True)
+    binary = torch.cat([log_p_target, log_rest_norm - log_norm], dim=-1)
+    non_target = (rest - log_rest_norm).masked_fill(target_mask, 0.0)
+    return binary, non_target
+
+
+@_float32_math
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    r"""Decoupled knowledge distillation: target-class KD plus non-target-class KD, weighted apart.
+
+    Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022. With
+    :math:`p = \mathrm{softmax}(z / T)` for each model and :math:`g` the label of the row:
+
+    .. math::
+        b = \big(p_g,\ 1 - p_g\big), \qquad
+        \hat p_c = \frac{p_c}{1 - p_g} \ (c \ne g)
+
+    .. math::
+        \mathcal{L} = \alpha \cdot T^2 \frac{1}{N} \sum_n \mathrm{KL}(b^t_n \| b^s_n)
+        + \beta \cdot T^2 \frac{1}{N} \sum_n \mathrm{KL}(\hat p^t_n \| \hat p^s_n)
+
+    i.e. ``alpha * TCKD + beta * NCKD``; both KLs are summed over their classes and divided by
+    the number of rows (``reduction="sum"`` over the batch size in the authors' ``dkd_loss``,
+    ``mdistiller/distillers/DKD.py`` of ``megvii-research/mdistiller``), times :math:`T^2`.
+    Defaults are those of that code's config (``mdistiller/engine/cfg.py``: ``ALPHA=1``,
+    ``BETA=8``, ``T=4``); its linear warm-up of the whole term over the first ``WARMUP=20``
+    epochs is left to a :class:`~lightning_kd.callbacks.LossWeightSchedule`.
+
+    Numerics: the authors take the non-target mass as the sum of the other probabilities and its
+    plain ``log``, and drop the target class from :math:`\hat p` by subtracting 1000 from its
+    scaled logit. Here both are computed in log-space (``logsumexp``), and the target class is
+    excluded exactly (set to ``-inf`` before the non-target ``log_softmax``, its KL entry then set
+    to 0). The values are the same wherever the authors' version is finite (it differs only
+    where a probability underflows, where theirs gives ``inf`` / ``NaN`` or leaks target mass).
+
+    Args:
+        student_logits: ``(..., C)`` student logits, ``C >= 2``.
+        teacher_logits: ``(..., C)`` teacher logits, same shape.
+        target: ``(...)`` integer labels in ``[0, C)``, one per row (``(N,)`` for ``(N, C)``).
+        alpha: weight of TCKD (target-class KD).
+        beta: weight of NCKD (non-target-class KD).
+        temperature: softening temperature :math:`T > 0`.
+
+    Returns:
+        Scalar: ``alpha * TCKD + beta * NCKD``, averaged over all leading positions.
+    """
+    _check_logit_pair(student_logits, teacher_logits, temperature)
+    _check_num_classes(student_logits, 2, "for DKD (it splits the target class from the others)")
+    _check_targets(student_logits, target)
+    num_classes = student_logits.shape[-1]
+    target = target.reshape(-1).long()
+    z_s = student_logits.reshape(-1, num_classes) / temperature
+    z_t = teacher_logits.reshape(-1, num_classes) / temperature
+    target_mask = torch.zeros_like(z_s, dtype=torch.bool).scatter_(-1, target.unsqueeze(-1), True)
+    binary_s, non_target_s = _dkd_log_probs(z_s, target_mask, target)
+    binary_t, non_target_t = _dkd_log_probs(z_t, target_mask, target)
+    tckd = F.kl_div(binary_s, binary_t, reduction="batchmean", log_target=True)
+    nckd = F.kl_div(non_target_s, non_target_t, reduction="batchmean", log_target=True)
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+class DKDTerm(LossTerm):
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``; needs labels.
+
+    See :func:`lightning_kd.losses.functional.dkd_loss`. The teacher's logits are detached.
+
+    Args:
+        name: key of the term (``train/loss_<name>``).
+        weight: factor in the total loss (the authors pair it with cross-entropy at weight 1 and
+            warm it up linearly over 20 epochs: use a
+            :class:`~lightning_kd.callbacks.LossWeightSchedule` for that).
+        alpha: weight of the target-class part (TCKD).
+        beta: weight of the non-target-class part (NCKD).
+        temperature: softening temperature; :class:`~lightning_kd.callbacks.TemperatureAnnealing`
+            changes it during training.
+    """
+
+    def __init__(
+        self,
+        name: str = "dkd",
+        weight: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+    ) -> None:
+        super().__init__(name, weight)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.temperature = checked_temperature(temperature)
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        """``dkd_loss(student_logits, teacher_logits.detach(), targets, alpha, beta, temperature)``."""
+        targets = self.required_targets(outputs, why=" (DKD) to split the target class from the others")
+        return dkd_loss(
+            outputs.student_logits,
+            self.detached_teacher_logits(outputs),
+            targets,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+        )
+
+    def extra_repr(self) -> str:
+        """Name, weight and settings, shown in the module repr."""
+        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
