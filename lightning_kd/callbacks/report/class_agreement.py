@@ -13,18 +13,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lightning_kd.callbacks.feature_hooks import uncompiled
-from lightning_kd.callbacks.report_io import (
+from lightning_kd.callbacks.report.functional import per_class_accuracy
+from lightning_kd.callbacks.report.io import (
     beside_checkpoints,
     collect_logits,
     log_metrics,
-    per_class_accuracy,
     save_and_log_figure,
     validation_loader,
 )
+from lightning_kd.hooks import uncompiled
 from lightning_kd.teachers.loading import load_weights
 
-__all__ = ["ClassAgreementReport", "ClassChanges"]
+__all__ = ["ClassAgreementReport", "ClassChanges", "agreement_figure", "gain_figure"]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What the report callbacks share: validation logits in, files, metrics and images out."""
+"""What the report callbacks share: where their files go, validation logits in, metrics and images out."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.model_io import call_model, logits_of
 
@@ -23,7 +22,6 @@ __all__ = [
     "beside_checkpoints",
     "collect_logits",
     "log_metrics",
-    "per_class_accuracy",
     "save_and_log_figure",
     "validation_loader",
 ]
@@ -112,12 +110,3 @@ def save_and_log_figure(trainer: pl.Trainer, figure: Figure, directory: Path, na
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(key, figure, global_step=trainer.global_step)
     return path
-
-
-def per_class_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:
-    """Top-1 accuracy of each class (recall: the share of its samples predicted as it), torchmetrics.
-
-    ``(num_classes,)``; a class without samples gets 0 (torchmetrics' ``MulticlassAccuracy``
-    with ``average=None``).
-    """
-    return MulticlassAccuracy(num_classes, average=None).to(logits.device)(logits, targets).cpu()

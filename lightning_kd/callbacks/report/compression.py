@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_kd.callbacks.feature_hooks import uncompiled
-from lightning_kd.callbacks.report_io import beside_checkpoints
+from lightning_kd.callbacks.report.io import beside_checkpoints
+from lightning_kd.hooks import uncompiled
 from lightning_kd.model_io import call_model
 
 __all__ = [

@@ -12,11 +12,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.classification import MulticlassCalibrationError
 
-from lightning_kd.callbacks.report_io import (
+from lightning_kd.callbacks.report.functional import per_class_accuracy, reliability_bins
+from lightning_kd.callbacks.report.io import (
     beside_checkpoints,
     collect_logits,
     log_metrics,
-    per_class_accuracy,
     save_and_log_figure,
     validation_loader,
 )
@@ -24,24 +24,7 @@ from lightning_kd.callbacks.report_io import (
 if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
     from lightning_kd.module import DistillationModule
 
-__all__ = ["DistillationReport", "beside_checkpoints", "reliability_bins"]
-
-
-def reliability_bins(probs: Tensor, targets: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean confidence, accuracy and sample count per confidence bin (a reliability diagram's bars).
-
-    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017: samples are binned by
-    their top-1 probability into ``num_bins`` equal-width bins of (0, 1]; empty bins give NaN.
-    The expected calibration error itself comes from torchmetrics.
-    """
-    confidence, predicted = probs.max(dim=-1)
-    correct = (predicted == targets).float()
-    edges = torch.linspace(0, 1, num_bins + 1, device=probs.device)
-    index = (torch.bucketize(confidence, edges, right=False) - 1).clamp(0, num_bins - 1)
-    counts = torch.bincount(index, minlength=num_bins).float()
-    mean_confidence = torch.bincount(index, weights=confidence, minlength=num_bins) / counts
-    accuracy = torch.bincount(index, weights=correct, minlength=num_bins) / counts
-    return mean_confidence, accuracy, counts
+__all__ = ["DistillationReport"]
 
 
 class DistillationReport(pl.Callback):
