@@ -21,7 +21,7 @@ from torch.ao.quantization import disable_observer, enable_observer
 from torch.fx import GraphModule
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
-from lightning_kd.callbacks.report.io import beside_checkpoints
+from lightning_kd.callbacks.report.io import log_metrics, output_directory, validation_loader
 from lightning_kd.model_io import call_model, logits_of
 from lightning_kd.quantization import (
     check_backend,
@@ -193,9 +193,7 @@ class QuantizationAwareTraining(pl.Callback):
         student = pl_module.student
         student.apply(disable_observer)
         self.int8_student = convert_to_int8(student, self.backend)
-        loader = (
-            trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
-        )
+        loader = validation_loader(trainer)
         if loader is None or (isinstance(loader, list | tuple) and not loader):
             rank_zero_warn(
                 "QuantizationAwareTraining found no validation data; the int8 student is not evaluated."
@@ -206,12 +204,9 @@ class QuantizationAwareTraining(pl.Callback):
             batches = (pl_module.unpack_batch(batch) for data in loaders for batch in data)
             found = evaluate_int8(self.int8_student, batches, reference, self.backend)
             self.metrics.update({f"quantized/val_{key}": value for key, value in found.items()})
-            for logger in trainer.loggers:
-                logger.log_metrics(self.metrics, step=trainer.global_step)
+            log_metrics(trainer, self.metrics)
         if self.filename is not None:
-            directory = self.directory or beside_checkpoints(trainer)
-            directory.mkdir(parents=True, exist_ok=True)
-            self.path = directory / self.filename
+            self.path = output_directory(trainer, self.directory) / self.filename
             torch.save(self.int8_student, self.path)
 
     # ----------------------------------------------------------------- int8 in trainer.test

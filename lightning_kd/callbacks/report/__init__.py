@@ -36,6 +36,7 @@ from lightning_kd.callbacks.report.io import (
     beside_checkpoints,
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "log_metrics",
     "measure",
     "non_argmax_probability",
+    "output_directory",
     "per_class_accuracy",
     "reliability_bins",
     "save_and_log_figure",

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from lightning_kd.callbacks.report.functional import linear_cka
 from lightning_kd.callbacks.report.io import (
-    beside_checkpoints,
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -157,7 +157,7 @@ class CKAReport(pl.Callback):
         """Draw, save and log ``cka.png``."""
         if not trainer.is_global_zero or not any(self.history.values()):
             return
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         self.path = save_and_log_figure(trainer, self.figure(), directory, "cka", "report/cka")
 
     def figure(self) -> Figure:

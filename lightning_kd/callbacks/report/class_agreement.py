@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from lightning_kd.callbacks.report.functional import per_class_accuracy
 from lightning_kd.callbacks.report.io import (
-    beside_checkpoints,
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -262,8 +262,7 @@ class ClassAgreementReport(pl.Callback):
         )
         log_metrics(trainer, self.changes.metrics())
 
-        directory = self.directory or beside_checkpoints(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_directory(trainer, self.directory)
         self.files = []
         if self.changes.agreement is not None:
             figure = agreement_figure(self.changes)

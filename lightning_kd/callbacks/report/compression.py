@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_kd.callbacks.report.io import beside_checkpoints
+from lightning_kd.callbacks.report.io import log_metrics, output_directory
 from lightning_kd.hooks import uncompiled
 from lightning_kd.model_io import call_model
 
@@ -283,12 +283,9 @@ class CompressionReport(pl.Callback):
             logged[f"compression/{name}_latency_ms"] = cost.latency_ms[1]
             if batch_size != 1:
                 logged[f"compression/{name}_latency_ms_batch{batch_size}"] = cost.latency_ms[batch_size]
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
+        log_metrics(trainer, logged)
         self.table = compression_table(self.costs, accuracy, torch.get_num_threads())
-        directory = self.directory or beside_checkpoints(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "compression.md"
+        self.path = output_directory(trainer, self.directory) / "compression.md"
         self.path.write_text("# Compression report\n\n" + self.table)
 
 

@@ -14,9 +14,9 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from lightning_kd.callbacks.report.functional import per_class_accuracy, reliability_bins
 from lightning_kd.callbacks.report.io import (
-    beside_checkpoints,
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -98,7 +98,7 @@ class DistillationReport(pl.Callback):
             "per_class_accuracy": self._per_class_figure(per_class),
             "reliability": self._reliability_figure(models, targets),
         }
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         self.files = [
             save_and_log_figure(trainer, figure, directory, key, f"report/{key}")
             for key, figure in figures.items()

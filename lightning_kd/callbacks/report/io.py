@@ -22,6 +22,7 @@ __all__ = [
     "beside_checkpoints",
     "collect_logits",
     "log_metrics",
+    "output_directory",
     "save_and_log_figure",
     "validation_loader",
 ]
@@ -33,6 +34,18 @@ def beside_checkpoints(trainer: pl.Trainer) -> Path:
     if checkpoint is not None and getattr(checkpoint, "dirpath", None):
         return Path(checkpoint.dirpath)
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def output_directory(trainer: pl.Trainer, directory: Path | None = None) -> Path:
+    """Where a callback writes its files, created if missing: ``directory``, else :func:`beside_checkpoints`.
+
+    Args:
+        trainer: the trainer whose checkpoint (else log) directory is the default.
+        directory: the directory the user chose, or ``None``.
+    """
+    directory = directory or beside_checkpoints(trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def validation_loader(trainer: pl.Trainer) -> Any:

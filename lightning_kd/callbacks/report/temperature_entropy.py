@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 
 from lightning_kd.callbacks.report.functional import non_argmax_probability, soft_label_entropy
 from lightning_kd.callbacks.report.io import (
-    beside_checkpoints,
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -90,7 +90,7 @@ class TemperatureEntropyReport(pl.Callback):
         self.training_temperature = next(
             (float(term.temperature) for term in terms.values() if hasattr(term, "temperature")), None
         )
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         figure = self.figure(teacher.shape[-1])
         self.path = save_and_log_figure(
             trainer, figure, directory, "temperature_entropy", "report/temperature_entropy"
