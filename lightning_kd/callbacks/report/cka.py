@@ -84,7 +84,12 @@ class CKAReport(pl.Callback):
 
     @staticmethod
     def key(student_layer: str, teacher_layer: str) -> str:
-        """The logged name of a pair's CKA: ``cka/<student_layer>-vs-<teacher_layer>``."""
+        """The logged name of a pair's CKA: ``cka/<student_layer>-vs-<teacher_layer>``.
+
+        Args:
+            student_layer: dotted path in the student.
+            teacher_layer: dotted path in the teacher.
+        """
         return f"cka/{student_layer}-vs-{teacher_layer}"
 
     @property
@@ -105,7 +110,12 @@ class CKAReport(pl.Callback):
             find_layer(pl_module.teacher, teacher_layer, "teacher")
 
     def measure(self, pl_module: pl.LightningModule, loader: Any) -> dict[str, float]:
-        """CKA of every pair on the first ``num_samples`` samples of ``loader``: ``{key: value}``."""
+        """CKA of every pair on the first ``num_samples`` samples of ``loader``: ``{key: value}``.
+
+        Args:
+            pl_module: a module with ``student`` and ``teacher``.
+            loader: validation batches.
+        """
         with (
             LayerHooks.on(pl_module.student, [s for s, _ in self.pairs], "student", keep="all") as student,
             LayerHooks.on(pl_module.teacher, [t for _, t in self.pairs], "teacher", keep="all") as teacher,

@@ -85,7 +85,16 @@ class ClassChanges:
         baseline_accuracy: Tensor | None = None,
         tolerance: float = 0.0,
     ) -> ClassChanges:
-        """The per-class numbers from validation logits (``(N, C)``) and labels (``(N,)``)."""
+        """The per-class numbers from validation logits (``(N, C)``) and labels (``(N,)``).
+
+        Args:
+            student_logits: ``(N, C)`` logits of the student.
+            targets: ``(N,)`` labels.
+            num_classes: ``C``.
+            teacher_logits: ``(N, C)`` logits of the teacher, or ``None``.
+            baseline_accuracy: ``(C,)`` per-class accuracy of a baseline student, or ``None``.
+            tolerance: gain (as a fraction) above which a class counts as gained or lost.
+        """
         if baseline_accuracy is not None and baseline_accuracy.shape != (num_classes,):
             raise ValueError(
                 f"baseline_accuracy has shape {tuple(baseline_accuracy.shape)}, expected "
@@ -286,7 +295,11 @@ class ClassAgreementReport(pl.Callback):
 
 
 def agreement_figure(changes: ClassChanges) -> Figure:
-    """Bar chart of the student's top-1 agreement with the teacher, per teacher-predicted class."""
+    """Bar chart of the student's top-1 agreement with the teacher, per teacher-predicted class.
+
+    Args:
+        changes: per-class numbers with a teacher (``agreement`` set).
+    """
     figure = Figure(figsize=(8, 3.5), layout="constrained")
     axes = figure.add_subplot()
     classes = list(range(len(changes.agreement)))
@@ -300,7 +313,11 @@ def agreement_figure(changes: ClassChanges) -> Figure:
 
 
 def gain_figure(changes: ClassChanges) -> Figure:
-    """Bar chart of the student's accuracy gain over the baseline per class: green gained, red lost."""
+    """Bar chart of the student's accuracy gain over the baseline per class: green gained, red lost.
+
+    Args:
+        changes: per-class numbers with a baseline (``baseline_accuracy`` set).
+    """
     figure = Figure(figsize=(8, 3.5), layout="constrained")
     axes = figure.add_subplot()
     gain = 100 * changes.gain

@@ -56,7 +56,12 @@ class DistillationReport(pl.Callback):
 
     # ----------------------------------------------------------------- data
     def collect(self, module: DistillationModule, loader: Any) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``."""
+        """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``.
+
+        Args:
+            module: a :class:`~lightning_kd.DistillationModule`.
+            loader: labelled validation batches.
+        """
         logits = collect_logits(module, loader)
         return logits["student"], logits.get("teacher"), logits["targets"]
 

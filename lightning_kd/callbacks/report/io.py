@@ -29,7 +29,11 @@ __all__ = [
 
 
 def beside_checkpoints(trainer: pl.Trainer) -> Path:
-    """Where end-of-fit reports go: the checkpoint directory, else the log directory."""
+    """Where end-of-fit reports go: the checkpoint directory, else the log directory.
+
+    Args:
+        trainer: the running trainer.
+    """
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and getattr(checkpoint, "dirpath", None):
         return Path(checkpoint.dirpath)
@@ -49,7 +53,11 @@ def output_directory(trainer: pl.Trainer, directory: Path | None = None) -> Path
 
 
 def validation_loader(trainer: pl.Trainer) -> Any:
-    """A fresh validation loader of the datamodule (the whole split on every rank), else the trainer's."""
+    """A fresh validation loader of the datamodule (the whole split on every rank), else the trainer's.
+
+    Args:
+        trainer: the running trainer.
+    """
     datamodule = trainer.datamodule
     if datamodule is not None and hasattr(datamodule, "val_dataloader"):
         return datamodule.val_dataloader()
@@ -69,6 +77,12 @@ def collect_logits(
     ``others`` (run on the student's inputs, e.g. a baseline student), and ``"targets"`` (for
     labelled batches); float32, on the module's device. With ``max_samples``, batches are read
     until that many samples are seen and every entry is cut to them.
+
+    Args:
+        module: a :class:`~lightning_kd.DistillationModule`.
+        loader: the batches.
+        max_samples: read until this many samples are seen; ``None``: all of ``loader``.
+        others: further networks to run on the student's inputs, by name.
     """
     was_training = module.training
     module.eval()
@@ -104,7 +118,12 @@ def collect_logits(
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at the current global step."""
+    """Send ``metrics`` to every logger of ``trainer`` at the current global step.
+
+    Args:
+        trainer: the running trainer.
+        metrics: name -> value.
+    """
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=trainer.global_step)
 
@@ -113,6 +132,13 @@ def save_and_log_figure(trainer: pl.Trainer, figure: Figure, directory: Path, na
     """Save ``figure`` as ``directory / f"{name}.png"`` and log it as image ``key`` to W&B / TensorBoard.
 
     Other loggers (CSV, ...) get the file only. Returns the path of the PNG.
+
+    Args:
+        trainer: the running trainer (its loggers).
+        figure: the matplotlib figure.
+        directory: where the PNG goes (created if missing).
+        name: file name without ``.png``.
+        key: the image's name in the loggers.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.png"

@@ -28,6 +28,14 @@ def embed_dataset(
     """``(embeddings (N, D), labels (N,))`` of all of ``loader``; ``model`` in eval mode (restored after).
 
     ``output_to_embedding`` maps the model's output to the ``(N, D)`` embedding (default: the output).
+
+    Args:
+        model: the network that embeds.
+        loader: labelled batches.
+        device: where the batches go.
+        input_key: where the inputs are in a batch.
+        target_key: where the labels are in a batch.
+        output_to_embedding: maps the model's output to the embedding; ``None``: the output itself.
     """
     was_training = model.training
     model.eval()

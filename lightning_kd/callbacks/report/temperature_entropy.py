@@ -97,7 +97,11 @@ class TemperatureEntropyReport(pl.Callback):
         )
 
     def figure(self, num_classes: int) -> Figure:
-        """Entropy and non-top-1 probability against the temperature (log2 axis)."""
+        """Entropy and non-top-1 probability against the temperature (log2 axis).
+
+        Args:
+            num_classes: classes of the teacher (the limits ``log C`` and ``1 / C``).
+        """
         figure = Figure(figsize=(9, 3.5), layout="constrained")
         temperatures = list(self.results)
         panels = [
