@@ -51,7 +51,11 @@ class FeatureHooks(Callback):
         return any(hooks.attached for hooks in self._hooks)
 
     def attach(self, pl_module: nn.Module) -> None:
-        """Register the hooks on ``pl_module.student`` / ``pl_module.teacher``."""
+        """Register the hooks on ``pl_module.student`` / ``pl_module.teacher``.
+
+        Args:
+            pl_module: the module whose ``student`` / ``teacher`` get the hooks.
+        """
         self.detach()
         for role, paths in self.layers.items():
             if not paths:

@@ -50,7 +50,12 @@ class LossWeightSchedule(ScheduledValue):
         return self._generate_state_key(term=self.term)
 
     def apply(self, pl_module: pl.LightningModule, value: float) -> None:
-        """Set the term's weight."""
+        """Set the term's weight.
+
+        Args:
+            pl_module: the module whose loss term gets the weight.
+            value: the weight now.
+        """
         loss_terms = getattr(pl_module, "loss_terms", {})
         if self.term not in loss_terms:
             raise ValueError(

@@ -34,6 +34,15 @@ def schedule_value(
     - ``exponential``: :math:`s\,(e / s)^p` (both positive);
     - ``step``: :math:`s\,\gamma^k`, :math:`k` the number of ``milestones`` reached (as
       :class:`torch.optim.lr_scheduler.MultiStepLR`); ``end`` is unused.
+
+    Args:
+        schedule: ``constant``, ``linear``, ``cosine``, ``step`` or ``exponential``.
+        start: the value at the beginning.
+        end: the value after ``total``; ``None`` only for ``constant`` and ``step``.
+        elapsed: steps or epochs done.
+        total: length of the schedule.
+        milestones: for ``step``: where the value is multiplied by ``gamma``.
+        gamma: for ``step``: the factor.
     """
     if schedule == "constant":
         return float(start)
@@ -101,11 +110,21 @@ class ScheduledValue(Callback):
         self.current: float | None = None
 
     def apply(self, pl_module: pl.LightningModule, value: float) -> None:
-        """Set ``value`` on the module (subclasses)."""
+        """Set ``value`` on the module (subclasses).
+
+        Args:
+            pl_module: the module being trained.
+            value: the scheduled value now.
+        """
         raise NotImplementedError
 
     def value_at(self, elapsed: int, total: int) -> float:
-        """The schedule's value after ``elapsed`` of ``total`` steps/epochs."""
+        """The schedule's value after ``elapsed`` of ``total`` steps/epochs.
+
+        Args:
+            elapsed: steps or epochs done.
+            total: length of the schedule.
+        """
         return schedule_value(
             self.schedule, self.start, self.end, elapsed, total, self.milestones, self.gamma
         )

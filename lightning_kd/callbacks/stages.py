@@ -70,7 +70,11 @@ class DistillationStages(Callback):
         self._frozen_norms: list[nn.Module] = []
 
     def stage_at(self, epoch: int) -> int:
-        """Index of the stage that contains ``epoch``."""
+        """Index of the stage that contains ``epoch``.
+
+        Args:
+            epoch: a training epoch (0-based).
+        """
         start = 0
         for number, stage in enumerate(self.stages):
             if stage.epochs is None or epoch < start + stage.epochs:

@@ -54,7 +54,12 @@ class TemperatureAnnealing(ScheduledValue):
         return self._generate_state_key(terms=self.terms)
 
     def apply(self, pl_module: pl.LightningModule, value: float) -> None:
-        """Set ``temperature`` on the selected loss terms."""
+        """Set ``temperature`` on the selected loss terms.
+
+        Args:
+            pl_module: the module whose loss terms get the temperature.
+            value: the temperature now.
+        """
         loss_terms = getattr(pl_module, "loss_terms", {})
         targets = [t for t in loss_terms.values() if hasattr(t, "temperature")]
         if self.terms is not None:

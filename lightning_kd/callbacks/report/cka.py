@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +11,17 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_kd.callbacks.feature_hooks import find_layer
-from lightning_kd.callbacks.report_io import (
-    beside_checkpoints,
+from lightning_kd.callbacks.report.functional import linear_cka
+from lightning_kd.callbacks.report.io import (
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
-from lightning_kd.losses.functional import linear_cka
+from lightning_kd.hooks import LayerHooks, find_layer
 
 __all__ = ["CKAReport"]
 
@@ -30,12 +30,13 @@ class CKAReport(pl.Callback):
     """How similar student layers become to teacher layers: linear CKA over training, logged and plotted.
 
     Linear centered kernel alignment (Kornblith et al., "Similarity of Neural Network
-    Representations Revisited", ICML 2019; :func:`~lightning_kd.losses.functional.linear_cka`)
-    compares two layers' outputs on the same samples, whatever their widths: 1 means the same
-    representation up to rotation and scale. For each ``(student_layer, teacher_layer)`` pair of
-    dotted module paths, the outputs of both layers on the first ``num_samples`` validation
-    samples (flattened per sample; forward hooks registered for the measurement only, eval
-    mode, ``no_grad``) give one CKA value, logged as ``cka/<student_layer>-vs-<teacher_layer>``
+    Representations Revisited", ICML 2019;
+    :func:`~lightning_kd.callbacks.report.functional.linear_cka`) compares two layers' outputs on
+    the same samples, whatever their widths: 1 means the same representation up to rotation and
+    scale. For each ``(student_layer, teacher_layer)`` pair of dotted module paths, the outputs of
+    both layers on the first ``num_samples`` validation samples (flattened per sample;
+    :class:`~lightning_kd.hooks.LayerHooks` attached for the measurement only, eval mode,
+    ``no_grad``) give one CKA value, logged as ``cka/<student_layer>-vs-<teacher_layer>``
     (characters valid as W&B and TensorBoard keys) through every logger:
 
     - at the start of training (0 epochs trained), then
@@ -83,7 +84,12 @@ class CKAReport(pl.Callback):
 
     @staticmethod
     def key(student_layer: str, teacher_layer: str) -> str:
-        """The logged name of a pair's CKA: ``cka/<student_layer>-vs-<teacher_layer>``."""
+        """The logged name of a pair's CKA: ``cka/<student_layer>-vs-<teacher_layer>``.
+
+        Args:
+            student_layer: dotted path in the student.
+            teacher_layer: dotted path in the teacher.
+        """
         return f"cka/{student_layer}-vs-{teacher_layer}"
 
     @property
@@ -104,20 +110,22 @@ class CKAReport(pl.Callback):
             find_layer(pl_module.teacher, teacher_layer, "teacher")
 
     def measure(self, pl_module: pl.LightningModule, loader: Any) -> dict[str, float]:
-        """CKA of every pair on the first ``num_samples`` samples of ``loader``: ``{key: value}``."""
-        captured: dict[tuple[str, str], list[Tensor]] = {}
-        handles = []
-        for role, paths in (("student", {p[0] for p in self.pairs}), ("teacher", {p[1] for p in self.pairs})):
-            for path in paths:
-                store = captured.setdefault((role, path), [])
-                layer = find_layer(getattr(pl_module, role), path, role)
-                handles.append(layer.register_forward_hook(_appender(store)))
-        try:
+        """CKA of every pair on the first ``num_samples`` samples of ``loader``: ``{key: value}``.
+
+        Args:
+            pl_module: a module with ``student`` and ``teacher``.
+            loader: validation batches.
+        """
+        with (
+            LayerHooks.on(pl_module.student, [s for s, _ in self.pairs], "student", keep="all") as student,
+            LayerHooks.on(pl_module.teacher, [t for _, t in self.pairs], "teacher", keep="all") as teacher,
+        ):
             collect_logits(pl_module, loader, max_samples=self.num_samples)
-        finally:
-            for handle in handles:
-                handle.remove()
-        features = {name: _stack(name, outputs)[: self.num_samples] for name, outputs in captured.items()}
+        features = {
+            (role, path): _stack(role, path, hooks.captured.get(path, []))[: self.num_samples]
+            for role, hooks in (("student", student), ("teacher", teacher))
+            for path in hooks.layers
+        }
         found = len(next(iter(features.values())))
         if found < self.num_samples:
             rank_zero_warn(
@@ -159,7 +167,7 @@ class CKAReport(pl.Callback):
         """Draw, save and log ``cka.png``."""
         if not trainer.is_global_zero or not any(self.history.values()):
             return
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         self.path = save_and_log_figure(trainer, self.figure(), directory, "cka", "report/cka")
 
     def figure(self) -> Figure:
@@ -194,21 +202,12 @@ class CKAReport(pl.Callback):
             self.history.setdefault(key, {}).update({int(e): float(v) for e, v in points})
 
 
-def _appender(store: list[Tensor]) -> Callable[[nn.Module, Any, Any], None]:
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        store.append(
-            output.detach().float().reshape(len(output), -1) if isinstance(output, Tensor) else output
-        )
-
-    return hook
-
-
-def _stack(name: tuple[str, str], outputs: list[Any]) -> Tensor:
-    role, path = name
+def _stack(role: str, path: str, outputs: list[Any]) -> Tensor:
+    """Every call's output of a hooked layer, flattened per sample, float32, one row per sample."""
     if not outputs or not all(isinstance(o, Tensor) for o in outputs):
         kinds = sorted({type(o).__name__ for o in outputs}) or ["nothing"]
         raise ValueError(
             f"CKAReport: {role} layer {path!r} gave {', '.join(kinds)} instead of a tensor; pick a "
             "layer whose output is one tensor (a submodule inside it, e.g. its last linear or activation)."
         )
-    return torch.cat(outputs)
+    return torch.cat([o.detach().float().reshape(len(o), -1) for o in outputs])

@@ -13,18 +13,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lightning_kd.callbacks.feature_hooks import uncompiled
-from lightning_kd.callbacks.report_io import (
-    beside_checkpoints,
+from lightning_kd.callbacks.report.functional import per_class_accuracy
+from lightning_kd.callbacks.report.io import (
     collect_logits,
     log_metrics,
-    per_class_accuracy,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
+from lightning_kd.hooks import uncompiled
 from lightning_kd.teachers.loading import load_weights
 
-__all__ = ["ClassAgreementReport", "ClassChanges"]
+__all__ = ["ClassAgreementReport", "ClassChanges", "agreement_figure", "gain_figure"]
 
 
 @dataclass
@@ -85,7 +85,16 @@ class ClassChanges:
         baseline_accuracy: Tensor | None = None,
         tolerance: float = 0.0,
     ) -> ClassChanges:
-        """The per-class numbers from validation logits (``(N, C)``) and labels (``(N,)``)."""
+        """The per-class numbers from validation logits (``(N, C)``) and labels (``(N,)``).
+
+        Args:
+            student_logits: ``(N, C)`` logits of the student.
+            targets: ``(N,)`` labels.
+            num_classes: ``C``.
+            teacher_logits: ``(N, C)`` logits of the teacher, or ``None``.
+            baseline_accuracy: ``(C,)`` per-class accuracy of a baseline student, or ``None``.
+            tolerance: gain (as a fraction) above which a class counts as gained or lost.
+        """
         if baseline_accuracy is not None and baseline_accuracy.shape != (num_classes,):
             raise ValueError(
                 f"baseline_accuracy has shape {tuple(baseline_accuracy.shape)}, expected "
@@ -262,8 +271,7 @@ class ClassAgreementReport(pl.Callback):
         )
         log_metrics(trainer, self.changes.metrics())
 
-        directory = self.directory or beside_checkpoints(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_directory(trainer, self.directory)
         self.files = []
         if self.changes.agreement is not None:
             figure = agreement_figure(self.changes)
@@ -287,7 +295,11 @@ class ClassAgreementReport(pl.Callback):
 
 
 def agreement_figure(changes: ClassChanges) -> Figure:
-    """Bar chart of the student's top-1 agreement with the teacher, per teacher-predicted class."""
+    """Bar chart of the student's top-1 agreement with the teacher, per teacher-predicted class.
+
+    Args:
+        changes: per-class numbers with a teacher (``agreement`` set).
+    """
     figure = Figure(figsize=(8, 3.5), layout="constrained")
     axes = figure.add_subplot()
     classes = list(range(len(changes.agreement)))
@@ -301,7 +313,11 @@ def agreement_figure(changes: ClassChanges) -> Figure:
 
 
 def gain_figure(changes: ClassChanges) -> Figure:
-    """Bar chart of the student's accuracy gain over the baseline per class: green gained, red lost."""
+    """Bar chart of the student's accuracy gain over the baseline per class: green gained, red lost.
+
+    Args:
+        changes: per-class numbers with a baseline (``baseline_accuracy`` set).
+    """
     figure = Figure(figsize=(8, 3.5), layout="constrained")
     axes = figure.add_subplot()
     gain = 100 * changes.gain

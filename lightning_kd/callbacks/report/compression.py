@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_kd.callbacks.feature_hooks import uncompiled
-from lightning_kd.callbacks.report_io import beside_checkpoints
+from lightning_kd.callbacks.report.io import log_metrics, output_directory
+from lightning_kd.hooks import uncompiled
 from lightning_kd.model_io import call_model
 
 __all__ = [
@@ -46,7 +46,11 @@ class ModelCost:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (trainable or not; buffers excluded), each shared tensor once."""
+    """Number of parameters of ``model`` (trainable or not; buffers excluded), each shared tensor once.
+
+    Args:
+        model: any network.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
@@ -73,6 +77,10 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
     multiply-accumulate of matmuls and convolutions (and nothing for elementwise ops, norms,
     pooling); MACs = FLOPs / 2. Pass a batch of one for MACs per sample. A tuple is unpacked
     into positional arguments.
+
+    Args:
+        model: the network (left in its training mode afterwards).
+        example_input: one input batch (a tensor, a tuple of positional inputs or a mapping).
     """
     was_training = model.training
     model.eval()
@@ -85,7 +93,11 @@ def count_macs(model: nn.Module, example_input: Any) -> int:
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
-    """Size on disk of ``torch.save(model.state_dict())``, written to a temporary file."""
+    """Size on disk of ``torch.save(model.state_dict())``, written to a temporary file.
+
+    Args:
+        model: the network whose state dict is saved.
+    """
     handle, path = tempfile.mkstemp(suffix=".pt")
     os.close(handle)
     try:
@@ -100,6 +112,12 @@ def latency_ms(model: nn.Module, example_input: Any, repeats: int = 10, warmup: 
     """Median wall time in milliseconds of ``repeats`` forward passes, after ``warmup`` untimed ones.
 
     Runs as given (device, mode); :func:`measure` runs it on a CPU copy in eval mode.
+
+    Args:
+        model: the network, run as it is.
+        example_input: one input batch.
+        repeats: timed forward passes (>= 1).
+        warmup: untimed forward passes before them (>= 0).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(
@@ -128,6 +146,13 @@ def measure(
     it is cut to one sample for the MACs and cut or repeated to each of ``batch_sizes`` for the
     latency, measured on a CPU copy of ``model`` in eval mode under ``no_grad`` with
     ``torch.get_num_threads()`` threads (see :func:`latency_ms`). ``model`` itself is not changed.
+
+    Args:
+        model: the network (not changed; a compiled one is measured uncompiled).
+        example_input: one input batch.
+        batch_sizes: batch sizes of the latency.
+        repeats: timed forward passes per latency.
+        warmup: untimed forward passes before them.
     """
     model = uncompiled(model)
     cpu_model = copy.deepcopy(model).cpu().eval()
@@ -161,6 +186,11 @@ def compression_table(
     checkpoint size (``torch.save`` of the state dict), median CPU latency per batch size, and
     validation accuracy where given. The ratio is ``other / first`` (e.g. teacher / student:
     how many times smaller the student is). A note under the table gives ``num_threads``.
+
+    Args:
+        costs: what each model costs, by name; the first is the reference of the ratios.
+        accuracy: validation accuracy per name (a fraction, or ``None``), or ``None`` for no row.
+        num_threads: CPU threads of the latency, for the note under the table.
     """
     if not costs:
         raise ValueError("compression_table needs at least one model in `costs`.")
@@ -283,12 +313,9 @@ class CompressionReport(pl.Callback):
             logged[f"compression/{name}_latency_ms"] = cost.latency_ms[1]
             if batch_size != 1:
                 logged[f"compression/{name}_latency_ms_batch{batch_size}"] = cost.latency_ms[batch_size]
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
+        log_metrics(trainer, logged)
         self.table = compression_table(self.costs, accuracy, torch.get_num_threads())
-        directory = self.directory or beside_checkpoints(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "compression.md"
+        self.path = output_directory(trainer, self.directory) / "compression.md"
         self.path.write_text("# Compression report\n\n" + self.table)
 
 

@@ -1,4 +1,4 @@
-"""What the report callbacks share: validation logits in, files, metrics and images out."""
+"""What the report callbacks share: where their files go, validation logits in, metrics and images out."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.model_io import call_model, logits_of
 
@@ -23,22 +22,42 @@ __all__ = [
     "beside_checkpoints",
     "collect_logits",
     "log_metrics",
-    "per_class_accuracy",
+    "output_directory",
     "save_and_log_figure",
     "validation_loader",
 ]
 
 
 def beside_checkpoints(trainer: pl.Trainer) -> Path:
-    """Where end-of-fit reports go: the checkpoint directory, else the log directory."""
+    """Where end-of-fit reports go: the checkpoint directory, else the log directory.
+
+    Args:
+        trainer: the running trainer.
+    """
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and getattr(checkpoint, "dirpath", None):
         return Path(checkpoint.dirpath)
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def output_directory(trainer: pl.Trainer, directory: Path | None = None) -> Path:
+    """Where a callback writes its files, created if missing: ``directory``, else :func:`beside_checkpoints`.
+
+    Args:
+        trainer: the trainer whose checkpoint (else log) directory is the default.
+        directory: the directory the user chose, or ``None``.
+    """
+    directory = directory or beside_checkpoints(trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def validation_loader(trainer: pl.Trainer) -> Any:
-    """A fresh validation loader of the datamodule (the whole split on every rank), else the trainer's."""
+    """A fresh validation loader of the datamodule (the whole split on every rank), else the trainer's.
+
+    Args:
+        trainer: the running trainer.
+    """
     datamodule = trainer.datamodule
     if datamodule is not None and hasattr(datamodule, "val_dataloader"):
         return datamodule.val_dataloader()
@@ -58,6 +77,12 @@ def collect_logits(
     ``others`` (run on the student's inputs, e.g. a baseline student), and ``"targets"`` (for
     labelled batches); float32, on the module's device. With ``max_samples``, batches are read
     until that many samples are seen and every entry is cut to them.
+
+    Args:
+        module: a :class:`~lightning_kd.DistillationModule`.
+        loader: the batches.
+        max_samples: read until this many samples are seen; ``None``: all of ``loader``.
+        others: further networks to run on the student's inputs, by name.
     """
     was_training = module.training
     module.eval()
@@ -93,7 +118,12 @@ def collect_logits(
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at the current global step."""
+    """Send ``metrics`` to every logger of ``trainer`` at the current global step.
+
+    Args:
+        trainer: the running trainer.
+        metrics: name -> value.
+    """
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=trainer.global_step)
 
@@ -102,6 +132,13 @@ def save_and_log_figure(trainer: pl.Trainer, figure: Figure, directory: Path, na
     """Save ``figure`` as ``directory / f"{name}.png"`` and log it as image ``key`` to W&B / TensorBoard.
 
     Other loggers (CSV, ...) get the file only. Returns the path of the PNG.
+
+    Args:
+        trainer: the running trainer (its loggers).
+        figure: the matplotlib figure.
+        directory: where the PNG goes (created if missing).
+        name: file name without ``.png``.
+        key: the image's name in the loggers.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.png"
@@ -112,12 +149,3 @@ def save_and_log_figure(trainer: pl.Trainer, figure: Figure, directory: Path, na
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(key, figure, global_step=trainer.global_step)
     return path
-
-
-def per_class_accuracy(logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:
-    """Top-1 accuracy of each class (recall: the share of its samples predicted as it), torchmetrics.
-
-    ``(num_classes,)``; a class without samples gets 0 (torchmetrics' ``MulticlassAccuracy``
-    with ``average=None``).
-    """
-    return MulticlassAccuracy(num_classes, average=None).to(logits.device)(logits, targets).cpu()

@@ -6,124 +6,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_kd.callbacks.report.functional import linear_probe_accuracy, weighted_knn_scores
 from lightning_kd.model_io import BatchKey, call_model, select
 
-__all__ = ["KNNProbe", "embed_dataset", "linear_probe_accuracy", "weighted_knn_scores"]
-
-
-def weighted_knn_scores(
-    query: Tensor,
-    reference: Tensor,
-    reference_labels: Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk_size: int = 1024,
-) -> Tensor:
-    r"""Class scores of a weighted k-nearest-neighbour classifier on cosine similarity.
-
-    Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance
-    Discrimination", CVPR 2018 (the k-NN evaluation that SEED, Fang et al., ICLR 2021, and DINO,
-    Caron et al., ICCV 2021, report): with :math:`s_{ij}` the cosine similarity of query :math:`i`
-    to reference :math:`j` and :math:`\mathcal{N}_k(i)` the :math:`k` most similar references,
-
-    .. math:: \mathrm{score}_{ic} = \sum_{j \in \mathcal{N}_k(i),\ y_j = c} \exp(s_{ij} / T).
-
-    The prediction is the arg-max over classes. Hand-written: torchmetrics has no k-NN classifier.
-    The similarities are computed ``chunk_size`` queries at a time (memory
-    ``chunk_size * len(reference)``); ``k`` is capped at the number of references.
-
-    Args:
-        query: ``(Q, D)`` embeddings to classify.
-        reference: ``(R, D)`` labelled embeddings.
-        reference_labels: ``(R,)`` integer labels in ``[0, num_classes)``.
-        num_classes: number of classes.
-        k: neighbours that vote (20 in DINO; Wu et al. use 200).
-        temperature: :math:`T > 0` of the vote weights (0.07 in both).
-        chunk_size: queries per similarity block.
-
-    Returns:
-        ``(Q, num_classes)`` float32 scores.
-    """
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"Expected (Q, D) queries and (R, D) references of the same width D, got {tuple(query.shape)} "
-            f"and {tuple(reference.shape)}."
-        )
-    if reference_labels.shape != (reference.shape[0],) or reference_labels.is_floating_point():
-        raise ValueError(
-            f"reference_labels must be ({reference.shape[0]},) integer labels, one per reference, got "
-            f"{tuple(reference_labels.shape)} of dtype {reference_labels.dtype}."
-        )
-    if reference.shape[0] == 0:
-        raise ValueError("The k-NN classifier needs at least one labelled reference embedding, got none.")
-    if not temperature > 0 or k < 1 or chunk_size < 1:
-        raise ValueError(
-            f"Need temperature > 0, k >= 1 and chunk_size >= 1, got {temperature}, {k}, {chunk_size}."
-        )
-    k = min(k, reference.shape[0])
-    reference = F.normalize(reference.float(), dim=1)
-    labels = reference_labels.long().to(reference.device)
-    scores = []
-    for chunk in F.normalize(query.float(), dim=1).split(chunk_size):
-        similarity, neighbours = (chunk @ reference.T).topk(k, dim=1)
-        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
-    return torch.cat(scores) if scores else query.new_zeros(0, num_classes, dtype=torch.float32)
-
-
-def linear_probe_accuracy(
-    train_emb: Tensor,
-    train_labels: Tensor,
-    test_emb: Tensor,
-    test_labels: Tensor,
-    num_classes: int,
-    steps: int = 100,
-    weight_decay: float = 1e-4,
-) -> Tensor:
-    r"""Test accuracy of a logistic regression fitted on frozen embeddings (the linear probe).
-
-    The linear evaluation protocol of self-supervised learning (SEED, Fang et al., ICLR 2021,
-    section 4): a linear classifier on the frozen features. Here: features standardised with the
-    training embeddings' mean and std, weights and bias from zero, full-batch L-BFGS (strong
-    Wolfe line search, ``steps`` iterations) on cross-entropy + ``weight_decay`` :math:`\|W\|^2`.
-    Deterministic. Hand-written in torch: scikit-learn's ``LogisticRegression`` would do the same
-    but is not a dependency of the package.
-
-    Returns:
-        Scalar tensor: the fraction of ``test_emb`` classified correctly.
-    """
-    if train_emb.ndim != 2 or test_emb.ndim != 2 or train_emb.shape[1] != test_emb.shape[1]:
-        raise ValueError(
-            f"Expected (N, D) train and test embeddings of the same width, got {tuple(train_emb.shape)} "
-            f"and {tuple(test_emb.shape)}."
-        )
-    # Lightning evaluates under inference mode: leave it, and copy the (inference) embeddings out of it
-    with torch.inference_mode(False), torch.enable_grad():
-        x = train_emb.detach().float().clone()
-        mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
-        x = (x - mean) / std
-        y = train_labels.long().to(x.device).clone()
-        classifier = nn.Linear(x.shape[1], num_classes).to(x.device)
-        nn.init.zeros_(classifier.weight)
-        nn.init.zeros_(classifier.bias)
-        optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(classifier(x), y) + weight_decay * classifier.weight.square().sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-    with torch.no_grad():
-        predictions = classifier((test_emb.float() - mean) / std).argmax(dim=1)
-    return (predictions == test_labels.to(predictions.device)).float().mean()
+__all__ = ["KNNProbe", "embed_dataset"]
 
 
 @torch.no_grad()
@@ -138,6 +28,14 @@ def embed_dataset(
     """``(embeddings (N, D), labels (N,))`` of all of ``loader``; ``model`` in eval mode (restored after).
 
     ``output_to_embedding`` maps the model's output to the ``(N, D)`` embedding (default: the output).
+
+    Args:
+        model: the network that embeds.
+        loader: labelled batches.
+        device: where the batches go.
+        input_key: where the inputs are in a batch.
+        target_key: where the labels are in a batch.
+        output_to_embedding: maps the model's output to the embedding; ``None``: the output itself.
     """
     was_training = model.training
     model.eval()
@@ -176,10 +74,12 @@ class KNNProbe(pl.Callback):
     Every ``every_n_epochs`` validation epochs (not in the sanity check) and at test, embeds a
     labelled reference set (the training split) and the labelled evaluation split with the
     student, classifies each evaluation sample by a vote of its ``k`` most cosine-similar
-    references (:func:`weighted_knn_scores`; Wu et al., CVPR 2018, as evaluated by SEED and DINO)
-    and logs ``val|test/knn_student_acc``; the same for the teacher as ``val|test/knn_teacher_acc``
-    (once per split for a frozen teacher, which does not change). With ``linear_probe=True`` also
-    ``val|test/linear_student_acc`` and ``val|test/linear_teacher_acc`` (:func:`linear_probe_accuracy`).
+    references (:func:`~lightning_kd.callbacks.report.functional.weighted_knn_scores`; Wu et al.,
+    CVPR 2018, as evaluated by SEED and DINO) and logs ``val|test/knn_student_acc``; the same for
+    the teacher as ``val|test/knn_teacher_acc`` (once per split for a frozen teacher, which does
+    not change). With ``linear_probe=True`` also ``val|test/linear_student_acc`` and
+    ``val|test/linear_teacher_acc``
+    (:func:`~lightning_kd.callbacks.report.functional.linear_probe_accuracy`).
     The embeddings are the module's ``prediction_of`` the models' outputs (an
     :class:`~lightning_kd.EmbeddingDistillationModule`'s embeddings).
 

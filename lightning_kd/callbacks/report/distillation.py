@@ -12,11 +12,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.classification import MulticlassCalibrationError
 
-from lightning_kd.callbacks.report_io import (
-    beside_checkpoints,
+from lightning_kd.callbacks.report.functional import per_class_accuracy, reliability_bins
+from lightning_kd.callbacks.report.io import (
     collect_logits,
     log_metrics,
-    per_class_accuracy,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
@@ -24,24 +24,7 @@ from lightning_kd.callbacks.report_io import (
 if TYPE_CHECKING:  # the module imports the callbacks package (FeatureHooks)
     from lightning_kd.module import DistillationModule
 
-__all__ = ["DistillationReport", "beside_checkpoints", "reliability_bins"]
-
-
-def reliability_bins(probs: Tensor, targets: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean confidence, accuracy and sample count per confidence bin (a reliability diagram's bars).
-
-    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017: samples are binned by
-    their top-1 probability into ``num_bins`` equal-width bins of (0, 1]; empty bins give NaN.
-    The expected calibration error itself comes from torchmetrics.
-    """
-    confidence, predicted = probs.max(dim=-1)
-    correct = (predicted == targets).float()
-    edges = torch.linspace(0, 1, num_bins + 1, device=probs.device)
-    index = (torch.bucketize(confidence, edges, right=False) - 1).clamp(0, num_bins - 1)
-    counts = torch.bincount(index, minlength=num_bins).float()
-    mean_confidence = torch.bincount(index, weights=confidence, minlength=num_bins) / counts
-    accuracy = torch.bincount(index, weights=correct, minlength=num_bins) / counts
-    return mean_confidence, accuracy, counts
+__all__ = ["DistillationReport"]
 
 
 class DistillationReport(pl.Callback):
@@ -73,7 +56,12 @@ class DistillationReport(pl.Callback):
 
     # ----------------------------------------------------------------- data
     def collect(self, module: DistillationModule, loader: Any) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``."""
+        """Student logits, teacher logits (``None`` without a teacher) and targets over ``loader``.
+
+        Args:
+            module: a :class:`~lightning_kd.DistillationModule`.
+            loader: labelled validation batches.
+        """
         logits = collect_logits(module, loader)
         return logits["student"], logits.get("teacher"), logits["targets"]
 
@@ -115,7 +103,7 @@ class DistillationReport(pl.Callback):
             "per_class_accuracy": self._per_class_figure(per_class),
             "reliability": self._reliability_figure(models, targets),
         }
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         self.files = [
             save_and_log_figure(trainer, figure, directory, key, f"report/{key}")
             for key, figure in figures.items()

@@ -10,14 +10,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from lightning_kd.callbacks.report_io import (
-    beside_checkpoints,
+from lightning_kd.callbacks.report.functional import non_argmax_probability, soft_label_entropy
+from lightning_kd.callbacks.report.io import (
     collect_logits,
     log_metrics,
+    output_directory,
     save_and_log_figure,
     validation_loader,
 )
-from lightning_kd.losses.functional import non_argmax_probability, soft_label_entropy
 
 __all__ = ["TemperatureEntropyReport"]
 
@@ -32,11 +32,11 @@ class TemperatureEntropyReport(pl.Callback):
     so once, at the start of training, on global rank 0):
 
     - the mean entropy :math:`H(p)` in nats
-      (:func:`~lightning_kd.losses.functional.soft_label_entropy`), logged as
+      (:func:`~lightning_kd.callbacks.report.functional.soft_label_entropy`), logged as
       ``soft_labels/entropy_T<T>``, and as a fraction of its maximum :math:`\log C`,
       ``soft_labels/entropy_fraction_T<T>``;
     - the mean probability of a non-top-1 class, the "dark knowledge"
-      (:func:`~lightning_kd.losses.functional.non_argmax_probability`),
+      (:func:`~lightning_kd.callbacks.report.functional.non_argmax_probability`),
       ``soft_labels/non_argmax_prob_T<T>``.
 
     ``temperature_entropy.png`` (both against :math:`T`, with the training temperature of the
@@ -90,14 +90,18 @@ class TemperatureEntropyReport(pl.Callback):
         self.training_temperature = next(
             (float(term.temperature) for term in terms.values() if hasattr(term, "temperature")), None
         )
-        directory = self.directory or beside_checkpoints(trainer)
+        directory = output_directory(trainer, self.directory)
         figure = self.figure(teacher.shape[-1])
         self.path = save_and_log_figure(
             trainer, figure, directory, "temperature_entropy", "report/temperature_entropy"
         )
 
     def figure(self, num_classes: int) -> Figure:
-        """Entropy and non-top-1 probability against the temperature (log2 axis)."""
+        """Entropy and non-top-1 probability against the temperature (log2 axis).
+
+        Args:
+            num_classes: classes of the teacher (the limits ``log C`` and ``1 / C``).
+        """
         figure = Figure(figsize=(9, 3.5), layout="constrained")
         temperatures = list(self.results)
         panels = [
