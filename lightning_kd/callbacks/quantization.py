@@ -141,11 +141,12 @@ class QuantizationAwareTraining(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Replace ``pl_module.student`` by its QAT-prepared version (before the optimizer exists)."""
         require_student(pl_module)
-        if getattr(pl_module, "teacher_mode", None) == "ema":
+        role = getattr(pl_module, "teacher_role", None)
+        if getattr(pl_module, "teacher", None) is not None and role is not None and role.copies_student:
             raise ValueError(
-                "QuantizationAwareTraining does not support teacher_mode='ema': the mean teacher is a float "
-                "copy of the student whose weights no longer match the fake-quantized student. Use a frozen "
-                "or trainable teacher."
+                f"QuantizationAwareTraining does not support teacher_mode={role.mode!r}: the teacher is a "
+                "float copy of the student whose weights no longer match the fake-quantized student. Use a "
+                "frozen or trainable teacher."
             )
         if is_qat_prepared(pl_module.student):
             return

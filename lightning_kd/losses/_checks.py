@@ -2,39 +2,15 @@
 
 Loss math runs in float32, also under ``bf16-mixed`` / ``16-mixed`` autocast: low-precision
 softmax and logarithms lose the small probability mass that soft targets carry
-(:func:`_float32_math`). The checks raise ``ValueError`` with both shapes and what to fix.
+(:func:`lightning_kd.precision.float32_math`). The checks raise ``ValueError`` with both shapes and what to fix.
 """
 
 from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["checked_temperature"]
-
-_Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
-
-
-def _float32_math(fn: _Fn) -> _Fn:
-    """Run ``fn`` with autocast disabled and its floating-point tensor arguments cast to float32."""
-
-    def cast(value: object) -> object:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value.float()
-        return value
-
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> Tensor:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        device_type = tensors[0].device.type if tensors else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-
-    return wrapper  # type: ignore[return-value]
 
 
 def checked_temperature(temperature: float) -> float:

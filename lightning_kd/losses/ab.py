@@ -14,9 +14,10 @@ import warnings
 
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.adapters import check_feature_pair, make_regressor
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs, modified_in_place_count
+from lightning_kd.precision import float32_math
 
 __all__ = ["ab_loss", "ABTerm", "make_ab_connector"]
 
@@ -25,7 +26,7 @@ __all__ = ["ab_loss", "ABTerm", "make_ab_connector"]
 _AB_SCALE = 3.0 / 1000.0
 
 
-@_float32_math
+@float32_math
 def ab_loss(student_pre: Tensor, teacher_pre: Tensor, margin: float = 1.0) -> Tensor:
     r"""Activation boundaries: the student's pre-ReLU responses on the teacher's side of zero, by a margin.
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_feature_maps, _check_positive, _float32_math
+from lightning_kd.losses._checks import _check_feature_maps, _check_positive
 from lightning_kd.losses._maps import _attention_map, _pool_to_common_size
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["at_loss", "ATTerm"]
 
 
-@_float32_math
+@float32_math
 def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
     r"""Attention transfer: match the normalised spatial attention maps of two feature maps.
 

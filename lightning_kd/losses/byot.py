@@ -19,15 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.hooks import LayerHooks, first_tensor
-from lightning_kd.losses._checks import _check_positive, _check_same_shape, _check_targets, _float32_math
+from lightning_kd.losses._checks import _check_positive, _check_same_shape, _check_targets
 from lightning_kd.losses.base import LayerListTerm, LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.kd import kd_loss
 from lightning_kd.model_io import logits_of
+from lightning_kd.precision import float32_math
 
 __all__ = ["AuxiliaryHead", "byot_loss", "BYOTTerm", "make_auxiliary_head"]
 
 
-@_float32_math
+@float32_math
 def _byot_head(
     logits: Tensor,
     feature: Tensor,

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_positive, _check_same_batch, _float32_math
+from lightning_kd.losses._checks import _check_positive, _check_same_batch
 from lightning_kd.losses._maps import _rows
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["cc_loss", "CCTerm"]
 
@@ -32,7 +33,7 @@ def _cc_kernel(rows: Tensor, gamma: float, order: int) -> Tensor:
     return kernel
 
 
-@_float32_math
+@float32_math
 def cc_loss(student_emb: Tensor, teacher_emb: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
     r"""Correlation congruence: match the batch's correlation matrices under a Gaussian-RBF kernel.
 

@@ -21,9 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
+from lightning_kd.precision import float32_math
 
 __all__ = ["ContrastMemory", "crd_loss", "CRDTerm", "Embed"]
 
@@ -49,7 +50,7 @@ def _crd_nce(scores: Tensor, num_samples: int, eps: float) -> Tensor:
     return -(log_positive.sum() + log_negatives.sum()) / scores.shape[0]
 
 
-@_float32_math
+@float32_math
 def crd_loss(
     student_scores: Tensor, teacher_scores: Tensor, num_samples: int, eps: float = _CRD_EPS
 ) -> Tensor:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_logit_pair, _float32_math
+from lightning_kd.losses._checks import _check_logit_pair
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.precision import float32_math
 
 __all__ = ["dist_loss", "DISTTerm"]
 
@@ -31,7 +32,7 @@ def _mean_pearson(a: Tensor, b: Tensor) -> Tensor:
     return correlation.mean()
 
 
-@_float32_math
+@float32_math
 def dist_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

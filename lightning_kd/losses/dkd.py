@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets, _float32_math
+from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.precision import float32_math
 
 __all__ = ["dkd_loss", "DKDTerm"]
 
@@ -36,7 +37,7 @@ def _dkd_log_probs(scaled_logits: Tensor, target_mask: Tensor, target: Tensor) -
     return binary, non_target
 
 
-@_float32_math
+@float32_math
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

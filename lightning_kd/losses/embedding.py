@@ -16,13 +16,14 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_embedding_pair, _float32_math
+from lightning_kd.losses._checks import _check_embedding_pair
 from lightning_kd.losses.base import LossTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["embedding_match_loss", "EmbeddingMatchTerm"]
 
 
-@_float32_math
+@float32_math
 def embedding_match_loss(student_emb: Tensor, teacher_emb: Tensor, kind: str = "cosine") -> Tensor:
     r"""Distance between the student's and the teacher's embedding of each sample.
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.adapters import make_regressor
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["fitnet_loss", "FitNetTerm"]
 
 
-@_float32_math
+@float32_math
 def fitnet_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     r"""FitNets hint loss: mean squared error between the (regressed) student and the teacher feature.
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.base import LayerListTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["fsp_loss", "FSPTerm"]
 
@@ -32,7 +33,7 @@ def _fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     return torch.bmm(second, first.transpose(1, 2)) / first.shape[-1]
 
 
-@_float32_math
+@float32_math
 def fsp_loss(
     student_first: Tensor, student_second: Tensor, teacher_first: Tensor, teacher_second: Tensor
 ) -> Tensor:

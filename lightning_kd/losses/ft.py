@@ -32,14 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_feature_maps, _check_positive, _float32_math
+from lightning_kd.losses._checks import _check_feature_maps, _check_positive
 from lightning_kd.losses._maps import _attention_map, _pool_to_common_size
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["factor_channels", "ft_loss", "FTTerm", "Paraphraser", "ParaphraserTerm", "Translator"]
 
 
-@_float32_math
+@float32_math
 def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, power: float = 2.0) -> Tensor:
     r"""Factor transfer: L_p distance between the normalised factors of the translator and the paraphraser.
 
@@ -194,7 +195,7 @@ class Translator(nn.Module):
         return self.encoder(feature)
 
 
-@_float32_math
+@float32_math
 def _reconstruction_error(reconstruction: Tensor, feature: Tensor) -> Tensor:
     """Mean squared error over all elements (the benchmark's ``nn.MSELoss()``), in float32."""
     return F.mse_loss(reconstruction, feature)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _float32_math
+from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.precision import float32_math
 
 __all__ = ["kd_loss", "KDTerm"]
 
@@ -33,7 +34,7 @@ def _standardize(logits: Tensor) -> Tensor:
     return (logits - mean) / (_STANDARDIZE_EPS + std)
 
 
-@_float32_math
+@float32_math
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

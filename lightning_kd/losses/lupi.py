@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_logit_pair, _check_targets, _float32_math
+from lightning_kd.losses._checks import _check_logit_pair, _check_targets
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.precision import float32_math
 
 __all__ = ["generalized_distillation_loss", "GeneralizedDistillationTerm"]
 
 
-@_float32_math
+@float32_math
 def generalized_distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

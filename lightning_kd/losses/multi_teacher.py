@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_positive, _check_targets, _float32_math
+from lightning_kd.losses._checks import _check_positive, _check_targets
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.precision import float32_math
 
 __all__ = ["confidence_weights", "ensemble_log_probs", "multi_teacher_kd_loss", "MultiTeacherKDTerm"]
 
@@ -39,7 +40,7 @@ def _check_teacher_stack(student_logits: Tensor, teacher_logits: Tensor, weights
         )
 
 
-@_float32_math
+@float32_math
 def ensemble_log_probs(teacher_logits: Tensor, weights: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Log-probabilities of a weighted mixture of teachers' softened predictions.
 
@@ -64,7 +65,7 @@ def ensemble_log_probs(teacher_logits: Tensor, weights: Tensor, temperature: flo
     return torch.logsumexp(log_weights + F.log_softmax(teacher_logits / temperature, dim=-1), dim=0)
 
 
-@_float32_math
+@float32_math
 def multi_teacher_kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float = 4.0
 ) -> Tensor:
@@ -98,7 +99,7 @@ def multi_teacher_kd_loss(
     return kl / student_logits.shape[0] * temperature**2
 
 
-@_float32_math
+@float32_math
 def confidence_weights(teacher_logits: Tensor, targets: Tensor) -> Tensor:
     r"""Per-sample teacher weights from their confidence in the label (CA-MKD).
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_feature_maps, _float32_math
+from lightning_kd.losses._checks import _check_feature_maps
 from lightning_kd.losses._maps import _pool_to_common_size
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["nst_loss", "NSTTerm"]
 
@@ -26,7 +27,7 @@ def _mean_squared_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
 
-@_float32_math
+@float32_math
 def nst_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     r"""Neuron selectivity transfer: MMD between the channels' spatial activation patterns.
 

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.hooks import find_layer
-from lightning_kd.losses._checks import _check_same_shape, _float32_math, _per_channel
+from lightning_kd.losses._checks import _check_same_shape, _per_channel
 from lightning_kd.losses.adapters import check_feature_pair, pointwise
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs, modified_in_place_count
+from lightning_kd.precision import float32_math
 
 __all__ = ["margin_from_batchnorm", "ofd_loss", "ofd_margin", "OFDTerm"]
 
@@ -29,7 +30,7 @@ __all__ = ["margin_from_batchnorm", "ofd_loss", "ofd_margin", "OFDTerm"]
 _OFD_CDF_THRESHOLD = 1e-3
 
 
-@_float32_math
+@float32_math
 def ofd_loss(student_feat: Tensor, teacher_feat: Tensor, margin: Tensor) -> Tensor:
     r"""Overhaul of feature distillation: partial L2 to the teacher's pre-ReLU feature, clipped at a margin.
 

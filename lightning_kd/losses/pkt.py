@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_positive, _check_same_batch, _float32_math
+from lightning_kd.losses._checks import _check_positive, _check_same_batch
 from lightning_kd.losses._maps import _rows
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["pkt_loss", "PKTTerm"]
 
@@ -26,7 +27,7 @@ def _pkt_conditionals(rows: Tensor, eps: float) -> Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-@_float32_math
+@float32_math
 def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Tensor:
     r"""Probabilistic knowledge transfer: match the conditional distributions of a cosine kernel.
 

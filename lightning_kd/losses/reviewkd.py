@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.base import LayerListTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["ABF", "hcl_loss", "ReviewKDTerm"]
 
@@ -26,7 +27,7 @@ __all__ = ["ABF", "hcl_loss", "ReviewKDTerm"]
 _HCL_LEVELS = (4, 2, 1)
 
 
-@_float32_math
+@float32_math
 def _hcl_pair(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """HCL of one pair of equally shaped ``(N, C, H, W)`` or ``(N, C, L)`` maps (see :func:`hcl_loss`)."""
     loss = F.mse_loss(student_feat, teacher_feat)

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_same_batch, _float32_math
+from lightning_kd.losses._checks import _check_same_batch
 from lightning_kd.losses._maps import _rows
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["rkd_loss", "RKDTerm"]
 
@@ -53,7 +54,7 @@ def _rkd_angles(rows: Tensor) -> Tensor:
     return torch.bmm(directions, directions.transpose(1, 2))
 
 
-@_float32_math
+@float32_math
 def rkd_loss(
     student_emb: Tensor,
     teacher_emb: Tensor,

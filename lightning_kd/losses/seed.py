@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_embedding_pair, _check_positive, _float32_math
+from lightning_kd.losses._checks import _check_embedding_pair, _check_positive
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.synced_buffers import all_gather_rows, broadcast_from_rank_zero, world_size
+from lightning_kd.precision import float32_math
 
 __all__ = ["seed_loss", "SEEDTerm"]
 
 
-@_float32_math
+@float32_math
 def seed_loss(
     student_emb: Tensor,
     teacher_emb: Tensor,

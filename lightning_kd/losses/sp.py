@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_same_batch, _float32_math
+from lightning_kd.losses._checks import _check_same_batch
 from lightning_kd.losses._maps import _rows
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["sp_loss", "SPTerm"]
 
@@ -23,7 +24,7 @@ def _sp_similarity(feature: Tensor) -> Tensor:
     return F.normalize(rows @ rows.t(), p=2, dim=1)
 
 
-@_float32_math
+@float32_math
 def sp_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     r"""Similarity-preserving KD: match the batch's normalised pairwise-similarity matrices.
 

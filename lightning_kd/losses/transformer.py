@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.hooks import find_layer
-from lightning_kd.losses._checks import _check_same_shape, _float32_math
+from lightning_kd.losses._checks import _check_same_shape
 from lightning_kd.losses.base import LayerPairTerm, LossTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = [
     "attention_kl_loss",
@@ -61,7 +62,7 @@ def _real_tokens(attention_mask: Tensor | None, batch: int, length: int, device:
     return real
 
 
-@_float32_math
+@float32_math
 def hidden_state_loss(
     student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:
@@ -106,7 +107,7 @@ def _masked_attention_kl(teacher_probs: Tensor, student_log_probs: Tensor, real:
     return torch.where(queries, rows, 0.0).sum() / queries.sum()
 
 
-@_float32_math
+@float32_math
 def attention_kl_loss(
     student_attention: Tensor, teacher_attention: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:
@@ -155,7 +156,7 @@ def _value_relation_log_probs(values: Tensor, num_heads: int, real: Tensor) -> T
     return F.log_softmax(scores, dim=-1)
 
 
-@_float32_math
+@float32_math
 def value_relation_loss(
     student_values: Tensor, teacher_values: Tensor, num_heads: int, attention_mask: Tensor | None = None
 ) -> Tensor:

@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses._checks import _check_same_shape, _float32_math, _per_channel
+from lightning_kd.losses._checks import _check_same_shape, _per_channel
 from lightning_kd.losses._maps import _pool_to_common_size
 from lightning_kd.losses.adapters import check_feature_pair, pointwise
 from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.precision import float32_math
 
 __all__ = ["vid_loss", "VIDTerm"]
 
 
-@_float32_math
+@float32_math
 def vid_loss(predicted_mean: Tensor, teacher_feat: Tensor, log_scale: Tensor, eps: float = 1e-5) -> Tensor:
     r"""Variational information distillation: Gaussian negative log-likelihood of the teacher's feature.
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import float32_math
+from lightning_kd.precision import float32_math
 
 __all__ = [
     "bn_statistics_loss",

@@ -12,14 +12,12 @@ also under ``bf16-mixed`` / ``16-mixed`` autocast.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_kd.precision import float32_math
 
 __all__ = [
     "linear_cka",
@@ -31,28 +29,8 @@ __all__ = [
     "weighted_knn_scores",
 ]
 
-_Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
 
-
-def _float32_math(fn: _Fn) -> _Fn:
-    """Run ``fn`` with autocast disabled and its floating-point tensor arguments cast to float32."""
-
-    def cast(value: object) -> object:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value.float()
-        return value
-
-    @functools.wraps(fn)
-    def wrapper(*args: object, **kwargs: object) -> Tensor:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        device_type = tensors[0].device.type if tensors else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-
-    return wrapper  # type: ignore[return-value]
-
-
-@_float32_math
+@float32_math
 def linear_cka(features_x: Tensor, features_y: Tensor) -> Tensor:
     r"""Linear centered kernel alignment (CKA): how similar two representations of the same samples are.
 
@@ -110,7 +88,7 @@ def _check_soft_label_input(logits: Tensor, temperature: float, minimum_classes:
         )
 
 
-@_float32_math
+@float32_math
 def soft_label_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Mean Shannon entropy, in nats, of temperature-softened predictions: how soft the soft labels are.
 
@@ -132,7 +110,7 @@ def soft_label_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.distributions.Categorical(logits=logits / temperature).entropy().mean()
 
 
-@_float32_math
+@float32_math
 def non_argmax_probability(logits: Tensor, temperature: float = 1.0) -> Tensor:
     r"""Mean probability that a softened prediction gives each class other than its top-1 ("dark knowledge").
 
