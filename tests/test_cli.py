@@ -13,6 +13,8 @@ from lightning_kd import DistillationModule
 from lightning_kd.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 SMALL = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=3",

@@ -1,14 +1,12 @@
-"""DistillationModule: defaults, teacher modes, batches, logging, and bad input."""
+"""DistillationModule: defaults, batches, logging, and bad input."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import NUM_CLASSES, RandomDataModule, make_trainer, small_net
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
@@ -20,6 +18,7 @@ from lightning_kd import (
     StepOutputs,
     TemperatureAnnealing,
 )
+from tests.helpers import NUM_CLASSES, RandomDataModule, make_trainer, small_net
 
 
 class MemoryLogger(Logger):
@@ -62,56 +61,6 @@ def test_without_teacher_it_is_plain_supervised_training() -> None:
     trainer = make_trainer(max_epochs=20)
     trainer.fit(module, datamodule=RandomDataModule())
     assert trainer.callback_metrics["val/acc"] > 0.5  # learnable labels; chance is 0.25
-
-
-class TeacherModeSpy(pl.Callback):
-    def __init__(self) -> None:
-        self.teacher_training_flags: list[bool] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
-        self.teacher_training_flags.append(pl_module.teacher.training)
-
-
-def test_frozen_teacher_is_bit_identical_and_stays_in_eval_mode() -> None:
-    teacher = small_net()
-    module = DistillationModule(small_net(), teacher)
-    before = copy.deepcopy(teacher.state_dict())  # BatchNorm running stats included
-    spy = TeacherModeSpy()
-    trainer = make_trainer(max_epochs=3, callbacks=[spy], num_sanity_val_steps=2)
-    trainer.fit(module, datamodule=RandomDataModule())
-    assert len(spy.teacher_training_flags) == 12 and not any(
-        spy.teacher_training_flags
-    )  # after each validation too
-    assert module.student.training and not module.teacher.training
-    for name, tensor in teacher.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
-    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert not optimizer_params & {id(p) for p in teacher.parameters()}
-    assert optimizer_params == {id(p) for p in module.student.parameters()}
-
-
-def test_trainable_teacher_is_co_trained_with_its_own_loss() -> None:
-    teacher = small_net()
-    module = DistillationModule(small_net(), teacher, teacher_mode="trainable")
-    assert list(module.loss_terms) == ["ce", "kd", "teacher_ce"]
-    before = copy.deepcopy(teacher.state_dict())
-    trainer = make_trainer(max_epochs=2)
-    trainer.fit(module, datamodule=RandomDataModule())
-    assert module.teacher.training
-    assert not torch.equal(teacher[0].weight, before["0.weight"])
-    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert {id(p) for p in teacher.parameters()} <= optimizer_params
-    assert "train/loss_teacher_ce" in trainer.callback_metrics
-
-
-def test_kd_gradient_does_not_reach_a_co_trained_teacher() -> None:
-    teacher = small_net(batchnorm=False)
-    module = DistillationModule(small_net(batchnorm=False), teacher, teacher_mode="trainable")
-    batch = (torch.randn(6, 8), torch.randint(0, NUM_CLASSES, (6,)))
-    outputs = module.step_outputs(batch)
-    module.loss_terms["kd"](outputs).backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is not None for p in module.student.parameters())
 
 
 def test_dict_batches_with_custom_keys() -> None:

@@ -1,4 +1,4 @@
-"""KD with a TeacherOutputCache on disk under 2-process CPU DDP (gloo); run by tests/test_teacher_cache.py.
+"""KD with a TeacherOutputCache on disk under 2-process CPU DDP (gloo); run by tests/teachers/test_cache.py.
 
 Both processes share one cache directory. Each rank writes OUT/rank<r>.pt: the epoch of every
 training-time teacher forward, whether the cache is complete, and the stored and true logits.
@@ -13,12 +13,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomDataModule, small_net  # noqa: E402
-
-from lightning_kd.data.indexed import WithIndex  # noqa: E402
-from lightning_kd.module import DistillationModule  # noqa: E402
-from lightning_kd.teachers.cache import TeacherOutputCache  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightning_kd import DistillationModule  # noqa: E402
+from lightning_kd.data import WithIndex  # noqa: E402
+from lightning_kd.teachers import TeacherOutputCache  # noqa: E402
+from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 
 class IndexedDataModule(RandomDataModule):

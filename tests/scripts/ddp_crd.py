@@ -1,4 +1,4 @@
-"""CRD fit under 2-process CPU DDP (gloo); run by tests/test_crd.py.
+"""CRD fit under 2-process CPU DDP (gloo); run by tests/losses/test_crd.py.
 
 Lightning's "ddp" strategy starts the second process by re-running this script, so it must be
 a standalone file, not a pytest function. Each rank writes its memory banks (at the start of
@@ -14,11 +14,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomDataModule, small_net  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_kd import CRDTerm, CrossEntropyTerm, DistillationModule  # noqa: E402
 from lightning_kd.data import WithIndex  # noqa: E402
+from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 NUM_SAMPLES = 128
 

@@ -1,6 +1,6 @@
 """Per-step loss curve of a frozen-teacher KD fit, on 1 process (batch 32) or 2 DDP processes (2 x 16).
 
-Run by tests/test_ddp_equivalence.py: ``python ddp_curve.py OUT DEVICES``. Lightning's "ddp"
+Run by tests/training/test_ddp_equivalence.py: ``python ddp_curve.py OUT DEVICES``. Lightning's "ddp"
 strategy starts the second process by re-running this script, so it is a standalone file.
 Each rank writes OUT/devices<d>_rank<r>.pt with the loss of every step it ran.
 
@@ -24,10 +24,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import NUM_CLASSES, NUM_FEATURES, small_net  # noqa: E402
-
-from lightning_kd.module import DistillationModule  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightning_kd import DistillationModule  # noqa: E402
+from tests.helpers import NUM_CLASSES, NUM_FEATURES, small_net  # noqa: E402
 
 GLOBAL_BATCH = 32
 SAMPLES = 128

@@ -1,4 +1,4 @@
-"""KD fit with a frozen teacher under 2-process CPU DDP (gloo); run by tests/test_distributed.py.
+"""KD fit with a frozen teacher under 2-process CPU DDP (gloo); run by tests/training/test_ddp.py.
 
 Lightning's "ddp" strategy starts the second process by re-running this script, so it must be
 a standalone file, not a pytest function. Each rank writes what it saw to OUT/rank<r>.pt.
@@ -15,9 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomDataModule, small_net  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_kd import (  # noqa: E402
     CrossEntropyTerm,
     DistillationModule,
@@ -26,6 +24,7 @@ from lightning_kd import (  # noqa: E402
     KDTerm,
     Stage,
 )
+from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 
 class RecordWrapping(pl.Callback):

@@ -1,4 +1,4 @@
-"""SEED fit under 2-process CPU DDP (gloo); run by tests/test_self_supervised.py.
+"""SEED fit under 2-process CPU DDP (gloo); run by tests/losses/test_seed.py.
 
 Lightning's "ddp" strategy re-runs this script for the second process, so it is a standalone
 file. Each rank writes its queue, pointer, the teacher and its student to OUT/rank<r>.pt.

@@ -1,4 +1,4 @@
-"""KD fit under FSDP with DistillationFSDPStrategy; run by tests/test_fsdp.py on GPUs.
+"""KD fit under FSDP with DistillationFSDPStrategy; run by tests/training/test_fsdp.py on GPUs.
 
 ``python fsdp_fit.py OUT MODE ACCELERATOR DEVICES``, e.g. ``python fsdp_fit.py out frozen gpu 2``:
 MODE "frozen" (teacher left out of FSDP), "sharded" (frozen teacher sharded as its own unit) or
@@ -16,13 +16,15 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomDataModule, small_net  # noqa: E402
-
-from lightning_kd.losses.feature import FitNetTerm  # noqa: E402
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm  # noqa: E402
-from lightning_kd.module import DistillationModule  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightning_kd import DistillationModule  # noqa: E402
+from lightning_kd.losses import (  # noqa: E402
+    CrossEntropyTerm,
+    FitNetTerm,  # noqa: E402
+    KDTerm,
+)
 from lightning_kd.strategies import DistillationFSDPStrategy  # noqa: E402
+from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 
 class RecordUnits(pl.Callback):

@@ -1,4 +1,6 @@
-"""Fit one tiny distillation scenario with epoch-end ``last.ckpt``; run by tests/test_resume_after_kill.py.
+"""Fit one tiny distillation scenario with epoch-end ``last.ckpt``.
+
+Run by tests/training/test_resume_after_kill.py.
 
 ``kill_resume.py OUT SCENARIO --kill-at-step N``: after optimizer step N the run writes
 ``OUT/step.txt`` and waits, so the test can SIGKILL it there (mid-epoch). Without
@@ -20,19 +22,24 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomDataModule, small_net  # noqa: E402
-
-from lightning_kd.callbacks.loss_weights import LossWeightSchedule  # noqa: E402
-from lightning_kd.callbacks.reproducible_order import ReproducibleOrder  # noqa: E402
-from lightning_kd.callbacks.stages import DistillationStages, Stage  # noqa: E402
-from lightning_kd.callbacks.temperature import TemperatureAnnealing  # noqa: E402
-from lightning_kd.data.indexed import WithIndex  # noqa: E402
-from lightning_kd.losses.contrastive import CRDTerm  # noqa: E402
-from lightning_kd.losses.feature import FitNetTerm  # noqa: E402
-from lightning_kd.losses.response import CrossEntropyTerm, KDTerm  # noqa: E402
-from lightning_kd.module import DistillationModule  # noqa: E402
-from lightning_kd.teachers.cache import TeacherOutputCache  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lightning_kd import DistillationModule  # noqa: E402
+from lightning_kd.callbacks import (  # noqa: E402
+    DistillationStages,
+    LossWeightSchedule,  # noqa: E402
+    ReproducibleOrder,  # noqa: E402
+    Stage,
+    TemperatureAnnealing,  # noqa: E402
+)
+from lightning_kd.data import WithIndex  # noqa: E402
+from lightning_kd.losses import (  # noqa: E402
+    CRDTerm,  # noqa: E402
+    CrossEntropyTerm,
+    FitNetTerm,  # noqa: E402
+    KDTerm,
+)
+from lightning_kd.teachers import TeacherOutputCache  # noqa: E402
+from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages", "cache")
 EPOCHS, SAMPLES, BATCH = 4, 48, 16  # 3 steps per epoch, 12 in all

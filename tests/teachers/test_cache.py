@@ -1,0 +1,229 @@
+"""TeacherOutputCache: exact reuse, no teacher forward after epoch 1, top-k, fingerprints, restarts, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_kd import DistillationModule
+from lightning_kd.data import WithIndex
+from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
+from lightning_kd.teachers import TeacherOutputCache
+from lightning_kd.teachers.cache import dataset_fingerprint, teacher_fingerprint, topk_logits
+from tests.helpers import RandomDataModule, make_trainer, small_net
+
+DDP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cache.py"
+
+
+class IndexedDataModule(RandomDataModule):
+    """RandomDataModule whose training batches are ``(inputs, targets, index)``."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(WithIndex(self._dataset()), batch_size=self.batch_size, shuffle=True)
+
+
+class NoisyDataset(Dataset):
+    """Random augmentation: fresh Gaussian noise on every read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.x[i] + 0.1 * torch.randn_like(self.x[i]), self.y[i], i
+
+
+def teacher_calls(module: DistillationModule) -> list[int]:
+    """The epoch of every training-time teacher forward (the probe in ``on_train_start`` is in epoch 0)."""
+    epochs: list[int] = []
+    module.teacher.register_forward_pre_hook(
+        lambda *_: epochs.append(module.trainer.current_epoch) if module.training else None
+    )
+    return epochs
+
+
+def fit(module: DistillationModule, epochs: int = 2, **kwargs) -> None:
+    make_trainer(max_epochs=epochs, limit_val_batches=0, **kwargs).fit(module, datamodule=IndexedDataModule())
+
+
+def losses(features: bool) -> list:
+    terms = [CrossEntropyTerm(weight=0.1), KDTerm(weight=0.9)]
+    return [*terms, FitNetTerm("1", "1", weight=1.0)] if features else terms
+
+
+def test_store_then_lookup_returns_the_teachers_outputs_exactly() -> None:
+    teacher = small_net().eval()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        logits = teacher(x)
+    cache = TeacherOutputCache()
+    cache.open("fp", 10, logits[:1], {})
+    indices = torch.tensor([7, 0, 3, 9, 2, 5])
+    assert cache.lookup(indices) is None  # nothing stored yet
+    cache.store(indices, logits, {})
+    found, features = cache.lookup(indices[[2, 0, 5]])
+    assert torch.equal(found, logits[[2, 0, 5]]) and features == {}
+    assert cache.lookup(torch.tensor([7, 1])) is None  # index 1 missing
+    assert cache.bytes_per_sample == 4 * 4 + 1  # 4 float32 logits + the filled flag
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["kd", "kd+fitnet"])
+def test_cached_fit_equals_uncached_fit_and_skips_the_teacher_after_epoch_one(features: bool) -> None:
+    runs = {}
+    for cached in (False, True):
+        torch.manual_seed(0)
+        teacher, student = small_net(), small_net()
+        cache = TeacherOutputCache() if cached else None
+        module = DistillationModule(student, teacher, losses=losses(features), teacher_cache=cache)
+        calls = teacher_calls(module)
+        torch.manual_seed(1)  # same shuffling in both runs
+        fit(module)
+        runs[cached] = (module, calls, cache)
+    (plain, plain_calls, _), (module, calls, cache) = runs[False], runs[True]
+    assert plain_calls.count(1) == 4  # without a cache: 64 samples / 16 per batch
+    assert calls.count(0) == 1 + 4 and calls.count(1) == 0  # probe + epoch 0; none in epoch 1
+    assert cache.complete
+    with torch.no_grad():  # every stored row is the teacher's output for that sample
+        x = IndexedDataModule().x
+        torch.testing.assert_close(cache.arrays["logits"], module.teacher(x), rtol=0, atol=1e-6)
+        if features:
+            torch.testing.assert_close(cache.arrays["feature.1"], module.teacher[:2](x), rtol=0, atol=1e-6)
+    for name, value in plain.student.state_dict().items():  # the same training, step by step
+        torch.testing.assert_close(module.student.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_logits_against_a_hand_computation() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 2.0]])
+    cache = TeacherOutputCache(top_k=2)
+    cache.open("fp", 1, logits, {})
+    cache.store(torch.tensor([0]), logits, {})
+    rebuilt, _ = cache.lookup(torch.tensor([0]))
+    fill = math.log(math.exp(1.0) + math.exp(0.0) + math.exp(-1.0)) - math.log(3)
+    assert torch.allclose(rebuilt, torch.tensor([[3.0, fill, fill, fill, 2.0]]), atol=1e-6)
+    # softmax at T = 1: top-2 probabilities kept, the rest of the mass spread evenly
+    total = math.exp(3) + math.exp(2) + math.exp(1) + 1 + math.exp(-1)
+    tail = (math.exp(1) + 1 + math.exp(-1)) / total / 3
+    expected = torch.tensor([[math.exp(3) / total, tail, tail, tail, math.exp(2) / total]])
+    assert torch.allclose(rebuilt.softmax(-1).double(), expected.double(), atol=1e-6)
+    assert cache.bytes_per_sample == 2 * 4 + 2 * 2 + 4 + 1  # values, int16 classes, tail log-sum-exp, flag
+    with pytest.raises(ValueError, match="top-k logits need"):
+        topk_logits(torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.long), torch.zeros(1), 5)
+    with pytest.raises(ValueError, match="top_k=5 keeps every one"):
+        TeacherOutputCache(top_k=5).open("fp", 1, logits, {})
+
+
+def test_fingerprints_change_with_teacher_data_and_transform() -> None:
+    teacher = small_net()
+    before = teacher_fingerprint(teacher)
+    with torch.no_grad():
+        teacher[0].weight[0, 0] += 1e-6
+    assert teacher_fingerprint(teacher) != before
+    data = RandomDataModule()
+    base = TensorDataset(data.x, data.y)
+    assert dataset_fingerprint(base) == dataset_fingerprint(TensorDataset(data.x.clone(), data.y))
+    assert dataset_fingerprint(base) != dataset_fingerprint(TensorDataset(data.x[:-1], data.y[:-1]))
+    assert dataset_fingerprint(base) != dataset_fingerprint(TensorDataset(data.x * 2, data.y))
+    transformed = WithIndex(base)
+    transformed.transform = "Normalize(0.5)"
+    assert dataset_fingerprint(transformed) != dataset_fingerprint(WithIndex(base))
+
+
+def test_a_changed_teacher_rebuilds_a_stored_cache(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = small_net()
+    fit(DistillationModule(small_net(), teacher, teacher_cache=TeacherOutputCache(tmp_path)), epochs=1)
+    assert json.loads((tmp_path / "meta.json").read_text())["complete"]
+    module = DistillationModule(small_net(), teacher, teacher_cache=TeacherOutputCache(tmp_path))
+    calls = teacher_calls(module)
+    fit(module, epochs=1)
+    assert calls.count(0) == 1  # the probe only: the stored cache was reused after a restart
+    with torch.no_grad():
+        teacher[0].weight.mul_(2.0)
+    module = DistillationModule(small_net(), teacher, teacher_cache=TeacherOutputCache(tmp_path))
+    calls = teacher_calls(module)
+    with pytest.warns(UserWarning, match="rebuilding"):
+        fit(module, epochs=1)
+    assert calls.count(0) == 1 + 4
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.teacher_cache.arrays["logits"], teacher(IndexedDataModule().x), rtol=0, atol=1e-6
+        )
+
+
+def test_random_augmentation_is_refused() -> None:
+    data = RandomDataModule()
+    with pytest.raises(ValueError, match="random augmentation"):
+        dataset_fingerprint(NoisyDataset(data.x, data.y))
+
+    class NoisyDataModule(RandomDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(NoisyDataset(self.x, self.y), batch_size=16)
+
+    module = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache())
+    with pytest.raises(ValueError, match="random augmentation"):
+        make_trainer(limit_val_batches=0).fit(module, datamodule=NoisyDataModule())
+
+
+def test_an_interrupted_build_is_not_used_as_complete(tmp_path: Path) -> None:
+    class Interrupt(RuntimeError):
+        pass
+
+    class StopAfterTwoBatches(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                raise Interrupt
+
+    torch.manual_seed(0)
+    teacher = small_net()
+    module = DistillationModule(small_net(), teacher, teacher_cache=TeacherOutputCache(tmp_path))
+    with pytest.raises(Interrupt):
+        fit(module, callbacks=[StopAfterTwoBatches()])
+    assert not json.loads((tmp_path / "meta.json").read_text())["complete"]
+    assert int(np.load(tmp_path / "filled.npy").sum()) == 2 * 16  # the two finished batches
+    cache = TeacherOutputCache(tmp_path)
+    module = DistillationModule(small_net(), teacher, teacher_cache=cache)
+    calls = teacher_calls(module)
+    fit(module)
+    assert int(cache.arrays["filled"].sum()) == 64 and cache.complete
+    assert 1 < calls.count(0) <= 1 + 4 and calls.count(1) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(cache.arrays["logits"], teacher(IndexedDataModule().x), rtol=0, atol=1e-6)
+
+
+def test_the_cache_needs_a_frozen_teacher_and_sample_indices() -> None:
+    with pytest.raises(ValueError, match="teacher_mode='frozen'"):
+        DistillationModule(
+            small_net(), small_net(), teacher_mode="trainable", teacher_cache=TeacherOutputCache()
+        )
+    module = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache())
+    with pytest.raises(KeyError, match="WithIndex"):
+        make_trainer(limit_val_batches=0).fit(module, datamodule=RandomDataModule())
+
+
+def test_ddp_processes_share_one_cache_file(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(DDP_SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["complete"]
+        assert rank["calls"].count(0) == 1 + 2  # probe + 32 samples / 16 per batch
+        assert rank["calls"].count(1) == 0  # the other process's samples came from the shared file
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["complete"] and meta["bytes_per_sample"] == 4 * 4 + 1
+    with torch.no_grad():
+        torch.testing.assert_close(ranks[0]["logits"], ranks[0]["teacher_logits"], rtol=0, atol=1e-6)
