@@ -36,14 +36,11 @@ import torch
 from seeds import Runs, collect, mean_std, quiet_trainer, write_table
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.compression import checkpoint_bytes, latency_ms
-from lightning_kd.callbacks.quantization import (
-    QuantizationAwareTraining,
-    evaluate_int8,
-    post_training_int8,
-)
+from lightning_kd.callbacks import QuantizationAwareTraining
+from lightning_kd.callbacks.report import checkpoint_bytes, latency_ms
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.models import MLP, ConvNet1d
+from lightning_kd.quantization import evaluate_int8, post_training_int8
 from lightning_kd.quickstart import fit_and_test
 
 RESULTS = Path(__file__).parent / "results" / "quantization.md"

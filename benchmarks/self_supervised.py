@@ -29,7 +29,7 @@ from seeds import mean_std, quiet_trainer, write_table
 from torch.utils.data import DataLoader
 
 from lightning_kd import DistillationModule
-from lightning_kd.callbacks.knn_probe import embed_dataset, linear_probe_accuracy, weighted_knn_scores
+from lightning_kd.callbacks.report import embed_dataset, linear_probe_accuracy, weighted_knn_scores
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.unlabelled import UnlabelledDataModule
 from lightning_kd.losses import EmbeddingMatchTerm, SEEDTerm

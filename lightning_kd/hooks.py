@@ -45,7 +45,7 @@ def find_layer(model: nn.Module, path: str, role: str = "model") -> nn.Module:
     raise ValueError(
         f"Unknown {role} layer {path!r} in {type(model).__name__}. "
         f"Closest module names: {closest or 'none'}; top-level modules: {top_level}. "
-        f"Use a dotted path from `{role}.named_modules()`."
+        f"Use a dotted path from `{role}.named_modules()`, e.g. one of the nearest existing names above."
     )
 
 

@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_kd.hooks import LayerHooks, find_layer, uncompiled
+from lightning_kd.hooks import LayerHooks
 
-__all__ = ["FeatureHooks", "find_layer", "uncompiled"]
+__all__ = ["FeatureHooks"]
 
 ROLES = ("student", "teacher")
 

@@ -20,7 +20,7 @@ class WithIndex(Dataset):
     The default collate function turns the indices into a ``(N,)`` ``int64`` tensor. The index is
     the position in *this* dataset (``0 <= index < len(self)``), also under a
     ``DistributedSampler`` or a shuffled loader, which is what
-    :class:`~lightning_kd.losses.contrastive.CRDTerm` needs (``num_samples=len(dataset)``;
+    :class:`~lightning_kd.losses.CRDTerm` needs (``num_samples=len(dataset)``;
     ``index_key=2`` for ``(inputs, targets, index)``, ``index_key="index"`` for dicts). This is
     the role of ``CIFAR100Instance`` in the CRD authors' code (``dataset/cifar100.py`` of
     ``HobbitLong/RepDistiller``), for any dataset.

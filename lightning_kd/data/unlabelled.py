@@ -71,7 +71,7 @@ class UnlabelledDataModule(pl.LightningDataModule):
     the teacher on unlabelled data, so the training (and validation / test) batches that reach the
     module are bare input tensors (for tuple samples ``(x, y)``: ``x``); give the module
     ``input_key=None``. The labels stay reachable for evaluation only, through
-    :meth:`labelled_dataloader` (e.g. by :class:`~lightning_kd.callbacks.knn_probe.KNNProbe`, which
+    :meth:`labelled_dataloader` (e.g. by :class:`~lightning_kd.callbacks.KNNProbe`, which
     reports the k-NN accuracy of the student's embeddings).
 
     Args:

@@ -2,7 +2,8 @@
 
 Loss math runs in float32, also under ``bf16-mixed`` / ``16-mixed`` autocast: low-precision
 softmax and logarithms lose the small probability mass that soft targets carry
-(:func:`lightning_kd.precision.float32_math`). The checks raise ``ValueError`` with both shapes and what to fix.
+(:func:`lightning_kd.precision.float32_math`). The checks raise ``ValueError`` with both shapes
+and what to fix.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from lightning_kd import (
     DistillationStages,
     Stage,
 )
-from lightning_kd.losses.boundary import make_ab_connector
+from lightning_kd.losses.ab import make_ab_connector
 from lightning_kd.losses.functional import ab_loss
 from tests.helpers import RandomDataModule, Snapshots, f64, make_trainer, rand, same, small_net, step, t32
 

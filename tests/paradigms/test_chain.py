@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_kd.cli import chain_main as main
 from lightning_kd.paradigms import ChainLink, run_chain
-from lightning_kd.paradigms.chain import ensemble_accuracy, main
+from lightning_kd.paradigms.chain import ensemble_accuracy
 from tests.helpers import RandomDataModule, small_net
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d" / "paradigms"

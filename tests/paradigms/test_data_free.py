@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_kd.cli import main
 from lightning_kd.data import LatentNoiseDataModule
-from lightning_kd.losses import CrossEntropyTerm
+from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
 from lightning_kd.losses import functional as F
 from lightning_kd.models import Generator
 from lightning_kd.paradigms import DataFreeDistillationModule
@@ -166,6 +166,17 @@ def test_fit_never_reads_the_real_training_data() -> None:
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= metrics.keys()
     assert same(states(module.teacher), teacher) and not module.teacher.training
     assert trainer.global_step == 2 * 2 * 2  # epochs x batches x (generator step + student step)
+
+
+def test_student_terms_with_adapters_are_built_on_generated_samples() -> None:
+    # the probe step runs the teacher itself (no logits from a generator step yet)
+    hint = FitNetTerm("0", "0", name="hint", weight=1.0)
+    module = make_module(small_net(hidden=24), losses=[KDTerm("kd", temperature=1.0), hint])
+    assert hint.needs_build
+    trainer = make_trainer(max_epochs=1, log_every_n_steps=1)
+    trainer.fit(module, datamodule=noise_data())
+    assert hint.regressor is not None and not hint.needs_build
+    assert "train/loss_hint" in trainer.callback_metrics
 
 
 def test_a_real_training_datamodule_is_refused_before_it_is_read() -> None:

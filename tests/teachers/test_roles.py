@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import CrossEntropyTerm, DistillationModule, KDTerm, StepOutputs
 from lightning_kd.losses import FitNetTerm
-from tests.helpers import NUM_CLASSES, RandomDataModule, make_trainer, small_net
+from lightning_kd.teachers import TeacherOutputCache
+from lightning_kd.teachers.roles import (
+    CachedTeacher,
+    CoTrainedTeacher,
+    EMATeacher,
+    FrozenTeacher,
+    teacher_role,
+)
+from tests.helpers import NUM_CLASSES, NUM_FEATURES, RandomDataModule, make_trainer, small_net
 
 
 class RecordStudent(pl.Callback):
@@ -220,3 +228,38 @@ def test_trainable_teacher_keeps_its_graph() -> None:
     assert outputs.teacher_logits.grad_fn is not None
     assert outputs.teacher_features["1"].grad_fn is not None
     assert all(p.grad is not None for p in module.teacher.parameters())
+
+
+def test_teacher_mode_selects_a_role_that_answers_every_paradigm_question(tmp_path: Path) -> None:
+    # (gradients, weights restored from outside, DDP ignores it, in checkpoints by default)
+    expected = {
+        "frozen": (FrozenTeacher, False, True, True, False),
+        "trainable": (CoTrainedTeacher, True, False, False, True),
+        "ema": (EMATeacher, False, False, True, True),
+    }
+    for mode, (role_class, gradients, restored, ignored, saved) in expected.items():
+        role = teacher_role(mode)
+        assert type(role) is role_class and role.mode == mode
+        assert role.receives_gradients is gradients and role.restored_from_source is restored
+        assert role.ddp_ignores_teacher() is ignored and role.in_checkpoint(save_teacher=False) is saved
+        assert role.in_checkpoint(save_teacher=True)
+    cache = TeacherOutputCache(tmp_path / "cache")
+    assert isinstance(teacher_role("frozen", cache=cache, teacher=small_net()), CachedTeacher)
+    with pytest.raises(ValueError, match="teacher_mode must be one of"):
+        teacher_role("online")
+    with pytest.raises(ValueError, match="teacher_cache stores a fixed teacher's outputs"):
+        teacher_role("trainable", cache=cache, teacher=small_net())
+    with pytest.raises(ValueError, match="teacher_cache stores a fixed teacher's outputs"):
+        teacher_role("frozen", cache=cache, teacher=None)
+
+
+def test_module_runs_a_teacher_the_way_its_role_says() -> None:
+    batch = (torch.randn(4, NUM_FEATURES), torch.randint(0, NUM_CLASSES, (4,)))
+    frozen = DistillationModule(small_net(), small_net())
+    assert not frozen.teacher_forward(batch[0]).requires_grad
+    trainable = DistillationModule(small_net(), small_net(), teacher_mode="trainable")
+    assert trainable.teacher_forward(batch[0]).requires_grad
+    assert all(p.requires_grad for p in trainable.teacher.parameters())
+    assert not any(p.requires_grad for p in frozen.teacher.parameters())
+    ema = DistillationModule(small_net(), teacher_mode="ema")
+    assert ema.teacher is not ema.student and not any(p.requires_grad for p in ema.teacher.parameters())

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_kd import DistillationModule
 from lightning_kd.callbacks import CompressionReport
-from lightning_kd.callbacks.compression import (
+from lightning_kd.callbacks.report import (
     ModelCost,
     checkpoint_bytes,
     compression_table,

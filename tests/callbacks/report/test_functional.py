@@ -9,7 +9,7 @@ from unittest.mock import MagicMock
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
-from lightning_kd.callbacks.report_io import save_and_log_figure
+from lightning_kd.callbacks.report.io import save_and_log_figure
 from tests.helpers import PNG
 
 

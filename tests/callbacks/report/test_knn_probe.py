@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_kd.callbacks import KNNProbe
-from lightning_kd.callbacks.knn_probe import linear_probe_accuracy, weighted_knn_scores
+from lightning_kd.callbacks.report import linear_probe_accuracy, weighted_knn_scores
 from tests.helpers import RandomDataModule, make_trainer, seed_module
 
 
