@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, InputKey, call_model, infer_num_classes, logits_of, select
-from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
+from lightning_kd.module_setup import configure_optimization, first_batch, hparams_given_by_cli
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
 from lightning_kd.teachers.roles import TeacherRole, teacher_role
@@ -84,7 +84,9 @@ class DistillationModule(pl.LightningModule):
         losses: the loss terms; default: see :func:`default_losses`.
         teacher_mode: ``"frozen"``, ``"trainable"`` or ``"ema"``.
         teacher_checkpoint: a file with the teacher's trained weights (a Lightning checkpoint
-            of a teacher trained by this module, or a state dict).
+            of a teacher trained by this module, or a state dict); resolved to an absolute path
+            when the module is built, and recorded so in checkpoints (they reload from any
+            directory; pass ``teacher_checkpoint=`` to ``load_from_checkpoint`` for another file).
         save_teacher: also write a frozen teacher into checkpoints.
         num_classes: number of classes; default: inferred from the models.
         input_key: where the inputs are in a batch: an index for tuples, a key for dicts, a list of
@@ -127,10 +129,10 @@ class DistillationModule(pl.LightningModule):
         teacher_cache: TeacherOutputCache | None = None,
     ) -> None:
         super().__init__()
-        if teacher_checkpoint is not None:
-            teacher_checkpoint = str(
-                teacher_checkpoint
-            )  # plain types keep checkpoints loadable with weights_only
+        if teacher_checkpoint is not None:  # absolute, so a checkpoint reloads from any directory
+            teacher_checkpoint = str(Path(teacher_checkpoint).expanduser().resolve())
+        #: the teacher's weights file as an absolute path (recorded in checkpoints), or ``None``
+        self.teacher_checkpoint = teacher_checkpoint
         self.save_hyperparameters(
             ignore=None
             if hparams_given_by_cli()
@@ -326,28 +328,49 @@ class DistillationModule(pl.LightningModule):
         return [self.feature_hooks] if self.feature_hooks is not None else []
 
     def setup(self, stage: str) -> None:
-        """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model)."""
-        if any(term.needs_build for term in self.loss_terms.values()):
-            self.build_terms(self.probe_batch(stage))
+        """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model).
+
+        They are sized on :meth:`probe_batch`: the first batch of whatever data the Trainer call
+        was given; without any, on ``example_input_array`` (the student's input, as in Lightning).
+        """
+        if not any(term.needs_build for term in self.loss_terms.values()):
+            return
+        batch = self.probe_batch(stage)
+        if batch is not None:
+            self.build_terms(batch)
+        elif self.example_input_array is not None:
+            self.build_terms(inputs=self.example_input_array)
+        else:
+            pending = [name for name, term in self.loss_terms.items() if term.needs_build]
+            stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
+            raise ValueError(
+                f"Loss terms {pending} size their adapters on one batch, but the Trainer's {stage} call has "
+                "no data: pass dataloaders or a datamodule to it, set `module.example_input_array` to an "
+                "input of the student, or call `module.build_terms(batch)` first."
+            )
 
     def probe_batch(self, stage: str) -> Any:
-        """One batch to size the loss terms' adapters on: the datamodule's, else ``example_input_array``."""
-        datamodule = self.trainer.datamodule
-        if datamodule is not None:
-            loader = {"fit": "train", "validate": "val", "test": "test"}.get(stage, "predict")
-            return next(iter(getattr(datamodule, f"{loader}_dataloader")()))
-        if self.example_input_array is not None:
-            return self.example_input_array
-        raise ValueError(
-            "The loss terms need one probe batch to size their adapters: pass a datamodule to the "
-            "Trainer call, or set `module.example_input_array` to a batch."
-        )
+        """One batch to size the loss terms' adapters on: the first of the ``stage`` call's data, or ``None``.
 
-    def build_terms(self, batch: Any) -> None:
-        """Size every term that ``needs_build`` on one forward of ``batch`` (eval mode, no gradients).
+        The data may come from a datamodule, dataloaders passed to the Trainer call, or the
+        module's own ``*_dataloader`` methods (:func:`~lightning_kd.module_setup.first_batch`).
+        """
+        return first_batch(self.trainer, stage)
+
+    def build_terms(self, batch: Any = None, *, inputs: Any = None) -> None:
+        """Size every term that ``needs_build`` on one forward (eval mode, no gradients).
 
         Runs in :meth:`setup`; call it yourself before ``load_state_dict`` outside a Trainer.
+
+        Args:
+            batch: a batch as the dataloader gives it.
+            inputs: instead of a batch, the student's input alone (e.g. ``example_input_array``);
+                the teacher reads the same input.
         """
+        if (batch is None) == (inputs is None):
+            raise ValueError(
+                "build_terms needs either `batch` (a dataloader batch) or `inputs` (a student input)."
+            )
         pending = [term for term in self.loss_terms.values() if term.needs_build]
         if not pending:
             return
@@ -360,7 +383,7 @@ class DistillationModule(pl.LightningModule):
         self.eval()
         try:
             with torch.no_grad():
-                outputs = self.step_outputs(batch)
+                outputs = self.step_outputs(batch) if inputs is None else self.outputs_of(inputs, None, None)
                 for term in pending:
                     term.bind(self.student, self.teacher, self.loss_terms)
                     term.build(outputs)
@@ -382,6 +405,12 @@ class DistillationModule(pl.LightningModule):
                 teacher then does not run again); default: the teacher's role provides it.
         """
         inputs, targets = self.unpack_batch(batch)
+        return self.outputs_of(inputs, targets, batch, teacher_output)
+
+    def outputs_of(
+        self, inputs: Any, targets: Tensor | None, batch: Any, teacher_output: Any = None
+    ) -> StepOutputs:
+        """:meth:`step_outputs` of an unpacked batch: teacher (unless ``teacher_output``), then student."""
         teacher_features = None
         if teacher_output is None and self.teacher is not None and self.training:
             teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
@@ -543,7 +572,10 @@ class DistillationModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave a frozen teacher out of the checkpoint unless ``save_teacher``."""
+        """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
+            hparams["teacher_checkpoint"] = self.teacher_checkpoint
         if self.teacher is not None and not self.teacher_role.in_checkpoint(self.save_teacher):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = type(state)(
@@ -562,7 +594,7 @@ class DistillationModule(pl.LightningModule):
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         unbuilt = [name for name, term in self.loss_terms.items() if term.needs_build]
         if unbuilt and self.example_input_array is not None:
-            self.build_terms(self.example_input_array)
+            self.build_terms(inputs=self.example_input_array)
         elif unbuilt:
             prefixes = tuple(f"loss_terms.{name}." for name in unbuilt)
             for key in [k for k in state if k.startswith(prefixes)]:

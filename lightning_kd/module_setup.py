@@ -1,7 +1,8 @@
-"""Set-up every training LightningModule of the package shares: its optimizer and its recorded config."""
+"""Set-up every training LightningModule of the package shares: optimizer, recorded config, probe batch."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -9,7 +10,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-__all__ = ["configure_optimization", "hparams_given_by_cli"]
+__all__ = ["configure_optimization", "first_batch", "hparams_given_by_cli"]
+
+#: the loop of each Trainer stage, whose data source holds what the Trainer call was given
+_STAGE_LOOPS = {
+    "fit": "fit_loop",
+    "validate": "validate_loop",
+    "test": "test_loop",
+    "predict": "predict_loop",
+}
 
 
 def hparams_given_by_cli() -> bool:
@@ -47,3 +56,28 @@ def configure_optimization(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(built, T_max=total_steps)
         return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     return built
+
+
+def first_batch(trainer: pl.Trainer, stage: str) -> Any | None:
+    """The first batch of the data that the Trainer call of ``stage`` reads, or ``None`` if it has none.
+
+    The data may come from any place Lightning accepts: a datamodule (``datamodule=``,
+    ``LightningDataModule.from_datasets``, a CLI ``data:`` section), dataloaders passed to the
+    call (``trainer.fit(module, train_loader, val_loader)``), or the module's own
+    ``*_dataloader`` methods. Lightning reads that source only after the ``setup`` hook, so this
+    asks the stage loop's data source directly (the same source the loop will use). Of several
+    dataloaders (a list, a dict or a ``CombinedLoader``), the first is read.
+    """
+    loop = getattr(trainer, _STAGE_LOOPS.get(stage, "predict_loop"))
+    source = loop._data_source  # set by the Trainer call, read by the loop after setup
+    if source.instance is None or not source.is_defined():
+        return None
+    loaders = source.dataloader()
+    loaders = getattr(loaders, "flattened", loaders)  # a CombinedLoader's dataloaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        return None
+    return next(iter(loaders), None)

@@ -62,6 +62,26 @@ def test_teacher_baseline_and_kd_from_yaml(in_tmp: Path) -> None:
         assert key in metrics
 
 
+def test_a_checkpoint_reloads_from_another_directory(
+    in_tmp: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
+    main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL])
+    kd_ckpt = in_tmp / "runs/mnist1d/checkpoints/kd.ckpt"
+    teacher_ckpt = in_tmp / "runs/mnist1d/checkpoints/teacher.ckpt"
+    recorded = torch.load(kd_ckpt, weights_only=True)["hyper_parameters"]["teacher_checkpoint"]
+    assert recorded == str(teacher_ckpt.resolve())  # the YAML's relative path, made absolute
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    module = DistillationModule.load_from_checkpoint(kd_ckpt)
+    teacher_state = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, teacher_state[f"student.{k}"]) for k, v in module.teacher.state_dict().items())
+    moved = teacher_ckpt.rename(teacher_ckpt.with_name("moved.ckpt"))
+    with pytest.raises(FileNotFoundError, match=r"recorded there .*teacher\.ckpt.*teacher_checkpoint=\.\.\."):
+        DistillationModule.load_from_checkpoint(kd_ckpt)
+    module = DistillationModule.load_from_checkpoint(kd_ckpt, teacher_checkpoint=moved)
+    assert module.teacher_checkpoint == str(moved)
+
+
 def test_print_config_shows_the_recipe(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), "--print_config"])

@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.report.io import log_metrics, output_directory, validation_loader
 from lightning_kd.model_io import call_model, logits_of
+from lightning_kd.module_setup import first_batch
 from lightning_kd.quantization import (
     check_backend,
     convert_to_int8,
@@ -63,8 +64,8 @@ class QuantizationAwareTraining(pl.Callback):
     plain QAT (the baseline on the same code path).
 
     - ``setup``: ``pl_module.student`` is replaced by its QAT-prepared ``GraphModule``, traced on
-      one batch of the datamodule (else ``pl_module.example_input_array``), before the optimizer
-      is built. Feature hooks already attached are re-attached to the new student; paths of
+      the first batch of the Trainer call's data (else ``pl_module.example_input_array``), before the
+      optimizer is built. Feature hooks already attached are re-attached to the new student; paths of
       layers fused away (a ReLU after a Linear) no longer exist, and a fused Linear/Conv's hook
       captures the output after its ReLU/BN.
     - Observers update in training only (off during validation, test and prediction). From epoch
@@ -127,15 +128,16 @@ class QuantizationAwareTraining(pl.Callback):
     # ----------------------------------------------------------------- preparation
     @staticmethod
     def _probe_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
-        datamodule = trainer.datamodule
-        loader_name = {"fit": "train", "validate": "val", "test": "test"}.get(stage, "predict")
-        if datamodule is not None and hasattr(datamodule, f"{loader_name}_dataloader"):
-            return pl_module.unpack_batch(next(iter(getattr(datamodule, f"{loader_name}_dataloader")())))[0]
+        batch = first_batch(trainer, stage)
+        if batch is not None:
+            return pl_module.unpack_batch(batch)[0]
         if pl_module.example_input_array is not None:
             return pl_module.example_input_array
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
         raise ValueError(
-            "QuantizationAwareTraining traces the student on one input batch: pass a datamodule to the "
-            "Trainer call, or set `module.example_input_array` to an input batch."
+            f"QuantizationAwareTraining traces the student on one input batch, but the Trainer's {stage} "
+            "call has no data: pass dataloaders or a datamodule to it, or set `module.example_input_array` "
+            "to an input of the student."
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

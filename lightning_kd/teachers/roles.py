@@ -71,7 +71,14 @@ class TeacherRole:
                 raise ValueError("teacher_checkpoint is set but there is no teacher: pass `teacher` as well.")
             return None
         if checkpoint is not None:
-            load_weights(teacher, checkpoint)
+            try:
+                load_weights(teacher, checkpoint)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(
+                    f"{error} A module reloaded from a checkpoint reads the teacher from the path recorded "
+                    f"there ({str(checkpoint)!r}): pass another with "
+                    "`load_from_checkpoint(path, teacher_checkpoint=...)`."
+                ) from None
         return teacher if self.receives_gradients else freeze(teacher)
 
     def check_terms(self, terms: Sequence[LossTerm]) -> None:

@@ -108,10 +108,3 @@ def test_load_from_checkpoint_skips_unbuilt_adapters_with_a_warning(tmp_path: Pa
         )
     assert loaded.loss_terms["fitnet"].regressor is None
     assert loaded(torch.randn(3, 8)).shape == (3, 4)  # the student is restored and usable
-
-
-def test_without_data_source_the_probe_asks_for_one() -> None:
-    module = _fitnet_module()
-    loader = RandomDataModule().train_dataloader()
-    with pytest.raises(ValueError, match="example_input_array"):
-        make_trainer().fit(module, train_dataloaders=loader)
