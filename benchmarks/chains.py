@@ -45,7 +45,7 @@ TEACHER_OPTIMIZER = functools.partial(torch.optim.Adam, lr=1e-3)
 STUDENT_OPTIMIZER = functools.partial(torch.optim.Adam, lr=3e-3)
 
 # assistants: the ConvNet1d teacher has 102k parameters (~95%), the MLP student 79k (~69% alone);
-# cnn_small is configs/mnist1d/paradigms/takd.yaml's
+# cnn_small is the recipe mnist1d/paradigms/takd's
 ASSISTANTS: dict[str, Callable[[], nn.Module]] = {
     "cnn_small": lambda: ConvNet1d(num_classes=10, widths=(16, 32, 32), hidden=64),
     "cnn_tiny": lambda: ConvNet1d(num_classes=10, widths=(4, 8, 8), hidden=16),

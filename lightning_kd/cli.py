@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import time
 import zipfile
 from collections.abc import Sequence
@@ -9,21 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_kd.losses import LossTerm
 from lightning_kd.paradigms.chain import ChainLink, LinkResult, chain_table, ensemble_accuracy, run_chain
+from lightning_kd.recipes import RECIPES_DIR, copy_recipe, recipe_names, resolve_config
 
 __all__ = [
     "DistillationCLI",
     "build_chain_parser",
     "chain_main",
     "check_checkpoint_file",
+    "link_latest",
     "fit_summary",
     "main",
+    "recipes_command",
+    "with_recipe_paths",
 ]
 
 
@@ -83,6 +90,35 @@ def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
         )
 
 
+DESCRIPTION = (
+    "Knowledge distillation with PyTorch Lightning (LightningCLI). Run a recipe that ships with "
+    "lightning_kd by name, e.g. `lightning-kd fit --config mnist1d/teacher` then `lightning-kd fit "
+    "--config mnist1d/kd`; `lightning-kd recipes` lists them and copies one out to edit. Each run "
+    "writes runs/<recipe>/version_<n>/ and points runs/<recipe>/latest.ckpt at its checkpoint."
+)
+
+
+def link_latest(trainer: Trainer) -> Path | None:
+    """Point ``latest.ckpt`` beside this run's folder at the checkpoint it wrote (best, else last).
+
+    Runs of a recipe write their own folders (``runs/mnist1d/kd/version_3/checkpoints/kd.ckpt``),
+    so no run overwrites another; ``runs/mnist1d/kd/latest.ckpt`` is the stable name later recipes
+    read (a relative symbolic link, replaced atomically). Nothing is linked when the checkpoint
+    is not in a ``checkpoints`` folder of a run, or none was written.
+    """
+    checkpoint = trainer.checkpoint_callback
+    path = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint is not None else ""
+    if not path or Path(path).parent.name != "checkpoints":
+        return None
+    target = Path(path).resolve()
+    link = target.parent.parent.parent / "latest.ckpt"
+    temporary = link.with_name(f".latest-{os.getpid()}.ckpt")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(temporary, link)
+    return link
+
+
 class DistillationCLI(LightningCLI):
     """LightningCLI over any LightningModule and any datamodule.
 
@@ -105,6 +141,11 @@ class DistillationCLI(LightningCLI):
             **kwargs,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The parser, introduced as this command rather than as "Lightning Trainer command line tool"."""
+        kwargs.setdefault("description", DESCRIPTION)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``--baseline_accuracy``: the student's accuracy without distillation, for the summary."""
         parser.add_argument(
@@ -115,8 +156,14 @@ class DistillationCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then check ``--ckpt_path`` (LightningCLI reads its hyperparameters right after)."""
-        super().parse_arguments(parser, args)
+        """Parse with shipped recipe names resolved in ``--config``, then check ``--ckpt_path``.
+
+        LightningCLI reads the checkpoint's hyperparameters right after this.
+        """
+        if isinstance(args, dict | Namespace):
+            super().parse_arguments(parser, args)
+        else:  # the command line (or a list like it): parsed here, which LightningCLI would do alike
+            self.config = parser.parse_args(with_recipe_paths(sys.argv[1:] if args is None else list(args)))
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
@@ -127,9 +174,12 @@ class DistillationCLI(LightningCLI):
 
     @rank_zero_only
     def after_fit(self) -> None:
-        """Print the end-of-fit summary."""
+        """Point the run's ``latest.ckpt`` at its checkpoint and print the end-of-fit summary."""
+        latest = link_latest(self.trainer)
         baseline = self.config[self.subcommand].get("baseline_accuracy")
         print(fit_summary(self.trainer, time.perf_counter() - self._fit_started, baseline))
+        if latest is not None:
+            print(f"  {'latest of this recipe':<26} {latest}")
 
 
 def build_chain_parser() -> ArgumentParser:
@@ -163,9 +213,12 @@ def build_chain_parser() -> ArgumentParser:
 
 
 def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
-    """Run ``lightning-kd-chain --config chain.yaml``: train the chain, print each link's accuracy."""
+    """Run ``lightning-kd-chain --config CHAIN``: a file or a recipe name (``mnist1d/paradigms/takd``).
+
+    Trains the chain and prints each link's accuracy.
+    """
     parser = build_chain_parser()
-    config = parser.parse_args(args)
+    config = parser.parse_args(with_recipe_paths(sys.argv[1:] if args is None else list(args)))
     if config.seed is not None:
         pl.seed_everything(config.seed, verbose=False)
     # jsonargparse >= 4.49 names it `instantiate`, older versions `instantiate_classes`
@@ -188,8 +241,49 @@ def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
     return results
 
 
+def with_recipe_paths(args: Sequence[str]) -> list[str]:
+    """``args`` with the value of every ``--config`` that names a shipped recipe replaced by its path."""
+    resolved: list[str] = []
+    for index, arg in enumerate(args):
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve_config(arg.removeprefix("--config="))
+        elif index > 0 and args[index - 1] == "--config":
+            arg = resolve_config(arg)
+        resolved.append(arg)
+    return resolved
+
+
+def recipes_command(args: Sequence[str]) -> None:
+    """``lightning-kd recipes``: list the shipped recipes, or copy one out to edit."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-kd recipes",
+        description="The YAML recipes that ship with lightning_kd. Run one by name: "
+        "`lightning-kd fit --config mnist1d/kd` (a file path works too).",
+    )
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("list", help="list the recipes (the default)")
+    copy = commands.add_parser("copy", help="copy a recipe out to edit it, then run it with --config FILE")
+    copy.add_argument("name", help="a recipe name, e.g. mnist1d/kd")
+    copy.add_argument("destination", nargs="?", help="a file or folder (default: NAME's file name, here)")
+    options = parser.parse_args(list(args))
+    if options.command == "copy":
+        try:
+            target = copy_recipe(options.name, options.destination)
+        except (FileNotFoundError, FileExistsError) as error:
+            parser.exit(2, f"lightning-kd recipes copy: {error}\n")
+        print(f"Copied {options.name} to {target}; run it with: lightning-kd fit --config {target}")
+        return
+    print(f"Recipes shipped in {RECIPES_DIR} (run one with `lightning-kd fit --config NAME`):")
+    for name in recipe_names():
+        print(f"  {name}")
+
+
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-kd {fit,validate,test,predict} --config recipe.yaml``."""
+    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE`` or ``lightning-kd recipes``."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and argv[:1] == ["recipes"]:
+        recipes_command(argv[1:])
+        return
     DistillationCLI(args=args)
 
 

@@ -72,9 +72,13 @@ def fit_and_test(
     progress: bool = True,
     callbacks: Sequence[pl.Callback] = (),
 ) -> RunResult:
-    """Fit ``module`` for ``epochs`` (CSV logs and a checkpoint under ``out_dir``), then test it."""
+    """Fit ``module`` for ``epochs``, then test it.
+
+    Each call writes a run folder of its own, ``out_dir/name/version_<n>/`` (CSV logs and
+    ``checkpoints/<name>.ckpt``), so no run overwrites another.
+    """
     out_dir = Path(out_dir)
-    checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename=name, enable_version_counter=False)
+    checkpoint = ModelCheckpoint(filename=name)  # in the logger's run folder
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="auto",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import torch
 
 from lightning_kd import DistillationModule
 from lightning_kd.cli import main
+from lightning_kd.recipes import RECIPES_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPES_DIR
 
 
 SMALL = [
@@ -35,7 +38,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_teacher_baseline_and_kd_from_yaml(in_tmp: Path) -> None:
     main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
-    teacher_ckpt = in_tmp / "runs/mnist1d/checkpoints/teacher.ckpt"
+    teacher_ckpt = in_tmp / "runs/mnist1d/teacher/latest.ckpt"
     assert teacher_ckpt.is_file()
     main(["fit", "--config", str(CONFIGS / "mnist1d/baseline.yaml"), *SMALL])
     main(
@@ -48,7 +51,7 @@ def test_teacher_baseline_and_kd_from_yaml(in_tmp: Path) -> None:
             *SMALL,
         ]
     )
-    kd_ckpt = in_tmp / "runs/mnist1d/checkpoints/kd_annealed.ckpt"
+    kd_ckpt = in_tmp / "runs/mnist1d/kd_annealed/latest.ckpt"
     state = torch.load(kd_ckpt, weights_only=True)
     assert not any(k.startswith("teacher.") for k in state["state_dict"])
     # the config recorded by LightningCLI rebuilds the module, teacher from its checkpoint
@@ -67,8 +70,8 @@ def test_a_checkpoint_reloads_from_another_directory(
 ) -> None:
     main(["fit", "--config", str(CONFIGS / "mnist1d/teacher.yaml"), *SMALL])
     main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL])
-    kd_ckpt = in_tmp / "runs/mnist1d/checkpoints/kd.ckpt"
-    teacher_ckpt = in_tmp / "runs/mnist1d/checkpoints/teacher.ckpt"
+    kd_ckpt = in_tmp / "runs/mnist1d/kd/latest.ckpt"
+    teacher_ckpt = (in_tmp / "runs/mnist1d/teacher/latest.ckpt").resolve()  # the run's own file
     recorded = torch.load(kd_ckpt, weights_only=True)["hyper_parameters"]["teacher_checkpoint"]
     assert recorded == str(teacher_ckpt.resolve())  # the YAML's relative path, made absolute
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
@@ -88,7 +91,7 @@ def test_print_config_shows_the_recipe(capsys: pytest.CaptureFixture[str]) -> No
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: lightning_kd.models.MLP" in printed
-    assert "teacher_checkpoint: runs/mnist1d/checkpoints/teacher.ckpt" in printed
+    assert "teacher_checkpoint: runs/mnist1d/teacher/latest.ckpt" in printed
     assert "temperature: 4.0" in printed
 
 
@@ -150,6 +153,62 @@ def test_report_callbacks_from_the_command_line(in_tmp: Path) -> None:
     compression = "--trainer.callbacks+=lightning_kd.callbacks.CompressionReport"
     main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL, report, compression])
     for name in ("per_class_accuracy.png", "reliability.png"):
-        assert (in_tmp / "runs/mnist1d/checkpoints" / name).read_bytes().startswith(b"\x89PNG")
-    table = (in_tmp / "runs/mnist1d/checkpoints/compression.md").read_text()
+        assert (in_tmp / "runs/mnist1d/kd/version_0/checkpoints" / name).read_bytes().startswith(b"\x89PNG")
+    table = (in_tmp / "runs/mnist1d/kd/version_0/checkpoints/compression.md").read_text()
     assert "78.9 K" in table and "102 K" in table  # the MLP student's and the ConvNet1d teacher's parameters
+
+
+def test_recipes_are_listed_copied_and_run_by_name(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["recipes"])
+    listed = capsys.readouterr().out.split()
+    assert {"mnist1d/kd", "mnist1d/teacher", "cifar100/methods/dkd", "loggers/wandb"} <= set(listed)
+    main(["recipes", "copy", "mnist1d/kd", "my_kd.yaml"])
+    assert (in_tmp / "my_kd.yaml").read_text() == (RECIPES_DIR / "mnist1d/kd.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["recipes", "copy", "mnist1d/kd", "my_kd.yaml"])  # never overwrites
+    assert "nothing was overwritten" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"Closest recipes: \['mnist1d/kd'"):
+        main(["fit", "--config", "mnist1d/kdd", *SMALL])
+    main(["fit", "--config", "mnist1d/teacher", *SMALL])  # a name, from a folder with no recipes
+    assert (in_tmp / "runs/mnist1d/teacher/latest.ckpt").resolve().is_file()
+
+
+def test_a_second_run_never_overwrites_the_first(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["fit", "--config", "mnist1d/teacher", *SMALL])
+    first = in_tmp / "runs/mnist1d/teacher/version_0/checkpoints/teacher.ckpt"
+    first_bytes = first.read_bytes()
+    latest = in_tmp / "runs/mnist1d/teacher/latest.ckpt"
+    assert latest.resolve() == first.resolve()
+    main(["fit", "--config", "mnist1d/teacher", *SMALL, "--seed_everything=1"])
+    assert first.read_bytes() == first_bytes
+    second = in_tmp / "runs/mnist1d/teacher/version_1/checkpoints/teacher.ckpt"
+    assert latest.resolve() == second.resolve() and second.read_bytes() != first_bytes
+    printed = [line for line in capsys.readouterr().out.splitlines() if "latest of this recipe" in line]
+    assert printed[-1].endswith("runs/mnist1d/teacher/latest.ckpt")
+
+
+def test_a_non_editable_install_runs_a_shipped_recipe_from_an_empty_folder(tmp_path: Path) -> None:
+    root = RECIPES_DIR.parents[1]
+    wheels, target, empty = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
+    empty.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, root], check=True)
+    (wheel,) = wheels.glob("lightning_kd-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel], check=True)
+    script = (
+        "import lightning_kd, sys; print(lightning_kd.__file__); from lightning_kd.cli import main; main()"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(target), "WANDB_MODE": "offline"}
+    run = subprocess.run(
+        [sys.executable, "-c", script, "fit", "--config", "mnist1d/teacher", *SMALL],
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
+    assert (empty / "runs/mnist1d/teacher/latest.ckpt").resolve().is_file()
+    assert (target / "lightning_kd/py.typed").exists() and list(
+        target.glob("lightning_kd-*/licenses/LICENSE")
+    )

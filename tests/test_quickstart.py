@@ -20,8 +20,10 @@ def test_quickstart_reduced_budget(tmp_path: Path, capsys: pytest.CaptureFixture
     assert result.gain == pytest.approx(result.kd - result.baseline)
     printed = capsys.readouterr().out
     assert "student + Hinton KD (MLP)" in printed and f"{100 * result.teacher:6.2f}" in printed
-    for name in ("teacher", "baseline", "kd"):
-        assert (tmp_path / "checkpoints" / f"{name}.ckpt").is_file()
+    for name in ("teacher", "baseline", "kd"):  # a run folder each
+        assert (tmp_path / name / "version_0" / "checkpoints" / f"{name}.ckpt").is_file()
+    main([*budget, "--out-dir", str(tmp_path), "--no-progress"])  # again: new folders, nothing overwritten
+    assert (tmp_path / "kd" / "version_1" / "checkpoints" / "kd.ckpt").is_file()
 
 
 def test_custom_term_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

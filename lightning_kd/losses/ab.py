@@ -128,7 +128,7 @@ class ABTerm(LayerPairTerm):
     :math:`i` of :math:`L` weighted :math:`2^{i - L + 1}` (1/4, 1/2, 1 for three stages) inside
     ``ABLoss``; the main stage is cross-entropy alone. Put one term per pair with those weights
     in the init stage of a :class:`~lightning_kd.callbacks.DistillationStages`
-    (``configs/cifar100/methods/ab.yaml``).
+    (recipe ``cifar100/methods/ab``).
 
     Only the sign of the teacher's feature enters the loss, so a teacher layer whose output is
     then overwritten by an in-place ReLU still gives the right loss. The student's values

@@ -88,7 +88,7 @@ class FSPTerm(LayerListTerm):
     """FSP matrices of a pair of student layers against a pair of teacher layers.
 
     See :func:`lightning_kd.losses.functional.fsp_loss`. The benchmark trains the student on
-    FSP alone in an init stage, then on cross-entropy (``configs/mnist1d/methods/fsp.yaml``
+    FSP alone in an init stage, then on cross-entropy (recipe ``mnist1d/methods/fsp``
     with :class:`~lightning_kd.callbacks.DistillationStages`); several pairs are several terms.
 
     Args:

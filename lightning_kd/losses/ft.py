@@ -290,7 +290,7 @@ class FTTerm(LayerPairTerm):
     ``feat[-2]`` of both models (the last stage's output, after its ReLU, before pooling), rate
     0.5, an init stage that trains the paraphraser alone on its reconstruction (the
     :class:`ParaphraserTerm`), then cross-entropy + 200 x FT with the translator and the student
-    trained (``-a 0 -b 200``): ``configs/cifar100/methods/ft.yaml`` with
+    trained (``-a 0 -b 200``): recipe ``cifar100/methods/ft`` with
     :class:`~lightning_kd.callbacks.DistillationStages`.
 
     **The paraphraser is shared, not owned.** This term keeps a plain reference to the

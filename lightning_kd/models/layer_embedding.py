@@ -25,7 +25,7 @@ class LayerEmbedding(nn.Module):
     only, catches the layer's output.
 
     The weights can come from ``checkpoint`` (any file :func:`~lightning_kd.teachers.load_weights`
-    reads, e.g. the Lightning checkpoint of ``configs/mnist1d/teacher.yaml``): this wrapper's own
+    reads, e.g. the Lightning checkpoint of recipe ``mnist1d/teacher``): this wrapper's own
     state-dict keys carry the prefix ``model.``, so pass the file here rather than as the
     distillation module's ``teacher_checkpoint``.
 

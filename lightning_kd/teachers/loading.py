@@ -49,7 +49,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(
             f"Teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
-            "(e.g. `lightning-kd fit --config configs/mnist1d/teacher.yaml`) or fix the path."
+            "(e.g. `lightning-kd fit --config mnist1d/teacher`) or fix the path."
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -25,6 +25,7 @@ from lightning_kd.callbacks import (
 )
 from lightning_kd.cli import main
 from lightning_kd.losses import CrossEntropyTerm
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import (
     NUM_CLASSES,
     NUM_FEATURES,
@@ -38,7 +39,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d"
+CONFIGS = RECIPES_DIR / "mnist1d"
 
 
 def states(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -255,7 +256,9 @@ def test_yaml_recipes_run_and_save_the_int8_student(tmp_path: Path, monkeypatch:
             main(["fit", "--config", str(CONFIGS / "quantization" / f"{name}.yaml"), *TINY_MNIST1D_FIT])
             header = (tmp_path / f"runs/mnist1d/{name}/version_0/metrics.csv").read_text().splitlines()[0]
             assert "quantized/val_acc" in header and "quantized/val_agreement" in header
-            int8 = torch.load(tmp_path / f"runs/mnist1d/checkpoints/{name}_int8.pt", weights_only=False)
+            int8 = torch.load(
+                tmp_path / f"runs/mnist1d/{name}/version_0/checkpoints/{name}_int8.pt", weights_only=False
+            )
             assert int8(torch.randn(3, 40)).shape == (3, 10)
     header = (tmp_path / "runs/mnist1d/qat_kd/version_0/metrics.csv").read_text().splitlines()[0]
     assert "val/teacher_acc" in header

@@ -13,9 +13,10 @@ from lightning_kd.cli import main
 from lightning_kd.losses import BYOTTerm, CrossEntropyTerm, StepOutputs
 from lightning_kd.losses.functional import byot_loss
 from lightning_kd.models import MLP, ConvNet1d
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import TINY_MNIST1D_FIT
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d" / "paradigms" / "byot.yaml"
+CONFIG = RECIPES_DIR / "mnist1d" / "paradigms" / "byot.yaml"
 
 
 def _fixed(*shape: int, seed: int) -> Tensor:
@@ -182,7 +183,7 @@ def test_recipe_fits_and_saves_the_heads(tmp_path: Path, monkeypatch: pytest.Mon
             *TINY_MNIST1D_FIT,
         ]
     )
-    state = torch.load(tmp_path / "runs/mnist1d/checkpoints/byot.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / "runs/mnist1d/byot/latest.ckpt", weights_only=True)["state_dict"]
     head_keys = [key for key in state if key.startswith("loss_terms.byot.heads.")]
     assert head_keys
     metrics = (tmp_path / "runs/mnist1d/byot/version_0/metrics.csv").read_text().splitlines()

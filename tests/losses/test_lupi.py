@@ -14,9 +14,10 @@ from lightning_kd.data import MNISTPrivilegedDataModule
 from lightning_kd.losses import GeneralizedDistillationTerm, StepOutputs
 from lightning_kd.losses.functional import generalized_distillation_loss
 from lightning_kd.models import MLP
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import make_trainer
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist_privileged"
+CONFIGS = RECIPES_DIR / "mnist_privileged"
 
 
 def hand_loss(
@@ -141,8 +142,8 @@ def test_recipes_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     for recipe in ("teacher", "student", "lupi"):
         main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), *SMALL])
-        assert (tmp_path / f"runs/mnist_privileged/checkpoints/{recipe}.ckpt").is_file()
-    lupi = torch.load(tmp_path / "runs/mnist_privileged/checkpoints/lupi.ckpt", weights_only=True)
+        assert (tmp_path / f"runs/mnist_privileged/{recipe}/latest.ckpt").is_file()
+    lupi = torch.load(tmp_path / "runs/mnist_privileged/lupi/latest.ckpt", weights_only=True)
     assert not any(key.startswith("teacher.") for key in lupi["state_dict"])
     assert lupi["state_dict"]["student.features.1.weight"].shape[1] == 49
     metrics = (tmp_path / "runs/mnist_privileged/lupi/version_0/metrics.csv").read_text()

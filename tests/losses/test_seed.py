@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd.cli import main
 from lightning_kd.losses import SEEDTerm, StepOutputs, functional
 from lightning_kd.paradigms import EmbeddingDistillationModule
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import TINY_MNIST1D_FIT, RandomDataModule, make_trainer, seed_module
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d"
+CONFIGS = RECIPES_DIR / "mnist1d"
 
 
 def seed_loss_float64(
@@ -188,7 +189,7 @@ def test_recipe_fits_without_labels_and_reports_knn(
     header = (workdir / f"runs/mnist1d/{name}/version_0/metrics.csv").read_text().splitlines()[0]
     for column in (f"train/loss_{name}", "val/cosine", "val/knn_student_acc", "val/knn_teacher_acc"):
         assert column in header, column
-    checkpoint = workdir / f"runs/mnist1d/checkpoints/{name}.ckpt"
+    checkpoint = workdir / f"runs/mnist1d/{name}/latest.ckpt"
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     restored = EmbeddingDistillationModule.load_from_checkpoint(checkpoint)
     assert torch.equal(restored.student.classifier.weight, state["student.classifier.weight"])

@@ -14,9 +14,10 @@ from torch import nn
 from lightning_kd.cli import chain_main as main
 from lightning_kd.paradigms import ChainLink, run_chain
 from lightning_kd.paradigms.chain import ensemble_accuracy
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import RandomDataModule, small_net
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d" / "paradigms"
+CONFIGS = RECIPES_DIR / "mnist1d" / "paradigms"
 
 
 TINY: dict[str, Any] = {

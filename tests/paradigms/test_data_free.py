@@ -16,9 +16,10 @@ from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
 from lightning_kd.losses import functional as F
 from lightning_kd.models import Generator
 from lightning_kd.paradigms import DataFreeDistillationModule
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import LATENT, NUM_CLASSES, NUM_FEATURES, RandomDataModule, make_trainer, small_net
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d"
+CONFIGS = RECIPES_DIR / "mnist1d"
 
 
 def make_module(teacher: nn.Module | None = None, **kwargs: object) -> DataFreeDistillationModule:
@@ -238,7 +239,7 @@ def test_data_free_recipe_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             *small,
         ]
     )
-    checkpoint = torch.load(tmp_path / "runs/mnist1d/checkpoints/data_free.ckpt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "runs/mnist1d/data_free/latest.ckpt", weights_only=True)
     keys = checkpoint["state_dict"].keys()
     assert any(k.startswith("generator.") for k in keys) and any(k.startswith("student.") for k in keys)
     assert not any(k.startswith("teacher.") for k in keys)

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd import DistillationModule
 from lightning_kd.cli import main
 from lightning_kd.losses import CrossEntropyTerm, LossTerm, StepOutputs
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import NUM_CLASSES, RandomDataModule, make_trainer, small_net
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = RECIPES_DIR
 
 
 TINY = [
@@ -195,7 +196,9 @@ def _truncated(source: Path, target: Path) -> Path:
 
 
 def test_truncated_or_foreign_resume_checkpoint(in_tmp: Path) -> None:
-    earlier = _earlier(in_tmp / "runs/mnist1d/checkpoints", "baseline")  # the recipe's own file name
+    earlier = _earlier(
+        in_tmp / "runs/mnist1d/baseline/version_0/checkpoints", "baseline"
+    )  # the recipe's own file name
     broken = _truncated(earlier.path, in_tmp / "broken.ckpt")
     foreign = in_tmp / "notes.ckpt"
     foreign.write_text("not a checkpoint\n")
@@ -206,17 +209,17 @@ def test_truncated_or_foreign_resume_checkpoint(in_tmp: Path) -> None:
 
 
 def test_truncated_teacher_checkpoint_in_the_command(in_tmp: Path) -> None:
-    earlier = _earlier(in_tmp / "runs/mnist1d/checkpoints", "kd")
+    earlier = _earlier(in_tmp / "runs/mnist1d/kd/version_0/checkpoints", "kd")
     broken = _truncated(earlier.path, in_tmp / "teacher.ckpt")
     # LightningCLI wraps the constructor's error in its own message, which keeps ours
-    with pytest.raises(ValueError, match=rf"Cannot read checkpoint '{broken.name}'"):
+    with pytest.raises(ValueError, match=rf"Cannot read checkpoint '{broken.resolve()}'"):
         recipe = str(CONFIGS / "mnist1d/kd.yaml")
         main(["fit", "--config", recipe, *TINY, f"--model.init_args.teacher_checkpoint={broken.name}"])
     earlier.assert_untouched()
 
 
 def test_unknown_key_in_a_config_file(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    earlier = _earlier(in_tmp / "runs/mnist1d/checkpoints", "baseline")
+    earlier = _earlier(in_tmp / "runs/mnist1d/baseline/version_0/checkpoints", "baseline")
     typo = in_tmp / "typo.yaml"
     typo.write_text("model:\n  init_args:\n    check_finit: false\n")
     with pytest.raises(SystemExit):
@@ -235,7 +238,7 @@ def test_unknown_key_in_a_config_file(in_tmp: Path, capsys: pytest.CaptureFixtur
 def test_wrong_type_in_the_config(
     in_tmp: Path, capsys: pytest.CaptureFixture[str], override: str, key: str
 ) -> None:
-    earlier = _earlier(in_tmp / "runs/mnist1d/checkpoints", "baseline")
+    earlier = _earlier(in_tmp / "runs/mnist1d/baseline/version_0/checkpoints", "baseline")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / "mnist1d/baseline.yaml"), *TINY, override])
     err = capsys.readouterr().err

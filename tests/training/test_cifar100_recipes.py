@@ -13,8 +13,9 @@ import torch
 
 from lightning_kd import DistillationModule
 from lightning_kd.cli import DistillationCLI
+from lightning_kd.recipes import RECIPES_DIR
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cifar100"
+CONFIGS = RECIPES_DIR / "cifar100"
 
 
 OVERLAYS = sorted(p.stem for p in (CONFIGS / "methods").glob("*.yaml"))

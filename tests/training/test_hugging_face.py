@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_kd.recipes import RECIPES_DIR
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="install the [transformers] extra")
 
@@ -23,7 +25,7 @@ from lightning_kd.models import minilm_teacher  # noqa: E402
 from lightning_kd.paradigms import EmbeddingDistillationModule  # noqa: E402
 from tests.helpers import VOCAB, make_trainer, token_batch  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "sentences" / "minilm_distil.yaml"
+RECIPE = RECIPES_DIR / "sentences" / "minilm_distil.yaml"
 
 
 def test_hugging_face_classifiers_distil_from_dict_batches() -> None:
@@ -74,14 +76,12 @@ def test_minilm_recipe_fits_two_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     header = (tmp_path / "runs/sentences/minilm_distil/version_0/metrics.csv").read_text().splitlines()[0]
     for column in ("train/loss_embedding", "train/loss_hidden", "train/loss_attention", "val/cosine"):
         assert column in header, column
-    state = torch.load(tmp_path / "runs/sentences/checkpoints/minilm_distil.ckpt", weights_only=True)[
-        "state_dict"
-    ]
+    state = torch.load(tmp_path / "runs/sentences/minilm_distil/latest.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("student.model.encoder.layer.1.") for k in state)
     assert not any(k.startswith("student.model.encoder.layer.2.") or k.startswith("teacher.") for k in state)
     # the checkpoint reloads: the student from its weights, the frozen teacher from its own source
     restored = EmbeddingDistillationModule.load_from_checkpoint(
-        tmp_path / "runs/sentences/checkpoints/minilm_distil.ckpt"
+        tmp_path / "runs/sentences/minilm_distil/latest.ckpt"
     )
     restored_state = restored.state_dict()
     assert all(torch.equal(restored_state[k], v) for k, v in state.items() if k.startswith("student."))

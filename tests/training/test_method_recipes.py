@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lightning_kd.cli import main
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import TINY_MNIST1D_FIT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d"
+CONFIGS = RECIPES_DIR / "mnist1d"
 
 
 METHODS = sorted(p.stem for p in (CONFIGS / "methods").glob("*.yaml"))
@@ -47,7 +48,7 @@ def test_method_recipe_fits(method: str, workdir: Path, monkeypatch: pytest.Monk
             *SMALL,
         ]
     )
-    checkpoint = torch.load(workdir / f"runs/mnist1d/checkpoints/{method}.ckpt", weights_only=True)
+    checkpoint = torch.load(workdir / f"runs/mnist1d/{method}/latest.ckpt", weights_only=True)
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
     metrics = (workdir / f"runs/mnist1d/{method}/version_0/metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")

@@ -9,9 +9,10 @@ import torch
 
 from lightning_kd import DistillationModule, MutualLearningModule
 from lightning_kd.cli import main
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import TINY_MNIST1D_FIT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist1d"
+CONFIGS = RECIPES_DIR / "mnist1d"
 
 
 SMALL = TINY_MNIST1D_FIT
@@ -31,7 +32,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _fit(name: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     monkeypatch.chdir(workdir)
     main(["fit", "--config", str(CONFIGS / "paradigms" / f"{name}.yaml"), *SMALL])
-    path = workdir / f"runs/mnist1d/checkpoints/{name}.ckpt"
+    path = workdir / f"runs/mnist1d/{name}/latest.ckpt"
     return torch.load(path, weights_only=True)["state_dict"]
 
 
@@ -44,7 +45,7 @@ def test_cotrained_teacher_is_saved_with_the_student(workdir: Path, monkeypatch:
 
 def test_ema_recipe_saves_and_reloads_its_teacher(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = _fit("ema", workdir, monkeypatch)
-    restored = DistillationModule.load_from_checkpoint(workdir / "runs/mnist1d/checkpoints/ema.ckpt")
+    restored = DistillationModule.load_from_checkpoint(workdir / "runs/mnist1d/ema/latest.ckpt")
     assert restored.teacher_mode == "ema"
     for name, value in restored.teacher.state_dict().items():
         assert torch.equal(value, state[f"teacher.{name}"]), name
@@ -55,7 +56,7 @@ def test_dml_recipe_logs_both_peers_and_reloads(workdir: Path, monkeypatch: pyte
     header = (workdir / "runs/mnist1d/dml/version_0/metrics.csv").read_text().splitlines()[0]
     for column in ("val/acc_peer0", "val/acc_peer1", "val/acc_ensemble", "train/loss_peer1"):
         assert column in header, column
-    restored = MutualLearningModule.load_from_checkpoint(workdir / "runs/mnist1d/checkpoints/dml.ckpt")
+    restored = MutualLearningModule.load_from_checkpoint(workdir / "runs/mnist1d/dml/latest.ckpt")
     assert len(restored.peers) == 2
     assert torch.equal(restored.peers[1].classifier.weight, state["peers.1.classifier.weight"])
 

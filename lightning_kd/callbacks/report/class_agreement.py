@@ -178,7 +178,7 @@ class ClassAgreementReport(pl.Callback):
     The baseline, at most one of:
 
     - ``baseline_checkpoint``: a Lightning checkpoint of a student of the same architecture
-      trained without a teacher (e.g. ``configs/mnist1d/baseline.yaml``); a copy of the
+      trained without a teacher (e.g. recipe ``mnist1d/baseline``); a copy of the
       student is loaded with its ``student.*`` weights and evaluated on the same validation
       data (the most exact: both are measured on the same samples).
     - ``baseline_accuracy``: a ``per_class_accuracy.json`` written by this callback in the
@@ -222,7 +222,7 @@ class ClassAgreementReport(pl.Callback):
             if path is not None and not path.is_file():
                 raise FileNotFoundError(
                     f"ClassAgreementReport: baseline {what} {str(path)!r} does not exist. Train the "
-                    "baseline student first (e.g. `lightning-kd fit --config configs/mnist1d/baseline.yaml`) "
+                    "baseline student first (e.g. `lightning-kd fit --config mnist1d/baseline`) "
                     "or fix the path."
                 )
         if self.baseline_checkpoint is not None:

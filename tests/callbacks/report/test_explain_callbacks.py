@@ -17,6 +17,7 @@ from lightning_kd import DistillationModule
 from lightning_kd.callbacks import CKAReport, ClassAgreementReport, TemperatureEntropyReport
 from lightning_kd.cli import main
 from lightning_kd.losses.functional import soft_label_entropy
+from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import PNG, TINY_MNIST1D_FIT, RandomDataModule, _hsic_cka, make_trainer, small_net
 
 
@@ -125,7 +126,7 @@ def test_gain_from_a_json_baseline(tmp_path: Path, baseline: tuple[Path, Path]) 
 
 def test_bad_settings_fail_before_training(tmp_path: Path) -> None:
     module = DistillationModule(small_net(), small_net())
-    with pytest.raises(FileNotFoundError, match="baseline.yaml"):
+    with pytest.raises(FileNotFoundError, match="lightning-kd fit --config mnist1d/baseline"):
         make_trainer(callbacks=[ClassAgreementReport(baseline_checkpoint=tmp_path / "none.ckpt")]).fit(
             module, RandomDataModule()
         )
@@ -148,12 +149,12 @@ def test_bad_settings_fail_before_training(tmp_path: Path) -> None:
 
 
 def test_explain_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    configs = Path(__file__).resolve().parents[3] / "configs" / "mnist1d"
+    configs = RECIPES_DIR / "mnist1d"
     monkeypatch.chdir(tmp_path)
     for prerequisite in ("teacher", "baseline"):
         main(["fit", "--config", str(configs / f"{prerequisite}.yaml"), *TINY_MNIST1D_FIT])
     main(["fit", "--config", str(configs / "explain.yaml"), *TINY_MNIST1D_FIT])
-    out = tmp_path / "runs/mnist1d/explain"
+    out = tmp_path / "runs/mnist1d/explain/version_0/checkpoints"  # a folder per run
     for name in ("cka", "class_agreement", "class_gain", "temperature_entropy"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG, name
     assert (out / "class_changes.md").exists() and (out / "per_class_accuracy.json").exists()
