@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "fit_summary",
     "main",
     "recipes_command",
+    "silence_unactionable_warnings",
     "with_recipe_paths",
 ]
 
@@ -96,6 +98,20 @@ DESCRIPTION = (
     "--config mnist1d/kd`; `lightning-kd recipes` lists them and copies one out to edit. Each run "
     "writes runs/<recipe>/version_<n>/ and points runs/<recipe>/latest.ckpt at its checkpoint."
 )
+
+
+#: warnings a user of the commands can do nothing about (they come from the pinned libraries or
+#: from data that ships with the package), silenced by the commands only, never by the library
+UNACTIONABLE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 with torch >= 2.10
+    r".*does not have many workers.*",  # the in-memory offline datasets need no worker processes
+)
+
+
+def silence_unactionable_warnings() -> None:
+    """Hide :data:`UNACTIONABLE_WARNINGS` for this process (the commands call it; importing does not)."""
+    for message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def link_latest(trainer: Trainer) -> Path | None:
@@ -217,6 +233,7 @@ def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
 
     Trains the chain and prints each link's accuracy.
     """
+    silence_unactionable_warnings()
     parser = build_chain_parser()
     config = parser.parse_args(with_recipe_paths(sys.argv[1:] if args is None else list(args)))
     if config.seed is not None:
@@ -280,6 +297,7 @@ def recipes_command(args: Sequence[str]) -> None:
 
 def main(args: ArgsType = None) -> None:
     """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE`` or ``lightning-kd recipes``."""
+    silence_unactionable_warnings()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv[:1] == ["recipes"]:
         recipes_command(argv[1:])

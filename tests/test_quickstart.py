@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,20 @@ def test_custom_term_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     spec.loader.exec_module(example)
     metrics = example.main(teacher_epochs=1, epochs=1, train_samples=600)
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(metrics)
+
+
+def test_a_clean_quickstart_run_prints_no_warning(tmp_path: Path) -> None:
+    budget = ["--teacher-epochs", "1", "--student-epochs", "1", "--no-progress"]  # the real data size
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # every warning shown once, none hidden by pytest
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_kd.quickstart", *budget, "--out-dir", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    warned = [
+        line for line in (run.stdout + run.stderr).splitlines() if re.search(r"\.py:\d+: |Warning", line)
+    ]
+    assert warned == []
