@@ -1,10 +1,10 @@
-"""Griffe extension: render the package's reST-flavoured Google docstrings as Markdown.
+r"""Griffe extension: render the package's reST-flavoured Google docstrings as Markdown.
 
 The docstrings use Sphinx roles (``:class:`~lightning_kd.X```, ``:func:``, ``:math:``, ...),
 ``.. math::`` blocks and ``::`` literal blocks, which mkdocstrings' Markdown would show raw.
 Before the Google parser sees a docstring, this extension rewrites them:
 
-- ``:math:`x``` -> ``\\(x\\)`` and ``.. math::`` blocks -> ``$$ ... $$`` (pymdownx.arithmatex);
+- ``:math:`x``` -> ``\(x\)`` and ``.. math::`` blocks -> ``$$ ... $$`` (pymdownx.arithmatex);
 - ``:class:`~a.b.C``` -> ```C``` and ``:func:`a.b.f``` -> ```a.b.f```: plain code, since many
   targets are relative names that no cross-reference could resolve without guessing;
 - a paragraph ending in ``::`` followed by an indented block -> a fenced text block.

@@ -64,8 +64,10 @@ def test_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             raise AssertionError(f"The python block at {page_id(page)}:{line} fails: {error!r}") from error
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
-                    reason="mkdocs is not installed (pip install -e '.[docs]')")
+@pytest.mark.skipif(
+    shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists(),
+    reason="mkdocs is not installed (pip install -e '.[docs]')",
+)
 def test_site_builds_in_strict_mode(tmp_path: Path) -> None:
     mkdocs = Path(sys.executable).parent / "mkdocs"
     command = [str(mkdocs) if mkdocs.exists() else "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)]
