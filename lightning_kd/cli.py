@@ -126,11 +126,10 @@ def link_latest(trainer: Trainer) -> Path | None:
     path = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint is not None else ""
     if not path or Path(path).parent.name != "checkpoints":
         return None
-    target = Path(path).resolve()
-    link = target.parent.parent.parent / "latest.ckpt"
+    link = Path(path).parent.parent.parent / "latest.ckpt"
     temporary = link.with_name(f".latest-{os.getpid()}.ckpt")
     temporary.unlink(missing_ok=True)
-    temporary.symlink_to(os.path.relpath(target, link.parent))
+    temporary.symlink_to(os.path.relpath(Path(path).resolve(), link.parent.resolve()))
     os.replace(temporary, link)
     return link
 
