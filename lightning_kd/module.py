@@ -81,7 +81,7 @@ class DistillationModule(pl.LightningModule):
     Args:
         student: the network being trained.
         teacher: the network teaching it, or ``None``.
-        losses: the loss terms; default: see :func:`default_losses`.
+        losses: the loss terms; default: ``default_losses(teacher, role)`` (Hinton KD with a teacher).
         teacher_mode: ``"frozen"``, ``"trainable"`` or ``"ema"``.
         teacher_checkpoint: a file with the teacher's trained weights (a Lightning checkpoint
             of a teacher trained by this module, or a state dict); resolved to an absolute path
@@ -601,5 +601,6 @@ class DistillationModule(pl.LightningModule):
                 del state[key]
             rank_zero_warn(
                 f"Adapters of loss terms {unbuilt} were not restored: they are built on a probe batch. "
-                "Set `example_input_array` (or call `build_terms(batch)`) before loading to restore them."
+                "Set `example_input_array` to a student input (or call `build_terms(batch)`) before loading "
+                "to restore them."
             )

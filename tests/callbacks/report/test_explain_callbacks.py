@@ -153,7 +153,8 @@ def test_explain_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.chdir(tmp_path)
     for prerequisite in ("teacher", "baseline"):
         main(["fit", "--config", str(configs / f"{prerequisite}.yaml"), *TINY_MNIST1D_FIT])
-    main(["fit", "--config", str(configs / "explain.yaml"), *TINY_MNIST1D_FIT])
+    with pytest.warns(UserWarning, match="fewer than num_samples=500"):  # 100 validation samples here
+        main(["fit", "--config", str(configs / "explain.yaml"), *TINY_MNIST1D_FIT])
     out = tmp_path / "runs/mnist1d/explain/version_0/checkpoints"  # a folder per run
     for name in ("cka", "class_agreement", "class_gain", "temperature_entropy"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG, name
