@@ -8,22 +8,26 @@ import sys
 import time
 import warnings
 import zipfile
+from argparse import Action
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 
+import lightning_kd.models  # noqa: F401 - its networks are the known subclasses that --help lists
 from lightning_kd.losses import LossTerm
 from lightning_kd.paradigms.chain import ChainLink, LinkResult, chain_table, ensemble_accuracy, run_chain
 from lightning_kd.recipes import RECIPES_DIR, copy_recipe, recipe_names, resolve_config
 
 __all__ = [
+    "DistillationArgumentParser",
     "DistillationCLI",
+    "DistillationHelpFormatter",
     "build_chain_parser",
     "chain_main",
     "check_checkpoint_file",
@@ -114,6 +118,38 @@ def silence_unactionable_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+class DistillationHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with each "known subclasses" list cut to this package's classes.
+
+    A ``torch.nn.Module`` argument otherwise lists every subclass that torch, timm and the other
+    imported libraries define (about 2,700 lines for ``--model.help``); any of them still works
+    as a ``class_path``.
+    """
+
+    def _get_help_string(self, action: Action) -> str:
+        help_string = super()._get_help_string(action)
+        head, marker, tail = help_string.partition(", known subclasses: ")
+        if not marker:
+            return help_string
+        paths, closing = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+        names = paths.split(", ")
+        ours = [name for name in names if name.startswith("lightning_kd.")]
+        networks = [name for name in ours if name.startswith("lightning_kd.models.")]
+        ours = networks or ours  # a network argument: the package's models, not its modules or terms
+        if len(names) - len(ours) <= 10:
+            return help_string
+        shown = ", ".join(ours) if ours else "none of lightning_kd's"
+        return f"{head}{marker}{shown}, and {len(names) - len(ours)} more: any class_path works{closing}"
+
+
+class DistillationArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with :class:`DistillationHelpFormatter` (also for ``--model.help`` pages)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DistillationHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def link_latest(trainer: Trainer) -> Path | None:
     """Point ``latest.ckpt`` beside this run's folder at the checkpoint it wrote (best, else last).
 
@@ -147,6 +183,7 @@ class DistillationCLI(LightningCLI):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", DistillationArgumentParser)
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -159,7 +196,13 @@ class DistillationCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """The parser, introduced as this command rather than as "Lightning Trainer command line tool"."""
         kwargs.setdefault("description", DESCRIPTION)
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:
+            if "--config" in action.option_strings:
+                action.help = (
+                    "a recipe's name (e.g. mnist1d/kd; `lightning-kd recipes` lists them) or a YAML file"
+                )
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``--baseline_accuracy``: the student's accuracy without distillation, for the summary."""

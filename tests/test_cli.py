@@ -212,3 +212,16 @@ def test_a_non_editable_install_runs_a_shipped_recipe_from_an_empty_folder(tmp_p
     assert (target / "lightning_kd/py.typed").exists() and list(
         target.glob("lightning_kd-*/licenses/LICENSE")
     )
+
+
+def test_the_command_introduces_itself_and_its_help_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    assert "Knowledge distillation" in top and "`lightning-kd recipes` lists them" in top
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "lightning_kd.DistillationModule"])
+    model_help = capsys.readouterr().out
+    assert "--model.teacher_checkpoint" in model_help and "lightning_kd.models.MLP" in model_help
+    assert len(model_help.splitlines()) < 300  # every torch/timm module class was listed: ~1,500 lines
+    assert "torch.nn.ReLU" not in model_help and ":func:" not in model_help
