@@ -1,7 +1,8 @@
 """Reading batches and calling models: the bottom layer every part of the package shares.
 
 Selecting inputs and targets from a batch, calling a model on them (keyword inputs for
-mapping batches), finding the logits in its output, and inferring its class count.
+mapping batches), finding the logits in its output, inferring its class count, and naming the
+entries of a batch that hold NaN or Inf.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "call_model",
     "infer_num_classes",
     "logits_of",
+    "non_finite_entries",
     "select",
 ]
 
@@ -92,3 +96,23 @@ def select(batch: Any, key: InputKey, option: str) -> Any:
         f"Cannot select {option}={key!r} from a batch of type {type(batch).__name__}; "
         "yield (inputs, targets) tuples or dicts, or override the module's unpack_batch."
     )
+
+
+def non_finite_entries(batch: Any) -> str:
+    """Which entries of ``batch`` hold NaN/Inf (``"batch[0] holds 3 NaN/Inf of 128 values"``), or ``""``."""
+    if isinstance(batch, Mapping):
+        entries = list(batch.items())
+    elif isinstance(batch, list | tuple):
+        entries = list(enumerate(batch))
+    else:
+        entries = [(None, batch)]
+    causes = []
+    for key, value in entries:
+        tensors: list[Tensor] = []
+        apply_to_collection(value, Tensor, tensors.append)
+        floats = [t for t in tensors if t.is_floating_point()]
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in floats)
+        if bad:
+            name = "the batch" if key is None else f"batch[{key!r}]"
+            causes.append(f"{name} holds {bad} NaN/Inf of {sum(t.numel() for t in floats)} values")
+    return "; ".join(causes)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +13,21 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
-from lightning_kd.model_io import BatchKey, InputKey, call_model, infer_num_classes, logits_of, select
+from lightning_kd.model_io import (
+    BatchKey,
+    InputKey,
+    call_model,
+    infer_num_classes,
+    logits_of,
+    non_finite_entries,
+    select,
+)
 from lightning_kd.module_setup import configure_optimization, first_batch, hparams_given_by_cli
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
@@ -436,7 +443,7 @@ class DistillationModule(pl.LightningModule):
         assert isinstance(total, Tensor)
         if self.check_finite and not torch.isfinite(total):
             bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
-            cause = self._non_finite_inputs(outputs.batch)
+            cause = non_finite_entries(outputs.batch)
             raise FloatingPointError(
                 f"The loss is not finite at step {self.global_step}: terms {bad or values} gave NaN/Inf. "
                 + (
@@ -448,26 +455,6 @@ class DistillationModule(pl.LightningModule):
                 + "(check_finite=False turns this check off)."
             )
         return total, values
-
-    @staticmethod
-    def _non_finite_inputs(batch: Any) -> str:
-        """Which entries of ``batch`` hold NaN/Inf (``""`` if none); called once the loss is not finite."""
-        if isinstance(batch, Mapping):
-            entries = list(batch.items())
-        elif isinstance(batch, list | tuple):
-            entries = list(enumerate(batch))
-        else:
-            entries = [(None, batch)]
-        causes = []
-        for key, value in entries:
-            tensors: list[Tensor] = []
-            apply_to_collection(value, Tensor, tensors.append)
-            floats = [t for t in tensors if t.is_floating_point()]
-            bad = sum(int((~torch.isfinite(t)).sum()) for t in floats)
-            if bad:
-                name = "the batch" if key is None else f"batch[{key!r}]"
-                causes.append(f"{name} holds {bad} NaN/Inf of {sum(t.numel() for t in floats)} values")
-        return "; ".join(causes)
 
     def check_labels(self, targets: Any, batch_idx: int, stage: str) -> None:
         """Raise a ``ValueError`` naming a label outside ``[0, num_classes)``.
