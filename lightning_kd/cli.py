@@ -221,7 +221,7 @@ class DistillationCLI(LightningCLI):
         if isinstance(args, dict | Namespace):
             super().parse_arguments(parser, args)
         else:  # the command line (or a list like it): parsed here, which LightningCLI would do alike
-            self.config = parser.parse_args(with_recipe_paths(sys.argv[1:] if args is None else list(args)))
+            self.config = parser.parse_args(with_recipe_paths(args))
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
@@ -277,7 +277,7 @@ def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
     """
     silence_unactionable_warnings()
     parser = build_chain_parser()
-    config = parser.parse_args(with_recipe_paths(sys.argv[1:] if args is None else list(args)))
+    config = parser.parse_args(with_recipe_paths(args))
     if config.seed is not None:
         pl.seed_everything(config.seed, verbose=False)
     # jsonargparse >= 4.49 names it `instantiate`, older versions `instantiate_classes`
@@ -300,8 +300,9 @@ def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
     return results
 
 
-def with_recipe_paths(args: Sequence[str]) -> list[str]:
-    """``args`` with the value of every ``--config`` that names a shipped recipe replaced by its path."""
+def with_recipe_paths(args: Sequence[str] | None) -> list[str]:
+    """``args`` (default: the command line) with every ``--config`` recipe name replaced by its path."""
+    args = sys.argv[1:] if args is None else list(args)
     resolved: list[str] = []
     for index, arg in enumerate(args):
         if arg.startswith("--config="):

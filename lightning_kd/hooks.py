@@ -116,9 +116,7 @@ class LayerHooks:
 
     def detach(self) -> None:
         """Remove every hook and drop what they captured."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._remove_handles()
         self.clear()
 
     def clear(self) -> None:
@@ -142,6 +140,9 @@ class LayerHooks:
         return self.attach()
 
     def __exit__(self, *exc_info: Any) -> None:
+        self._remove_handles()  # what was captured stays readable after the block
+
+    def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -419,10 +419,11 @@ class DistillationModule(pl.LightningModule):
     ) -> StepOutputs:
         """:meth:`step_outputs` of an unpacked batch: teacher (unless ``teacher_output``), then student."""
         teacher_features = None
-        if teacher_output is None and self.teacher is not None and self.training:
-            teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
-        elif teacher_output is None and self.teacher is not None:
-            teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        if teacher_output is None and self.teacher is not None:
+            if self.training:  # the role may serve it from elsewhere (a cache)
+                teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
+            else:
+                teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
         student_output = call_model(self.student, inputs)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(

@@ -7,6 +7,7 @@ folder (a path that exists is read as a path first); ``lightning-kd recipes`` li
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def find_recipe(name: str) -> Path:
     path = (RECIPES_DIR / relative).resolve()
     if path.is_file() and RECIPES_DIR in path.parents:
         return path
-    import difflib
-
     names = recipe_names()
     closest = difflib.get_close_matches(name.removesuffix(".yaml"), names, n=5, cutoff=0.4)
     raise FileNotFoundError(

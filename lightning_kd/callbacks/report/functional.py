@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.losses._checks import _check_num_classes, _check_positive
 from lightning_kd.precision import float32_math
 
 __all__ = [
@@ -79,13 +80,8 @@ def linear_cka(features_x: Tensor, features_y: Tensor) -> Tensor:
 
 def _check_soft_label_input(logits: Tensor, temperature: float, minimum_classes: int, why: str) -> None:
     """A positive temperature, and at least ``minimum_classes`` scores in the last dimension."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if logits.ndim < 1 or logits.shape[-1] < minimum_classes:
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} must have at least {minimum_classes} classes in the last "
-            f"dimension {why}."
-        )
+    _check_positive("temperature", temperature)
+    _check_num_classes(logits, minimum_classes, why)
 
 
 @float32_math
