@@ -1,4 +1,4 @@
-"""Terms with adapters work with every way Lightning accepts data, with no extra call."""
+"""Feature terms (with and without adapters) work with every way Lightning accepts data, no extra call."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import CRDTerm, CrossEntropyTerm, DistillationModule, FitNetTerm, LossTerm, VIDTerm
+from lightning_kd import ATTerm, CRDTerm, CrossEntropyTerm, DistillationModule, FitNetTerm, LossTerm, VIDTerm
 from lightning_kd.data import WithIndex
+from lightning_kd.models import ConvNet1d
 from tests.helpers import NUM_FEATURES, RandomDataModule, make_trainer, small_net
 
 SAMPLES = 64
@@ -20,6 +21,7 @@ TERMS: dict[str, Callable[[], LossTerm]] = {  # layer "2": after the ReLU, 16 st
     "fitnet": lambda: FitNetTerm("2", "2"),
     "vid": lambda: VIDTerm("2", "2"),
     "crd": lambda: CRDTerm("2", "2", num_samples=SAMPLES, feat_dim=8, num_negatives=8),
+    "at": lambda: ATTerm("conv3", "conv3"),  # feature maps: 1-D CNNs below
 }
 
 
@@ -29,9 +31,13 @@ def _dataset(indexed: bool) -> Any:
     return WithIndex(dataset) if indexed else dataset
 
 
-def _module(term: str) -> DistillationModule:
+def _module(term: str, module_class: type[DistillationModule] = DistillationModule) -> DistillationModule:
     losses = [CrossEntropyTerm(), TERMS[term]()]
-    return DistillationModule(small_net(hidden=16), small_net(hidden=32), losses=losses)
+    if term == "at":
+        student = ConvNet1d(num_classes=4, length=NUM_FEATURES, widths=(4, 8, 8), hidden=16)
+        teacher = ConvNet1d(num_classes=4, length=NUM_FEATURES, widths=(8, 16, 16), hidden=16)
+        return module_class(student, teacher, losses=losses)
+    return module_class(small_net(hidden=16), small_net(hidden=32), losses=losses)
 
 
 class OwnLoaders(DistillationModule):
@@ -49,9 +55,7 @@ def _fit(term: str, source: str) -> DistillationModule:
     loader = DataLoader(_dataset(indexed), batch_size=16, shuffle=True)
     trainer = make_trainer(max_steps=2, limit_val_batches=1)
     if source == "own dataloaders":
-        module: DistillationModule = OwnLoaders(
-            small_net(hidden=16), small_net(hidden=32), losses=[CrossEntropyTerm(), TERMS[term]()]
-        )
+        module = _module(term, OwnLoaders)
         module.indexed = indexed
         trainer.fit(module)
         return module
@@ -79,6 +83,7 @@ def _fit(term: str, source: str) -> DistillationModule:
 @pytest.mark.parametrize("term", sorted(TERMS))
 def test_adapters_are_built_from_whatever_data_the_fit_call_gets(term: str, source: str) -> None:
     module = _fit(term, source)
+    assert f"train/loss_{term}" in module.trainer.callback_metrics
     built = module.loss_terms[term]
     assert not built.needs_build
     optimized = {id(p) for group in module.trainer.optimizers[0].param_groups for p in group["params"]}
