@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.batch_checks import (
+    check_logits,
+    check_separate,
+    class_indices,
+    class_targets,
+    explain_forward_error,
+    warn_if_probabilities,
+)
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
+from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import (
     BatchKey,
@@ -25,7 +35,6 @@ from lightning_kd.model_io import (
     call_model,
     infer_num_classes,
     logits_of,
-    non_finite_entries,
     select,
 )
 from lightning_kd.module_setup import configure_optimization, first_batch, hparams_given_by_cli
@@ -145,6 +154,10 @@ class DistillationModule(pl.LightningModule):
             if hparams_given_by_cli()
             else ["student", "teacher", "losses", "optimizer", "lr_scheduler", "teacher_cache"]
         )
+        check_separate(
+            {"student": student, "teacher": teacher},
+            "a frozen teacher would freeze the student, and the student would teach itself",
+        )
         self.teacher_role = teacher_role(teacher_mode, ema_decay, teacher_cache, teacher)
         teacher = self.teacher_role.make_teacher(student, teacher, teacher_checkpoint)
         self.student = student
@@ -175,6 +188,11 @@ class DistillationModule(pl.LightningModule):
         """The torchmetrics objects of the run (sets ``num_classes`` when it was not given)."""
         if self.num_classes is None:
             self.num_classes = self._infer_num_classes()
+        if self.num_classes < 2:
+            raise ValueError(
+                f"num_classes={self.num_classes}: classification needs at least 2 classes. For a binary task "
+                "give the models 2 outputs (e.g. nn.Linear(features, 2)) and use labels 0/1."
+            )
 
         def accuracy() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -419,12 +437,16 @@ class DistillationModule(pl.LightningModule):
     ) -> StepOutputs:
         """:meth:`step_outputs` of an unpacked batch: teacher (unless ``teacher_output``), then student."""
         teacher_features = None
-        if teacher_output is None and self.teacher is not None:
-            if self.training:  # the role may serve it from elsewhere (a cache)
-                teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
-            else:
-                teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
-        student_output = call_model(self.student, inputs)
+        try:
+            if teacher_output is None and self.teacher is not None:
+                if self.training:  # the role may serve it from elsewhere (a cache)
+                    teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
+                else:
+                    teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+            student_output = call_model(self.student, inputs)
+        except (RuntimeError, ValueError) as error:
+            self.raise_explained(error, batch, inputs)
+            raise
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(
             student_logits=self.prediction_of(student_output),
@@ -438,71 +460,108 @@ class DistillationModule(pl.LightningModule):
         )
 
     def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted total and each term's unweighted value."""
-        values = {name: term(outputs) for name, term in self.loss_terms.items()}
+        """The weighted total and each term's unweighted value.
+
+        With class-probability targets, :class:`~lightning_kd.losses.CrossEntropyTerm` reads the
+        probabilities (soft cross-entropy) and every other term their argmax, the class index.
+        """
+        indexed = outputs
+        if outputs.targets is not None and outputs.targets.is_floating_point():
+            indexed = replace(outputs, targets=outputs.targets.argmax(dim=-1))
+        values = {
+            name: term(outputs if isinstance(term, CrossEntropyTerm) else indexed)
+            for name, term in self.loss_terms.items()
+        }
         total = sum(self.loss_terms[name].weight * value for name, value in values.items())
         assert isinstance(total, Tensor)
         if self.check_finite and not torch.isfinite(total):
-            bad = {name: value.item() for name, value in values.items() if not torch.isfinite(value)}
-            cause = non_finite_entries(outputs.batch)
-            raise FloatingPointError(
-                f"The loss is not finite at step {self.global_step}: terms {bad or values} gave NaN/Inf. "
-                + (
-                    f"The inputs are not finite: {cause}. Clean the dataset (drop or impute those samples, "
-                    "e.g. torch.nan_to_num in the dataset's transform) "
-                    if cause
-                    else "The inputs are finite: lower the learning rate, or fix the term's settings "
-                )
-                + "(check_finite=False turns this check off)."
-            )
+            raise non_finite_loss_error("terms", self.global_step, values, self.non_finite_cause(outputs))
         return total, values
 
-    def check_labels(self, targets: Any, batch_idx: int, stage: str) -> None:
-        """Raise a ``ValueError`` naming a label outside ``[0, num_classes)``.
+    def non_finite_cause(self, outputs: StepOutputs) -> str:
+        """What made the step's loss NaN/Inf, and its fix (:func:`.diagnosis.non_finite_cause`)."""
+        settings = {}
+        for name, term in self.loss_terms.items():
+            settings[f"weight of loss term {name!r}"] = term.weight
+            temperature = getattr(term, "temperature", None)
+            if isinstance(temperature, float | int | Tensor) and torch.as_tensor(temperature).numel() == 1:
+                settings[f"temperature of loss term {name!r}"] = float(temperature)
+        trained = ["student"] if self.teacher_is_frozen else ["student", "teacher"]
+        cache = self.teacher_cache if self.training else None
+        return non_finite_cause(
+            outputs.batch,
+            {"student": self.student, "teacher": self.teacher},
+            {"student": outputs.student_logits, "teacher": outputs.teacher_logits},
+            settings=settings,
+            trained=trained,
+            samples=int(outputs.student_logits.shape[0]) if outputs.student_logits.ndim else None,
+            cache_dtype=cache.dtype if cache is not None else None,
+        )
+
+    def raise_explained(self, error: Exception, batch: Any, inputs: Any) -> None:
+        """Re-raise a forward's ``error`` naming the fix when its inputs caused it.
+
+        See :func:`~lightning_kd.batch_checks.explain_forward_error`.
+        """
+        calls = [("student", self.student, inputs)]
+        if self.teacher is not None:
+            calls.append(("teacher", self.teacher, self.teacher_inputs(batch, inputs)))
+        explained = explain_forward_error(error, calls)
+        if explained is not None:
+            raise explained from error
+
+    def checked_targets(self, targets: Any, batch_idx: int, stage: str) -> Tensor | None:
+        """``targets`` as class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`).
 
         Without it, cross-entropy fails with a bare "Target out of bounds" (a device-side assert
-        on CUDA). Labels on the CPU are checked in every batch (a min/max over the batch); labels
-        on an accelerator in the first batch of each epoch of each loop only, as reading the
-        result waits for the device. Soft (floating-point) targets are not checked.
+        on CUDA), and one-hot targets would train on with every accuracy at 0. Shapes and dtypes
+        are checked in every batch; the values (class range, rows of probabilities) of targets on
+        the CPU in every batch, of targets on an accelerator in the first batch of each epoch of
+        each loop only, as reading them waits for the device.
         """
-        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.numel() == 0:
-            return
-        if targets.device.type != "cpu" and batch_idx != 0:
-            return
-        low, high = (int(value) for value in torch.aminmax(targets))
-        if low < 0 or high >= self.num_classes:
-            fix = (
-                "labels must not be negative (map ignored samples out of the dataset)"
-                if low < 0
-                else f"or build the models with num_classes >= {high + 1} and pass num_classes="
-            )
-            raise ValueError(
-                f"Label {low if low < 0 else high} in a {stage} batch is outside [0, num_classes) with "
-                f"num_classes={self.num_classes}. Fix the dataset's labels (they must be 0 .. "
-                f"{self.num_classes - 1}), {fix}."
-            )
+        if targets is None:
+            return None
+        read_values = batch_idx == 0 or (isinstance(targets, Tensor) and targets.device.type == "cpu")
+        return class_targets(targets, self.num_classes, stage, read_values)
+
+    def check_first_outputs(self, outputs: StepOutputs) -> None:
+        """At the first batch: logits of shape ``(N, num_classes)``; warn on probabilities given as logits."""
+        check_logits(outputs.student_logits, "student", self.num_classes)
+        warn_if_probabilities(outputs.student_logits, "student")
+        if outputs.teacher_logits is not None:  # its shape: the terms compare it with the student's
+            warn_if_probabilities(outputs.teacher_logits, "teacher")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One distillation step; logs every term and the total."""
         outputs = self.step_outputs(batch)
-        self.check_labels(outputs.targets, batch_idx, "training")
+        outputs.targets = self.checked_targets(outputs.targets, batch_idx, "training")
+        if batch_idx == 0 and self.global_step == 0:
+            self.check_first_outputs(outputs)
         total, values = self.compute_loss(outputs)
         for name, value in values.items():
             self.log(f"train/loss_{name}", value.detach())
         self.log("train/loss", total.detach(), prog_bar=True)
         if outputs.targets is not None:
-            self.metrics["train_acc"].update(outputs.student_logits.detach(), outputs.targets)
+            self.metrics["train_acc"].update(outputs.student_logits.detach(), class_indices(outputs.targets))
             self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return total
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """Student (and teacher) accuracy and their agreement on one held-out batch, under ``stage/``."""
         inputs, targets = self.unpack_batch(batch)
-        student_logits = logits_of(call_model(self.student, inputs))
-        teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        if targets is not None:  # the values were checked in the loop's step (checked_targets)
+            targets = class_targets(targets, self.num_classes, stage, read_values=False)
+        try:
+            student_logits = logits_of(call_model(self.student, inputs))
+            teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
+        except (RuntimeError, ValueError) as error:
+            self.raise_explained(error, batch, inputs)
+            raise
         teacher_logits = logits_of(teacher_output) if teacher_output is not None else None
+        check_logits(student_logits, "student", self.num_classes)
         if targets is not None:
             self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), targets), sync_dist=True)
+            targets = class_indices(targets)
             self.metrics[f"{stage}_acc"](student_logits, targets)
             self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], prog_bar=True)
         if teacher_logits is not None:
@@ -518,12 +577,12 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement."""
-        self.check_labels(self.unpack_batch(batch)[1], batch_idx, "validation")
+        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self.check_labels(self.unpack_batch(batch)[1], batch_idx, "test")
+        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

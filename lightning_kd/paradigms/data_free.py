@@ -14,7 +14,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_kd.batch_checks import warn_if_probabilities
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
+from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.hooks import LayerHooks, find_layer, first_tensor
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, logits_of
@@ -243,7 +245,18 @@ class DataFreeDistillationModule(DistillationModule):
             )
         total = sum(self.generator_weights[name] * value for name, value in parts.items())
         assert isinstance(total, Tensor)
-        self._check_generator_finite(total, parts)
+        if self.check_finite and not torch.isfinite(total):
+            cause = non_finite_cause(
+                z,
+                {"generator": self.generator, "teacher": self.teacher},
+                {"generator": inputs, "teacher": teacher_logits},
+                settings={
+                    f"weight of the generator's {name} loss": w for name, w in self.generator_weights.items()
+                },
+                trained=["generator"],
+                samples=int(z.shape[0]),
+            )
+            raise non_finite_loss_error("generator losses", self.global_step, parts, cause)
         return inputs, teacher_logits, total, parts
 
     def step_outputs(self, batch: Tensor, teacher_output: Tensor | None = None) -> StepOutputs:
@@ -272,14 +285,6 @@ class DataFreeDistillationModule(DistillationModule):
         """The student's weighted loss on generated ``inputs`` (detached) and each term's value."""
         return self.compute_loss(self.step_outputs(inputs, teacher_logits))  # compute_loss checks finiteness
 
-    def _check_generator_finite(self, total: Tensor, parts: dict[str, Tensor]) -> None:
-        if self.check_finite and not torch.isfinite(total):
-            bad = {name: value.item() for name, value in parts.items() if not torch.isfinite(value)}
-            raise FloatingPointError(
-                f"The generator loss is not finite at step {self.global_step}: {bad or parts} gave NaN/Inf. "
-                "Lower the learning rates or the weights (check_finite=False turns this check off)."
-            )
-
     # ----------------------------------------------------------------- steps
     def _latents(self, batch: Any) -> Tensor:
         z = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 1 else batch
@@ -297,6 +302,8 @@ class DataFreeDistillationModule(DistillationModule):
         z = self._latents(batch)
         student_optimizer, generator_optimizer = self.optimizers()
         inputs, teacher_logits, generator_total, parts = self.generator_loss(z)
+        if batch_idx == 0 and self.global_step == 0:  # DAFL's losses read the teacher's logits
+            warn_if_probabilities(teacher_logits, "teacher")
         generator_optimizer.zero_grad()
         self.manual_backward(generator_total)
         generator_optimizer.step()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kd.losses import EmbeddingMatchTerm, LossTerm
+from lightning_kd.losses import EmbeddingMatchTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import InputKey
 from lightning_kd.module import DistillationModule
 from lightning_kd.module_setup import hparams_given_by_cli
@@ -109,6 +109,15 @@ class EmbeddingDistillationModule(DistillationModule):
     def prediction_of(output: Any) -> Tensor:
         """The embedding in a model's output (:func:`embedding_of`)."""
         return embedding_of(output)
+
+    def check_first_outputs(self, outputs: StepOutputs) -> None:
+        """At the first batch: one ``(N, D)`` embedding per sample from both models (no class checks)."""
+        for role, embedding in (("student", outputs.student_logits), ("teacher", outputs.teacher_logits)):
+            if embedding is not None and embedding.ndim != 2:
+                raise ValueError(
+                    f"The {role}'s embedding has shape {tuple(embedding.shape)}: expected (N, D), one vector "
+                    "per sample: pool token states into one (lightning_kd.models.SentenceEncoder does)."
+                )
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """The held-out objective and the mean student-teacher cosine, under ``stage/``."""

@@ -12,6 +12,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.batch_checks import (
+    check_logits,
+    check_separate,
+    class_indices,
+    class_targets,
+    explain_forward_error,
+    warn_if_probabilities,
+)
+from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
@@ -74,6 +83,10 @@ class MutualLearningModule(pl.LightningModule):
         )
         if len(peers) < 2:
             raise ValueError(f"Mutual learning needs at least two peers, got {len(peers)}.")
+        check_separate(
+            {f"peer {k}": peer for k, peer in enumerate(peers)},
+            "they would be one network learning from itself",
+        )
         self.peers = nn.ModuleList(peers)
         self.temperature = checked_temperature(temperature)
         self.ce_weight = float(ce_weight)
@@ -85,6 +98,11 @@ class MutualLearningModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
         self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
+        if self.num_classes < 2:
+            raise ValueError(
+                f"num_classes={self.num_classes}: classification needs at least 2 classes. For a binary task "
+                "give the peers 2 outputs (e.g. nn.Linear(features, 2)) and use labels 0/1."
+            )
 
         def accuracy() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -110,6 +128,26 @@ class MutualLearningModule(pl.LightningModule):
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``."""
         return select(batch, self.input_key, "input_key"), select(batch, self.target_key, "target_key")
 
+    def checked_targets(self, targets: Any, batch_idx: int, stage: str) -> Tensor:
+        """Class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`).
+
+        Values are read on the CPU in every batch, on an accelerator at the first batch of each epoch.
+        """
+        read_values = batch_idx == 0 or (isinstance(targets, Tensor) and targets.device.type == "cpu")
+        return class_targets(targets, self.num_classes, stage, read_values)
+
+    def peer_logits(self, inputs: Any) -> list[Tensor]:
+        """Every peer's logits on ``inputs``; a failure caused by the inputs is re-raised with its fix."""
+        try:
+            return [logits_of(peer(inputs)) for peer in self.peers]
+        except (RuntimeError, ValueError) as error:
+            explained = explain_forward_error(
+                error, [(f"peer {k}", peer, inputs) for k, peer in enumerate(self.peers)]
+            )
+            if explained is not None:
+                raise explained from error
+            raise
+
     def peer_losses(self, logits: Sequence[Tensor], targets: Tensor) -> list[Tensor]:
         """Every peer's loss (see the class docstring), in the order of ``logits``."""
         losses = []
@@ -124,15 +162,29 @@ class MutualLearningModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One step of every peer; logs each peer's loss and the sum."""
         inputs, targets = self.unpack_batch(batch)
-        logits = [logits_of(peer(inputs)) for peer in self.peers]
+        targets = self.checked_targets(targets, batch_idx, "training")
+        logits = self.peer_logits(inputs)
+        if batch_idx == 0 and self.global_step == 0:
+            for k, peer_logits in enumerate(logits):
+                check_logits(peer_logits, f"peer {k}", self.num_classes)
+                warn_if_probabilities(peer_logits, f"peer {k}")
         losses = self.peer_losses(logits, targets)
         total = torch.stack(losses).sum()
         if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"The loss is not finite at step {self.global_step}: peer losses "
-                f"{[loss.item() for loss in losses]}. Check the inputs for NaN/Inf or lower the "
-                "learning rate."
+            cause = non_finite_cause(
+                batch,
+                {f"peer {k}": peer for k, peer in enumerate(self.peers)},
+                {f"peer {k}": peer_logits for k, peer_logits in enumerate(logits)},
+                settings={
+                    "temperature": self.temperature,
+                    "ce_weight": self.ce_weight,
+                    "kd_weight": self.kd_weight,
+                },
+                trained=[f"peer {k}" for k in range(len(self.peers))],
+                samples=int(logits[0].shape[0]) if logits[0].ndim else None,
             )
+            values = {f"peer{k}": loss for k, loss in enumerate(losses)}
+            raise non_finite_loss_error("peer losses", self.global_step, values, cause)
         for k, loss in enumerate(losses):
             self.log(f"train/loss_peer{k}", loss.detach())
         self.log("train/loss", total.detach(), prog_bar=True)
@@ -141,22 +193,28 @@ class MutualLearningModule(pl.LightningModule):
     def evaluate(self, batch: Any, stage: str) -> None:
         """Every peer's accuracy and the ensemble's on one held-out batch, under ``stage/``."""
         inputs, targets = self.unpack_batch(batch)
-        logits = [logits_of(peer(inputs)) for peer in self.peers]
+        targets = class_targets(targets, self.num_classes, stage, read_values=False)  # values: in the step
+        logits = self.peer_logits(inputs)
+        loss = F.cross_entropy(logits[0].float(), targets)
+        targets = class_indices(targets)
         for k, peer_logits in enumerate(logits):
+            check_logits(peer_logits, f"peer {k}", self.num_classes)
             self.metrics[f"{stage}_acc_peer{k}"](peer_logits, targets)
             self.log(f"{stage}/acc_peer{k}", self.metrics[f"{stage}_acc_peer{k}"], prog_bar=k == 0)
         mean_probs = torch.stack([peer_logits.float().softmax(dim=-1) for peer_logits in logits]).mean(dim=0)
         self.metrics[f"{stage}_acc_ensemble"](mean_probs, targets)
         self.log(f"{stage}/acc_ensemble", self.metrics[f"{stage}_acc_ensemble"])
         self.log(f"{stage}/acc", self.metrics[f"{stage}_acc_peer0"])
-        self.log(f"{stage}/loss", F.cross_entropy(logits[0].float(), targets), sync_dist=True)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Every peer's accuracy and the peers' ensemble accuracy."""
+        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
+        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import DistillationModule
 from lightning_kd.cli import main
-from lightning_kd.losses import CrossEntropyTerm, LossTerm, StepOutputs
+from lightning_kd.data import LatentNoiseDataModule, WithIndex
+from lightning_kd.losses import CrossEntropyTerm, DKDTerm, KDTerm, LossTerm, StepOutputs
+from lightning_kd.models.generator import Generator
+from lightning_kd.paradigms import DataFreeDistillationModule, MutualLearningModule
 from lightning_kd.recipes import RECIPES_DIR
-from tests.helpers import NUM_CLASSES, RandomDataModule, make_trainer, small_net
+from lightning_kd.teachers import TeacherOutputCache
+from tests.helpers import NUM_CLASSES, NUM_FEATURES, RandomDataModule, make_trainer, small_net
 
 CONFIGS = RECIPES_DIR
 
@@ -165,7 +173,11 @@ class NaNTerm(LossTerm):
 
 def test_finite_inputs_are_ruled_out_as_the_cause(earlier: Earlier) -> None:
     module = DistillationModule(small_net(), losses=[CrossEntropyTerm(), NaNTerm("exploding")])
-    with pytest.raises(FloatingPointError, match=r"'exploding': nan.*The inputs are finite: lower the"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"'exploding': nan.*The inputs, the weights and the models' outputs are finite: a term's math "
+        r"overflowed\. Lower the learning rate",
+    ):
         _fit(module, RandomDataModule(), earlier)
     earlier.assert_untouched()
 
@@ -270,3 +282,329 @@ def test_same_seed_gives_the_same_metrics_and_weights(tmp_path: Path) -> None:
     other_metrics, other_weights = _seeded_fit(tmp_path / "c", seed=4)
     assert other_metrics != metrics
     assert not all(torch.equal(tensor, other_weights[name]) for name, tensor in weights.items())
+
+
+# ----------------------------------------------------------------- labels, inputs and outputs of a step
+def _loader(x: Tensor, y: Tensor, **kwargs: Any) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=16, **kwargs)
+
+
+def _train(module: pl.LightningModule, loader: DataLoader, epochs: int = 1) -> pl.Trainer:
+    trainer = make_trainer(max_epochs=epochs, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def _kd_module(student: nn.Module, teacher: nn.Module) -> DistillationModule:
+    """CE on the labels, KD, and DKD, whose target-class mask needs class indices."""
+    terms = [CrossEntropyTerm(weight=0.1), KDTerm(weight=0.9), DKDTerm(weight=0.5)]
+    return DistillationModule(student, teacher, losses=terms, cosine_decay=False)
+
+
+def test_one_hot_targets_train_exactly_as_class_indices() -> None:
+    data = RandomDataModule()
+    student, teacher = small_net(), small_net(hidden=32)
+    runs = {}
+    for name, y in {"indices": data.y, "one_hot": F.one_hot(data.y, NUM_CLASSES).float()}.items():
+        module = _kd_module(copy.deepcopy(student), copy.deepcopy(teacher))
+        trainer = _train(module, _loader(data.x, y))
+        (held_out,) = make_trainer().validate(module, _loader(data.x, y), verbose=False)
+        runs[name] = (trainer.callback_metrics, held_out, module.student.state_dict())
+    (metrics, held_out, weights), (metrics_1h, held_out_1h, weights_1h) = runs["indices"], runs["one_hot"]
+    for key in ("train/loss_ce", "train/loss_kd", "train/loss_dkd", "train/acc"):
+        assert float(metrics_1h[key]) == pytest.approx(float(metrics[key]), rel=1e-6), key
+    for key, tensor in weights.items():
+        assert torch.allclose(weights_1h[key], tensor, atol=1e-6), key
+    # held-out accuracy and loss of the one-hot run against their definitions, in float64
+    module_student = small_net()
+    module_student.load_state_dict(weights_1h)
+    logits = module_student.eval()(data.x).double()
+    assert held_out_1h["val/acc"] == pytest.approx(float((logits.argmax(1) == data.y).double().mean()))
+    assert held_out_1h["val/loss"] == pytest.approx(float(F.cross_entropy(logits, data.y)), rel=1e-5)
+    assert held_out_1h == pytest.approx(held_out)
+
+
+def test_integer_labels_of_any_width_or_a_column_train_as_int64() -> None:
+    data = RandomDataModule()
+    student = small_net()
+    weights = []
+    for y in (data.y, data.y.int(), data.y[:, None], data.y.to(torch.uint8)):
+        module = DistillationModule(copy.deepcopy(student), cosine_decay=False)
+        _train(module, _loader(data.x, y))
+        weights.append(module.student.state_dict())
+    for other in weights[1:]:
+        assert all(torch.equal(other[key], tensor) for key, tensor in weights[0].items())
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            lambda y: y.float(),
+            r"The training labels are torch\.float32 of shape \(16,\) with integral values: class indices "
+            r"must be integers\. Convert them with \.long\(\) in the dataset",
+        ),
+        (
+            lambda y: y.float()[:, None] + 0.5,
+            r"The training labels are torch\.float32 of shape \(16, 1\) with fractional values: "
+            r"classification needs \(N,\) int64 class indices or \(N, num_classes\) class probabilities",
+        ),
+        (
+            lambda y: F.one_hot(y, NUM_CLASSES).float() + F.one_hot((y + 1) % NUM_CLASSES, NUM_CLASSES),
+            r"The training targets of shape \(16, 4\) are not class probabilities: a row \[.*\] sums to 2 "
+            r"\(rows must be >= 0 and sum to 1\).*multi-label targets are not supported",
+        ),
+        (
+            lambda y: torch.stack([y, y], dim=1),
+            r"The training labels have shape \(16, 2\) \(torch\.int64\): expected \(N,\) class indices, or "
+            r"\(N, 4\) class probabilities",
+        ),
+    ],
+    ids=["float-integral", "float-fractional", "multi-hot", "two-columns"],
+)
+def test_labels_that_are_not_classes_name_the_fix(labels: Any, message: str) -> None:
+    data = RandomDataModule()
+    module = DistillationModule(small_net())
+    with pytest.raises(ValueError, match=message):
+        _train(module, _loader(data.x, labels(data.y)))
+    assert module.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            lambda x: x.double(),
+            r"The student's input is torch\.float64 but its weights are torch\.float32: cast the input in "
+            r"the dataset's transform \(x\.to\(torch\.float32\)\)",
+        ),
+        (
+            lambda x: (x.abs() * 40).to(torch.uint8),
+            r"The student's input is uint8 \(raw bytes, e\.g\. image pixels\) but its weights are "
+            r"torch\.float32: convert it in the dataset's transform to floats, e\.g\. x\.float\(\) / 255",
+        ),
+    ],
+    ids=["float64", "uint8"],
+)
+def test_inputs_of_another_dtype_name_both_dtypes_and_the_fix(inputs: Any, message: str) -> None:
+    data = RandomDataModule()
+    for module in (DistillationModule(small_net()), MutualLearningModule([small_net(), small_net()])):
+        with pytest.raises(TypeError, match=message.replace("The student's", "The (student|peer 0)'s")):
+            _train(module, _loader(inputs(data.x), data.y))
+        assert module.global_step == 0
+
+
+class Flat(nn.Module):
+    """One score per sample, as (N,) or (N, 1)."""
+
+    def __init__(self, column: bool) -> None:
+        super().__init__()
+        self.linear, self.column = nn.Linear(NUM_FEATURES, 1), column
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x) if self.column else self.linear(x).flatten()
+
+
+@pytest.mark.parametrize("column", [True, False], ids=["(N, 1)", "(N,)"])
+def test_one_score_per_sample_names_the_expected_logits(column: bool) -> None:
+    data = RandomDataModule()
+    shape = r"\(16, 1\)" if column else r"\(16,\)"
+    message = (
+        rf"The student's output has shape {shape}: expected \(N, C\) logits with C = num_classes = 2 >= 2, "
+        r"one score per class\. For a binary task return 2 logits \(e\.g\. nn\.Linear\(features, 2\)\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        _train(DistillationModule(Flat(column), num_classes=2), _loader(data.x, data.y % 2))
+    with pytest.raises(
+        ValueError, match=r"num_classes=1: classification needs at least 2 classes\. For a binary"
+    ):
+        DistillationModule(Flat(column))  # the class count inferred from the last nn.Linear
+
+
+def test_last_batch_of_one_sample_under_batchnorm_names_drop_last() -> None:
+    data = RandomDataModule()
+    x, y = data.x[:33], data.y[:33]  # batches of 16, 16 and 1
+    module = DistillationModule(small_net())
+    message = (
+        r"A training batch holds 1 sample, and BatchNorm in training mode cannot normalise a single value "
+        r"per channel\. Pass drop_last=True to the training DataLoader, or choose a batch size that does not"
+    )
+    with pytest.raises(ValueError, match=message):
+        _train(module, _loader(x, y))
+    assert module.global_step == 2
+    module = DistillationModule(small_net())
+    _train(module, _loader(x, y, drop_last=True))  # the fix it names
+    assert module.global_step == 2
+
+
+def test_one_module_as_student_and_teacher_is_refused_at_construction() -> None:
+    net = small_net()
+    with pytest.raises(
+        ValueError,
+        match=r"The student and the teacher are the same module object: a frozen teacher would freeze the "
+        r"student, and the student would teach itself\. Give each its own network \(copy\.deepcopy",
+    ):
+        DistillationModule(net, net)
+    assert all(p.requires_grad for p in net.parameters())  # refused before the teacher was frozen
+    shared = nn.Sequential(net[0], nn.ReLU(), nn.Linear(16, NUM_CLASSES))
+    with pytest.raises(ValueError, match=r"The student and the teacher share the parameter '0\.weight'"):
+        DistillationModule(net, shared, teacher_mode="trainable")
+    with pytest.raises(ValueError, match=r"The peer 0 and the peer 1 are the same module object: they would"):
+        MutualLearningModule([net, net])
+
+
+class Softmaxed(nn.Module):
+    """A teacher whose forward ends in a (log-)softmax."""
+
+    def __init__(self, log: bool) -> None:
+        super().__init__()
+        self.net, self.log = small_net(batchnorm=False), log
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).log_softmax(dim=-1) if self.log else self.net(x).softmax(dim=-1)
+
+
+def test_a_teacher_returning_probabilities_warns_at_the_first_batch() -> None:
+    data = RandomDataModule()
+    module = DistillationModule(small_net(), Softmaxed(log=False))
+    with pytest.warns(
+        UserWarning, match=r"The teacher's outputs are probabilities .* Return logits from the "
+    ):
+        _train(module, _loader(data.x, data.y))
+
+
+def _probability_warnings(teacher: nn.Module) -> list[str]:
+    data = RandomDataModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(DistillationModule(small_net(), teacher), _loader(data.x, data.y))
+    return [str(w.message) for w in caught if "probabilities" in str(w.message)]
+
+
+def test_logits_and_log_probabilities_do_not_warn() -> None:
+    confident = small_net()
+    with torch.no_grad():  # the large margins of a trained teacher
+        confident[-1].weight.mul_(50)
+    for teacher in (small_net(), confident, Softmaxed(log=True)):  # log-softmax: logits shifted per row
+        assert _probability_warnings(teacher) == []
+
+
+# ----------------------------------------------------------------- the cause of a non-finite loss
+class Overflowing(nn.Module):
+    """Finite weights whose forward overflows float32 on ordinary inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net(batchnorm=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * 1e39
+
+
+def _nan_weight(net: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("nan")
+    return net
+
+
+def _empty_batches(items: list) -> tuple[Tensor, Tensor]:
+    """A collate_fn that filters every sample out."""
+    return torch.zeros(0, NUM_FEATURES), torch.zeros(0, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    ("build", "loader", "message"),
+    [
+        (
+            lambda: DistillationModule(small_net(), _nan_weight(small_net(batchnorm=False))),
+            {},
+            r"0: terms \{.*'kd': nan\}.*The teacher's weight '0\.weight' holds NaN/Inf, and it is not "
+            r"trained here: its weights were loaded so\. Load the teacher from a checkpoint",
+        ),
+        (
+            lambda: DistillationModule(_nan_weight(small_net(batchnorm=False))),
+            {},
+            r"0: terms \{'ce': nan\}.*The student's weight '0\.weight' holds NaN/Inf: an earlier optimizer "
+            r"step diverged\. Lower the learning rate, or clip the gradients \(Trainer\(gradient_clip_val=1",
+        ),
+        (
+            lambda: DistillationModule(
+                small_net(batchnorm=False), optimizer=lambda params: torch.optim.SGD(params, lr=1e38)
+            ),
+            {},
+            r"1: terms \{'ce': nan\}.*The student's outputs are not finite although its inputs and weights "
+            r"are: its forward overflows, as weights grown by a diverging run do\. Lower the learning rate",
+        ),
+        (
+            lambda: _with_temperature(DistillationModule(small_net(), small_net()), float("inf")),
+            {},
+            r"0: terms \{'kd': nan\}.*The temperature of loss term 'kd' is inf: a schedule or an assignment "
+            r"set it so\. Give it a finite value > 0\.",
+        ),
+        (
+            lambda: DistillationModule(small_net(), Overflowing()),
+            {},
+            r"0: .*The teacher's outputs are not finite although its inputs and weights are: its forward "
+            r"overflows \(e\.g\. activations beyond the float16 range",
+        ),
+        (
+            lambda: DistillationModule(small_net(batchnorm=False)),
+            {"collate_fn": _empty_batches},
+            r"0: terms \{'ce': nan\}.*The batch holds 0 samples, and a mean over no samples is NaN",
+        ),
+    ],
+    ids=[
+        "teacher-weights",
+        "student-weights",
+        "diverging-student",
+        "temperature",
+        "teacher-overflow",
+        "empty",
+    ],
+)
+def test_a_non_finite_loss_names_its_cause(build: Any, loader: dict, message: str) -> None:
+    data = RandomDataModule()
+    module = build()
+    with pytest.raises(FloatingPointError, match=r"The loss is not finite at step " + message):
+        _train(module, _loader(data.x, data.y, **loader))
+
+
+def _with_temperature(module: DistillationModule, value: float) -> DistillationModule:
+    module.loss_terms["kd"].temperature = value  # as a schedule may set it
+    return module
+
+
+def test_a_float16_cache_overflow_names_dtype_float32() -> None:
+    data = RandomDataModule()
+    teacher = small_net(batchnorm=False)
+    with torch.no_grad():  # finite float32 logits beyond float16's 65504
+        teacher[-1].weight.mul_(1e6)
+    module = DistillationModule(small_net(), teacher, teacher_cache=TeacherOutputCache(dtype="float16"))
+    loader = DataLoader(WithIndex(TensorDataset(data.x, data.y)), batch_size=16)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 4: .*the cache stores float16, whose largest value is 65504, and the teacher's "
+        r"logits exceed it\. Use TeacherOutputCache\(dtype='float32'\)",
+    ):
+        _train(module, loader, epochs=2)  # epoch 1 stores, epoch 2 reads the cache
+
+
+def test_paradigms_name_the_cause_of_a_non_finite_loss() -> None:
+    data = RandomDataModule()
+    peers = [small_net(batchnorm=False), _nan_weight(small_net(batchnorm=False))]
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 0: peer losses \{'peer0': nan, 'peer1': nan\} gave NaN/Inf\. The peer 1's weight "
+        r"'0\.weight' holds NaN/Inf: an earlier optimizer step diverged",
+    ):
+        _train(MutualLearningModule(peers), _loader(data.x, data.y))
+    generator = Generator((NUM_FEATURES,), 4, hidden=(16,))
+    module = DataFreeDistillationModule(small_net(), _nan_weight(small_net()), generator)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 0: generator losses \{.*\} gave NaN/Inf\. The teacher's weight '0\.weight' holds "
+        r"NaN/Inf, and it is not trained here",
+    ):
+        make_trainer(limit_val_batches=0).fit(
+            module, datamodule=LatentNoiseDataModule(data, 4, batch_size=8, batches_per_epoch=2)
+        )
