@@ -7,17 +7,21 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from lightning_kd import (
     CrossEntropyTerm,
     DistillationModule,
+    EmbeddingDistillationModule,
     KDTerm,
     LossTerm,
     StepOutputs,
     TemperatureAnnealing,
 )
+from lightning_kd.losses import DKDTerm
+from lightning_kd.losses.functional import dkd_loss
 from tests.helpers import NUM_CLASSES, RandomDataModule, make_trainer, small_net
 
 
@@ -170,3 +174,32 @@ def test_default_schedule_is_cosine_to_zero() -> None:
     trainer = make_trainer(max_epochs=2)
     trainer.fit(module, datamodule=RandomDataModule())
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cross_entropy_reads_probability_targets_and_other_terms_their_argmax() -> None:
+    module = DistillationModule(small_net(), small_net(), losses=[CrossEntropyTerm(), DKDTerm()])
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (
+        torch.randn(6, NUM_CLASSES, generator=generator),
+        torch.randn(6, NUM_CLASSES, generator=generator),
+    )
+    labels = torch.tensor([0, 3, 1, 2, 2, 1])
+    smoothed = 0.9 * F.one_hot(labels, NUM_CLASSES).float() + 0.1 / NUM_CLASSES  # label smoothing 0.1
+    _, values = module.compute_loss(StepOutputs(student, smoothed, teacher))
+    soft_ce = -(smoothed.double() * student.double().log_softmax(dim=1)).sum(dim=1).mean()
+    assert float(values["ce"]) == pytest.approx(float(soft_ce), rel=1e-6)
+    assert float(values["dkd"]) == pytest.approx(float(dkd_loss(student, teacher, labels)), rel=1e-6)
+
+
+def test_embedding_module_refuses_an_embedding_without_a_batch_dimension() -> None:
+    class Scalar(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.linear(x).flatten()
+
+    module = EmbeddingDistillationModule(Scalar(), Scalar())
+    with pytest.raises(ValueError, match=r"The student's embedding has shape \(16,\): expected \(N, D\)"):
+        make_trainer(limit_val_batches=0).fit(module, datamodule=RandomDataModule())
