@@ -479,7 +479,10 @@ class DistillationModule(pl.LightningModule):
         return total, values
 
     def non_finite_cause(self, outputs: StepOutputs) -> str:
-        """What made the step's loss NaN/Inf, and its fix (:func:`.diagnosis.non_finite_cause`)."""
+        """What made the step's loss NaN/Inf, and its fix.
+
+        See :func:`~lightning_kd.diagnosis.non_finite_cause`; call it wherever non-finiteness is detected.
+        """
         settings = {}
         for name, term in self.loss_terms.items():
             settings[f"weight of loss term {name!r}"] = term.weight
