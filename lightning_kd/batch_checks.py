@@ -115,8 +115,9 @@ def _check_range(targets: Tensor, num_classes: int, stage: str) -> None:
 def _probabilities(targets: Tensor, stage: str, read_values: bool) -> Tensor:
     """``targets`` if every row is a distribution over the classes (checked with ``read_values``)."""
     if read_values and targets.numel():
-        bad = (targets.min(dim=1).values < 0) | ((targets.sum(dim=1) - 1).abs() > PROBABILITY_TOLERANCE)
-        if bool(bad.any()):
+        low, sums = targets.min(), targets.sum(dim=1)
+        if float(low) < 0 or float((sums - 1).abs().max()) > PROBABILITY_TOLERANCE:
+            bad = (targets.min(dim=1).values < 0) | ((sums - 1).abs() > PROBABILITY_TOLERANCE)
             row = targets[int(bad.nonzero()[0])]
             raise ValueError(
                 f"The {stage} targets of shape {tuple(targets.shape)} are not class probabilities: a row "
