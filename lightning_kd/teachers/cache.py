@@ -282,8 +282,10 @@ class TeacherOutputCache:
       epoch's end (before epoch-end checkpoints). Within a batch, two samples with one index and
       different inputs raise at once.
     - on disk, its bytes: a CRC-32 of each file's row (seeded with the index) is stored in
-      ``checksum.npy`` and recomputed from the rows read (host work on the memory map); a row
-      that was zeroed, bit-flipped or moved raises a ``RuntimeError`` naming the sample and file.
+      ``checksum.npy`` and recomputed from the rows read the first time a run serves them (host
+      work on the memory map); a row that was zeroed, bit-flipped or moved raises a
+      ``RuntimeError`` naming the sample and file. (The lock keeps other runs from writing
+      while this one runs; a row is not verified again within one run.)
     - at open, every file's ``.npy`` header (dtype, shape) and size: a missing, truncated or
       reshaped file, or an unreadable ``meta.json``, rebuilds the cache with a warning naming it.
 
@@ -350,6 +352,7 @@ class TeacherOutputCache:
         self._first_mismatch: Tensor | None = None  # smallest index whose input differed (on device)
         self._served = False  # whether a batch has been served since open
         self._seen = 0  # samples passed through the cache this epoch (this process)
+        self._verified: Tensor | None = None  # on disk: rows whose checksums this run has verified
 
     # ----------------------------------------------------------------- set-up
     def open(
@@ -414,6 +417,7 @@ class TeacherOutputCache:
         if problem is not None or meta is None or meta["fingerprint"] != full:
             raise RuntimeError(f"The teacher cache in {self.directory} changed while it was being opened.")
         self.fingerprint, self.complete = full, meta["complete"]
+        self._verified = torch.zeros(num_samples, dtype=torch.bool)
 
     def _layout(self, num_samples: int, num_classes: int, features: Mapping[str, Tensor]) -> dict[str, Any]:
         n, layout = num_samples, {}
@@ -663,8 +667,9 @@ class TeacherOutputCache:
         if not self.complete and not bool(self.arrays["filled"][indices].all()):
             return None
         rows = {name: self.arrays[name][indices] for name in self._checked}
-        if "checksum" in self.arrays:
+        if self._verified is not None and not bool(self._verified[indices].all()):
             self._verify_rows(indices, rows)
+            self._verified[indices] = True
         rows = {name: row.to(device, non_blocking=True) for name, row in rows.items()}
         mismatch = rows["signature"] != signature.to(device)
         first = torch.where(mismatch, indices.to(device, non_blocking=True), len(self.arrays["filled"])).min()
@@ -706,11 +711,10 @@ class TeacherOutputCache:
     def _checksums(self, indices: Tensor, rows: Mapping[str, Tensor]) -> np.ndarray:
         """CRC-32 (seeded with the sample index) of each checked array's row, ``(B, files)`` as int32."""
         sums = np.empty((len(indices), len(self._checked)), dtype=np.uint32)
-        seeds = indices.tolist()
+        seeds = [index & 0xFFFFFFFF for index in indices.tolist()]
         for column, name in enumerate(self._checked):
             data = rows[name].contiguous().numpy().reshape(len(seeds), -1).view(np.uint8)
-            for row, seed in enumerate(seeds):
-                sums[row, column] = zlib.crc32(data[row], seed & 0xFFFFFFFF)
+            sums[:, column] = np.fromiter(map(zlib.crc32, data, seeds), dtype=np.uint32, count=len(seeds))
         return sums.view(np.int32)
 
     def _verify_rows(self, indices: Tensor, rows: Mapping[str, Tensor]) -> None:
