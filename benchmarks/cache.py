@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/cache.py                      # both settings, ~6 min
     OMP_NUM_THREADS=1 python benchmarks/cache.py --settings mnist1d --repeats 3  # one setting
+    OMP_NUM_THREADS=1 python benchmarks/cache.py --lookup                       # the per-row checks, ~20 s
 
 Variants, fitted side by side in one process and interleaved (student, kd, kd_cached, ...,
 student, kd, ...) so that machine load hits them alike, ``--repeats`` times each:
@@ -21,6 +22,11 @@ ratio to ``student`` is taken within each repetition and its median is reported.
   inputs, where the teacher forward costs about twice the student's forward and backward.
 
 Writes benchmarks/results/cache.md with the time table and the storage per sample.
+
+``--lookup`` instead times the per-row checks of one lookup (batch 128, complete cache on disk):
+the CRC-32 of the rows read against ``checksum.npy`` (host), and :func:`input_signature` of the
+batch's inputs (on the CPU here), for MNIST-1D rows (10 float32 logits, 40 inputs) and a row with
+a 64x8x8 float32 feature (CIFAR-sized 3x32x32 inputs); writes benchmarks/results/cache_lookup.md.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.models import MLP, ConvNet1d, create_cifar_model
 from lightning_kd.module import DistillationModule
-from lightning_kd.teachers.cache import TeacherOutputCache
+from lightning_kd.teachers.cache import TeacherOutputCache, input_signature
 
 RESULTS = Path(__file__).parent / "results" / "cache.md"
 VARIANTS = ["student", "kd", "kd_cached", "kd_cached_disk_topk"]
@@ -159,6 +165,78 @@ def benchmark(name: str, repeats: int, epochs: int, samples: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_microseconds(call: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``call`` in microseconds over ``repeats`` calls (after a warm-up call)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def timed_checks(
+    cache: TeacherOutputCache, indices: torch.Tensor, inputs: torch.Tensor, repeats: int
+) -> list[str]:
+    """Median µs of a lookup's parts and variants, and the bytes per sample (see ``lookup_cost``).
+
+    The lookup variants alternate call by call, so that load from other jobs hits them alike.
+    """
+    signature = input_signature(inputs, len(indices))
+    picked = {name: cache.arrays[name][indices] for name in cache._checked}
+    crc = median_microseconds(lambda: cache._checksums(indices, picked), repeats)
+    signing = median_microseconds(lambda: input_signature(inputs, len(indices)), repeats)
+    variants: dict[str, list[float]] = {"bare": [], "first": [], "later": []}
+    for _ in range(repeats):
+        for variant, times in variants.items():
+            cache._verified[indices] = variant != "first"  # rows not yet served in this run are verified
+            start = time.perf_counter()
+            cache.lookup(indices, signature if variant == "bare" else input_signature(inputs, len(indices)))
+            times.append(time.perf_counter() - start)
+    bare, first, later = (1e6 * statistics.median(times) for times in variants.values())
+    return [f"{value:.0f}" for value in (bare, crc, signing, first, later)] + [str(cache.bytes_per_sample)]
+
+
+def lookup_cost(repeats: int) -> str:
+    """Markdown table: one lookup of 128 rows with and without its checksum and signature checks."""
+    rows = [
+        "| rows | lookup without checks µs | CRC-32 of the rows µs | input signature µs "
+        "| step's lookup, rows served first µs | step's lookup, rows served before µs | bytes / sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    cases = {
+        "MNIST-1D: 10 logits, inputs 40": (10, {}, (40,)),
+        "10 logits + feature 64x8x8, inputs 3x32x32": (10, {"layer": (64, 8, 8)}, (3, 32, 32)),
+    }
+    samples, batch = 4500, 128
+    generator = torch.Generator().manual_seed(0)
+    for label, (classes, features, input_shape) in cases.items():
+        with tempfile.TemporaryDirectory() as directory:
+            cache = TeacherOutputCache(directory)
+            example = {path: torch.zeros(1, *shape) for path, shape in features.items()}
+            cache.open("benchmark", samples, torch.zeros(1, classes), example)
+            inputs = torch.randn(samples, *input_shape, generator=generator)
+            for start in range(0, samples, 500):
+                part = torch.arange(start, min(start + 500, samples))
+                cache.store(
+                    part,
+                    torch.randn(len(part), classes, generator=generator),
+                    {
+                        path: torch.randn(len(part), *shape, generator=generator)
+                        for path, shape in features.items()
+                    },
+                    input_signature(inputs[part], len(part)),
+                )
+            cache.finish_epoch()
+            indices = torch.randperm(samples, generator=generator)[:batch]
+            rows.append(
+                f"| {label} | " + " | ".join(timed_checks(cache, indices, inputs[indices], repeats)) + " |"
+            )
+            cache.release()
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,8 +248,23 @@ def main() -> None:
         "--cifar-samples", type=int, default=256, help="training samples of the cifar setting"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--lookup", action="store_true", help="time the per-row checks of a lookup instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.lookup:
+        table = lookup_cost(repeats=300)
+        output = RESULTS.with_name("cache_lookup.md")
+        output.write_text(
+            "# Teacher-output cache: cost of the per-row checks of one lookup\n\n"
+            "`OMP_NUM_THREADS=1 python benchmarks/cache.py --lookup` on "
+            f"{torch.get_num_threads()} CPU thread(s): median of 300 calls, batch 128 of 4,500 samples, "
+            "complete cache memory-mapped on disk (page cache warm). 'Without checks': the lookup of "
+            "rows already verified, with a precomputed signature (its comparison stays on the device: a "
+            "few small tensor ops). A step's lookup also computes the batch's input signature, and the "
+            "first time a run serves a row it verifies the row's CRC-32s.\n\n" + table
+        )
+        print(output.read_text())
+        return
     sections = [benchmark(name, args.repeats, args.epochs, args.cifar_samples) for name in args.settings]
     header = (
         "# Teacher-output cache: KD epoch time vs. student-only training\n\n"

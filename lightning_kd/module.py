@@ -283,6 +283,11 @@ class DistillationModule(pl.LightningModule):
         if self.teacher is not None:
             self.teacher_role.on_train_epoch_end(self)
 
+    def on_train_end(self) -> None:
+        """Let the teacher's role finish training (a cached teacher releases its directory's lock)."""
+        if self.teacher is not None:
+            self.teacher_role.on_train_end(self)
+
     def on_fit_end(self) -> None:
         """Fail loudly when the training set is empty (Lightning only logs "No training batches")."""
         if self.trainer.num_training_batches != 0:

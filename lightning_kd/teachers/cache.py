@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+import socket
+import time
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +21,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["TeacherOutputCache", "dataset_fingerprint", "teacher_fingerprint", "topk_logits"]
+__all__ = [
+    "TeacherOutputCache",
+    "dataset_fingerprint",
+    "input_signature",
+    "teacher_fingerprint",
+    "topk_logits",
+]
 
-FORMAT_VERSION = 1
+#: version of the files' layout and meaning; a cache of another version is rebuilt, never read
+FORMAT_VERSION = 2
 PROBE_SAMPLES = 5
+#: names of the ``.npy`` files a cache owns (besides ``feature.<layer>.npy``); a rebuild removes only these
+_OWN_ARRAYS = ("logits", "topk_values", "topk_indices", "tail_logsumexp", "signature", "checksum", "filled")
 
 
 def teacher_fingerprint(teacher: nn.Module) -> str:
@@ -109,6 +123,130 @@ def topk_logits(values: Tensor, indices: Tensor, tail_logsumexp: Tensor, num_cla
     return logits.scatter_(-1, indices.long(), values.float())
 
 
+def _tensor_leaves(item: Any) -> Iterator[Tensor]:
+    """The tensors in ``item`` (nested tuples, lists and mappings; mapping keys in sorted order)."""
+    if isinstance(item, Tensor):
+        yield item
+    elif isinstance(item, Mapping):
+        for key in sorted(item, key=str):
+            yield from _tensor_leaves(item[key])
+    elif isinstance(item, (tuple, list)):
+        for element in item:
+            yield from _tensor_leaves(element)
+
+
+_WEIGHTS: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _signature_weights(length: int, position: int, device: torch.device) -> Tensor:
+    """Fixed odd int32 weights (a seeded draw) for a leaf of ``length`` words at ``position``."""
+    key = (length, position, str(device))
+    if key not in _WEIGHTS:
+        generator = torch.Generator().manual_seed(1_000_003 * position + length)
+        odd = torch.randint(-(2**30), 2**30, (length,), generator=generator) * 2 + 1
+        _WEIGHTS[key] = odd.to(device=device, dtype=torch.int32)
+    return _WEIGHTS[key]
+
+
+def input_signature(inputs: Any, batch_size: int) -> Tensor:
+    """An int64 signature ``(batch_size,)`` of each sample's input bits, computed where the inputs are.
+
+    Every tensor leaf of ``inputs`` whose first dimension is the batch is read as 32-bit words
+    ``x_j`` (narrower dtypes widened, wider ones split) and reduced to ``sum_j w_j x_j`` with fixed
+    odd weights ``w_j``: products wrap in int32, the sum is exact in int64, so the result does not
+    depend on the batch's composition or the device's reduction order, and any single changed bit
+    changes it (``w_j 2^k != 0 mod 2^32`` for odd ``w_j``). Leaves are combined by a polynomial in
+    int64. Inputs without a batched tensor give zeros.
+    """
+    total = torch.zeros(batch_size, dtype=torch.int64)
+    for position, leaf in enumerate(_tensor_leaves(inputs)):
+        if leaf.dim() == 0 or leaf.shape[0] != batch_size:
+            continue
+        leaf = leaf.detach().contiguous().reshape(batch_size, -1)
+        if leaf.element_size() >= 4:
+            words = leaf.view(torch.int32)
+        elif leaf.dtype == torch.bool or leaf.element_size() == 1:
+            words = leaf.view(torch.uint8).to(torch.int32)
+        else:
+            words = leaf.view(torch.int16).to(torch.int32)
+        weights = _signature_weights(words.shape[1], position, words.device)
+        total = total.to(words.device) * 1_000_003 + (words * weights).sum(dim=1, dtype=torch.int64)
+    return total
+
+
+class _DirectoryLock:
+    """``fcntl.flock`` on ``<directory>/lock``: shared while a complete cache is read, else exclusive.
+
+    One process holds one lock per directory (``_HELD``): a later cache object of the same
+    process takes it over (fits in one process run one after another). The writer records its pid,
+    host and start time in the file, so a refused process can name it.
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path, self.descriptor, self.exclusive, self.owner = path, descriptor, False, None
+        self.pid = os.getpid()  # a forked child inherits the registry, not the right to the lock
+
+    @classmethod
+    def shared(cls, directory: Path, writable: bool) -> _DirectoryLock | None:
+        """A shared lock on ``directory`` (``None``: read-only and never locked, so nothing writes there)."""
+        path = directory / "lock"
+        key = os.path.realpath(path)
+        if key in _HELD and _HELD[key].pid == os.getpid():
+            return _HELD[key]
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
+        except FileNotFoundError:
+            return None
+        lock = cls(path, descriptor)
+        lock._flock(fcntl.LOCK_SH)
+        _HELD[key] = lock
+        return lock
+
+    def make_exclusive(self) -> None:
+        """Upgrade to the writer's exclusive lock and record this process as the writer."""
+        if not self.exclusive:
+            self._flock(fcntl.LOCK_EX)
+            self.exclusive = True
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(self.descriptor, 0)
+        os.pwrite(self.descriptor, json.dumps(holder).encode(), 0)
+
+    def _flock(self, operation: int) -> None:
+        try:
+            fcntl.flock(self.descriptor, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder()
+            self.release()  # a failed upgrade has dropped the shared lock as well
+            raise RuntimeError(
+                f"The teacher cache directory {self.path.parent} is in use by another process ({holder}). "
+                "Two runs cannot build one cache at the same time: wait for the other run to finish, or "
+                "give this run its own directory (TeacherOutputCache(directory=...))."
+            ) from None
+
+    def holder(self) -> str:
+        """Who holds the lock, as its last writer recorded it."""
+        try:
+            found = json.loads(os.pread(self.descriptor, 4096, 0) or b"null")
+            return f"pid {found['pid']} on host {found['host']}, writing since {found['since']}"
+        except (ValueError, TypeError, KeyError):
+            return "a run reading the complete cache"
+
+    def release(self) -> None:
+        """Unlock (a writer first clears its record) and close the lock file."""
+        if self.exclusive:
+            os.ftruncate(self.descriptor, 0)
+        _HELD.pop(os.path.realpath(self.path), None)
+        os.close(self.descriptor)
+
+
+#: the directory locks this process holds, by the lock file's real path
+_HELD: dict[str, _DirectoryLock] = {}
+
+
 class TeacherOutputCache:
     """A frozen teacher's logits (and hooked features) per training sample, computed once.
 
@@ -123,30 +261,67 @@ class TeacherOutputCache:
     logits take ``4 C`` bytes per sample in float32; ``top_k=k`` stores ``k`` values, ``k`` class
     indices (int16 / int32) and one log-sum-exp: see :func:`topk_logits` for the rebuilt
     distribution. Hooked teacher features (the layers the loss terms declare) are stored whole.
-    :attr:`bytes_per_sample` says what a sample takes.
+    Each sample also takes an 8-byte input signature and a 1-byte ``filled`` flag, and on disk a
+    4-byte checksum per file. :attr:`bytes_per_sample` says what a sample takes.
 
-    Validity: a fingerprint (SHA-256 of the teacher's ``state_dict``, the dataset length, the
-    ``repr`` of its transforms, a few samples, and the cache layout) is stored in ``meta.json``;
-    a cache with another fingerprint is rebuilt. Random augmentation is refused: a few samples
-    are read twice, and two different reads raise a ``ValueError`` (augmentation applied after
-    the loader, e.g. in ``on_after_batch_transfer``, cannot be seen; do not combine it with a cache).
+    What the fingerprint covers (checked at open; another fingerprint rebuilds the cache with a
+    warning): the SHA-256 of the teacher's ``state_dict``, the dataset's length, the ``repr`` of
+    its transforms, the bytes of :data:`PROBE_SAMPLES` evenly spaced samples (each read twice:
+    two different reads mean random augmentation, refused with a ``ValueError``), the storage
+    layout (top-k, dtype, feature shapes) and :data:`FORMAT_VERSION`.
+
+    What the per-row checks catch, for every sample served:
+
+    - its input: an exact signature of the input the teacher would receive
+      (:func:`input_signature`, computed on the batch's device) is stored with the row and
+      compared at every lookup. A sample whose data changed since the cache was built (also one
+      the fingerprint does not probe), augmentation applied after the loader, or an
+      ``index_key`` that is not the dataset position (e.g. the labels) raise a ``RuntimeError``
+      naming the sample. The comparison stays on the device: it is read at the first served
+      batch and at every epoch end, so a mismatch found later in an epoch stops the run at that
+      epoch's end (before epoch-end checkpoints). Within a batch, two samples with one index and
+      different inputs raise at once.
+    - on disk, its bytes: a CRC-32 of each file's row (seeded with the index) is stored in
+      ``checksum.npy`` and recomputed from the rows read the first time a run serves them (host
+      work on the memory map); a row that was zeroed, bit-flipped or moved raises a
+      ``RuntimeError`` naming the sample and file. (The lock keeps other runs from writing
+      while this one runs; a row is not verified again within one run.)
+    - at open, every file's ``.npy`` header (dtype, shape) and size: a missing, truncated or
+      reshaped file, or an unreadable ``meta.json``, rebuilds the cache with a warning naming it.
+
+    Not caught: a change in a sample the teacher does not see (the teacher's input is what is
+    signed, not the labels), and two different inputs with equal 64-bit signatures.
 
     Interruptions: a per-sample ``filled`` mask is written after the sample's outputs, and
     ``complete`` is set in ``meta.json`` only at an epoch end when every index is filled. A partial
     cache with the right fingerprint is resumed: stored samples are reused, and a batch with any
-    missing sample runs the teacher (and fills the gaps).
+    missing sample runs the teacher (and fills the gaps). An epoch that passed at least as many
+    samples as the dataset holds and still left rows empty warns that ``index_key`` may not be
+    the dataset position.
+
+    Files: the blocks of a new cache are reserved (``os.posix_fallocate``) after a free-space
+    check, so a full disk is an ``OSError`` naming the bytes needed, never a ``SIGBUS`` later; a
+    rebuild removes only the cache's own files. A complete cache is opened read-only
+    (copy-on-write maps), also in a read-only directory; an incomplete one there is an error.
+
+    Locking: ``<directory>/lock`` is held with ``fcntl.flock`` from open until the end of
+    training (or process exit): shared while a complete cache is read (many runs may read one
+    cache), exclusive while it is built, with the writer's pid and host in the file; a second
+    process that would write is refused with a ``RuntimeError`` naming the holder. In one
+    process, a later cache object on the same directory takes the lock over.
 
     DDP: each process stores the samples it sees. With ``directory``, all processes share the
-    files (global rank 0 creates them; the others open them after a barrier; processes write
-    disjoint rows and their own bytes of the mask; rank 0 checks completeness after a barrier),
-    so the directory must be on a filesystem that every process sees (one node, or a shared
-    filesystem). In memory, each process keeps its own cache, filled by the samples its
-    sampler gives it: later epochs run the teacher for samples it has not seen yet.
+    files (global rank 0 locks and creates them and sends any error to all ranks; the others open
+    them after it; processes write disjoint rows and their own bytes of the mask; rank 0 checks
+    completeness after a barrier), so the directory must be on a filesystem that every process
+    sees (one node, or a shared filesystem). In memory, each process keeps its own cache, filled
+    by the samples its sampler gives it: later epochs run the teacher for samples it has not seen.
 
     Args:
         directory: where the memory-mapped files live; ``None`` keeps the cache in CPU memory.
         top_k: keep only the ``k`` largest logits per sample (``0 < k < C``); ``None``: all.
-        dtype: storage dtype of logits and features, ``"float32"`` (exact) or ``"float16"``.
+        dtype: storage dtype of logits and features, ``"float32"`` (exact) or ``"float16"``
+            (values beyond 65504 raise an ``OverflowError`` when stored).
         index_key: where the sample index is in a batch (a position, or a key for dicts).
     """
 
@@ -171,6 +346,13 @@ class TeacherOutputCache:
         self.layers: list[str] = []
         self.arrays: dict[str, Tensor] = {}
         self._memmaps: list[np.memmap] = []
+        self._spec: dict[str, Any] = {}  # name -> (dtype, shape) of every array
+        self._checked: list[str] = []  # the arrays that the checksum covers, in column order
+        self._lock: _DirectoryLock | None = None
+        self._first_mismatch: Tensor | None = None  # smallest index whose input differed (on device)
+        self._served = False  # whether a batch has been served since open
+        self._seen = 0  # samples passed through the cache this epoch (this process)
+        self._verified: Tensor | None = None  # on disk: rows whose checksums this run has verified
 
     # ----------------------------------------------------------------- set-up
     def open(
@@ -184,8 +366,14 @@ class TeacherOutputCache:
         """Open (or create) the storage for ``num_samples`` samples shaped like one example's outputs.
 
         ``fingerprint`` identifies teacher and data (:func:`teacher_fingerprint`,
-        :func:`dataset_fingerprint`); a stored cache with another one is rebuilt. ``strategy`` (a
-        Lightning strategy) coordinates processes on a shared ``directory``.
+        :func:`dataset_fingerprint`); a stored cache with another one, another format, damaged
+        files or an unreadable ``meta.json`` is rebuilt with a warning. ``strategy`` (a Lightning
+        strategy) coordinates processes on a shared ``directory``.
+
+        Raises:
+            RuntimeError: another process is writing the directory (its lock names it).
+            PermissionError: the cache must be written but the directory is read-only.
+            OSError: the filesystem lacks the space the cache needs.
         """
         num_classes = int(example_logits.shape[-1])
         if self.top_k is not None and self.top_k >= num_classes:
@@ -200,8 +388,12 @@ class TeacherOutputCache:
                     "the cache stores tensors only."
                 )
         layout = self._layout(num_samples, num_classes, example_features)
-        full = hashlib.sha256(f"{fingerprint}|{json.dumps(layout, sort_keys=True)}".encode()).hexdigest()
+        full = hashlib.sha256(
+            f"{fingerprint}|{FORMAT_VERSION}|{json.dumps(layout, sort_keys=True)}".encode()
+        ).hexdigest()
         self.num_classes, self.layers = num_classes, sorted(example_features)
+        self._spec, self._checked = layout, [name for name in layout if name not in ("checksum", "filled")]
+        self._first_mismatch, self._served, self._seen = None, False, 0
         if self.directory is None:
             if self.fingerprint != full:
                 self.arrays = {
@@ -209,23 +401,23 @@ class TeacherOutputCache:
                 }
                 self.fingerprint, self.complete = full, False
             return
-        rank = getattr(strategy, "global_rank", 0)
-        if rank == 0:
-            meta = self._read_meta()
-            if meta is None or meta.get("fingerprint") != full:
-                if meta is not None:
-                    rank_zero_warn(
-                        f"The teacher cache in {self.directory} was built for another teacher, dataset or "
-                        "layout: rebuilding it."
-                    )
-                self._create(full, layout)
+        outcome: tuple[str, Exception | None] = ("", None)
+        if getattr(strategy, "global_rank", 0) == 0:
+            try:
+                outcome = (self._prepare(full, layout), None)
+            except Exception as error:  # sent to every process, then raised there
+                outcome = ("", error)
         if strategy is not None:
-            strategy.barrier("teacher_cache_open")
-        self._map(layout)
-        meta = self._read_meta()
-        if meta is None or meta.get("fingerprint") != full:
+            outcome = strategy.broadcast(outcome, 0)
+        mode, error = outcome
+        if error is not None:
+            raise error
+        self._map(layout, "r+" if mode == "write" else "c")
+        meta, problem = self._read_meta()
+        if problem is not None or meta is None or meta["fingerprint"] != full:
             raise RuntimeError(f"The teacher cache in {self.directory} changed while it was being opened.")
-        self.fingerprint, self.complete = full, bool(meta["complete"])
+        self.fingerprint, self.complete = full, meta["complete"]
+        self._verified = torch.zeros(num_samples, dtype=torch.bool)
 
     def _layout(self, num_samples: int, num_classes: int, features: Mapping[str, Tensor]) -> dict[str, Any]:
         n, layout = num_samples, {}
@@ -238,34 +430,190 @@ class TeacherOutputCache:
             layout["tail_logsumexp"] = ("float32", [n])
         for path, feature in sorted(features.items()):
             layout[f"feature.{path}"] = (self.dtype, [n, *feature.shape[1:]])
+        layout["signature"] = ("int64", [n])
+        if self.directory is not None:  # one CRC-32 per file and row, stored as int32
+            layout["checksum"] = ("int32", [n, len(layout)])
         layout["filled"] = ("bool", [n])
         return layout
 
-    def _read_meta(self) -> dict[str, Any] | None:
+    def _prepare(self, fingerprint: str, layout: dict[str, Any]) -> str:
+        """Lock, verify and (re)build the files for ``"write"``, or find them complete (``"read"``)."""
+        directory = self.directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PermissionError(
+                f"Cannot create the teacher cache directory {directory}: {error.strerror}. "
+                "Give TeacherOutputCache a directory this process can write."
+            ) from None
+        writable = os.access(directory, os.W_OK)
+        self._lock = _DirectoryLock.shared(directory, writable)
+        if self._lock is not None:
+            self._lock.owner = self
+        kind, reason = self._decide(fingerprint, layout)
+        if kind != "read":
+            if not writable:
+                raise PermissionError(self._read_only_message(kind, reason, layout))
+            self._lock.make_exclusive()
+            kind, reason = self._decide(fingerprint, layout)  # again, now that no one else writes
+        if kind == "read":
+            return "read"
+        if kind == "rebuild":
+            rank_zero_warn(f"The teacher cache in {directory} {reason}: rebuilding it.")
+        if kind in ("create", "rebuild"):
+            self._create(fingerprint, layout)
+        else:
+            self._reserve(layout)
+        return "write"
+
+    def _decide(self, fingerprint: str, layout: dict[str, Any]) -> tuple[str, str]:
+        """``("read" | "resume" | "create" | "rebuild", why a rebuild)`` for the files as they are."""
+        meta, problem = self._read_meta()
+        if problem is not None:
+            return "rebuild", problem
+        if meta is None:
+            return "create", ""
+        if meta["fingerprint"] != fingerprint:
+            return "rebuild", "was built for another teacher, dataset or layout"
+        damaged = self._damaged_files(layout)
+        if damaged:
+            return "rebuild", f"has damaged files ({'; '.join(damaged)})"
+        return ("read" if meta["complete"] else "resume"), ""
+
+    def _read_only_message(self, kind: str, reason: str, layout: dict[str, Any]) -> str:
+        fix = (
+            "Make the directory writable, or give TeacherOutputCache a writable directory "
+            "(the cache is built there)."
+        )
+        if kind == "resume":
+            filled = int(np.load(self.directory / "filled.npy", mmap_mode="r").sum())
+            return (
+                f"The teacher cache in {self.directory} is incomplete ({filled:,} of "
+                f"{layout['filled'][1][0]:,} samples stored) and its directory is read-only, so it "
+                f"cannot be finished. {fix}"
+            )
+        state = reason or "does not exist yet"
+        return (
+            f"The teacher cache in {self.directory} {state} and must be built, but the directory is "
+            f"read-only. {fix}"
+        )
+
+    def _read_meta(self) -> tuple[dict[str, Any] | None, str | None]:
+        """``(meta, None)``, ``(None, None)`` without a ``meta.json``, or ``(None, why it is unusable)``."""
         path = self.directory / "meta.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None, None
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError:
+            return None, "has an unreadable meta.json (truncated or garbled)"
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("fingerprint"), str)
+            or not isinstance(meta.get("complete"), bool)
+        ):
+            return None, "has a meta.json without its fields (format, fingerprint, complete)"
+        if meta.get("format") != FORMAT_VERSION:
+            return None, f"was written in format {meta.get('format')!r} (this version reads {FORMAT_VERSION})"
+        return meta, None
+
+    def _damaged_files(self, layout: dict[str, Any]) -> list[str]:
+        """What is wrong with each file whose header or size does not match ``layout``."""
+        found = []
+        for name, (dtype, shape) in layout.items():
+            path = self.directory / f"{name}.npy"
+            try:
+                with open(path, "rb") as file:
+                    version = np.lib.format.read_magic(file)
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }[version]
+                    stored_shape, fortran_order, stored_dtype = read_header(file)
+                    expected = file.tell() + math.prod(shape) * np.dtype(dtype).itemsize
+            except FileNotFoundError:
+                found.append(f"{name}.npy is missing")
+                continue
+            except (OSError, ValueError, KeyError):
+                found.append(f"{name}.npy has no readable .npy header")
+                continue
+            if stored_shape != tuple(shape) or fortran_order or stored_dtype != np.dtype(dtype):
+                found.append(
+                    f"{name}.npy holds {stored_dtype} {stored_shape}, expected {dtype} {tuple(shape)}"
+                )
+            elif (size := path.stat().st_size) != expected:
+                found.append(f"{name}.npy has {size:,} bytes, expected {expected:,}")
+        return found
+
+    def _create(self, fingerprint: str, layout: dict[str, Any]) -> None:
+        """Remove the cache's own files and create empty ones, their blocks reserved."""
+        for path in self.directory.iterdir():
+            own_array = path.suffix == ".npy" and (
+                path.stem in _OWN_ARRAYS or path.stem.startswith("feature.")
+            )
+            if own_array or path.name in ("meta.json", "meta.json.tmp"):
+                path.unlink()
+        needed = sum(math.prod(shape) * np.dtype(dtype).itemsize + 4096 for dtype, shape in layout.values())
+        free = shutil.disk_usage(self.directory).free
+        if needed > free:
+            raise self._no_space(needed, free)
+        created = []
+        try:
+            for name, (dtype, shape) in layout.items():
+                created.append(self.directory / f"{name}.npy")
+                # creates the file, sparse (the map is dropped at once): its blocks are reserved next
+                np.lib.format.open_memmap(created[-1], mode="w+", dtype=dtype, shape=tuple(shape))
+                self._reserve_file(created[-1])
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise self._no_space(needed, shutil.disk_usage(self.directory).free) from None
+        self.fingerprint = fingerprint
+        self._write_meta(complete=False)
+
+    def _reserve(self, layout: dict[str, Any]) -> None:
+        """Reserve the blocks of a resumed cache's files (a sparse copy would otherwise fill up later)."""
+        try:
+            for name in layout:
+                self._reserve_file(self.directory / f"{name}.npy")
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            needed = sum((self.directory / f"{name}.npy").stat().st_size for name in layout)
+            raise self._no_space(needed, shutil.disk_usage(self.directory).free) from None
+
+    @staticmethod
+    def _reserve_file(path: Path) -> None:
+        with open(path, "r+b") as file:
+            try:
+                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+            except OSError as error:  # a filesystem that cannot reserve: the free-space check stands
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+
+    def _no_space(self, needed: int, free: int) -> OSError:
+        return OSError(
+            errno.ENOSPC,
+            f"The teacher cache needs {needed:,} bytes in {self.directory} but its filesystem has "
+            f"{free:,} bytes free. Give TeacherOutputCache another directory, or store less per sample: "
+            "top_k (e.g. top_k=5 keeps 5 logits of each sample) or dtype='float16' (half the bytes).",
+        )
 
     def _write_meta(self, complete: bool) -> None:
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "complete": complete}
-        meta["bytes_per_sample"] = self.bytes_per_sample
+        meta["bytes_per_sample"] = sum(
+            math.prod(shape[1:]) * np.dtype(dtype).itemsize for dtype, shape in self._spec.values()
+        )
         temporary = self.directory / "meta.json.tmp"
         temporary.write_text(json.dumps(meta, indent=1))
         os.replace(temporary, self.directory / "meta.json")
 
-    def _create(self, fingerprint: str, layout: dict[str, Any]) -> None:
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        self.directory.mkdir(parents=True)
-        for name, (dtype, shape) in layout.items():
-            np.lib.format.open_memmap(
-                self.directory / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape)
-            )
-        self.fingerprint = fingerprint
-        self._write_meta(complete=False)
-
-    def _map(self, layout: dict[str, Any]) -> None:
+    def _map(self, layout: dict[str, Any], mode: str) -> None:
+        """Memory-map every file: ``"r+"`` to write, ``"c"`` (copy-on-write, opened read-only) to read."""
         self._memmaps = [
-            np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="r+") for name in layout
+            np.lib.format.open_memmap(self.directory / f"{name}.npy", mode=mode) for name in layout
         ]
         self.arrays = {
             name: torch.from_numpy(array) for name, array in zip(layout, self._memmaps, strict=True)
@@ -273,7 +621,7 @@ class TeacherOutputCache:
 
     @property
     def bytes_per_sample(self) -> int:
-        """Bytes that one sample takes in storage (outputs, features and its ``filled`` flag)."""
+        """Bytes that one sample takes in storage (outputs, features, signature, checksums, ``filled``)."""
         return sum(array[0].numel() * array.element_size() for array in self.arrays.values())
 
     # ----------------------------------------------------------------- use
@@ -303,12 +651,34 @@ class TeacherOutputCache:
         return indices
 
     def lookup(
-        self, indices: Tensor, device: torch.device | str = "cpu"
+        self, indices: Tensor, signature: Tensor, device: torch.device | str = "cpu"
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """``(logits, features)`` at ``indices`` (float32, on ``device``); ``None`` if one is missing."""
+        """``(logits, features)`` at ``indices`` (float32, on ``device``); ``None`` if one is missing.
+
+        ``signature`` is :func:`input_signature` of the samples' inputs, compared on its device
+        with the stored one (read at the first served batch and by :meth:`finish_epoch`); on disk,
+        the rows read are checked against their checksums first.
+
+        Raises:
+            RuntimeError: a row does not match its checksum (the files were damaged), or (at the
+                first served batch) a sample's input is not the one stored.
+        """
+        self._seen += len(indices)
         if not self.complete and not bool(self.arrays["filled"][indices].all()):
             return None
-        rows = {name: array[indices].to(device, non_blocking=True) for name, array in self.arrays.items()}
+        rows = {name: self.arrays[name][indices] for name in self._checked}
+        if self._verified is not None and not bool(self._verified[indices].all()):
+            self._verify_rows(indices, rows)
+            self._verified[indices] = True
+        rows = {name: row.to(device, non_blocking=True) for name, row in rows.items()}
+        mismatch = rows["signature"] != signature.to(device)
+        first = torch.where(mismatch, indices.to(device, non_blocking=True), len(self.arrays["filled"])).min()
+        self._first_mismatch = (
+            first if self._first_mismatch is None else torch.minimum(self._first_mismatch, first)
+        )
+        if not self._served:  # read the comparison once per run; later ones wait for the epoch end
+            self._served = True
+            self.check_inputs()
         if self.top_k is None:
             logits = rows["logits"].float()
         else:
@@ -318,30 +688,140 @@ class TeacherOutputCache:
         features = {path: rows[f"feature.{path}"].float() for path in self.layers}
         return logits, features
 
+    def check_inputs(self, first_mismatch: int | None = None) -> None:
+        """Raise if a served sample's input differed from the stored one (reads the device flag).
+
+        ``first_mismatch`` (the smallest such index, gathered over processes) replaces this
+        process's own flag.
+        """
+        if first_mismatch is None:
+            first_mismatch = int(self._first_mismatch) if self._first_mismatch is not None else None
+        self._first_mismatch = None
+        if first_mismatch is None or first_mismatch >= len(self.arrays["filled"]):
+            return
+        fix = f"delete {self.directory} to rebuild it" if self.directory else "use a new TeacherOutputCache"
+        raise RuntimeError(
+            f"The input of training sample {first_mismatch} is not the input the teacher cache stored for "
+            f"that index: either the training data changed since the cache was built (the fingerprint "
+            f"reads only {PROBE_SAMPLES} samples; {fix}), or the batch values at "
+            f"index_key={self.index_key!r} are not the samples' positions in the training dataset (wrap "
+            "it in lightning_kd.data.WithIndex and point index_key at the index)."
+        )
+
+    def _checksums(self, indices: Tensor, rows: Mapping[str, Tensor]) -> np.ndarray:
+        """CRC-32 (seeded with the sample index) of each checked array's row, ``(B, files)`` as int32."""
+        sums = np.empty((len(indices), len(self._checked)), dtype=np.uint32)
+        seeds = [index & 0xFFFFFFFF for index in indices.tolist()]
+        for column, name in enumerate(self._checked):
+            data = rows[name].contiguous().numpy().reshape(len(seeds), -1).view(np.uint8)
+            sums[:, column] = np.fromiter(map(zlib.crc32, data, seeds), dtype=np.uint32, count=len(seeds))
+        return sums.view(np.int32)
+
+    def _verify_rows(self, indices: Tensor, rows: Mapping[str, Tensor]) -> None:
+        stored = self.arrays["checksum"][indices].numpy()
+        wrong = stored != self._checksums(indices, rows)
+        bad = np.flatnonzero(wrong.any(axis=1))
+        if len(bad):
+            files = ", ".join(f"{self._checked[c]}.npy" for c in np.flatnonzero(wrong[bad[0]]))
+            raise RuntimeError(
+                f"The teacher cache in {self.directory} is damaged: the row of training sample "
+                f"{int(indices[bad[0]])} in {files} does not match the checksum stored with it in "
+                "checksum.npy (a file was changed, zeroed or corrupted after it was written). Delete "
+                f"{self.directory} to rebuild the cache; it holds only the teacher's outputs."
+            )
+
+    def _storable(self, values: Tensor, what: str) -> Tensor:
+        """``values`` in the storage dtype; float16 overflow is an error, not a stored ``inf``."""
+        stored = values.to(getattr(torch, self.dtype))
+        overflow = torch.isinf(stored) & torch.isfinite(values)
+        if bool(overflow.any()):
+            raise OverflowError(
+                f"The teacher's {what} reach {float(values[overflow].abs().max()):.6g}, beyond float16's "
+                "largest value 65504: the cache would store them as inf. Use "
+                "TeacherOutputCache(dtype='float32')."
+            )
+        return stored
+
     @torch.no_grad()
-    def store(self, indices: Tensor, logits: Tensor, features: Mapping[str, Tensor]) -> None:
-        """Store the teacher's ``logits`` and ``features`` of the samples at ``indices``; mark them filled."""
-        dtype = getattr(torch, self.dtype)
-        logits = logits.detach().float().cpu()
+    def store(
+        self, indices: Tensor, logits: Tensor, features: Mapping[str, Tensor], signature: Tensor
+    ) -> None:
+        """Store the teacher's ``logits`` and ``features`` and the inputs' ``signature`` at ``indices``.
+
+        A row is marked filled after its outputs, signature and checksums are written. Samples
+        that share an index in the batch must share their input (then the first is stored).
+
+        Raises:
+            RuntimeError: two samples of the batch have one index but different inputs.
+            OverflowError: float16 storage cannot hold a value.
+        """
+        signature = signature.cpu()
+        order = torch.argsort(indices, stable=True)
+        repeated = indices[order][1:] == indices[order][:-1]
+        differs = repeated & (signature[order][1:] != signature[order][:-1])
+        if bool(differs.any()):
+            index = int(indices[order][1:][differs][0])
+            raise RuntimeError(
+                f"Two samples of one batch have index {index} at index_key={self.index_key!r} but different "
+                "inputs: the values there are not the samples' positions in the training dataset (are they "
+                "the labels?). Wrap the dataset in lightning_kd.data.WithIndex and point index_key at the "
+                "index."
+            )
+        keep = order[torch.cat([torch.tensor([True]), ~repeated])] if len(order) else order
+        indices, logits = indices[keep], logits.detach().float().cpu()[keep]
+        rows: dict[str, Tensor] = {}
         if self.top_k is None:
-            self.arrays["logits"][indices] = logits.to(dtype)
+            rows["logits"] = self._storable(logits, "logits")
         else:
             values, classes = logits.topk(self.top_k, dim=-1)
-            tail = logits.scatter(-1, classes, float("-inf")).logsumexp(dim=-1)
-            self.arrays["topk_values"][indices] = values.to(dtype)
-            self.arrays["topk_indices"][indices] = classes.to(self.arrays["topk_indices"].dtype)
-            self.arrays["tail_logsumexp"][indices] = tail
+            rows["topk_values"] = self._storable(values, "logits")
+            rows["topk_indices"] = classes.to(self.arrays["topk_indices"].dtype)
+            rows["tail_logsumexp"] = logits.scatter(-1, classes, float("-inf")).logsumexp(dim=-1)
         for path in self.layers:
-            self.arrays[f"feature.{path}"][indices] = features[path].detach().cpu().to(dtype)
+            rows[f"feature.{path}"] = self._storable(
+                features[path].detach().cpu()[keep], f"features at {path!r}"
+            )
+        rows["signature"] = signature[keep]
+        for name, value in rows.items():
+            self.arrays[name][indices] = value
+        if "checksum" in self.arrays:
+            self.arrays["checksum"][indices] = torch.from_numpy(self._checksums(indices, rows))
         self.arrays["filled"][indices] = True
 
     def finish_epoch(self, strategy: Any = None) -> bool:
-        """Flush to disk and mark the cache complete if every sample is filled; returns ``complete``."""
-        if self.complete:
-            return True
+        """Check the epoch's inputs, flush, and mark the cache complete once every sample is filled.
+
+        Reads the input comparisons of the epoch (one device read, gathered over processes) and
+        warns when an epoch passed at least as many samples as the cache has rows yet left some
+        empty. Returns ``complete``.
+        """
+        size = len(self.arrays["filled"])
+        device = getattr(strategy, "root_device", torch.device("cpu"))
+        first = self._first_mismatch if self._first_mismatch is not None else torch.tensor(size)
+        stats = torch.stack([first.to(device), torch.tensor(self._seen, device=device)])
+        local_seen, self._seen = self._seen, 0
+        if strategy is not None:
+            stats = strategy.all_gather(stats)
+        stats = stats.reshape(-1, 2).cpu()
+        self.check_inputs(int(stats[:, 0].min()))
+        seen = int(stats[:, 1].sum()) if self.directory is not None else local_seen
+        if not self.complete:
+            self._complete_if_filled(strategy)
+        if not self.complete and seen >= size:
+            rank_zero_warn(
+                f"An epoch passed {seen:,} samples through the teacher cache, as many as it has rows, but "
+                "only "
+                f"{int(self.arrays['filled'].sum()):,} of {size:,} rows are filled: are the values at "
+                f"index_key={self.index_key!r} the samples' positions in the training dataset "
+                "(lightning_kd.data.WithIndex)? (A sampler that draws with replacement also leaves rows "
+                "empty; they are filled in later epochs.)"
+            )
+        return self.complete
+
+    def _complete_if_filled(self, strategy: Any) -> None:
         if self.directory is None:
             self.complete = bool(self.arrays["filled"].all())
-            return self.complete
+            return
         for array in self._memmaps:
             array.flush()
         if strategy is not None:
@@ -350,8 +830,21 @@ class TeacherOutputCache:
             self._write_meta(complete=True)
         if strategy is not None:
             strategy.barrier("teacher_cache_complete")
-        self.complete = bool(self._read_meta()["complete"])
-        return self.complete
+        meta, problem = self._read_meta()
+        if meta is None:
+            raise RuntimeError(
+                f"The teacher cache in {self.directory} {problem or 'lost its meta.json'} during training."
+            )
+        self.complete = meta["complete"]
+
+    def release(self) -> None:
+        """Flush the files and release the directory's lock (the arrays stay readable)."""
+        for array in self._memmaps:
+            if array.mode == "r+":
+                array.flush()
+        if self._lock is not None and self._lock.owner is self:
+            self._lock.release()
+        self._lock = None
 
     def __repr__(self) -> str:
         where = str(self.directory) if self.directory is not None else "memory"

@@ -27,7 +27,12 @@ from torch.utils.data import default_collate
 
 from lightning_kd.losses import CrossEntropyTerm, LossTerm
 from lightning_kd.model_io import call_model
-from lightning_kd.teachers.cache import TeacherOutputCache, dataset_fingerprint, teacher_fingerprint
+from lightning_kd.teachers.cache import (
+    TeacherOutputCache,
+    dataset_fingerprint,
+    input_signature,
+    teacher_fingerprint,
+)
 from lightning_kd.teachers.loading import freeze, load_weights
 
 if TYPE_CHECKING:  # the module imports this file
@@ -94,6 +99,9 @@ class TeacherRole:
     def on_train_epoch_end(self, module: DistillationModule) -> None:
         """Finish a training epoch (nothing here)."""
 
+    def on_train_end(self, module: DistillationModule) -> None:
+        """Finish training (nothing here)."""
+
     def training_outputs(
         self, module: DistillationModule, batch: Any, inputs: Any
     ) -> tuple[Any, dict | None]:
@@ -141,7 +149,9 @@ class CachedTeacher(FrozenTeacher):
 
     The first epoch runs the teacher and stores its logits (and the hooked features the terms
     read) by sample index; later epochs read them back, skipping the teacher's forward.
-    Validation and test always run the teacher.
+    Validation and test always run the teacher. Every sample is stored and served with the
+    :func:`~lightning_kd.teachers.cache.input_signature` of the teacher's input, computed on
+    the batch's device, so a sample whose data changed is not served another input's outputs.
 
     Args:
         cache: where the outputs are stored.
@@ -169,22 +179,28 @@ class CachedTeacher(FrozenTeacher):
     def training_outputs(self, module: DistillationModule, batch: Any, inputs: Any) -> tuple[Tensor, dict]:
         """The teacher's logits and hooked features from the cache; on a miss, the teacher's (then stored)."""
         indices = self.cache.indices_of(batch)
-        found = self.cache.lookup(indices, module.device)
+        teacher_inputs = module.teacher_inputs(batch, inputs)
+        signature = input_signature(teacher_inputs, len(indices))
+        found = self.cache.lookup(indices, signature, module.device)
         if found is not None:
             return found
-        output = module.teacher_forward(module.teacher_inputs(batch, inputs))
+        output = module.teacher_forward(teacher_inputs)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"teacher_cache stores logits, but the teacher returns a {type(output).__name__}; terms that "
                 "read more than the logits (ensembles, teacher_output) need teacher_cache=None."
             )
         features = module.feature_hooks.features["teacher"] if module.feature_hooks is not None else {}
-        self.cache.store(indices, output, features)
+        self.cache.store(indices, output, features, signature)
         return output, dict(features)
 
     def on_train_epoch_end(self, module: DistillationModule) -> None:
-        """Flush the cache; it is marked complete once every training sample is stored."""
+        """Check the epoch's inputs and flush the cache; it is complete once every sample is stored."""
         self.cache.finish_epoch(module.trainer.strategy)
+
+    def on_train_end(self, module: DistillationModule) -> None:
+        """Release the cache directory's lock."""
+        self.cache.release()
 
     def __repr__(self) -> str:
         return f"CachedTeacher({self.cache!r})"

@@ -19,7 +19,7 @@ from lightning_kd import DistillationModule
 from lightning_kd.data import WithIndex
 from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
 from lightning_kd.teachers import TeacherOutputCache
-from lightning_kd.teachers.cache import dataset_fingerprint, teacher_fingerprint, topk_logits
+from lightning_kd.teachers.cache import dataset_fingerprint, input_signature, teacher_fingerprint, topk_logits
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 DDP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cache.py"
@@ -71,12 +71,13 @@ def test_store_then_lookup_returns_the_teachers_outputs_exactly() -> None:
     cache = TeacherOutputCache()
     cache.open("fp", 10, logits[:1], {})
     indices = torch.tensor([7, 0, 3, 9, 2, 5])
-    assert cache.lookup(indices) is None  # nothing stored yet
-    cache.store(indices, logits, {})
-    found, features = cache.lookup(indices[[2, 0, 5]])
+    signature = input_signature(x, 6)
+    assert cache.lookup(indices, signature) is None  # nothing stored yet
+    cache.store(indices, logits, {}, signature)
+    found, features = cache.lookup(indices[[2, 0, 5]], signature[[2, 0, 5]])
     assert torch.equal(found, logits[[2, 0, 5]]) and features == {}
-    assert cache.lookup(torch.tensor([7, 1])) is None  # index 1 missing
-    assert cache.bytes_per_sample == 4 * 4 + 1  # 4 float32 logits + the filled flag
+    assert cache.lookup(torch.tensor([7, 1]), signature[:2]) is None  # index 1 missing
+    assert cache.bytes_per_sample == 4 * 4 + 8 + 1  # 4 float32 logits, the input signature, the filled flag
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["kd", "kd+fitnet"])
@@ -108,8 +109,9 @@ def test_topk_logits_against_a_hand_computation() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 2.0]])
     cache = TeacherOutputCache(top_k=2)
     cache.open("fp", 1, logits, {})
-    cache.store(torch.tensor([0]), logits, {})
-    rebuilt, _ = cache.lookup(torch.tensor([0]))
+    signature = input_signature(torch.zeros(1, 3), 1)
+    cache.store(torch.tensor([0]), logits, {}, signature)
+    rebuilt, _ = cache.lookup(torch.tensor([0]), signature)
     fill = math.log(math.exp(1.0) + math.exp(0.0) + math.exp(-1.0)) - math.log(3)
     assert torch.allclose(rebuilt, torch.tensor([[3.0, fill, fill, fill, 2.0]]), atol=1e-6)
     # softmax at T = 1: top-2 probabilities kept, the rest of the mass spread evenly
@@ -117,7 +119,7 @@ def test_topk_logits_against_a_hand_computation() -> None:
     tail = (math.exp(1) + 1 + math.exp(-1)) / total / 3
     expected = torch.tensor([[math.exp(3) / total, tail, tail, tail, math.exp(2) / total]])
     assert torch.allclose(rebuilt.softmax(-1).double(), expected.double(), atol=1e-6)
-    assert cache.bytes_per_sample == 2 * 4 + 2 * 2 + 4 + 1  # values, int16 classes, tail log-sum-exp, flag
+    assert cache.bytes_per_sample == 2 * 4 + 2 * 2 + 4 + 8 + 1  # values, int16 classes, tail, signature, flag
     with pytest.raises(ValueError, match="top-k logits need"):
         topk_logits(torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.long), torch.zeros(1), 5)
     with pytest.raises(ValueError, match="top_k=5 keeps every one"):
@@ -224,6 +226,6 @@ def test_ddp_processes_share_one_cache_file(tmp_path: Path) -> None:
         assert rank["calls"].count(0) == 1 + 2  # probe + 32 samples / 16 per batch
         assert rank["calls"].count(1) == 0  # the other process's samples came from the shared file
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
-    assert meta["complete"] and meta["bytes_per_sample"] == 4 * 4 + 1
+    assert meta["complete"] and meta["bytes_per_sample"] == 4 * 4 + 8 + 2 * 4 + 1  # + checksums of 2 files
     with torch.no_grad():
         torch.testing.assert_close(ranks[0]["logits"], ranks[0]["teacher_logits"], rtol=0, atol=1e-6)
