@@ -29,15 +29,13 @@ def non_finite_cause(
     settings: Mapping[str, float] | None = None,
     trained: Collection[str] = (),
     samples: int | None = None,
-    cache_dtype: str | None = None,
 ) -> str:
     """What made a loss NaN/Inf, with its fix, in one sentence.
 
     Checked in this order, the first that applies named: an empty batch; NaN/Inf in the batch;
     a setting that is not finite (a temperature or weight, e.g. set by a schedule); NaN/Inf in
     a model's weights (for a ``trained`` model an earlier step diverged, for a fixed one the
-    loaded weights are broken); a float16 teacher-output cache whose logits overflowed; a
-    model's outputs that are not finite on finite inputs and weights; otherwise the terms' math.
+    loaded weights are broken); a model's outputs that are not finite on finite inputs and weights; otherwise the terms' math.
 
     Args:
         batch: the batch of the step.
@@ -46,7 +44,6 @@ def non_finite_cause(
         settings: named scalar settings the loss used (``{"loss term 'kd' temperature": 4.0}``).
         trained: the roles whose weights the optimizer changes.
         samples: the number of samples in the batch, if known.
-        cache_dtype: the storage dtype of the teacher-output cache the teacher's outputs came from.
     """
     if samples == 0:
         return (
@@ -76,13 +73,6 @@ def non_finite_cause(
         return (
             f"The {role}'s weight {broken!r} holds NaN/Inf, and it is not trained here: its weights were "
             f"loaded so. Load the {role} from a checkpoint of a run that did not diverge."
-        )
-    teacher_logits = outputs.get("teacher")
-    if cache_dtype == "float16" and teacher_logits is not None and not _finite(teacher_logits):
-        return (
-            "The teacher's logits from the teacher-output cache are not finite: the cache stores float16, "
-            "whose largest value is 65504, and the teacher's logits exceed it. Use "
-            "TeacherOutputCache(dtype='float32') (the cache is then rebuilt)."
         )
     for role, output in outputs.items():
         if output is None or _finite(output):

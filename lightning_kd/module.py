@@ -495,7 +495,6 @@ class DistillationModule(pl.LightningModule):
             if isinstance(temperature, float | int | Tensor) and torch.as_tensor(temperature).numel() == 1:
                 settings[f"temperature of loss term {name!r}"] = float(temperature)
         trained = ["student"] if self.teacher_is_frozen else ["student", "teacher"]
-        cache = self.teacher_cache if self.training else None
         return non_finite_cause(
             outputs.batch,
             {"student": self.student, "teacher": self.teacher},
@@ -503,7 +502,6 @@ class DistillationModule(pl.LightningModule):
             settings=settings,
             trained=trained,
             samples=int(outputs.student_logits.shape[0]) if outputs.student_logits.ndim else None,
-            cache_dtype=cache.dtype if cache is not None else None,
         )
 
     def raise_explained(self, error: Exception, batch: Any, inputs: Any) -> None:
