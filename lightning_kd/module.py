@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
+from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import (
     BatchKey,
@@ -339,7 +340,10 @@ class DistillationModule(pl.LightningModule):
 
         They are sized on :meth:`probe_batch`: the first batch of whatever data the Trainer call
         was given; without any, on ``example_input_array`` (the student's input, as in Lightning).
+        Lightning's default checkpoint IO becomes
+        :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO` (atomic writes, checked reads).
         """
+        use_atomic_checkpoint_io(self.trainer)
         if not any(term.needs_build for term in self.loss_terms.values()):
             return
         batch = self.probe_batch(stage)

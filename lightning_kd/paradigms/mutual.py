@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
@@ -101,6 +102,10 @@ class MutualLearningModule(pl.LightningModule):
                 "peers over the same classes and pass num_classes=."
             )
         return found.pop()
+
+    def setup(self, stage: str) -> None:
+        """Make Lightning's default checkpoint IO :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO`."""
+        use_atomic_checkpoint_io(self.trainer)
 
     def forward(self, inputs: Any) -> Any:
         """Peer 0's output."""
