@@ -107,7 +107,7 @@ def construction_error(error: BaseException) -> BaseException | None:
     """The error a class raised while LightningCLI built it, dug out of jsonargparse's wrappers.
 
     jsonargparse reports a failing ``class_path`` constructor inside "Does not validate against
-    any of the Union subtypes" (the error then sits on line 25 of 70); it chains the original as
+    any of the Union subtypes" (the error then sits on line 25 of 73); it chains the original as
     ``__cause__``. The first error of that chain raised outside jsonargparse is the
     constructor's own (e.g. a missing ``teacher_checkpoint``); ``None`` if there is none.
     """
