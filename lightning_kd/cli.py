@@ -7,12 +7,12 @@ import os
 import sys
 import time
 import warnings
-import zipfile
 from argparse import Action
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonargparse
 import lightning.pytorch as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -20,6 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_only
 
 import lightning_kd.models  # noqa: F401 - its networks are the known subclasses that --help lists
+from lightning_kd.checkpoint_io import checkpoint_problem, earlier_checkpoints_hint, use_atomic_checkpoint_io
 from lightning_kd.losses import LossTerm
 from lightning_kd.paradigms.chain import ChainLink, LinkResult, chain_table, ensemble_accuracy, run_chain
 from lightning_kd.recipes import RECIPES_DIR, copy_recipe, recipe_names, resolve_config
@@ -31,6 +32,7 @@ __all__ = [
     "build_chain_parser",
     "chain_main",
     "check_checkpoint_file",
+    "construction_error",
     "link_latest",
     "fit_summary",
     "main",
@@ -68,32 +70,63 @@ def fit_summary(trainer: Trainer, seconds: float, baseline_accuracy: float | Non
 
 
 def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
-    """Reject a truncated or foreign ``--ckpt_path`` file before Lightning loads it.
+    """Reject an unloadable ``--ckpt_path`` file before anything is built.
 
-    ``torch.save`` writes a zip archive (since PyTorch 1.6) whose directory sits at the end of
-    the file, so reading that directory catches truncated and non-checkpoint files without
-    unpickling anything. Lightning's special values (``"last"``, ``"best"``, ...) and paths that
-    are not local files are left to Lightning.
+    The file is read record by record against the CRC-32s that ``torch.save`` stores
+    (:func:`~lightning_kd.checkpoint_io.checkpoint_problem`): empty, truncated, foreign and
+    damaged files are caught without unpickling anything. A directory is refused unless it holds
+    a distributed checkpoint (``.metadata`` of ``torch.distributed.checkpoint``, as FSDP's
+    sharded checkpoints, or DeepSpeed's ``latest``). Lightning's special values (``"last"``,
+    ``"best"``, ...) are left to Lightning, whose loading the training modules check alike.
 
     Raises:
-        ValueError: the file is not a complete ``torch.save`` archive.
+        ValueError: the path is a plain directory or an unloadable file.
     """
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if ckpt_path is None:
         return
-    try:
-        with zipfile.ZipFile(ckpt_path) as archive:
-            complete = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError) as error:
-        complete, reason = False, str(error)
-    else:
-        reason = "it holds no data.pkl"
-    if not complete:
+    path = Path(ckpt_path)
+    if path.is_dir():
+        if (path / ".metadata").is_file() or (path / "latest").is_file():
+            return
         raise ValueError(
-            f"Cannot load --ckpt_path {str(ckpt_path)!r}: it is truncated or not a checkpoint "
-            f"({reason}). "
-            "Pass a complete .ckpt written by Lightning (e.g. runs/.../checkpoints/last.ckpt), or drop "
+            f"Cannot load --ckpt_path {str(ckpt_path)!r}: it is a directory, not a checkpoint file. Pass a "
+            f"checkpoint file in it{earlier_checkpoints_hint(path) or ' (it holds no .ckpt file)'}."
+        )
+    if not path.is_file():
+        return
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(
+            f"Cannot load --ckpt_path {str(ckpt_path)!r}: {problem}. Pass an earlier checkpoint"
+            f"{earlier_checkpoints_hint(path) or ' (e.g. runs/.../checkpoints/last.ckpt)'}, or drop "
             "--ckpt_path to start afresh."
         )
+
+
+def construction_error(error: BaseException) -> BaseException | None:
+    """The error a class raised while LightningCLI built it, dug out of jsonargparse's wrappers.
+
+    jsonargparse reports a failing ``class_path`` constructor inside "Does not validate against
+    any of the Union subtypes" (the error then sits on line 25 of 73); it chains the original as
+    ``__cause__``. The first error of that chain raised outside jsonargparse is the
+    constructor's own (e.g. a missing ``teacher_checkpoint``); ``None`` if there is none.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback = current.__traceback__
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        if traceback is not None and not Path(traceback.tb_frame.f_code.co_filename).is_relative_to(
+            _JSONARGPARSE_DIR
+        ):
+            return current if current is not error else None
+        current = current.__cause__
+    return None
+
+
+_JSONARGPARSE_DIR = Path(jsonargparse.__file__).resolve().parent
 
 
 DESCRIPTION = (
@@ -225,6 +258,25 @@ class DistillationCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a constructor's own error is raised as itself.
+
+        jsonargparse would report it inside its Union error (see :func:`construction_error`).
+        """
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            original = construction_error(error)
+            if original is None:
+                raise
+            raise original from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """LightningCLI's trainer; any model gets :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO`."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         """Start the clock for the summary."""

@@ -27,6 +27,7 @@ from lightning_kd.batch_checks import (
     warn_if_probabilities,
 )
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
+from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import (
@@ -362,7 +363,10 @@ class DistillationModule(pl.LightningModule):
 
         They are sized on :meth:`probe_batch`: the first batch of whatever data the Trainer call
         was given; without any, on ``example_input_array`` (the student's input, as in Lightning).
+        Lightning's default checkpoint IO becomes
+        :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO` (atomic writes, checked reads).
         """
+        use_atomic_checkpoint_io(self.trainer)
         if not any(term.needs_build for term in self.loss_terms.values()):
             return
         batch = self.probe_batch(stage)

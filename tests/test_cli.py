@@ -6,6 +6,7 @@ import glob
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,44 @@ def test_print_config_shows_the_recipe(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_missing_teacher_checkpoint_in_yaml(in_tmp: Path) -> None:
-    # LightningCLI reports the error from the module's constructor inside its own message
-    with pytest.raises((FileNotFoundError, ValueError), match="Train the teacher first"):
+    # the module's own error, not jsonargparse's "Does not validate against any of the Union subtypes"
+    with pytest.raises(FileNotFoundError) as error:
         main(["fit", "--config", str(CONFIGS / "mnist1d/kd.yaml"), *SMALL])
+    missing = in_tmp.resolve() / "runs/mnist1d/teacher/latest.ckpt"
+    assert str(error.value).startswith(
+        f"Teacher checkpoint '{missing}' does not exist. Train the teacher first "
+        "(e.g. `lightning-kd fit --config mnist1d/teacher`) or fix the path."
+    )
+    printed = "".join(traceback.format_exception(error.value))
+    assert "Union" not in printed and printed.rstrip().splitlines()[-1].startswith(
+        "FileNotFoundError: Teacher"
+    )
+
+
+@pytest.mark.parametrize("fault", ["empty", "directory", "flipped"])
+def test_an_unloadable_ckpt_path_is_refused_before_anything_is_built(in_tmp: Path, fault: str) -> None:
+    folder = in_tmp / "checkpoints"
+    folder.mkdir()
+    torch.save({"state_dict": {"w": torch.arange(64.0)}}, folder / "epoch=0.ckpt")
+    path = folder / "last.ckpt"
+    if fault == "empty":
+        path.write_bytes(b"")
+        message = f"Cannot load --ckpt_path '{path}': it is empty (0 bytes), left by a save that was cut off."
+    elif fault == "directory":
+        path = folder
+        message = f"Cannot load --ckpt_path '{path}': it is a directory, not a checkpoint file."
+    else:
+        data = bytearray((folder / "epoch=0.ckpt").read_bytes())
+        start = data.index(torch.arange(64.0).numpy().tobytes())  # the tensor's bytes in the archive
+        data[start + 40 : start + 44] = b"\xff\xff\xff\xff"
+        path.write_bytes(data)
+        message = f"Cannot load --ckpt_path '{path}': its bytes changed after it was written (Bad CRC-32"
+    hint = "Pass a checkpoint file in it" if fault == "directory" else "Pass an earlier checkpoint"
+    with pytest.raises(ValueError) as error:
+        main(["fit", "--config", str(CONFIGS / "mnist1d/baseline.yaml"), *SMALL, f"--ckpt_path={path}"])
+    assert str(error.value).startswith(message)
+    assert f"{hint}, e.g. 'epoch=0.ckpt' in '{folder}'" in str(error.value)
+    assert not (in_tmp / "runs").exists()  # refused before a run folder was made
 
 
 def test_unknown_key_gets_lightningclis_message(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,7 @@ from lightning_kd.batch_checks import (
     explain_forward_error,
     warn_if_probabilities,
 )
+from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
@@ -119,6 +120,10 @@ class MutualLearningModule(pl.LightningModule):
                 "peers over the same classes and pass num_classes=."
             )
         return found.pop()
+
+    def setup(self, stage: str) -> None:
+        """Make Lightning's default checkpoint IO :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO`."""
+        use_atomic_checkpoint_io(self.trainer)
 
     def forward(self, inputs: Any) -> Any:
         """Peer 0's output."""

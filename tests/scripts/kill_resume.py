@@ -5,13 +5,17 @@ Run by tests/training/test_resume_after_kill.py.
 ``kill_resume.py OUT SCENARIO --kill-at-step N``: after optimizer step N the run writes
 ``OUT/step.txt`` and waits, so the test can SIGKILL it there (mid-epoch). Without
 ``--kill-at-step`` it trains to the end (resuming from ``OUT/ckpt/last.ckpt`` with ``--resume``)
-and saves the final state and the last logged loss to ``OUT/final.pt``. The test also imports
-:func:`fit` to run the uninterrupted and the resumed fits in its own process.
+and saves the final state and the last logged loss to ``OUT/final.pt``. ``--ckpt-dir DIR`` puts
+the checkpoints in ``DIR`` instead. With the environment variable ``KILL_RESUME_SLOW_COMMIT=FILE``,
+the commit of each ``last.ckpt`` that replaces an earlier one (the new file written and synced,
+``os.replace`` not yet done) writes ``FILE`` and waits, so the test can SIGKILL it there. The test
+also imports :func:`fit` to run the uninterrupted and the resumed fits in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +67,19 @@ class StopAtStep(pl.Callback):
             time.sleep(120)
 
 
+def wait_in_last_ckpt_commit(marker: Path) -> None:
+    """Make the commit that replaces an existing ``last.ckpt`` write ``marker`` and wait to be killed."""
+    replace = os.replace
+
+    def waiting_replace(source: str | Path, target: str | Path) -> None:
+        if Path(target).name == "last.ckpt" and Path(target).exists():
+            marker.write_text(str(source))
+            time.sleep(120)
+        replace(source, target)
+
+    os.replace = waiting_replace
+
+
 def _module(scenario: str, out_dir: Path) -> DistillationModule:
     optimizer = lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9)  # noqa: E731
     common: dict[str, Any] = dict(optimizer=optimizer)
@@ -103,9 +120,14 @@ def _callbacks(scenario: str) -> list[pl.Callback]:
 
 
 def fit(
-    out_dir: Path, scenario: str, kill_at_step: int | None = None, resume: bool = False
+    out_dir: Path,
+    scenario: str,
+    kill_at_step: int | None = None,
+    resume: bool = False,
+    ckpt_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Fit ``scenario`` (optionally resuming from ``out_dir/ckpt/last.ckpt``); return its final state."""
+    """Fit ``scenario`` (optionally resuming from ``last.ckpt`` in ``ckpt_dir``, default
+    ``out_dir/ckpt``); return its final state."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -114,7 +136,7 @@ def fit(
         datamodule = (IndexedDataModule if scenario in ("crd", "cache") else RandomDataModule)(
             n=SAMPLES, batch_size=BATCH
         )
-        checkpoint = ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, every_n_epochs=1)
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, every_n_epochs=1)
         callbacks = [ReproducibleOrder(seed=SEED), checkpoint, *_callbacks(scenario)]
         if kill_at_step is not None:
             callbacks.append(StopAtStep(kill_at_step, out_dir / "step.txt"))
@@ -143,9 +165,12 @@ def main() -> None:
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--ckpt-dir", type=Path, default=None)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(args.out_dir, args.scenario, args.kill_at_step, args.resume)
+    if os.environ.get("KILL_RESUME_SLOW_COMMIT"):
+        wait_in_last_ckpt_commit(Path(os.environ["KILL_RESUME_SLOW_COMMIT"]))
+    result = fit(args.out_dir, args.scenario, args.kill_at_step, args.resume, args.ckpt_dir)
     torch.save(result, args.out_dir / "final.pt")
 
 

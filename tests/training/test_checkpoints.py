@@ -1,15 +1,27 @@
-"""Checkpoints: frozen teacher left out (or kept), round trips, resume, teacher checkpoint errors."""
+"""Checkpoints: frozen teacher left out (or kept), round trips, resume, atomic writes, checked reads."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.serialization import config as serialization_config
 
 from lightning_kd import DistillationModule
+from lightning_kd.checkpoint_io import AtomicCheckpointIO, atomic_save, checkpoint_problem
+from lightning_kd.teachers import load_weights
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 
@@ -87,3 +99,127 @@ def test_truncated_teacher_checkpoint(trained_teacher: Path, tmp_path: Path) -> 
     broken.write_bytes(trained_teacher.read_bytes()[:200])
     with pytest.raises(ValueError, match="Cannot read checkpoint"):
         DistillationModule(small_net(), small_net(hidden=32), teacher_checkpoint=broken)
+
+
+def _flip_tensor_bytes(path: Path) -> str:
+    """Flip 4 bytes in the middle of the checkpoint's largest tensor; returns the record's name."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((r for r in archive.infolist() if "/data/" in r.filename), key=lambda r: r.file_size)
+    data = bytearray(path.read_bytes())
+    header = record.header_offset  # the local header: 30 bytes, then the name and the extra field
+    name_length, extra_length = struct.unpack("<HH", data[header + 26 : header + 30])
+    start = header + 30 + name_length + extra_length + record.file_size // 2
+    data[start : start + 4] = bytes(byte ^ 0xFF for byte in data[start : start + 4])
+    path.write_bytes(data)
+    return record.filename
+
+
+def test_flipped_bytes_in_a_checkpoint_stop_the_resume_and_the_teacher_load(tmp_path: Path) -> None:
+    good = _fit(DistillationModule(small_net()), tmp_path / "ckpt")
+    earlier = shutil.copy(good, good.with_name("epoch=0.ckpt"))
+    record = _flip_tensor_bytes(good)
+    # torch.load alone takes the damaged tensor as it is
+    damaged, intact = (torch.load(p, weights_only=True)["state_dict"] for p in (good, earlier))
+    assert any(not torch.equal(damaged[k], intact[k]) for k in intact)
+
+    expected = (
+        f"Cannot load checkpoint '{good}': its bytes changed after it was written (Bad CRC-32 for file "
+        f"'{record}': the file was damaged on disk or in a copy). Pass an earlier checkpoint as ckpt_path "
+        f"(--ckpt_path), e.g. 'epoch=0.ckpt' in '{good.parent}', or run without it to start afresh."
+    )
+    trainer = make_trainer(max_epochs=2)
+    with pytest.raises(ValueError) as error:
+        trainer.fit(DistillationModule(small_net()), datamodule=RandomDataModule(), ckpt_path=good)
+    assert str(error.value) == expected
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the module's default
+    with pytest.raises(
+        ValueError, match=rf"Cannot read checkpoint '{re.escape(str(good))}': its bytes changed"
+    ):
+        load_weights(small_net(), good)
+
+
+def test_an_empty_last_ckpt_names_the_earlier_checkpoint(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, filename="epoch0")
+    make_trainer(callbacks=[checkpoint], enable_checkpointing=True).fit(
+        DistillationModule(small_net()), datamodule=RandomDataModule()
+    )
+    (tmp_path / "last.ckpt").write_bytes(b"")  # as a kill during Lightning's cross-filesystem copy leaves it
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, filename="epoch0")
+    trainer = make_trainer(max_epochs=2, callbacks=[checkpoint], enable_checkpointing=True)
+    with pytest.raises(ValueError) as error:
+        trainer.fit(DistillationModule(small_net()), datamodule=RandomDataModule(), ckpt_path="last")
+    assert str(error.value) == (
+        f"Cannot load checkpoint '{tmp_path / 'last.ckpt'}': it is empty (0 bytes), left by a save that was "
+        f"cut off. Pass an earlier checkpoint as ckpt_path (--ckpt_path), e.g. 'epoch0.ckpt' in "
+        f"'{tmp_path}', or run without it to start afresh."
+    )
+
+
+@pytest.mark.parametrize("fault", ["directory", "truncated"])
+def test_a_directory_or_a_truncated_file_as_ckpt_path(trained_teacher: Path, fault: str) -> None:
+    if fault == "directory":
+        path, message = (
+            trained_teacher.parent,
+            "it is a directory, not a checkpoint file. Pass a checkpoint file in it",
+        )
+    else:
+        path = trained_teacher.with_name("truncated.ckpt")
+        path.write_bytes(trained_teacher.read_bytes()[:-100])
+        message = "it is truncated or not a checkpoint (File is not a zip file). Pass an earlier checkpoint"
+    with pytest.raises(ValueError) as error:
+        make_trainer().fit(
+            DistillationModule(small_net(hidden=32)), datamodule=RandomDataModule(), ckpt_path=path
+        )
+    assert str(error.value) == (
+        f"Cannot load checkpoint '{path}': {message} as ckpt_path (--ckpt_path), e.g. 'model.ckpt' in "
+        f"'{trained_teacher.parent}'"
+        + ("." if fault == "directory" else ", or run without it to start afresh.")
+    )
+
+
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    atomic_save({"step": 1}, target)
+
+    def write_then_fail(obj: Any, file: Any) -> None:
+        torch.save(obj, file)
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save({"step": 2}, target, write=write_then_fail)
+    assert torch.load(target)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_temporaries_of_killed_saves_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    stale = tmp_path / f".last.ckpt.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    alive = tmp_path / f".last.ckpt.tmp-{host}-{os.getppid()}-0123abcd"  # a save in progress elsewhere
+    other_host = tmp_path / f".last.ckpt.tmp-{host}x-{int(dead.stdout)}-0123abcd"
+    for path in (stale, alive, other_host):
+        path.write_bytes(b"partial")
+    atomic_save({"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, other_host.name])
+
+
+def test_old_checkpoints_without_crcs_still_load(tmp_path: Path) -> None:
+    source = small_net()
+    with serialization_config.patch({"save.compute_crc32": False}):
+        torch.save(source.state_dict(), tmp_path / "no_crc.pt")
+    assert {r.CRC for r in zipfile.ZipFile(tmp_path / "no_crc.pt").infolist()} == {0}
+    torch.save(source.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("no_crc.pt", "legacy.pt"):
+        assert checkpoint_problem(tmp_path / name) is None
+        loaded = load_weights(small_net(), tmp_path / name)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_a_checkpoint_io_the_user_chose_is_left_alone(tmp_path: Path) -> None:
+    class OwnIO(TorchCheckpointIO):
+        pass
+
+    trainer = make_trainer(plugins=[OwnIO()])
+    trainer.fit(DistillationModule(small_net()), datamodule=RandomDataModule())
+    assert type(trainer.strategy.checkpoint_io) is OwnIO
