@@ -8,16 +8,17 @@ and what to fix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 __all__ = ["checked_temperature"]
 
 
-def checked_temperature(temperature: float) -> float:
-    """``temperature`` as a float; a ``ValueError`` unless it is > 0."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+def checked_temperature(temperature: float, name: str = "temperature") -> float:
+    """``temperature`` as a float; a ``ValueError`` naming the value unless it is finite and > 0."""
+    _check_positive(name, temperature)
     return float(temperature)
 
 
@@ -29,8 +30,9 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, hint: str 
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
+    """A finite number > 0 (``inf`` and ``nan`` are refused, naming the value)."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}.")
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
