@@ -108,6 +108,9 @@ def scaled_kl(log_q: Tensor, u: Tensor, temperature: float) -> Tensor:
 
 
 def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    r""":math:`T^2 \mathrm{KL}(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T))` per row of ``(M, C)`` logits, in float64."""
+    r""":math:`T^2 \mathrm{KL}(\mathrm{softmax}(t / T) \,\|\, \mathrm{softmax}(s / T))` per row.
+
+    For (M, C) logits; computed in float64 (the result too), accurate at any finite temperature.
+    """
     student, teacher = student_logits.double(), teacher_logits.double()
     return scaled_kl(torch.log_softmax(student / temperature, dim=-1), teacher - student, temperature)
