@@ -51,9 +51,9 @@ def _moments(log_weights: Tensor, values: Tensor, dim: int) -> tuple[Tensor, ...
     support = ~torch.isneginf(log_weights)
     log_weights = log_weights - torch.logsumexp(log_weights, dim, True)
     weights = log_weights.exp()
-    values = torch.where(support, values, torch.zeros_like(values))
+    values = torch.where(support, values, 0.0)
     mean = (weights * values).sum(dim=dim, keepdim=True)
-    centred = torch.where(support, values - mean, torch.zeros_like(values))
+    centred = torch.where(support, values - mean, 0.0)
     detached = centred.detach()
     spread = detached.amax(dim=dim) - detached.amin(dim=dim)
     return support, weights, mean.squeeze(dim), centred, spread, log_weights
@@ -66,7 +66,13 @@ def uses_direct_formula(temperature: float) -> bool:
 
 def _cumulants(weights: Tensor, centred: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cumulants 2 to 5 of ``centred`` (mean 0) under ``weights``, from its central moments."""
-    m2, m3, m4, m5 = ((weights * centred**k).sum(dim=dim) for k in (2, 3, 4, 5))
+    weighted = weights * centred * centred
+    m2 = weighted.sum(dim=dim)
+    weighted = weighted * centred
+    m3 = weighted.sum(dim=dim)
+    weighted = weighted * centred
+    m4 = weighted.sum(dim=dim)
+    m5 = (weighted * centred).sum(dim=dim)
     return m2, m3, m4 - 3 * m2**2, m5 - 10 * m3 * m2
 
 
@@ -102,7 +108,7 @@ def scaled_kl(log_q: Tensor, u: Tensor, temperature: float) -> Tensor:
     if temperature > _SERIES_ONLY_TEMPERATURE:
         return series
     log_p = torch.log_softmax(log_q + centred / temperature, dim=-1)
-    log_ratio = torch.where(support, log_p - log_q, torch.zeros_like(log_p))
+    log_ratio = torch.where(support, log_p - log_q, 0.0)
     direct = (log_p.exp() * log_ratio).sum(dim=-1) * temperature**2
     return torch.where(spread < SERIES_MAX_SPREAD * temperature, series, direct)
 
