@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from lightning_kd.losses._softened import softened_kl
+from lightning_kd.losses.dkd import _softened_dkd_parts
 from lightning_kd.losses.functional import dist_loss, dkd_loss, kd_loss, multi_teacher_kd_loss
 from lightning_kd.losses.lupi import generalized_distillation_loss
+from lightning_kd.losses.multi_teacher import _softened_mixture_kl
 
 mpmath.mp.dps = 60
 TEMPERATURES = [1e-3, 1.0, 4.0, 1e3, 1e5, 1e8, 1e12]
@@ -104,28 +106,31 @@ def test_kd_loss_matches_high_precision_reference(temperature: float, classes: i
     assert core == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("classes", [10, 1000])
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-def test_dkd_loss_matches_high_precision_reference(temperature: float) -> None:
-    student, teacher = logits(3, 10, 2), logits(3, 10, 3)
+def test_dkd_loss_matches_high_precision_reference(temperature: float, classes: int) -> None:
+    student, teacher = logits(3, classes, 2), logits(3, classes, 3)
     target = [0, 4, 9]
     expected = ref_dkd(student, teacher, target, temperature)
     got = dkd_loss(student, teacher, torch.tensor(target), alpha=1.0, beta=8.0, temperature=temperature)
     assert got.item() == pytest.approx(expected, rel=bound(temperature))
 
 
+@pytest.mark.parametrize("classes", [10, 1000])
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-def test_multi_teacher_kd_loss_matches_high_precision_reference(temperature: float) -> None:
-    student = logits(2, 10, 4)
-    teachers = torch.stack([logits(2, 10, 5), logits(2, 10, 6), logits(2, 10, 7)])
+def test_multi_teacher_kd_loss_matches_high_precision_reference(temperature: float, classes: int) -> None:
+    student = logits(2, classes, 4)
+    teachers = torch.stack([logits(2, classes, 5), logits(2, classes, 6), logits(2, classes, 7)])
     weights = [0.5, 0.3, 0.2]
     expected = ref_multi(student, teachers, weights, temperature)
     got = multi_teacher_kd_loss(student, teachers, torch.tensor(weights), temperature)
     assert got.item() == pytest.approx(expected, rel=bound(temperature))
 
 
+@pytest.mark.parametrize("classes", [10, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 1e3, 1e5, 1e8, 1e12])
-def test_dist_loss_matches_high_precision_reference(temperature: float) -> None:
-    student, teacher = logits(3, 10, 8), logits(3, 10, 9)
+def test_dist_loss_matches_high_precision_reference(temperature: float, classes: int) -> None:
+    student, teacher = logits(3, classes, 8), logits(3, classes, 9)
     expected = ref_dist(student, teacher, temperature)
     got = dist_loss(student, teacher, beta=1.0, gamma=1.0, temperature=temperature)
     assert got.item() == pytest.approx(expected, rel=bound(temperature))
@@ -185,3 +190,22 @@ def test_tiny_temperature_stays_finite_with_a_correct_gradient() -> None:
         teacher.argmax(-1), 10
     )
     torch.testing.assert_close(s.grad, 1e-3 * one_hot_gap.float() / 2)
+
+
+@pytest.mark.parametrize("temperature", [1e3, 1e8])
+def test_dkd_and_mixture_float64_paths_pass_gradcheck(temperature: float) -> None:
+    student = (logits(3, 5, 20) / 5).double().requires_grad_(True)
+    teacher = (logits(3, 5, 21) / 5).double()
+    teachers = torch.stack([teacher, (logits(3, 5, 22) / 5).double()])
+    target = torch.tensor([0, 2, 4])
+
+    def dkd(s: torch.Tensor) -> torch.Tensor:
+        return torch.stack(_softened_dkd_parts(s, teacher, target, temperature))
+
+    def mixture(s: torch.Tensor) -> torch.Tensor:
+        return _softened_mixture_kl(
+            s, teachers, torch.tensor([[0.7, 0.5, 0.1], [0.3, 0.5, 0.9]]), temperature
+        )
+
+    assert torch.autograd.gradcheck(dkd, (student,), eps=1e-4)
+    assert torch.autograd.gradcheck(mixture, (student,), eps=1e-4)
