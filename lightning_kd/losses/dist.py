@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair
 from lightning_kd.losses._softened import scaled_log_mean_exp, uses_direct_formula
-from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.precision import float32_math
 
 __all__ = ["dist_loss", "DISTTerm"]
@@ -141,8 +141,8 @@ class DISTTerm(LossTerm):
         temperature: float = 1.0,
     ) -> None:
         super().__init__(name, weight)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
+        self.beta = checked_weight(beta, name, "beta (the weight of the inter-class part)")
+        self.gamma = checked_weight(gamma, name, "gamma (the weight of the intra-class part)")
         self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:

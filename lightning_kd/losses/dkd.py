@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets
 from lightning_kd.losses._softened import scaled_kl, scaled_log_mean_exp, uses_direct_formula
-from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.precision import float32_math
 
 __all__ = ["dkd_loss", "DKDTerm"]
@@ -159,8 +159,8 @@ class DKDTerm(LossTerm):
         temperature: float = 4.0,
     ) -> None:
         super().__init__(name, weight)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.alpha = checked_weight(alpha, name, "alpha (the weight of TCKD)")
+        self.beta = checked_weight(beta, name, "beta (the weight of NCKD)")
         self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:

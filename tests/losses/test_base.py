@@ -426,3 +426,25 @@ def test_terms_and_losses_refuse_non_finite_temperatures_naming_the_value(temper
         KDTerm(temperature=temperature)
     with pytest.raises(ValueError, match=f"temperature must be > 0 and finite, got {temperature}"):
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature)
+
+
+@pytest.mark.parametrize(
+    ("build", "shown"),
+    [
+        (
+            lambda: DKDTerm(beta=-8.0),
+            r"Loss term 'dkd': beta \(the weight of NCKD\) must be a finite number >= 0",
+        ),
+        (
+            lambda: DISTTerm(gamma=float("inf")),
+            r"Loss term 'dist': gamma \(the weight of the intra-class part\)",
+        ),
+        (
+            lambda: RKDTerm("0", "0", angle_weight=float("nan")),
+            "Loss term 'rkd': angle_weight must be a finite",
+        ),
+    ],
+)
+def test_weights_inside_a_term_are_checked_like_its_weight(build: Callable[[], object], shown: str) -> None:
+    with pytest.raises(ValueError, match=shown):
+        build()
