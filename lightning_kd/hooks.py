@@ -64,9 +64,19 @@ class LayerHooks:
     """Hooks on a set of layers; every call of a hooked layer stores what it saw under the layer's key.
 
     ``captured[key]`` holds the layer's output (``capture="output"``, a forward hook) or its first
-    positional input (``capture="input"``, a forward pre-hook); the latest call's (``keep="last"``)
-    or every call's in order (``keep="all"``, a list). The ``captured`` dict is one object for the
-    hooks' lifetime: :meth:`clear` empties it in place.
+    positional input (``capture="input"``, a forward pre-hook). Which call's, for a layer that
+    runs more than once in one forward of the model (a shared block), is set by ``keep``:
+
+    - ``"once"`` (default): the layer must run once per forward; a second call is a
+      ``RuntimeError`` naming the layer and its number of calls (a feature paired from one call
+      of a shared block would silently be the last call's);
+    - ``"last"``: the latest call's, knowingly;
+    - ``"all"``: every call's, in order (a list).
+
+    Calls are counted from the start of each forward of ``model`` (a forward pre-hook; with
+    :meth:`on`, the model the paths are in) and checked at its end, or, without a model, counted
+    since the last :meth:`clear`. Counting is Python bookkeeping: no device synchronisation. The
+    ``captured`` dict is one object for the hooks' lifetime: :meth:`clear` empties it in place.
 
     Use it around one forward (``with LayerHooks.on(model, ["layer3"]) as hooks: model(x)``) or
     hold it with :meth:`attach` / :meth:`detach`.
@@ -74,29 +84,37 @@ class LayerHooks:
     Args:
         layers: the modules to hook, by key (a dotted path, or any hashable name).
         capture: ``"output"`` or ``"input"``.
-        keep: ``"last"`` or ``"all"``.
+        keep: ``"once"``, ``"last"`` or ``"all"``.
+        model: the model whose forward delimits "one forward" for ``keep="once"``.
+        role: how messages name the model (``"student"``, ``"teacher"``).
     """
 
     def __init__(
         self,
         layers: Mapping[Hashable, nn.Module],
         capture: Literal["output", "input"] = "output",
-        keep: Literal["last", "all"] = "last",
+        keep: Literal["once", "last", "all"] = "once",
+        model: nn.Module | None = None,
+        role: str = "model",
     ) -> None:
         if capture not in ("output", "input"):
             raise ValueError(f"capture must be 'output' or 'input', got {capture!r}.")
-        if keep not in ("last", "all"):
-            raise ValueError(f"keep must be 'last' or 'all', got {keep!r}.")
+        if keep not in ("once", "last", "all"):
+            raise ValueError(f"keep must be 'once', 'last' or 'all', got {keep!r}.")
         self.layers = dict(layers)
         self.capture = capture
         self.keep = keep
+        self.model = uncompiled(model) if model is not None else None
+        self.role = role
         self.captured: dict[Hashable, Any] = {}
+        self._calls: dict[Hashable, int] = {}
         self._handles: list[RemovableHandle] = []
 
     @classmethod
     def on(cls, model: nn.Module, paths: Iterable[str], role: str = "model", **options: Any) -> LayerHooks:
         """Hooks on the layers of ``model`` at dotted ``paths`` (checked by :func:`find_layer`)."""
-        return cls({path: find_layer(model, path, role) for path in dict.fromkeys(paths)}, **options)
+        layers = {path: find_layer(model, path, role) for path in dict.fromkeys(paths)}
+        return cls(layers, model=model, role=role, **options)
 
     @property
     def attached(self) -> bool:
@@ -106,6 +124,9 @@ class LayerHooks:
     def attach(self) -> LayerHooks:
         """Register the hooks (again, if they already are)."""
         self.detach()
+        if self.keep == "once" and self.model is not None:
+            self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._calls.clear()))
+            self._handles.append(self.model.register_forward_hook(self._check_calls))
         for key, layer in self.layers.items():
             if self.capture == "output":
                 handle = layer.register_forward_hook(self._store(key, lambda args, output: output))
@@ -120,21 +141,42 @@ class LayerHooks:
         self.clear()
 
     def clear(self) -> None:
-        """Drop what the hooks captured (the hooks stay)."""
+        """Drop what the hooks captured and their call counts (the hooks stay)."""
         self.captured.clear()
+        self._calls.clear()
 
     def _store(self, key: Hashable, pick: Callable[..., Any]) -> Callable[..., None]:
-        captured = self.captured
+        captured, calls = self.captured, self._calls
         keep_all = self.keep == "all"
+        check_each_call = self.keep == "once" and self.model is None
 
         def hook(module: nn.Module, *seen: Any) -> None:
             value = pick(*seen)
             if keep_all:
                 captured.setdefault(key, []).append(value)
-            else:
-                captured[key] = value
+                return
+            calls[key] = calls.get(key, 0) + 1
+            if check_each_call and calls[key] > 1:
+                raise self._repeated_error({key: calls[key]})
+            captured[key] = value
 
         return hook
+
+    def _check_calls(self, *_: Any) -> None:
+        """At the end of the model's forward: every ``keep="once"`` layer ran at most once."""
+        repeated = {key: count for key, count in self._calls.items() if count > 1}
+        if repeated:
+            raise self._repeated_error(repeated)
+
+    def _repeated_error(self, repeated: Mapping[Hashable, int]) -> RuntimeError:
+        calls = ", ".join(f"{key!r} ran {count} times" for key, count in repeated.items())
+        return RuntimeError(
+            f"Hooked {self.role} layers run more than once in one forward: {calls}. A hook keeps one "
+            f"{self.capture} per layer and forward, so only the last call's would be captured and paired, "
+            "silently. Hook a layer that runs once per forward instead (a child or wrapper used by one "
+            "call of the shared block), or, with LayerHooks, pass keep='last' (the last call's, knowingly) "
+            "or keep='all' (every call's, in order)."
+        )
 
     def __enter__(self) -> LayerHooks:
         return self.attach()

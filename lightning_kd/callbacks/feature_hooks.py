@@ -25,7 +25,9 @@ class FeatureHooks(Callback):
     and removed in :meth:`teardown`. Captured tensors are dropped at the end of every batch, so
     memory does not grow over an epoch. A :class:`~lightning_kd.DistillationModule` adds this
     callback itself for the layers its loss terms declare; the captured outputs reach the terms
-    as ``StepOutputs.student_features`` / ``teacher_features``.
+    as ``StepOutputs.student_features`` / ``teacher_features``. Each hooked layer must run once
+    per forward of its model: a layer called twice (a shared block) stops the forward with a
+    ``RuntimeError`` naming it (``LayerHooks``' ``keep="once"``), rather than pairing its last call.
 
     Args:
         student_layers: dotted module paths in the student.

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 
 from lightning_kd.callbacks.scheduled_value import Interval, Schedule, ScheduledValue
+from lightning_kd.losses.base import checked_weight
 
 __all__ = ["LossWeightSchedule"]
 
@@ -27,6 +28,10 @@ class LossWeightSchedule(ScheduledValue):
         total: length of the schedule; default: the whole run.
         milestones: for ``step``: where the weight is multiplied by ``gamma``.
         gamma: for ``step``: the factor.
+
+    Raises:
+        ValueError: ``start``, ``end`` or ``gamma`` is negative or not finite (every weight the
+            schedule reaches is then >= 0: linear and cosine stay between ``start`` and ``end``).
     """
 
     def __init__(
@@ -40,6 +45,10 @@ class LossWeightSchedule(ScheduledValue):
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
     ) -> None:
+        checked_weight(start, term, "LossWeightSchedule start")
+        if end is not None:
+            checked_weight(end, term, "LossWeightSchedule end")
+        checked_weight(gamma, term, "LossWeightSchedule gamma (the step factor)")
         super().__init__(start, end, schedule, interval, total, milestones, gamma)
         self.term = term
         self.log_name = f"kd/weight_{term}"

@@ -93,6 +93,9 @@ class ScheduledValue(Callback):
     ) -> None:
         if interval not in ("step", "epoch"):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}.")
+        for label, value in (("start", start), ("end", end), ("gamma", gamma)):
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}: {label} must be a finite number, got {value}.")
         if total is not None and total <= 0:
             raise ValueError(f"total must be a positive number of {interval}s, got {total}.")
         if schedule in ("linear", "cosine", "exponential") and end is None:

@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_kd.losses.base import checked_weight
+
 __all__ = ["DistillationStages", "Stage"]
 
 
@@ -60,6 +62,9 @@ class DistillationStages(Callback):
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
         if not self.stages:
             raise ValueError("DistillationStages needs at least one stage.")
+        for number, stage in enumerate(self.stages):
+            for term, weight in (stage.weights or {}).items():
+                checked_weight(weight, term, f"Stage {number} weight")
         for number, stage in enumerate(self.stages[:-1]):
             if stage.epochs is None or stage.epochs <= 0:
                 raise ValueError(

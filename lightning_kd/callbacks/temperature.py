@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 
 from lightning_kd.callbacks.scheduled_value import Interval, Schedule, ScheduledValue
+from lightning_kd.losses.base import checked_temperature
 
 __all__ = ["TemperatureAnnealing"]
 
@@ -27,6 +28,10 @@ class TemperatureAnnealing(ScheduledValue):
         milestones: for ``step``: where the temperature is multiplied by ``gamma``.
         gamma: for ``step``: the factor.
         terms: names of the loss terms to drive; default: every term with a ``temperature``.
+
+    Raises:
+        ValueError: ``start``, ``end`` or ``gamma`` is not a finite number > 0; at a step, the
+            schedule reached a temperature that is not (``gamma`` underflowing to 0).
     """
 
     log_name = "kd/temperature"
@@ -42,9 +47,9 @@ class TemperatureAnnealing(ScheduledValue):
         gamma: float = 0.5,
         terms: Sequence[str] | None = None,
     ) -> None:
-        for label, value in (("start", start), ("end", end)):
-            if value is not None and not value > 0:
-                raise ValueError(f"Temperature {label} must be > 0, got {value}.")
+        for label, value in (("start", start), ("end", end), ("gamma", gamma)):
+            if value is not None:
+                checked_temperature(value, f"TemperatureAnnealing {label}")
         super().__init__(start, end, schedule, interval, total, milestones, gamma)
         self.terms = tuple(terms) if terms is not None else None
 
@@ -75,5 +80,8 @@ class TemperatureAnnealing(ScheduledValue):
                 "TemperatureAnnealing found no loss term with a temperature; "
                 f"the module's terms are {list(loss_terms)}."
             )
+        value = checked_temperature(
+            value, f"TemperatureAnnealing's temperature for {[t.name for t in targets]}"
+        )
         for term in targets:
             term.temperature = value

@@ -8,17 +8,35 @@ and what to fix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["checked_temperature"]
+__all__ = ["checked_temperature", "checked_weight"]
 
 
-def checked_temperature(temperature: float) -> float:
-    """``temperature`` as a float; a ``ValueError`` unless it is > 0."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+def checked_temperature(temperature: float, name: str = "temperature") -> float:
+    """``temperature`` as a float; a ``ValueError`` naming the value unless it is finite and > 0."""
+    _check_positive(name, temperature)
     return float(temperature)
+
+
+def checked_weight(weight: float, term: str, where: str = "weight") -> float:
+    """A loss term's weight as a float; a ``ValueError`` naming the term and the value unless finite and >= 0.
+
+    0 is legal (the term switched off). A negative weight would make training *maximise* the
+    term's divergence, a non-finite one turns every step's loss into ``inf`` / ``nan``; no term of
+    the package takes either.
+    """
+    value = float(weight)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"Loss term {term!r}: {where} must be a finite number >= 0 (0 switches the term off), got "
+            f"{weight}. A negative weight makes training maximise the term and a non-finite one makes every "
+            "loss inf/nan: set a weight >= 0 in the config or schedule."
+        )
+    return value
 
 
 def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, hint: str = "") -> None:
@@ -29,8 +47,9 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, hint: str 
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
+    """A finite number > 0 (``inf`` and ``nan`` are refused, naming the value)."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0 and finite, got {value}.")
 
 
 def _check_logit_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:

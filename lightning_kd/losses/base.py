@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor, nn
 
 from lightning_kd.hooks import first_tensor
-from lightning_kd.losses._checks import checked_temperature
+from lightning_kd.losses._checks import checked_temperature, checked_weight
 
 __all__ = [
     "LayerListTerm",
@@ -23,6 +23,7 @@ __all__ = [
     "LossTerm",
     "StepOutputs",
     "checked_temperature",
+    "checked_weight",
     "first_tensor",
     "modified_in_place_count",
 ]
@@ -64,9 +65,9 @@ class LossTerm(nn.Module):
     Subclasses implement :meth:`forward` (``StepOutputs -> scalar``) with the math of their
     method's ``*_loss`` function (also in :mod:`lightning_kd.losses.functional`), declare the
     layers they read in :attr:`student_layers` / :attr:`teacher_layers` (the module hooks
-    exactly those), and own any trainable adapter they need. ``weight`` is a plain attribute so
-    that schedules (:class:`~lightning_kd.callbacks.LossWeightSchedule`) can change it during
-    training.
+    exactly those), and own any trainable adapter they need. ``weight`` is an attribute that
+    schedules (:class:`~lightning_kd.callbacks.LossWeightSchedule`) can change during training;
+    every assignment is checked (finite and >= 0, :func:`checked_weight`).
 
     **Adapters.** A term whose trainable parts depend on the models' shapes names the
     attributes that :meth:`build` creates in :attr:`adapter_attributes` (attribute -> how
@@ -77,7 +78,10 @@ class LossTerm(nn.Module):
 
     Args:
         name: key of the term; logged as ``train/loss_<name>``.
-        weight: factor of the term in the total loss.
+        weight: factor of the term in the total loss: finite and >= 0 (0 switches the term off).
+
+    Raises:
+        ValueError: the name is not an identifier, or the weight is negative or not finite.
     """
 
     #: whether the term reads the teacher's outputs (it then needs a teacher).
@@ -96,7 +100,16 @@ class LossTerm(nn.Module):
                 f"Loss term name must be a Python identifier (letters, digits, _), got {name!r}."
             )
         self.name = name
-        self.weight = float(weight)
+        self.weight = weight
+
+    @property
+    def weight(self) -> float:
+        """Factor of the term in the total loss (finite, >= 0)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = checked_weight(value, self.name)
 
     @property
     def student_layers(self) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_kd.hooks import LayerHooks, first_tensor
 from lightning_kd.losses._checks import _check_positive, _check_same_shape, _check_targets
-from lightning_kd.losses.base import LayerListTerm, LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses.base import LayerListTerm, LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.losses.kd import kd_loss
 from lightning_kd.model_io import logits_of
 from lightning_kd.precision import float32_math
@@ -260,7 +260,7 @@ class BYOTTerm(LayerListTerm):
             raise ValueError(f"feature_weight must be >= 0, got {feature_weight}.")
         self.alpha = float(alpha)
         self.temperature = checked_temperature(temperature)
-        self.feature_weight = float(feature_weight)
+        self.feature_weight = checked_weight(feature_weight, name, "feature_weight")
         self.bottleneck_relu = bool(bottleneck_relu)
         self.heads: nn.ModuleList | None = None
 

@@ -10,11 +10,15 @@ With :math:`\rho` the Pearson correlation of the softened predictions :math:`Y =
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair
-from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses._softened import scaled_log_mean_exp, uses_direct_formula
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.precision import float32_math
 
 __all__ = ["dist_loss", "DISTTerm"]
@@ -30,6 +34,20 @@ def _mean_pearson(a: Tensor, b: Tensor) -> Tensor:
     b = b - b.mean(dim=1, keepdim=True)
     correlation = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + _DIST_EPS)
     return correlation.mean()
+
+
+def _softmax_offset(logits: Tensor, temperature: float) -> Tensor:
+    r""":math:`\mathrm{softmax}(z / T) - 1 / C` in float64, accurate where it is tiny (large T).
+
+    With :math:`\beta = z - T \log \frac{1}{C} \sum_c e^{z_c / T}`, the offset is
+    :math:`\mathrm{expm1}(\beta / T) / C` (and :math:`\beta / T \le \log C`, so no overflow).
+    Pearson correlations are shift-invariant, so DIST reads the same from these.
+    """
+    logits = logits.double()
+    num_classes = logits.shape[-1]
+    uniform = torch.full_like(logits, -math.log(num_classes))
+    beta = logits - scaled_log_mean_exp(uniform, logits, temperature).unsqueeze(-1)
+    return torch.expm1(beta / temperature) / num_classes
 
 
 @float32_math
@@ -68,6 +86,12 @@ def dist_loss(
     pixels; the intra-class part correlates each class across all rows, so it needs more than one
     row (with a single row it is constantly 1 and gives no gradient).
 
+    Outside ``0.1 <= T <= 16`` the predictions' offsets from uniform, which the correlations read, are
+    computed in float64 without cancellation (:func:`_softmax_offset`). As :math:`T` grows those
+    offsets shrink like :math:`1 / T` and the authors' :math:`\epsilon` comes to dominate the
+    norms, so the loss approaches :math:`T^2 (\beta + \gamma)`: DIST is meant for small
+    temperatures.
+
     Args:
         student_logits: ``(..., C)`` student logits.
         teacher_logits: ``(..., C)`` teacher logits, same shape.
@@ -80,11 +104,16 @@ def dist_loss(
     """
     _check_logit_pair(student_logits, teacher_logits, temperature)
     num_classes = student_logits.shape[-1]
-    y_s = F.softmax(student_logits.reshape(-1, num_classes) / temperature, dim=-1)
-    y_t = F.softmax(teacher_logits.reshape(-1, num_classes) / temperature, dim=-1)
+    student_logits = student_logits.reshape(-1, num_classes)
+    teacher_logits = teacher_logits.reshape(-1, num_classes)
+    if not uses_direct_formula(temperature):
+        y_s, y_t = _softmax_offset(student_logits, temperature), _softmax_offset(teacher_logits, temperature)
+    else:
+        y_s = F.softmax(student_logits / temperature, dim=-1)
+        y_t = F.softmax(teacher_logits / temperature, dim=-1)
     inter = 1 - _mean_pearson(y_s, y_t)
     intra = 1 - _mean_pearson(y_s.t(), y_t.t())
-    return temperature**2 * (beta * inter + gamma * intra)
+    return (temperature**2 * (beta * inter + gamma * intra)).to(student_logits.dtype)
 
 
 class DISTTerm(LossTerm):
@@ -112,8 +141,8 @@ class DISTTerm(LossTerm):
         temperature: float = 1.0,
     ) -> None:
         super().__init__(name, weight)
-        self.beta = float(beta)
-        self.gamma = float(gamma)
+        self.beta = checked_weight(beta, name, "beta (the weight of the inter-class part)")
+        self.gamma = checked_weight(gamma, name, "gamma (the weight of the intra-class part)")
         self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets
-from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
+from lightning_kd.losses._softened import scaled_kl, scaled_log_mean_exp, uses_direct_formula
+from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.precision import float32_math
 
 __all__ = ["dkd_loss", "DKDTerm"]
@@ -35,6 +36,32 @@ def _dkd_log_probs(scaled_logits: Tensor, target_mask: Tensor, target: Tensor) -
     binary = torch.cat([log_p_target, log_rest_norm - log_norm], dim=-1)
     non_target = (rest - log_rest_norm).masked_fill(target_mask, 0.0)
     return binary, non_target
+
+
+def _softened_dkd_parts(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``T^2`` TCKD and NCKD of ``(M, C)`` logits, in float64 from ``t - s`` (accurate at any T).
+
+    NCKD is the softened KL over the non-target classes; TCKD the KL of the binary (target, rest)
+    distributions, whose teacher-minus-student logit gap for "rest" is ``T log E_q[exp(u / T)]``
+    over the student's non-target distribution (:mod:`lightning_kd.losses._softened`).
+    """
+    student, teacher = student_logits.double(), teacher_logits.double()
+    target_mask = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, target.unsqueeze(-1), True)
+    gap = (teacher - student).masked_fill(target_mask, 0.0)
+    scaled = student / temperature
+    log_q_rest = torch.log_softmax(scaled.masked_fill(target_mask, float("-inf")), dim=-1)
+    nckd = scaled_kl(log_q_rest, gap, temperature)
+    binary_log_q, _ = _dkd_log_probs(scaled, target_mask, target)
+    binary_gap = torch.stack(
+        [
+            (teacher - student).gather(-1, target.unsqueeze(-1)).squeeze(-1),
+            scaled_log_mean_exp(log_q_rest, gap, temperature),
+        ],
+        dim=-1,
+    )
+    return scaled_kl(binary_log_q, binary_gap, temperature), nckd
 
 
 @float32_math
@@ -72,6 +99,8 @@ def dkd_loss(
     excluded exactly (set to ``-inf`` before the non-target ``log_softmax``, its KL entry then set
     to 0). The values are the same wherever the authors' version is finite (it differs only
     where a probability underflows, where theirs gives ``inf`` / ``NaN`` or leaks target mass).
+    Outside ``0.1 <= T <= 16`` both KLs are computed in float64 from :math:`t - s` (a cumulant series where
+    the direct formula would cancel), accurate at any finite temperature.
 
     Args:
         student_logits: ``(..., C)`` student logits, ``C >= 2``.
@@ -89,6 +118,12 @@ def dkd_loss(
     _check_targets(student_logits, target)
     num_classes = student_logits.shape[-1]
     target = target.reshape(-1).long()
+    if not uses_direct_formula(temperature):
+        student_logits = student_logits.reshape(-1, num_classes)
+        tckd_rows, nckd_rows = _softened_dkd_parts(
+            student_logits, teacher_logits.reshape(-1, num_classes), target, temperature
+        )
+        return (alpha * tckd_rows + beta * nckd_rows).mean().to(student_logits.dtype)
     z_s = student_logits.reshape(-1, num_classes) / temperature
     z_t = teacher_logits.reshape(-1, num_classes) / temperature
     target_mask = torch.zeros_like(z_s, dtype=torch.bool).scatter_(-1, target.unsqueeze(-1), True)
@@ -124,8 +159,8 @@ class DKDTerm(LossTerm):
         temperature: float = 4.0,
     ) -> None:
         super().__init__(name, weight)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
+        self.alpha = checked_weight(alpha, name, "alpha (the weight of TCKD)")
+        self.beta = checked_weight(beta, name, "beta (the weight of NCKD)")
         self.temperature = checked_temperature(temperature)
 
     def forward(self, outputs: StepOutputs) -> Tensor:

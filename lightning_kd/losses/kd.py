@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes
+from lightning_kd.losses._softened import softened_kl, uses_direct_formula
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.precision import float32_math
 
@@ -49,7 +50,11 @@ def kd_loss(
         \mathcal{L} = T^2 \cdot \frac{1}{N} \sum_{n} \mathrm{KL}\big(
         \mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(s_n / T)\big)
 
-    The :math:`T^2` factor keeps the gradient magnitude independent of :math:`T`.
+    The :math:`T^2` factor keeps the gradient magnitude independent of :math:`T`. As
+    :math:`T \to \infty` the loss tends to :math:`\tfrac12 \mathrm{Var}_c(t_c - s_c)` (variance over
+    the classes, uniformly weighted). Outside ``0.1 <= T <= 16`` it is computed in float64 from
+    :math:`t - s` (a cumulant series where the direct formula would cancel), so value and gradient
+    stay accurate at any finite temperature (see :mod:`lightning_kd.losses._softened`).
 
     With ``standardize=True``, logit standardization (Sun et al., "Logit Standardization in
     Knowledge Distillation", CVPR 2024) replaces every row of logits :math:`z` (student's and
@@ -83,8 +88,12 @@ def kd_loss(
         _check_num_classes(student_logits, 2, "for logit standardization (the std of one value is undefined)")
         student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
     num_classes = student_logits.shape[-1]
-    log_p_student = F.log_softmax(student_logits.reshape(-1, num_classes) / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, num_classes) / temperature, dim=-1)
+    student_logits = student_logits.reshape(-1, num_classes)
+    teacher_logits = teacher_logits.reshape(-1, num_classes)
+    if not uses_direct_formula(temperature):
+        return softened_kl(student_logits, teacher_logits, temperature).mean().to(student_logits.dtype)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_kd.losses._checks import _check_positive, _check_targets
+from lightning_kd.losses._softened import scaled_kl, scaled_log_mean_exp, uses_direct_formula
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.precision import float32_math
 
@@ -65,6 +66,26 @@ def ensemble_log_probs(teacher_logits: Tensor, weights: Tensor, temperature: flo
     return torch.logsumexp(log_weights + F.log_softmax(teacher_logits / temperature, dim=-1), dim=0)
 
 
+def _softened_mixture_kl(
+    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float
+) -> Tensor:
+    """The loss in float64 from the gaps ``t_m - s``, accurate at any temperature.
+
+    Teacher m's log-ratio to the student, times T, is ``b_m = u_m - T log E_q[exp(u_m / T)]``; the
+    mixture's is ``T log sum_m w_m exp(b_m / T)``, and the KL that of the student tilted by it
+    (:mod:`lightning_kd.losses._softened`).
+    """
+    student, teachers = student_logits.double(), teacher_logits.double()
+    log_q = torch.log_softmax(student / temperature, dim=-1)
+    gaps = teachers - student
+    ratios = gaps - scaled_log_mean_exp(log_q.expand_as(gaps), gaps, temperature).unsqueeze(-1)
+    log_weights = weights.double().clamp_min(0).log()
+    while log_weights.ndim < ratios.ndim:
+        log_weights = log_weights.unsqueeze(-1)
+    mixture = scaled_log_mean_exp(log_weights.expand_as(ratios), ratios, temperature, dim=0)
+    return scaled_kl(log_q, mixture, temperature).mean()
+
+
 @float32_math
 def multi_teacher_kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float = 4.0
@@ -93,6 +114,10 @@ def multi_teacher_kd_loss(
     """
     _check_positive("temperature", temperature)
     _check_teacher_stack(student_logits, teacher_logits, weights)
+    if not uses_direct_formula(temperature):
+        return _softened_mixture_kl(student_logits, teacher_logits, weights, temperature).to(
+            student_logits.dtype
+        )
     log_target = ensemble_log_probs(teacher_logits, weights, temperature)
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
     kl = F.kl_div(log_student, log_target, reduction="sum", log_target=True)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_kd.losses._checks import _check_same_batch
 from lightning_kd.losses._maps import _rows
-from lightning_kd.losses.base import LayerPairTerm, StepOutputs
+from lightning_kd.losses.base import LayerPairTerm, StepOutputs, checked_weight
 from lightning_kd.precision import float32_math
 
 __all__ = ["rkd_loss", "RKDTerm"]
@@ -138,8 +138,8 @@ class RKDTerm(LayerPairTerm):
         angle_weight: float = 50.0,
     ) -> None:
         super().__init__(student_layer, teacher_layer, name, weight)
-        self.distance_weight = float(distance_weight)
-        self.angle_weight = float(angle_weight)
+        self.distance_weight = checked_weight(distance_weight, name, "distance_weight")
+        self.angle_weight = checked_weight(angle_weight, name, "angle_weight")
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``rkd_loss(student_feature, teacher_feature.detach(), distance_weight, angle_weight)``."""

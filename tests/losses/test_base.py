@@ -405,3 +405,46 @@ def test_vid_and_ofd_terms_give_float32_losses_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = outputs_of(torch.randn(4, 4, 4, 4).bfloat16(), torch.randn(4, 6, 4, 4).bfloat16())
         assert vid(bf16).dtype == torch.float32 and ofd(bf16).dtype == torch.float32
+
+
+@pytest.mark.parametrize("weight", [-1.0, -1e-9, float("inf"), float("-inf"), float("nan")])
+def test_terms_refuse_negative_or_non_finite_weights_at_construction_and_assignment(weight: float) -> None:
+    message = (
+        rf"Loss term 'kd': weight must be a finite number >= 0 \(0 switches the term off\), got {weight}"
+    )
+    with pytest.raises(ValueError, match=message):
+        KDTerm("kd", weight=weight)
+    term = KDTerm("kd", weight=0.0)  # 0 is legal: the term switched off
+    with pytest.raises(ValueError, match=message):
+        term.weight = weight
+    assert term.weight == 0.0
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan")])
+def test_terms_and_losses_refuse_non_finite_temperatures_naming_the_value(temperature: float) -> None:
+    with pytest.raises(ValueError, match=f"temperature must be > 0 and finite, got {temperature}"):
+        KDTerm(temperature=temperature)
+    with pytest.raises(ValueError, match=f"temperature must be > 0 and finite, got {temperature}"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature)
+
+
+@pytest.mark.parametrize(
+    ("build", "shown"),
+    [
+        (
+            lambda: DKDTerm(beta=-8.0),
+            r"Loss term 'dkd': beta \(the weight of NCKD\) must be a finite number >= 0",
+        ),
+        (
+            lambda: DISTTerm(gamma=float("inf")),
+            r"Loss term 'dist': gamma \(the weight of the intra-class part\)",
+        ),
+        (
+            lambda: RKDTerm("0", "0", angle_weight=float("nan")),
+            "Loss term 'rkd': angle_weight must be a finite",
+        ),
+    ],
+)
+def test_weights_inside_a_term_are_checked_like_its_weight(build: Callable[[], object], shown: str) -> None:
+    with pytest.raises(ValueError, match=shown):
+        build()
