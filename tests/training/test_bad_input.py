@@ -536,10 +536,10 @@ def _empty_batches(items: list) -> tuple[Tensor, Tensor]:
             r"are: its forward overflows, as weights grown by a diverging run do\. Lower the learning rate",
         ),
         (
-            lambda: _with_temperature(DistillationModule(small_net(), small_net()), float("inf")),
+            lambda: DistillationModule(small_net(), small_net(), losses=[UncheckedTemperatureTerm("soft")]),
             {},
-            r"0: terms \{'kd': nan\}.*The temperature of loss term 'kd' is inf: a schedule or an assignment "
-            r"set it so\. Give it a finite value > 0\.",
+            r"0: terms \{'soft': nan\}.*The temperature of loss term 'soft' is inf: a schedule or an "
+            r"assignment set it so\. Give it a finite value > 0\.",
         ),
         (
             lambda: DistillationModule(small_net(), Overflowing()),
@@ -569,9 +569,24 @@ def test_a_non_finite_loss_names_its_cause(build: Any, loader: dict, message: st
         _train(module, _loader(data.x, data.y, **loader))
 
 
-def _with_temperature(module: DistillationModule, value: float) -> DistillationModule:
-    module.loss_terms["kd"].temperature = value  # as a schedule may set it
-    return module
+class UncheckedTemperatureTerm(LossTerm):
+    """A user's term that does not check its temperature (the package's terms refuse inf)."""
+
+    temperature = float("inf")
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        teacher = outputs.teacher_logits / self.temperature
+        student = outputs.student_logits / self.temperature
+        divergence = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True)
+        return self.temperature**2 * divergence
+
+
+def test_an_infinite_temperature_is_refused_by_the_package_terms() -> None:
+    module = DistillationModule(small_net(), small_net())
+    module.loss_terms["kd"].temperature = float("inf")  # as a schedule may set it
+    data = RandomDataModule()
+    with pytest.raises(ValueError, match=r"temperature must be > 0 and finite, got inf\."):
+        _train(module, _loader(data.x, data.y))
 
 
 def test_a_float16_cache_overflow_names_dtype_float32() -> None:
