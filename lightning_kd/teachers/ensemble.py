@@ -56,8 +56,10 @@ class TeacherEnsemble(nn.Module):
             if checkpoint is not None:
                 load_weights(member, checkpoint)
         fixed = torch.tensor([1.0] * len(teachers) if weights is None else [float(w) for w in weights])
-        if not (fixed >= 0).all() or fixed.sum() <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {fixed.tolist()}.")
+        if not (fixed.isfinite().all() and (fixed >= 0).all() and fixed.sum() > 0):
+            raise ValueError(
+                f"weights must be finite and non-negative with a positive sum, got {fixed.tolist()}."
+            )
         self.register_buffer("weights", fixed / fixed.sum(), persistent=False)
         classes = {infer_num_classes(member) for member in self.members}
         if len(classes) > 1:

@@ -28,6 +28,9 @@ def test_ensemble_output_and_construction_errors() -> None:
         TeacherEnsemble([small_net()])
     with pytest.raises(ValueError, match="different numbers of classes"):
         TeacherEnsemble([small_net(), small_net(num_classes=3)])
+    for weights in ([1.0, float("inf")], [1.0, float("nan")], [-1.0, 2.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="weights must be finite and non-negative with a positive sum"):
+            TeacherEnsemble([small_net(), small_net()], weights=weights)
     with pytest.raises(ValueError, match="checkpoints has 1 entries for 2 teachers"):
         TeacherEnsemble([small_net(), small_net()], checkpoints=["a.ckpt"])
 
