@@ -49,7 +49,8 @@ from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.models import MLP, ConvNet1d, create_cifar_model
 from lightning_kd.module import DistillationModule
-from lightning_kd.teachers.cache import TeacherOutputCache, input_signature
+from lightning_kd.teachers.cache import TeacherOutputCache
+from lightning_kd.teachers.fingerprints import input_signature
 
 RESULTS = Path(__file__).parent / "results" / "cache.md"
 VARIANTS = ["student", "kd", "kd_cached", "kd_cached_disk_topk"]

@@ -35,7 +35,8 @@ def non_finite_cause(
     Checked in this order, the first that applies named: an empty batch; NaN/Inf in the batch;
     a setting that is not finite (a temperature or weight, e.g. set by a schedule); NaN/Inf in
     a model's weights (for a ``trained`` model an earlier step diverged, for a fixed one the
-    loaded weights are broken); a model's outputs that are not finite on finite inputs and weights; otherwise the terms' math.
+    loaded weights are broken); a model's outputs that are not finite on finite inputs and
+    weights; otherwise the terms' math.
 
     Args:
         batch: the batch of the step.

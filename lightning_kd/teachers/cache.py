@@ -3,106 +3,30 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
-import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = [
-    "TeacherOutputCache",
-    "dataset_fingerprint",
-    "input_signature",
-    "teacher_fingerprint",
-    "topk_logits",
-]
+from lightning_kd.teachers.cache_lock import CacheDirectoryLock
+from lightning_kd.teachers.fingerprints import PROBE_SAMPLES
+
+__all__ = ["TeacherOutputCache", "topk_logits"]
 
 #: version of the files' layout and meaning; a cache of another version is rebuilt, never read
 FORMAT_VERSION = 2
-PROBE_SAMPLES = 5
 #: names of the ``.npy`` files a cache owns (besides ``feature.<layer>.npy``); a rebuild removes only these
 _OWN_ARRAYS = ("logits", "topk_values", "topk_indices", "tail_logsumexp", "signature", "checksum", "filled")
-
-
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """SHA-256 of the teacher's ``state_dict`` (names, dtypes, shapes and bytes of every tensor)."""
-    digest = hashlib.sha256()
-    for name, value in teacher.state_dict().items():
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _hash_item(item: Any, digest: Any) -> None:
-    if isinstance(item, Tensor):
-        tensor = item.detach().cpu().contiguous()
-        digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(item, np.ndarray):
-        digest.update(f"{item.dtype}|{item.shape}|".encode() + np.ascontiguousarray(item).tobytes())
-    elif isinstance(item, Mapping):
-        for key in sorted(item, key=str):
-            digest.update(f"{key}:".encode())
-            _hash_item(item[key], digest)
-    elif isinstance(item, (tuple, list)):
-        for element in item:
-            _hash_item(element, digest)
-    else:
-        digest.update(repr(item).encode())
-
-
-def _transforms(dataset: Any) -> str:
-    """``repr`` of every ``transform`` / ``transforms`` attribute along a chain of wrapped datasets."""
-    found, seen = [], set()
-    while dataset is not None and id(dataset) not in seen:
-        seen.add(id(dataset))
-        found.append(type(dataset).__qualname__)
-        for name in ("transform", "transforms", "target_transform"):
-            if getattr(dataset, name, None) is not None:
-                found.append(f"{name}={getattr(dataset, name)!r}")
-        dataset = getattr(dataset, "dataset", None)
-    return ";".join(found)
-
-
-def dataset_fingerprint(dataset: Any, probes: int = PROBE_SAMPLES) -> str:
-    """SHA-256 of the dataset's length, its transforms' ``repr`` and ``probes`` evenly spaced items.
-
-    Each probed item is read twice: two different reads of one index mean random augmentation,
-    and a cache of teacher outputs would then freeze one random view per sample.
-
-    Raises:
-        ValueError: two reads of the same index differ (random augmentation).
-    """
-    length = len(dataset)
-    if length == 0:
-        raise ValueError("The training dataset is empty: there is nothing to cache.")
-    digest = hashlib.sha256(f"{length}|{_transforms(dataset)}|".encode())
-    positions = sorted({round(i * (length - 1) / max(probes - 1, 1)) for i in range(probes)})
-    for position in positions:
-        first, second = hashlib.sha256(), hashlib.sha256()
-        _hash_item(dataset[position], first)
-        _hash_item(dataset[position], second)
-        if first.digest() != second.digest():
-            raise ValueError(
-                f"Two reads of training sample {position} differ: the dataset applies random augmentation, "
-                "so the teacher's output changes every epoch and cannot be cached. Remove the random "
-                "transforms from the training dataset, or train without `teacher_cache`."
-            )
-        digest.update(first.digest())
-    return digest.hexdigest()
 
 
 def topk_logits(values: Tensor, indices: Tensor, tail_logsumexp: Tensor, num_classes: int) -> Tensor:
@@ -121,130 +45,6 @@ def topk_logits(values: Tensor, indices: Tensor, tail_logsumexp: Tensor, num_cla
     fill = tail_logsumexp.float() - math.log(num_classes - k)
     logits = fill.unsqueeze(-1).expand(*values.shape[:-1], num_classes).clone()
     return logits.scatter_(-1, indices.long(), values.float())
-
-
-def _tensor_leaves(item: Any) -> Iterator[Tensor]:
-    """The tensors in ``item`` (nested tuples, lists and mappings; mapping keys in sorted order)."""
-    if isinstance(item, Tensor):
-        yield item
-    elif isinstance(item, Mapping):
-        for key in sorted(item, key=str):
-            yield from _tensor_leaves(item[key])
-    elif isinstance(item, (tuple, list)):
-        for element in item:
-            yield from _tensor_leaves(element)
-
-
-_WEIGHTS: dict[tuple[int, int, str], Tensor] = {}
-
-
-def _signature_weights(length: int, position: int, device: torch.device) -> Tensor:
-    """Fixed odd int32 weights (a seeded draw) for a leaf of ``length`` words at ``position``."""
-    key = (length, position, str(device))
-    if key not in _WEIGHTS:
-        generator = torch.Generator().manual_seed(1_000_003 * position + length)
-        odd = torch.randint(-(2**30), 2**30, (length,), generator=generator) * 2 + 1
-        _WEIGHTS[key] = odd.to(device=device, dtype=torch.int32)
-    return _WEIGHTS[key]
-
-
-def input_signature(inputs: Any, batch_size: int) -> Tensor:
-    """An int64 signature ``(batch_size,)`` of each sample's input bits, computed where the inputs are.
-
-    Every tensor leaf of ``inputs`` whose first dimension is the batch is read as 32-bit words
-    ``x_j`` (narrower dtypes widened, wider ones split) and reduced to ``sum_j w_j x_j`` with fixed
-    odd weights ``w_j``: products wrap in int32, the sum is exact in int64, so the result does not
-    depend on the batch's composition or the device's reduction order, and any single changed bit
-    changes it (``w_j 2^k != 0 mod 2^32`` for odd ``w_j``). Leaves are combined by a polynomial in
-    int64. Inputs without a batched tensor give zeros.
-    """
-    total = torch.zeros(batch_size, dtype=torch.int64)
-    for position, leaf in enumerate(_tensor_leaves(inputs)):
-        if leaf.dim() == 0 or leaf.shape[0] != batch_size:
-            continue
-        leaf = leaf.detach().contiguous().reshape(batch_size, -1)
-        if leaf.element_size() >= 4:
-            words = leaf.view(torch.int32)
-        elif leaf.dtype == torch.bool or leaf.element_size() == 1:
-            words = leaf.view(torch.uint8).to(torch.int32)
-        else:
-            words = leaf.view(torch.int16).to(torch.int32)
-        weights = _signature_weights(words.shape[1], position, words.device)
-        total = total.to(words.device) * 1_000_003 + (words * weights).sum(dim=1, dtype=torch.int64)
-    return total
-
-
-class _DirectoryLock:
-    """``fcntl.flock`` on ``<directory>/lock``: shared while a complete cache is read, else exclusive.
-
-    One process holds one lock per directory (``_HELD``): a later cache object of the same
-    process takes it over (fits in one process run one after another). The writer records its pid,
-    host and start time in the file, so a refused process can name it.
-    """
-
-    def __init__(self, path: Path, descriptor: int) -> None:
-        self.path, self.descriptor, self.exclusive, self.owner = path, descriptor, False, None
-        self.pid = os.getpid()  # a forked child inherits the registry, not the right to the lock
-
-    @classmethod
-    def shared(cls, directory: Path, writable: bool) -> _DirectoryLock | None:
-        """A shared lock on ``directory`` (``None``: read-only and never locked, so nothing writes there)."""
-        path = directory / "lock"
-        key = os.path.realpath(path)
-        if key in _HELD and _HELD[key].pid == os.getpid():
-            return _HELD[key]
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
-        except FileNotFoundError:
-            return None
-        lock = cls(path, descriptor)
-        lock._flock(fcntl.LOCK_SH)
-        _HELD[key] = lock
-        return lock
-
-    def make_exclusive(self) -> None:
-        """Upgrade to the writer's exclusive lock and record this process as the writer."""
-        if not self.exclusive:
-            self._flock(fcntl.LOCK_EX)
-            self.exclusive = True
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        os.ftruncate(self.descriptor, 0)
-        os.pwrite(self.descriptor, json.dumps(holder).encode(), 0)
-
-    def _flock(self, operation: int) -> None:
-        try:
-            fcntl.flock(self.descriptor, operation | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.holder()
-            self.release()  # a failed upgrade has dropped the shared lock as well
-            raise RuntimeError(
-                f"The teacher cache directory {self.path.parent} is in use by another process ({holder}). "
-                "Two runs cannot build one cache at the same time: wait for the other run to finish, or "
-                "give this run its own directory (TeacherOutputCache(directory=...))."
-            ) from None
-
-    def holder(self) -> str:
-        """Who holds the lock, as its last writer recorded it."""
-        try:
-            found = json.loads(os.pread(self.descriptor, 4096, 0) or b"null")
-            return f"pid {found['pid']} on host {found['host']}, writing since {found['since']}"
-        except (ValueError, TypeError, KeyError):
-            return "a run reading the complete cache"
-
-    def release(self) -> None:
-        """Unlock (a writer first clears its record) and close the lock file."""
-        if self.exclusive:
-            os.ftruncate(self.descriptor, 0)
-        _HELD.pop(os.path.realpath(self.path), None)
-        os.close(self.descriptor)
-
-
-#: the directory locks this process holds, by the lock file's real path
-_HELD: dict[str, _DirectoryLock] = {}
 
 
 class TeacherOutputCache:
@@ -273,14 +73,14 @@ class TeacherOutputCache:
     What the per-row checks catch, for every sample served:
 
     - its input: an exact signature of the input the teacher would receive
-      (:func:`input_signature`, computed on the batch's device) is stored with the row and
-      compared at every lookup. A sample whose data changed since the cache was built (also one
-      the fingerprint does not probe), augmentation applied after the loader, or an
-      ``index_key`` that is not the dataset position (e.g. the labels) raise a ``RuntimeError``
-      naming the sample. The comparison stays on the device: it is read at the first served
-      batch and at every epoch end, so a mismatch found later in an epoch stops the run at that
-      epoch's end (before epoch-end checkpoints). Within a batch, two samples with one index and
-      different inputs raise at once.
+      (:func:`~lightning_kd.teachers.fingerprints.input_signature`, computed on the batch's
+      device) is stored with the row and compared at every lookup. A sample whose data changed
+      since the cache was built (also one the fingerprint does not probe), augmentation applied
+      after the loader, or an ``index_key`` that is not the dataset position (e.g. the labels)
+      raise a ``RuntimeError`` naming the sample. The comparison stays on the device: it is read
+      at the first served batch and at every epoch end, so a mismatch found later in an epoch
+      stops the run at that epoch's end (before epoch-end checkpoints). Within a batch, two
+      samples with one index and different inputs raise at once.
     - on disk, its bytes: a CRC-32 of each file's row (seeded with the index) is stored in
       ``checksum.npy`` and recomputed from the rows read the first time a run serves them (host
       work on the memory map); a row that was zeroed, bit-flipped or moved raises a
@@ -348,7 +148,7 @@ class TeacherOutputCache:
         self._memmaps: list[np.memmap] = []
         self._spec: dict[str, Any] = {}  # name -> (dtype, shape) of every array
         self._checked: list[str] = []  # the arrays that the checksum covers, in column order
-        self._lock: _DirectoryLock | None = None
+        self._lock: CacheDirectoryLock | None = None
         self._first_mismatch: Tensor | None = None  # smallest index whose input differed (on device)
         self._served = False  # whether a batch has been served since open
         self._seen = 0  # samples passed through the cache this epoch (this process)
@@ -365,10 +165,11 @@ class TeacherOutputCache:
     ) -> None:
         """Open (or create) the storage for ``num_samples`` samples shaped like one example's outputs.
 
-        ``fingerprint`` identifies teacher and data (:func:`teacher_fingerprint`,
-        :func:`dataset_fingerprint`); a stored cache with another one, another format, damaged
-        files or an unreadable ``meta.json`` is rebuilt with a warning. ``strategy`` (a Lightning
-        strategy) coordinates processes on a shared ``directory``.
+        ``fingerprint`` identifies teacher and data
+        (:func:`~lightning_kd.teachers.fingerprints.teacher_fingerprint`,
+        :func:`~lightning_kd.teachers.fingerprints.dataset_fingerprint`); a stored cache with
+        another one, another format, damaged files or an unreadable ``meta.json`` is rebuilt
+        with a warning. ``strategy`` (a Lightning strategy) coordinates processes on a shared ``directory``.
 
         Raises:
             RuntimeError: another process is writing the directory (its lock names it).
@@ -447,7 +248,7 @@ class TeacherOutputCache:
                 "Give TeacherOutputCache a directory this process can write."
             ) from None
         writable = os.access(directory, os.W_OK)
-        self._lock = _DirectoryLock.shared(directory, writable)
+        self._lock = CacheDirectoryLock.shared(directory, writable)
         if self._lock is not None:
             self._lock.owner = self
         kind, reason = self._decide(fingerprint, layout)
@@ -655,9 +456,9 @@ class TeacherOutputCache:
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """``(logits, features)`` at ``indices`` (float32, on ``device``); ``None`` if one is missing.
 
-        ``signature`` is :func:`input_signature` of the samples' inputs, compared on its device
-        with the stored one (read at the first served batch and by :meth:`finish_epoch`); on disk,
-        the rows read are checked against their checksums first.
+        ``signature`` is :func:`~lightning_kd.teachers.fingerprints.input_signature` of the
+        samples' inputs, compared on its device with the stored one (read at the first served
+        batch and by :meth:`finish_epoch`); on disk, the rows read are checked against their checksums first.
 
         Raises:
             RuntimeError: a row does not match its checksum (the files were damaged), or (at the

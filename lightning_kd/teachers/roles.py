@@ -27,12 +27,8 @@ from torch.utils.data import default_collate
 
 from lightning_kd.losses import CrossEntropyTerm, LossTerm
 from lightning_kd.model_io import call_model
-from lightning_kd.teachers.cache import (
-    TeacherOutputCache,
-    dataset_fingerprint,
-    input_signature,
-    teacher_fingerprint,
-)
+from lightning_kd.teachers.cache import TeacherOutputCache
+from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signature, teacher_fingerprint
 from lightning_kd.teachers.loading import freeze, load_weights
 
 if TYPE_CHECKING:  # the module imports this file
@@ -150,7 +146,7 @@ class CachedTeacher(FrozenTeacher):
     The first epoch runs the teacher and stores its logits (and the hooked features the terms
     read) by sample index; later epochs read them back, skipping the teacher's forward.
     Validation and test always run the teacher. Every sample is stored and served with the
-    :func:`~lightning_kd.teachers.cache.input_signature` of the teacher's input, computed on
+    :func:`~lightning_kd.teachers.fingerprints.input_signature` of the teacher's input, computed on
     the batch's device, so a sample whose data changed is not served another input's outputs.
 
     Args:

@@ -19,7 +19,8 @@ from lightning_kd import DistillationModule
 from lightning_kd.data import WithIndex
 from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
 from lightning_kd.teachers import TeacherOutputCache
-from lightning_kd.teachers.cache import dataset_fingerprint, input_signature, teacher_fingerprint, topk_logits
+from lightning_kd.teachers.cache import topk_logits
+from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signature, teacher_fingerprint
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 DDP_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cache.py"

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd import DistillationModule
 from lightning_kd.data import WithIndex
 from lightning_kd.teachers import TeacherOutputCache
-from lightning_kd.teachers.cache import FORMAT_VERSION, input_signature
+from lightning_kd.teachers.cache import FORMAT_VERSION
+from lightning_kd.teachers.fingerprints import input_signature
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 N = 8  # samples of the direct-API caches
