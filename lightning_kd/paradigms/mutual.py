@@ -12,10 +12,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
-from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
+from lightning_kd.module_setup import (
+    check_equal_training_batches,
+    configure_optimization,
+    hparams_given_by_cli,
+)
 
 __all__ = ["MutualLearningModule"]
 
@@ -163,6 +168,14 @@ class MutualLearningModule(pl.LightningModule):
         """Peer 0's logits."""
         inputs = select(batch, self.input_key, "input_key")
         return logits_of(self.peers[0](inputs))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
+        return [RunLength()]
+
+    def on_train_start(self) -> None:
+        """Check that the DDP processes have equal numbers of training batches."""
+        check_equal_training_batches(self.trainer)
 
     def configure_optimizers(self) -> Any:
         """All peers in one optimizer (each peer's gradient comes from its own loss only)."""
