@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from lightning_kd.teachers.cache import teacher_fingerprint
 
@@ -69,20 +70,23 @@ def check_same_teacher(module: DistillationModule, recorded: Mapping[str, Any] |
 def check_same_architecture(module: DistillationModule, state: Mapping[str, Any]) -> None:
     """Raise a ``ValueError`` naming the entries of a checkpoint's ``state`` that do not fit ``module``.
 
-    Tensors of another shape fail any load (``load_state_dict`` refuses them even non-strict);
-    missing or unexpected ``student.`` entries are refused only in a Trainer's load with
-    ``strict_loading``. A few of each are named, with both shapes. Under a strategy that restores
-    after sharding the model (FSDP) the module's shapes are its shards': nothing is compared.
+    Parameters of another shape fail any load (``load_state_dict`` refuses them even
+    non-strict); buffers are left to their modules, some of which resize them on load (the
+    observers of quantization-aware training). Missing or unexpected ``student.`` entries are
+    refused only in a Trainer's load with ``strict_loading``. A few of each are named, with both
+    shapes. Under a strategy that restores after sharding the model (FSDP) the module's shapes
+    are its shards': nothing is compared.
     """
     trainer = module._trainer
     if trainer is not None and trainer.strategy.restore_checkpoint_after_setup:
         return
     own = module.state_dict()
     strict = trainer is not None and module.strict_loading
+    parameters = {name: p for name, p in module.named_parameters() if not is_lazy(p)}
     shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs this module {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
-        if isinstance(state[k], Tensor) and state[k].shape != own[k].shape
+        f"{k}: checkpoint {tuple(state[k].shape)} vs this module {tuple(p.shape)}"
+        for k, p in parameters.items()
+        if isinstance(state.get(k), Tensor) and state[k].shape != p.shape
     )
     missing = sorted(k for k in own.keys() - state.keys() if k.startswith("student.")) if strict else []
     unexpected = sorted(k for k in state.keys() - own.keys() if k.startswith("student.")) if strict else []

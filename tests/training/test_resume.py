@@ -181,7 +181,7 @@ def test_a_resumed_fit_with_the_same_teacher_network_goes_on(tmp_path: Path) -> 
 def test_resuming_with_another_student_architecture_names_the_parameters(tmp_path: Path) -> None:
     checkpoint = interrupted(DistillationModule(small_net(hidden=16)), tmp_path, planned=2, done=1)
     message = (
-        r"holds another student architecture than this module's Sequential: 7 of another shape "
+        r"holds another student architecture than this module's Sequential: 5 of another shape "
         r"\['student.0.bias: checkpoint \(16,\) vs this module \(32,\)', 'student.0.weight: checkpoint "
         r"\(16, 8\) vs this module \(32, 8\)'.*Build the module with the student configuration"
     )
