@@ -69,16 +69,16 @@ def configure_optimization(
 class CosineToZeroLR(LRScheduler):
     r"""The default schedule: every learning rate decays along a half cosine to 0 at the run's last step.
 
-    After scheduler step :math:`t` of a plan made at step :math:`s` from the rates
-    :math:`\eta_s`, for a run of :math:`T` steps:
+    After scheduler step :math:`t` of a run of :math:`T` steps, with :math:`\eta_0` the
+    optimizer's initial rates:
 
-    .. math:: \eta_t = \eta_s \, \frac{1 + \cos\left(\pi \min\left(1, \frac{t - s}{T - s}\right)\right)}{2}
+    .. math:: \eta_t = \eta_0 \, \frac{1 + \cos\left(\pi \min\left(1, t / T\right)\right)}{2}
 
-    With :math:`s = 0` and :math:`\eta_0` the optimizer's rates this is SGDR's cosine without
-    restarts (Loshchilov & Hutter, "SGDR", ICLR 2017; ``CosineAnnealingLR`` with ``eta_min=0``),
-    except that it stays at 0 past :math:`T` instead of climbing back. :meth:`replan` makes a
-    new plan at the current step (a resumed run of another length:
-    :class:`~lightning_kd.callbacks.run_length.RunLength`).
+    SGDR's cosine without restarts (Loshchilov & Hutter, "SGDR", ICLR 2017; ``CosineAnnealingLR``
+    with ``eta_min=0``), in closed form, and staying at 0 past :math:`T` instead of climbing back.
+    A fit resumed with another length sets :math:`T` to it (:meth:`replan`, done by
+    :class:`~lightning_kd.callbacks.run_length.RunLength`): from the resume on, the rates are
+    those of a run planned for the new length from the start.
 
     Args:
         optimizer: the optimizer whose rates it sets.
@@ -90,23 +90,24 @@ class CosineToZeroLR(LRScheduler):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
         self.total_steps = total_steps
-        self.start_step = 0
-        self.start_lrs: list[float] | None = None  # None: the optimizer's initial rates (base_lrs)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         """The rates after step ``last_epoch`` (closed form, see the class docstring)."""
-        start = self.start_lrs if self.start_lrs is not None else self.base_lrs
-        progress = min(
-            max(self.last_epoch - self.start_step, 0) / max(self.total_steps - self.start_step, 1), 1.0
-        )
-        return [lr * (1 + math.cos(math.pi * progress)) / 2 for lr in start]
+        progress = min(self.last_epoch / self.total_steps, 1.0)
+        return [lr * (1 + math.cos(math.pi * progress)) / 2 for lr in self.base_lrs]
 
     def replan(self, total_steps: int) -> None:
-        """Decay from the current rates at the current step to 0 at step ``total_steps``."""
-        self.start_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
-        self.start_step = self.last_epoch
+        """Follow the cosine of a run of ``total_steps`` steps from the current step on."""
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
         self.total_steps = total_steps
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            if isinstance(group["lr"], torch.Tensor):  # a capturable optimizer's rate stays a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state; one saved as ``CosineAnnealingLR`` (the earlier default) plans ``T_max`` steps."""

@@ -23,17 +23,17 @@ def test_the_default_schedule_is_the_closed_form_cosine_and_stays_at_zero() -> N
         scheduler.step()
 
 
-def test_a_replan_decays_from_the_current_rate_to_zero_at_the_new_end() -> None:
+def test_a_replan_follows_the_cosine_of_the_new_length_from_the_current_step() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = CosineToZeroLR(optimizer, total_steps=10)
     for _ in range(4):
         optimizer.step()
         scheduler.step()
-    current = 0.1 * (1 + math.cos(math.pi * 4 / 10)) / 2
     scheduler.replan(20)
     for step in range(4, 21):
-        expected = current * (1 + math.cos(math.pi * (step - 4) / 16)) / 2
+        expected = 0.1 * (1 + math.cos(math.pi * step / 20)) / 2
         assert scheduler.get_last_lr()[0] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
 

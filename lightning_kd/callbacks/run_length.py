@@ -37,11 +37,11 @@ class RunLength(Callback):
       epochs, ``max_steps`` below its steps) is refused: Lightning would train nothing and keep
       the checkpoint's weights without a word;
     - the default schedule (:class:`~lightning_kd.module_setup.CosineToZeroLR`) is re-planned
-      at the resume step: it decays from the current learning rate to 0 at the new last step,
-      with one warning naming both lengths (restored as it is, a cosine planned for the old
-      length climbs back to its peak after it, or stops half-way). A schedule that has already
-      ended (learning rate 0) cannot be continued: extending a finished run is refused with the
-      fix (a new run from its weights);
+      for the new length: from the resume step on, the learning rate is that of a run planned
+      for the new length from the start (it decays to 0 at the new last step; at the resume it
+      jumps to that run's value), with one warning naming both lengths and both rates. Restored
+      as it was, a cosine planned for the old length would climb back to its peak after it, or
+      stop half-way. A finished run extended this way trains on from the longer run's rate;
     - a user's scheduler is the user's and restored as saved; when it carries a length
       (``T_max``, ``total_steps``) and the run's length changed, a warning names both.
 
@@ -121,24 +121,18 @@ class RunLength(Callback):
 
     def _replan(self, trainer: pl.Trainer, scheduler: CosineToZeroLR, steps: int) -> None:
         planned, step = scheduler.total_steps, scheduler.last_epoch
-        if step >= planned:
-            raise ValueError(
-                f"The checkpoint {str(trainer.ckpt_path)!r} ended its default cosine schedule: its learning "
-                f"rate reached 0 at step {planned}, the end it was planned for, so the {steps - step} more "
-                f"steps of this run (max_epochs={trainer.max_epochs}) would not change the weights. To train "
-                "on, start a new run from its weights: `load_from_checkpoint`, then fit without ckpt_path "
-                "(a new optimizer and a cosine over the new run)."
-            )
-        lrs = ", ".join(f"{lr:.3g}" for lr in scheduler.get_last_lr())
+        before = ", ".join(f"{lr:.3g}" for lr in scheduler.get_last_lr())
+        scheduler.replan(steps)
         if self.replanned_from is None:  # once, for the first of several (data-free: two optimizers)
+            now = ", ".join(f"{lr:.3g}" for lr in scheduler.get_last_lr())
             rank_zero_warn(
                 "Resumed with another run length: the default cosine learning-rate schedule was planned "
                 f"for {planned} optimizer steps{self._epochs_of(self.resumed)}, this run has {steps}"
-                f"{self._epochs_of({'max_epochs': trainer.max_epochs})}. It is re-planned: from step {step} "
-                f"the learning rate decays from its current value ({lrs}) to 0 at step {steps}, along a half "
-                "cosine. To keep the old schedule, resume with the old max_epochs / max_steps."
+                f"{self._epochs_of({'max_epochs': trainer.max_epochs})}. From step {step} on it follows the "
+                f"cosine of a {steps}-step run: the learning rate goes from {before} to {now} and decays to "
+                f"0 at step {steps} (a cosine restored as it was would climb back after its old end). To "
+                "keep the old schedule, resume with the old max_epochs / max_steps."
             )
-        scheduler.replan(steps)
         self.replanned_from = planned
 
     def _warn_of_user_schedule(

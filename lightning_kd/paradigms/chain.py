@@ -95,8 +95,8 @@ class LinkResult:
     """What one link gave: test accuracy (fraction), its checkpoint, and how it was obtained.
 
     ``status`` is ``"trained"`` (from scratch), ``"resumed"`` (from its last checkpoint),
-    ``"replanned"`` (resumed with another length than its interrupted run planned: the default
-    learning rate decayed from its value at the resume to 0 at the new end, not along one cosine),
+    ``"replanned"`` (resumed with another length than its interrupted run planned: from the resume
+    on, the default learning rate followed the cosine of the new length, not one cosine throughout),
     ``"given"`` (``ChainLink.checkpoint``, tested only) or ``"reused"`` (finished in an earlier run).
     ``seconds_per_epoch`` times the training epochs of the run that finished the link (0 if given).
     ``planned_epochs``: the epochs of the interrupted run of a link resumed with other epochs (its

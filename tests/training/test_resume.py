@@ -64,49 +64,63 @@ def interrupted(module: DistillationModule, directory: Path, planned: int, done:
     return directory / "model.ckpt"
 
 
-def half_cosine(lr: float, step: int, start: int, end: int) -> float:
-    """``lr (1 + cos(pi (step - start) / (end - start))) / 2``, computed independently of the scheduler."""
-    return lr * (1 + math.cos(math.pi * (step - start) / (end - start))) / 2
+def cosine(step: int, total: int) -> float:
+    """``LR (1 + cos(pi step / total)) / 2``: the default schedule of a ``total``-step run, computed here."""
+    return LR * (1 + math.cos(math.pi * step / total)) / 2
 
 
-def test_a_resumed_fit_of_another_length_re_plans_the_default_cosine_to_its_real_end(tmp_path: Path) -> None:
+def non_increasing(lrs: dict[int, float]) -> bool:
+    values = [lrs[step] for step in sorted(lrs)]
+    return all(later <= earlier for earlier, later in zip(values, values[1:], strict=False))
+
+
+def test_a_resumed_fit_of_another_length_follows_the_cosine_of_its_real_length(tmp_path: Path) -> None:
     first = RecordLR()
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(DistillationModule(small_net()), tmp_path, 4, callbacks=[first, CrashAtEpoch(2)])
     planned, done, total = 4 * STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 6 * STEPS_PER_EPOCH
     assert sorted(first.lrs) == list(range(done))
     for step, lr in first.lrs.items():  # the first run followed its plan of 4 epochs
-        assert lr == pytest.approx(half_cosine(LR, step, 0, planned), rel=1e-9)
+        assert lr == pytest.approx(cosine(step, planned), rel=1e-9)
 
     resumed = RecordLR()
-    module = DistillationModule(small_net())
     with pytest.warns(
         UserWarning,
         match=r"planned for 16 optimizer steps \(max_epochs=4\), this run has 24 \(max_epochs=6\)\. "
-        r"It is re-planned: from step 8 the learning rate decays from its current value \(0\.0005\) to 0 "
-        r"at step 24",
+        r"From step 8 on it follows the cosine of a 24-step run: the learning rate goes from 0\.0005 to "
+        r"0\.00075 and decays to 0 at step 24",
     ):
-        trainer = fit(module, tmp_path, 6, ckpt_path=tmp_path / "model.ckpt", callbacks=[resumed])
+        trainer = fit(DistillationModule(small_net()), tmp_path, 6, tmp_path / "model.ckpt", [resumed])
     assert sorted(resumed.lrs) == list(range(done, total))
-    at_resume = half_cosine(LR, done, 0, planned)
-    for step, lr in resumed.lrs.items():  # from the rate reached, down to 0 at the new end
-        assert lr == pytest.approx(half_cosine(at_resume, step, done, total), rel=1e-9)
-    lrs = [resumed.lrs[step] for step in range(done, total)]
-    assert all(later <= earlier for earlier, later in zip(lrs, lrs[1:], strict=False))
+    for step, lr in resumed.lrs.items():  # what a run planned for 6 epochs uses at these steps
+        assert lr == pytest.approx(cosine(step, total), rel=1e-9)
+    assert non_increasing(resumed.lrs)
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-15)
 
 
 def test_a_re_planned_run_resumed_again_keeps_its_new_plan(tmp_path: Path) -> None:
-    checkpoint = interrupted(DistillationModule(small_net()), tmp_path / "a", planned=4, done=1)
+    checkpoint = interrupted(DistillationModule(small_net()), tmp_path, planned=4, done=1)
     with pytest.warns(UserWarning, match="planned for 16 optimizer steps"):
         with pytest.raises(RuntimeError, match="simulated crash"):
-            fit(DistillationModule(small_net()), tmp_path / "a", 6, checkpoint, [CrashAtEpoch(3)])
-    recorder = RecordLR()  # resumed with the length it was re-planned for: no warning, same plan
-    trainer = fit(DistillationModule(small_net()), tmp_path / "a", 6, checkpoint, [recorder])
-    at_replan = half_cosine(LR, 4, 0, 16)
+            fit(DistillationModule(small_net()), tmp_path, 6, checkpoint, [CrashAtEpoch(3)])
+    recorder = RecordLR()  # resumed with the length it was re-planned for: no warning, the same plan
+    trainer = fit(DistillationModule(small_net()), tmp_path, 6, checkpoint, [recorder])
+    assert sorted(recorder.lrs) == list(range(12, 24))
     for step, lr in recorder.lrs.items():
-        assert lr == pytest.approx(half_cosine(at_replan, step, 4, 24), rel=1e-9)
+        assert lr == pytest.approx(cosine(step, 24), rel=1e-9)
     assert trainer.global_step == 24
+
+
+def test_a_finished_run_extended_trains_on_at_the_longer_runs_rate(tmp_path: Path) -> None:
+    fit(DistillationModule(small_net()), tmp_path, 1)  # its cosine ended: learning rate 0
+    recorder = RecordLR()
+    with pytest.warns(
+        UserWarning, match=r"the learning rate goes from 0 to 0\.0005 and decays to 0 at step 8"
+    ):
+        trainer = fit(DistillationModule(small_net()), tmp_path, 2, tmp_path / "model.ckpt", [recorder])
+    for step, lr in recorder.lrs.items():
+        assert lr == pytest.approx(cosine(step, 8), rel=1e-9)
+    assert sorted(recorder.lrs) == [4, 5, 6, 7] and trainer.global_step == 8
 
 
 def test_a_user_scheduler_carrying_a_length_is_kept_with_a_warning(tmp_path: Path) -> None:
@@ -130,17 +144,6 @@ def test_resuming_with_fewer_epochs_than_done_is_refused(tmp_path: Path) -> None
         ValueError, match=r"has trained 2 epochs, more than this run's max_epochs=1.*max_epochs >= 2"
     ):
         fit(DistillationModule(small_net()), tmp_path, 1, checkpoint)
-
-
-def test_extending_a_run_whose_cosine_has_ended_is_refused(tmp_path: Path) -> None:
-    fit(DistillationModule(small_net()), tmp_path, 1)
-    with pytest.raises(
-        ValueError,
-        match=r"ended its default cosine schedule: its learning rate reached 0 at step 4.*the 4 more steps "
-        r"of this run \(max_epochs=2\) would not change the weights.*`load_from_checkpoint`, then fit "
-        "without ckpt_path",
-    ):
-        fit(DistillationModule(small_net()), tmp_path, 2, tmp_path / "model.ckpt")
 
 
 def test_a_resumed_fit_with_another_teacher_is_refused(tmp_path: Path) -> None:
