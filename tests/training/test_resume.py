@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_kd import DistillationModule
+from lightning_kd.paradigms import MutualLearningModule
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 LR = 1e-3
@@ -42,7 +43,7 @@ class RecordLR(pl.Callback):
 
 
 def fit(
-    module: DistillationModule,
+    module: pl.LightningModule,
     directory: Path,
     max_epochs: int,
     ckpt_path: Path | None = None,
@@ -123,6 +124,19 @@ def test_a_finished_run_extended_trains_on_at_the_longer_runs_rate(tmp_path: Pat
     assert sorted(recorder.lrs) == [4, 5, 6, 7] and trainer.global_step == 8
 
 
+def test_mutual_learning_follows_the_real_length_too(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(MutualLearningModule([small_net(), small_net()]), tmp_path, 2, callbacks=[CrashAtEpoch(1)])
+    recorder = RecordLR()
+    with pytest.warns(UserWarning, match="planned for 8 optimizer steps"):
+        fit(
+            MutualLearningModule([small_net(), small_net()]), tmp_path, 3, tmp_path / "model.ckpt", [recorder]
+        )
+    for step, lr in recorder.lrs.items():
+        assert lr == pytest.approx(cosine(step, 12), rel=1e-9)
+    assert sorted(recorder.lrs) == list(range(4, 12))
+
+
 def test_a_user_scheduler_carrying_a_length_is_kept_with_a_warning(tmp_path: Path) -> None:
     def build() -> DistillationModule:
         cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4)
@@ -138,12 +152,17 @@ def test_a_user_scheduler_carrying_a_length_is_kept_with_a_warning(tmp_path: Pat
     assert trainer.lr_scheduler_configs[0].scheduler.T_max == 4  # the user's schedule, left as restored
 
 
-def test_resuming_with_fewer_epochs_than_done_is_refused(tmp_path: Path) -> None:
+def test_resuming_with_fewer_epochs_or_steps_than_done_is_refused(tmp_path: Path) -> None:
     checkpoint = interrupted(DistillationModule(small_net()), tmp_path, planned=4, done=2)
     with pytest.raises(
         ValueError, match=r"has trained 2 epochs, more than this run's max_epochs=1.*max_epochs >= 2"
     ):
         fit(DistillationModule(small_net()), tmp_path, 1, checkpoint)
+    trainer = make_trainer(max_epochs=4, max_steps=5)
+    with pytest.raises(
+        ValueError, match=r"has trained 8 steps, more than this run's max_steps=5.*max_steps >= 8"
+    ):
+        trainer.fit(DistillationModule(small_net()), datamodule=RandomDataModule(), ckpt_path=checkpoint)
 
 
 def test_a_resumed_fit_with_another_teacher_is_refused(tmp_path: Path) -> None:
