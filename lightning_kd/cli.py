@@ -31,6 +31,7 @@ __all__ = [
     "DistillationHelpFormatter",
     "build_chain_parser",
     "chain_main",
+    "run_chain_command",
     "check_checkpoint_file",
     "construction_error",
     "link_latest",
@@ -322,10 +323,20 @@ def build_chain_parser() -> ArgumentParser:
     return parser
 
 
-def chain_main(args: Sequence[str] | None = None) -> list[LinkResult]:
+def chain_main(args: Sequence[str] | None = None) -> None:
+    """The ``lightning-kd-chain`` command: :func:`run_chain_command`, exiting with status 0 on success.
+
+    The console script exits with what this returns (``sys.exit(chain_main())``): ``None`` is
+    status 0, while any other object (the results list) would be printed and exit with status 1.
+    A failure raises, and so exits with status 1 and its error message.
+    """
+    run_chain_command(args)
+
+
+def run_chain_command(args: Sequence[str] | None = None) -> list[LinkResult]:
     """Run ``lightning-kd-chain --config CHAIN``: a file or a recipe name (``mnist1d/paradigms/takd``).
 
-    Trains the chain and prints each link's accuracy.
+    Trains the chain, prints each link's accuracy and returns the links' results.
     """
     silence_unactionable_warnings()
     parser = build_chain_parser()

@@ -27,6 +27,7 @@ from lightning_kd.batch_checks import (
     warn_if_probabilities,
 )
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
+from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
@@ -38,9 +39,21 @@ from lightning_kd.model_io import (
     logits_of,
     select,
 )
-from lightning_kd.module_setup import configure_optimization, first_batch, hparams_given_by_cli
+from lightning_kd.module_setup import (
+    check_equal_training_batches,
+    configure_optimization,
+    first_batch,
+    hparams_given_by_cli,
+)
+from lightning_kd.resume import (
+    FROZEN_TEACHER_KEY,
+    check_same_architecture,
+    check_same_teacher,
+    teacher_record,
+)
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
+from lightning_kd.teachers.fingerprints import teacher_fingerprint
 from lightning_kd.teachers.roles import TeacherRole, teacher_role
 
 __all__ = ["DistillationModule", "logits_of"]
@@ -115,7 +128,8 @@ class DistillationModule(pl.LightningModule):
         optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable`` in YAML); default
             Adam with lr 1e-3.
         lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0
-            over the run, stepped per optimizer step (unless ``cosine_decay=False``).
+            over the run, stepped per optimizer step (unless ``cosine_decay=False``), re-planned
+            when a fit resumes with another length (:class:`~lightning_kd.callbacks.run_length.RunLength`).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
         check_finite: stop with an error naming the term (and any NaN/Inf batch entry) when the loss
@@ -176,6 +190,8 @@ class DistillationModule(pl.LightningModule):
         self.check_finite = check_finite
         self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
+        #: SHA-256 of a frozen teacher's weights as this fit set it up (recorded in checkpoints)
+        self.frozen_teacher_fingerprint: str | None = None
 
         terms = list(losses) if losses is not None else default_losses(teacher, self.teacher_role)
         self._check_terms(terms)
@@ -275,7 +291,8 @@ class DistillationModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
 
     def on_train_start(self) -> None:
-        """Let the teacher's role prepare (a cached teacher opens its cache for this training set)."""
+        """Check the DDP processes' batch counts are equal; let the teacher's role prepare (a cache opens)."""
+        check_equal_training_batches(self.trainer)
         if self.teacher is not None:
             self.teacher_role.on_train_start(self)
 
@@ -354,9 +371,9 @@ class DistillationModule(pl.LightningModule):
         return FeatureHooks(student_layers, teacher_layers)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Hook exactly the layers that the loss terms declare."""
+        """Hook exactly the layers that the loss terms declare; follow a resumed run's length (RunLength)."""
         self.feature_hooks = self._declared_hooks()
-        return [self.feature_hooks] if self.feature_hooks is not None else []
+        return [*([self.feature_hooks] if self.feature_hooks is not None else []), RunLength()]
 
     def setup(self, stage: str) -> None:
         """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model).
@@ -365,8 +382,13 @@ class DistillationModule(pl.LightningModule):
         was given; without any, on ``example_input_array`` (the student's input, as in Lightning).
         Lightning's default checkpoint IO becomes
         :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO` (atomic writes, checked reads).
+        A fit also takes the fingerprint of a frozen teacher left out of checkpoints
+        (:meth:`on_save_checkpoint`), before any device move or precision cast.
         """
         use_atomic_checkpoint_io(self.trainer)
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
+        if stage == "fit" and self._teacher_left_out:
+            self.frozen_teacher_fingerprint = teacher_fingerprint(self.teacher)
         if not any(term.needs_build for term in self.loss_terms.values()):
             return
         batch = self.probe_batch(stage)
@@ -376,7 +398,6 @@ class DistillationModule(pl.LightningModule):
             self.build_terms(inputs=self.example_input_array)
         else:
             pending = [name for name, term in self.loss_terms.items() if term.needs_build]
-            stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
             raise ValueError(
                 f"Loss terms {pending} size their adapters on one batch, but the Trainer's {stage} call has "
                 "no data: pass dataloaders or a datamodule to it, set `module.example_input_array` to an "
@@ -628,26 +649,43 @@ class DistillationModule(pl.LightningModule):
         )
 
     # ----------------------------------------------------------------- checkpoints
+    @property
+    def _teacher_left_out(self) -> bool:
+        """Whether checkpoints leave the teacher's weights out (a frozen teacher without ``save_teacher``)."""
+        return self.teacher is not None and not self.teacher_role.in_checkpoint(self.save_teacher)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked."""
+        """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked.
+
+        A teacher left out is recorded by its fingerprint (SHA-256 of its weights, taken once per
+        fit in :meth:`setup`) and its file, so that a resumed fit can tell whether it has the same one.
+        """
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
             hparams["teacher_checkpoint"] = self.teacher_checkpoint
-        if self.teacher is not None and not self.teacher_role.in_checkpoint(self.save_teacher):
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = type(state)(
-                (k, v) for k, v in state.items() if not k.startswith("teacher.")
+        if not self._teacher_left_out:
+            return
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = type(state)(
+            (k, v) for k, v in state.items() if not k.startswith("teacher.")
+        )
+        if self.frozen_teacher_fingerprint is not None:
+            checkpoint[FROZEN_TEACHER_KEY] = teacher_record(
+                self.frozen_teacher_fingerprint, self.teacher_checkpoint
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Give a checkpoint without the frozen teacher the teacher this module was built with.
 
-        Terms whose adapters are not built yet (outside a Trainer) are built on
-        ``example_input_array`` if set; otherwise their saved adapters are skipped with a
-        warning (inference does not use them).
+        A fit resumed from it must have the teacher the checkpoint was trained with (same
+        fingerprint), and every checkpoint must hold this module's student architecture: both
+        are refused with an error that names the difference. Terms whose adapters are not built
+        yet (outside a Trainer) are built on ``example_input_array`` if set; otherwise their saved
+        adapters are skipped with a warning (inference does not use them).
         """
         state = checkpoint["state_dict"]
         if self.teacher_is_frozen and not any(k.startswith("teacher.") for k in state):
+            check_same_teacher(self, checkpoint.get(FROZEN_TEACHER_KEY))
             state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         unbuilt = [name for name, term in self.loss_terms.items() if term.needs_build]
         if unbuilt and self.example_input_array is not None:
@@ -661,3 +699,4 @@ class DistillationModule(pl.LightningModule):
                 "Set `example_input_array` to a student input (or call `build_terms(batch)`) before loading "
                 "to restore them."
             )
+        check_same_architecture(self, state)

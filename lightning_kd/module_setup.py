@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -9,8 +10,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["configure_optimization", "first_batch", "hparams_given_by_cli"]
+__all__ = [
+    "CosineToZeroLR",
+    "check_equal_training_batches",
+    "configure_optimization",
+    "default_schedule",
+    "first_batch",
+    "hparams_given_by_cli",
+]
 
 #: the loop of each Trainer stage, whose data source holds what the Trainer call was given
 _STAGE_LOOPS = {
@@ -52,10 +61,99 @@ def configure_optimization(
             config["monitor"] = "val/loss"
         return {"optimizer": built, "lr_scheduler": config}
     if cosine_decay:
-        total_steps = max(int(module.trainer.estimated_stepping_batches), 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(built, T_max=total_steps)
+        scheduler = default_schedule(built, module.trainer)
         return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     return built
+
+
+class CosineToZeroLR(LRScheduler):
+    r"""The default schedule: every learning rate decays along a half cosine to 0 at the run's last step.
+
+    After scheduler step :math:`t` of a run of :math:`T` steps, with :math:`\eta_0` the
+    optimizer's initial rates:
+
+    .. math:: \eta_t = \eta_0 \, \frac{1 + \cos\left(\pi \min\left(1, t / T\right)\right)}{2}
+
+    SGDR's cosine without restarts (Loshchilov & Hutter, "SGDR", ICLR 2017; ``CosineAnnealingLR``
+    with ``eta_min=0``), in closed form, and staying at 0 past :math:`T` instead of climbing back.
+    A fit resumed with another length sets :math:`T` to it (:meth:`replan`, done by
+    :class:`~lightning_kd.callbacks.run_length.RunLength`): from the resume on, the rates are
+    those of a run planned for the new length from the start.
+
+    Args:
+        optimizer: the optimizer whose rates it sets.
+        total_steps: :math:`T`, the run's scheduler steps.
+        last_epoch: the index of the last step taken (-1: a new run).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, last_epoch: int = -1) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        self.total_steps = total_steps
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """The rates after step ``last_epoch`` (closed form, see the class docstring)."""
+        progress = min(self.last_epoch / self.total_steps, 1.0)
+        return [lr * (1 + math.cos(math.pi * progress)) / 2 for lr in self.base_lrs]
+
+    def replan(self, total_steps: int) -> None:
+        """Follow the cosine of a run of ``total_steps`` steps from the current step on."""
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        self.total_steps = total_steps
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            if isinstance(group["lr"], torch.Tensor):  # a capturable optimizer's rate stays a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state; one saved as ``CosineAnnealingLR`` (the earlier default) plans ``T_max`` steps."""
+        if "T_max" in state_dict and "total_steps" not in state_dict:
+            state_dict = {**state_dict, "total_steps": state_dict["T_max"]}
+        super().load_state_dict(state_dict)
+
+
+def default_schedule(optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> CosineToZeroLR:
+    """:class:`CosineToZeroLR` over the run's optimizer steps (``trainer.estimated_stepping_batches``)."""
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise ValueError(
+            "The default cosine learning-rate decay ends at the run's last step, but this run has no end "
+            f"(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, or a training set without a "
+            "length): set max_epochs or max_steps, or pass cosine_decay=False or an lr_scheduler."
+        )
+    return CosineToZeroLR(optimizer, total_steps=max(int(steps), 1))
+
+
+def check_equal_training_batches(trainer: pl.Trainer) -> None:
+    """Raise a ``ValueError`` when the processes of a distributed fit have unequal training batch counts.
+
+    Under DDP every optimizer step all-reduces the gradients of all processes: a process with
+    more batches waits for the others at its extra steps (a hang) or pairs its collectives with
+    theirs out of step. Lightning's ``DistributedSampler`` gives equal shares, but a sampler of
+    the user's (``use_distributed_sampler=False``) or an ``IterableDataset`` split by hand may
+    not. One all-gather of each process's ``num_training_batches`` at the start of the fit; a
+    training set without a length (counted as unknown) is compared only with the others.
+    """
+    if trainer.world_size < 2:
+        return
+    count = trainer.num_training_batches
+    mine = torch.tensor([count if math.isfinite(count) else -1], device=trainer.strategy.root_device)
+    counts = [int(c) for c in trainer.strategy.all_gather(mine).reshape(-1).tolist()]
+    if len(set(counts)) == 1:
+        return
+    shown = ", ".join(f"rank {rank}: {c if c >= 0 else 'unknown'}" for rank, c in enumerate(counts))
+    raise ValueError(
+        "The processes of this distributed fit have different numbers of training batches per epoch "
+        f"({shown}): they would fall out of step (a hang, or gradients averaged across different steps). "
+        "Give every process an equal share: a DistributedSampler (Lightning adds one unless "
+        "use_distributed_sampler=False), drop_last=True in a sampler of your own, or equal shards of an "
+        "IterableDataset "
+        "(or limit_train_batches to the smallest count)."
+    )
 
 
 def first_batch(trainer: pl.Trainer, stage: str) -> Any | None:

@@ -19,7 +19,10 @@ epoch), ``version_*/metrics.csv`` (CSV logs) and ``result.json``. A link is *fin
 ``result.json`` exists: it is written after the link's test.
 Running the same chain with the same ``out_dir`` again reuses finished links and resumes an
 unfinished one from its last checkpoint (written after every epoch). Once a link is trained
-(or resumed) again, the links after it are trained from scratch: their teacher changed.
+(or resumed) again, the links after it are trained from scratch: their teacher changed. An
+unfinished link resumed with other ``epochs`` than its interrupted run had is finished with its
+default cosine schedule re-planned to the new end (status ``"replanned"``); with fewer epochs
+than it has already trained, it is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from lightning_kd.callbacks.run_length import RunLength, RunTooShortError
 from lightning_kd.losses import LossTerm
 from lightning_kd.module import DistillationModule
 from lightning_kd.teachers.ensemble import TeacherEnsemble
@@ -55,7 +59,7 @@ __all__ = [
 #: Trainer settings that the chain sets per link itself.
 RESERVED_TRAINER_KEYS = ("callbacks", "default_root_dir")
 CHECKPOINT_NAME = "checkpoint"  # <out_dir>/<link name>/checkpoint.ckpt
-LinkStatus = Literal["trained", "resumed", "given", "reused"]
+LinkStatus = Literal["trained", "resumed", "replanned", "given", "reused"]
 
 
 @dataclass
@@ -91,8 +95,12 @@ class LinkResult:
     """What one link gave: test accuracy (fraction), its checkpoint, and how it was obtained.
 
     ``status`` is ``"trained"`` (from scratch), ``"resumed"`` (from its last checkpoint),
+    ``"replanned"`` (resumed with another length than its interrupted run planned: from the resume
+    on, the default learning rate followed the cosine of the new length, not one cosine throughout),
     ``"given"`` (``ChainLink.checkpoint``, tested only) or ``"reused"`` (finished in an earlier run).
     ``seconds_per_epoch`` times the training epochs of the run that finished the link (0 if given).
+    ``planned_epochs``: the epochs of the interrupted run of a link resumed with other epochs (its
+    own ``lr_scheduler`` then went on as restored, with a warning), else ``None``.
     """
 
     name: str
@@ -104,6 +112,7 @@ class LinkResult:
     checkpoint: str
     seconds_per_epoch: float
     status: LinkStatus
+    planned_epochs: int | None = None
 
 
 class _EpochTimer(pl.Callback):
@@ -322,7 +331,16 @@ def _fit_and_test(
     fitter = _make_trainer(link, out_dir, settings, progress, expected["epochs"], [timer])
     last = out_dir / link.name / f"{CHECKPOINT_NAME}.ckpt"
     resume_from = last if resume and last.is_file() else None
-    fitter.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        fitter.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except RunTooShortError as error:
+        raise ValueError(
+            f"Link {link.name!r} cannot be resumed with epochs={expected['epochs']}: {error} For this chain: "
+            f"give the link at least the epochs it has done, or delete {str(last.parent)!r} to train it "
+            "from scratch."
+        ) from error
+    run_length = next(c for c in fitter.callbacks if isinstance(c, RunLength))
+    planned = (run_length.resumed or {}).get("max_epochs")
     (metrics,) = fitter.test(module, datamodule=datamodule, verbose=False)
     if not last.is_file():
         raise RuntimeError(
@@ -334,7 +352,8 @@ def _fit_and_test(
         accuracy=metrics["test/acc"],
         checkpoint=str(last),
         seconds_per_epoch=timer.seconds_per_epoch,
-        status="resumed" if resume_from else "trained",
+        status="replanned" if run_length.replanned_from else "resumed" if resume_from else "trained",
+        planned_epochs=planned if resume_from and planned != expected["epochs"] else None,
     )
     return result, fitter
 
@@ -391,7 +410,7 @@ def chain_table(results: Sequence[LinkResult], ensemble: float | None = None) ->
             str(r.epochs),
             f"{100 * r.accuracy:.2f}",
             f"{r.seconds_per_epoch:.2f}",
-            r.status,
+            r.status if r.planned_epochs is None else f"{r.status} (planned {r.planned_epochs} epochs)",
         )
         for r in results
     ]

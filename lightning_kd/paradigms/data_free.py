@@ -21,6 +21,7 @@ from lightning_kd.hooks import LayerHooks, find_layer, first_tensor
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, logits_of
 from lightning_kd.module import DistillationModule
+from lightning_kd.module_setup import default_schedule
 from lightning_kd.paradigms.generator_losses import (
     bn_statistics_loss,
     dafl_activation_loss,
@@ -358,9 +359,7 @@ class DataFreeDistillationModule(DistillationModule):
                     "use a schedule of the step or epoch (e.g. CosineAnnealingLR)."
                 )
         elif self.cosine_decay:
-            total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR
-            schedulers = [cosine(optimizer, T_max=total_steps) for optimizer in optimizers]
+            schedulers = [default_schedule(optimizer, self.trainer) for optimizer in optimizers]
         else:
             return optimizers
         return optimizers, schedulers

@@ -20,12 +20,17 @@ from lightning_kd.batch_checks import (
     explain_forward_error,
     warn_if_probabilities,
 )
+from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
-from lightning_kd.module_setup import configure_optimization, hparams_given_by_cli
+from lightning_kd.module_setup import (
+    check_equal_training_batches,
+    configure_optimization,
+    hparams_given_by_cli,
+)
 
 __all__ = ["MutualLearningModule"]
 
@@ -226,6 +231,14 @@ class MutualLearningModule(pl.LightningModule):
         """Peer 0's logits."""
         inputs = select(batch, self.input_key, "input_key")
         return logits_of(self.peers[0](inputs))
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
+        return [RunLength()]
+
+    def on_train_start(self) -> None:
+        """Check that the DDP processes have equal numbers of training batches."""
+        check_equal_training_batches(self.trainer)
 
     def configure_optimizers(self) -> Any:
         """All peers in one optimizer (each peer's gradient comes from its own loss only)."""

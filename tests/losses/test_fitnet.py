@@ -82,6 +82,7 @@ def test_regressor_is_built_before_the_optimizer_and_trained(tmp_path: Path) -> 
 
     # a resumed fit rebuilds the regressor in setup, then loads its trained weights
     resumed = _fitnet_module()
+    resumed.teacher.load_state_dict(module.teacher.state_dict())  # a resume needs the same teacher
     make_trainer(max_epochs=2).fit(resumed, datamodule=RandomDataModule(), ckpt_path=tmp_path / "fitnet.ckpt")
     torch.testing.assert_close(resumed.loss_terms["fitnet"].regressor.weight, regressor.weight)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_kd.cli import chain_main as main
+from lightning_kd.cli import chain_main, run_chain_command
 from lightning_kd.paradigms import ChainLink, run_chain
-from lightning_kd.paradigms.chain import ensemble_accuracy
+from lightning_kd.paradigms.chain import chain_table, ensemble_accuracy
 from lightning_kd.recipes import RECIPES_DIR
 from tests.helpers import RandomDataModule, small_net
 
@@ -131,6 +133,41 @@ def test_an_interrupted_link_resumes_from_its_last_checkpoint(tmp_path: Path) ->
     assert [fit["epoch"] for fit in recorder.fits] == [1]  # only gen1 fitted, from its second epoch
 
 
+def test_an_interrupted_link_rerun_with_more_epochs_is_recorded_as_replanned(tmp_path: Path) -> None:
+    links = generations(2, epochs=2)
+    links[1].callbacks = [CrashAtEpoch(1)]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_chain(links, RandomDataModule(), tmp_path, trainer=TINY)
+
+    links = generations(2, epochs=2)
+    links[1].epochs = 3
+    with pytest.warns(UserWarning, match=r"planned for 8 optimizer steps \(max_epochs=2\), this run has 12"):
+        results = run_chain(links, RandomDataModule(), tmp_path, trainer=TINY)
+    assert [(r.status, r.epochs, r.planned_epochs) for r in results] == [
+        ("reused", 2, None),
+        ("replanned", 3, 2),
+    ]
+    stored = json.loads((tmp_path / "gen1" / "result.json").read_text())
+    assert (stored["status"], stored["planned_epochs"]) == ("replanned", 2)
+    assert "replanned (planned 2 epochs)" in chain_table(results)
+
+    again = run_chain(links, RandomDataModule(), tmp_path, trainer=TINY)
+    assert [(r.status, r.planned_epochs) for r in again] == [("reused", None), ("reused", 2)]
+
+
+def test_an_interrupted_link_rerun_with_fewer_epochs_than_done_is_refused(tmp_path: Path) -> None:
+    links = generations(1, epochs=3, callbacks=[CrashAtEpoch(2)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_chain(links, RandomDataModule(), tmp_path, trainer=TINY)
+    with pytest.raises(
+        ValueError,
+        match=r"Link 'gen0' cannot be resumed with epochs=1: .* has trained 2 epochs.*give the link at least "
+        rf"the epochs it has done, or delete '{tmp_path / 'gen0'}' to train it from scratch",
+    ):
+        run_chain(generations(1, epochs=1), RandomDataModule(), tmp_path, trainer=TINY)
+    assert not (tmp_path / "gen0" / "result.json").exists()
+
+
 def test_a_first_link_given_by_a_checkpoint_is_tested_not_trained(tmp_path: Path) -> None:
     datamodule = RandomDataModule()
     teacher = small_net(hidden=32).eval()
@@ -186,7 +223,7 @@ def test_bad_chains_are_refused_with_the_fix(
 def test_recipe_runs_through_the_command(
     recipe: str, names: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    results = main(
+    results = run_chain_command(
         [
             "--config",
             str(CONFIGS / f"{recipe}.yaml"),
@@ -209,3 +246,38 @@ def test_recipe_runs_through_the_command(
     table = capsys.readouterr().out
     assert all(name in table for name in names)
     assert ("ensemble of 3" in table) == (recipe == "born_again")
+
+
+CHAIN_YAML = """
+out_dir: {out_dir}
+progress: false
+trainer: {{accelerator: cpu, devices: 1, logger: false, limit_val_batches: 1}}
+links:
+  - name: only
+    model: {{class_path: lightning_kd.models.MLP, init_args: {{in_features: 8, num_classes: 4, hidden: [8]}}}}
+    epochs: {epochs}
+data: {{class_path: tests.helpers.RandomDataModule}}
+"""
+
+
+def test_the_command_exits_with_status_0_after_a_successful_run(tmp_path: Path) -> None:
+    """The console script is ``sys.exit(<entry point>())``: the entry point must return ``None`` (status 0).
+
+    It returned the results list, which ``sys.exit`` prints to stderr with exit status 1.
+    """
+    entry = entry_points(group="console_scripts")["lightning-kd-chain"]
+    assert entry.value == "lightning_kd.cli:chain_main"
+    config = tmp_path / "chain.yaml"
+    config.write_text(CHAIN_YAML.format(out_dir=tmp_path / "out", epochs=1))
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(chain_main(["--config", str(config)]))
+    assert exited.value.code is None  # the interpreter's exit status 0
+    assert (tmp_path / "out" / "only" / "result.json").is_file()
+
+
+def test_the_command_fails_with_the_message(tmp_path: Path) -> None:
+    """A failure raises out of the entry point: the interpreter exits with status 1 and this message."""
+    config = tmp_path / "chain.yaml"
+    config.write_text(CHAIN_YAML.format(out_dir=tmp_path / "out", epochs=0))
+    with pytest.raises(ValueError, match="Link 'only' has neither epochs nor a checkpoint: set epochs >= 1"):
+        chain_main(["--config", str(config)])
