@@ -204,6 +204,28 @@ def link_latest(trainer: Trainer) -> Path | None:
     return link
 
 
+def earlier_run_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest checkpoint an earlier run of this recipe wrote, for ``--ckpt_path last``.
+
+    Each run of a recipe writes its own ``version_<n>`` folder, so Lightning's ``"last"``, which
+    looks only in this run's (new, empty) checkpoint folder, would find nothing and start afresh.
+    When every checkpoint callback writes inside the run's folder (no ``dirpath`` of its own),
+    the newest ``*.ckpt`` in ``<save_dir>/<name>/version_*/checkpoints/`` is the one to resume;
+    ``None`` when there is none (a first run: Lightning starts afresh) or the folders are the user's.
+    """
+    logger = trainer.logger
+    root = getattr(logger, "root_dir", None)
+    callbacks = trainer.checkpoint_callbacks
+    if root is None or not callbacks or any(getattr(c, "dirpath", None) is not None for c in callbacks):
+        return None
+    found = [
+        path
+        for path in Path(root).glob("version_*/checkpoints/*.ckpt")
+        if not path.name.startswith(".") and path.is_file()
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
 class DistillationCLI(LightningCLI):
     """LightningCLI over any LightningModule and any datamodule.
 
@@ -280,7 +302,18 @@ class DistillationCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Start the clock for the summary."""
+        """Resolve ``--ckpt_path last`` to an earlier run's checkpoint; start the clock for the summary.
+
+        See :func:`earlier_run_checkpoint`: a resumed recipe loads the newest checkpoint of its
+        earlier runs and writes a new ``version_<n>`` folder (the earlier one keeps its files).
+        """
+        arguments = self.config_init[self.subcommand]
+        if arguments.get("ckpt_path") == "last":
+            earlier = earlier_run_checkpoint(self.trainer)
+            if earlier is not None:
+                arguments["ckpt_path"] = str(earlier)
+                if self.trainer.is_global_zero:
+                    print(f"--ckpt_path last: resuming from {earlier}, the newest checkpoint of this recipe.")
         self._fit_started = time.perf_counter()
 
     @rank_zero_only

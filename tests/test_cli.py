@@ -223,6 +223,25 @@ def test_a_second_run_never_overwrites_the_first(in_tmp: Path, capsys: pytest.Ca
     assert printed[-1].endswith("runs/mnist1d/teacher/latest.ckpt")
 
 
+def test_ckpt_path_last_resumes_the_newest_checkpoint_of_an_earlier_run(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["fit", "--config", "mnist1d/teacher", *SMALL, "--ckpt_path=last"])  # nothing yet: starts afresh
+    first = in_tmp / "runs/mnist1d/teacher/version_0/checkpoints/teacher.ckpt"
+    first_bytes = first.read_bytes()
+    assert torch.load(first, weights_only=False)["global_step"] == 3
+    main(["fit", "--config", "mnist1d/teacher", *SMALL, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert f"--ckpt_path last: resuming from {first.relative_to(in_tmp)}," in capsys.readouterr().out
+    second = torch.load(
+        in_tmp / "runs/mnist1d/teacher/version_1/checkpoints/teacher.ckpt", weights_only=False
+    )
+    assert second["global_step"] == 6 and second["epoch"] == 1
+    logged = (in_tmp / "runs/mnist1d/teacher/version_1/metrics.csv").read_text().splitlines()
+    epoch = logged[0].split(",").index("epoch")
+    assert {row.split(",")[epoch] for row in logged[1:]} == {"1"}  # epoch 0 was the first run's
+    assert first.read_bytes() == first_bytes
+
+
 def test_a_non_editable_install_runs_a_shipped_recipe_from_an_empty_folder(tmp_path: Path) -> None:
     root = RECIPES_DIR.parents[1]
     wheels, target, empty = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
