@@ -230,7 +230,8 @@ def test_ckpt_path_last_resumes_the_newest_checkpoint_of_an_earlier_run(
     first = in_tmp / "runs/mnist1d/teacher/version_0/checkpoints/teacher.ckpt"
     first_bytes = first.read_bytes()
     assert torch.load(first, weights_only=False)["global_step"] == 3
-    main(["fit", "--config", "mnist1d/teacher", *SMALL, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    with pytest.warns(UserWarning, match="Resumed with another run length"):
+        main(["fit", "--config", "mnist1d/teacher", *SMALL, "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert f"--ckpt_path last: resuming from {first.relative_to(in_tmp)}," in capsys.readouterr().out
     second = torch.load(
         in_tmp / "runs/mnist1d/teacher/version_1/checkpoints/teacher.ckpt", weights_only=False

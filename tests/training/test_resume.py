@@ -187,7 +187,7 @@ def test_a_resumed_fit_with_another_teacher_is_refused(tmp_path: Path) -> None:
     assert torch.equal(restored.teacher[0].weight, torch.load(teacher_file)["0.weight"])
 
 
-def test_a_resumed_fit_goes_on_with_its_teacher_network_and_stops_if_its_weights_changed(tmp_path: Path) -> None:
+def test_a_resume_keeps_its_teacher_network_and_stops_if_its_weights_changed(tmp_path: Path) -> None:
     teacher = small_net()
     checkpoint = interrupted(DistillationModule(small_net(), teacher), tmp_path, planned=2, done=1)
     assert torch.load(checkpoint, weights_only=True)["frozen_teacher"]["teacher_checkpoint"] is None
