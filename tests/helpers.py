@@ -128,6 +128,17 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class CrashAtEpoch(pl.Callback):
+    """Raise at the start of epoch ``epoch``: the run stops after ``epoch`` epochs, as if killed."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
 class Snapshots(pl.Callback):
     """States of the given submodules (by attribute path) at the start and after every epoch."""
 

@@ -17,7 +17,7 @@ from lightning_kd.cli import chain_main, run_chain_command
 from lightning_kd.paradigms import ChainLink, run_chain
 from lightning_kd.paradigms.chain import chain_table, ensemble_accuracy
 from lightning_kd.recipes import RECIPES_DIR
-from tests.helpers import RandomDataModule, small_net
+from tests.helpers import CrashAtEpoch, RandomDataModule, small_net
 
 CONFIGS = RECIPES_DIR / "mnist1d" / "paradigms"
 
@@ -63,15 +63,6 @@ class Recorder(pl.Callback):
                 "epoch": trainer.current_epoch,
             }
         )
-
-
-class CrashAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def generations(count: int, epochs: int = 1, callbacks: list[pl.Callback] | None = None) -> list[ChainLink]:

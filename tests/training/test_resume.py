@@ -15,21 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_kd import DistillationModule
 from lightning_kd.paradigms import MutualLearningModule
-from tests.helpers import RandomDataModule, make_trainer, small_net
+from tests.helpers import CrashAtEpoch, RandomDataModule, make_trainer, small_net
 
 LR = 1e-3
 STEPS_PER_EPOCH = 4  # RandomDataModule: 64 samples, batch 16
-
-
-class CrashAtEpoch(pl.Callback):
-    """Raise at the start of epoch ``epoch``: the run stops after ``epoch`` epochs, as if killed."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 class RecordLR(pl.Callback):
