@@ -371,9 +371,14 @@ class DistillationModule(pl.LightningModule):
         return FeatureHooks(student_layers, teacher_layers)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Hook exactly the layers that the loss terms declare; follow a resumed run's length (RunLength)."""
+        """Hook exactly the layers that the loss terms declare; in a fit, follow a resumed run's length.
+
+        :class:`~lightning_kd.callbacks.run_length.RunLength` is given to fits only, so a
+        ``trainer.test`` after a fit does not replace the fit's.
+        """
         self.feature_hooks = self._declared_hooks()
-        return [*([self.feature_hooks] if self.feature_hooks is not None else []), RunLength()]
+        hooks = [self.feature_hooks] if self.feature_hooks is not None else []
+        return [*hooks, RunLength()] if self.trainer.state.fn == "fit" else hooks
 
     def setup(self, stage: str) -> None:
         """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model).

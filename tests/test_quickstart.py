@@ -52,6 +52,8 @@ def test_a_clean_quickstart_run_prints_no_warning(tmp_path: Path) -> None:
         check=True,
     )
     warned = [
-        line for line in (run.stdout + run.stderr).splitlines() if re.search(r"\.py:\d+: |Warning", line)
+        line
+        for line in (run.stdout + run.stderr).splitlines()
+        if re.search(r"\.py:\d+: |Warning|will override existing callbacks", line)
     ]
     assert warned == []

@@ -233,8 +233,8 @@ class MutualLearningModule(pl.LightningModule):
         return logits_of(self.peers[0](inputs))
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
-        return [RunLength()]
+        """In a fit, follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
+        return [RunLength()] if self.trainer.state.fn == "fit" else []
 
     def on_train_start(self) -> None:
         """Check that the DDP processes have equal numbers of training batches."""
