@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ ALL_VARIANTS = (
     "hand",
     "hand+compile",
     "torchdistill",
+    "torchdistill+compile",
     "bare",
     "bare+log1",
     "bare+log3",
@@ -97,7 +98,7 @@ ALL_VARIANTS = (
     "mutual",
 )
 DEFAULT_VARIANTS = {
-    "small": ALL_VARIANTS,
+    "small": tuple(name for name in ALL_VARIANTS if name != "torchdistill+compile"),
     "mid": (
         "hand",
         "hand+compile",
@@ -171,7 +172,7 @@ class Setting:
     teacher: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
-        pl.seed_everything(0, verbose=False)
+        torch.manual_seed(0)
         samples = (self.warmup + self.steps) * self.batch_size  # one epoch per block
         self.dataset = TensorDataset(
             torch.randn(samples, *self.workload.input_shape),
@@ -265,6 +266,9 @@ Timing = tuple[float, float]  # wall and CPU seconds per step
 class Variant:
     """One way of running the training step; :meth:`run` returns the per-step times of one block."""
 
+    def prepare(self) -> None:
+        """Untimed work before the first block (the cache variant fills its cache)."""
+
     def run(self, warmup: int, steps: int) -> Timing:
         raise NotImplementedError
 
@@ -337,11 +341,13 @@ class HandMutual(Variant):
 class TorchdistillBox(Variant):
     """torchdistill's ``DistillationBox`` with its ``KDLoss``, stepped as in its examples."""
 
-    def __init__(self, setting: Setting) -> None:
+    def __init__(self, setting: Setting, compiled: bool = False) -> None:
         from torchdistill.core.distillation import get_distillation_box
 
         self.setting = setting
         student, teacher = setting.models()
+        if compiled:
+            student.compile(backend=setting.compile_backend)
         teacher.eval()  # the box switches only the student to train mode
         config = {
             "num_epochs": 1_000_000,
@@ -457,6 +463,14 @@ class StepTimer(pl.Callback):
             self.end = clocks()
 
 
+class LayoutCheck(pl.Callback):
+    """Stops a channels-last run whose first batch reached the device in another layout."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0 and not batch[0].is_contiguous(memory_format=torch.channels_last):
+            raise RuntimeError("--channels-last: the batch reached the device in another memory layout.")
+
+
 class LightningFit(Variant):
     """A LightningModule trained by a fresh ``Trainer.fit`` of ``warmup + steps`` steps per block."""
 
@@ -468,11 +482,18 @@ class LightningFit(Variant):
         progress_bar: bool = False,
         log_every_n_steps: int = 50,
         dataset: Dataset | None = None,
-        callbacks: list[pl.Callback] | None = None,
+        prefill: bool = False,
     ) -> None:
         self.setting, self.name, self.module = setting, name, module
         self.progress_bar, self.log_every_n_steps = progress_bar, log_every_n_steps
-        self.dataset, self.callbacks = dataset, callbacks or []
+        self.dataset, self.prefill = dataset, prefill
+        self.callbacks: list[pl.Callback] = [LayoutCheck()] if setting.channels_last else []
+
+    def prepare(self) -> None:
+        """With ``prefill``: one untimed epoch, so that a teacher cache holds every sample."""
+        if self.prefill:
+            s = self.setting
+            self.fit(s.warmup + s.steps, [])
 
     def fit(self, max_steps: int, callbacks: list[pl.Callback]) -> None:
         s = self.setting
@@ -508,8 +529,8 @@ def build(name: str, s: Setting) -> Variant:
         return HandLoop(s, compiled=name == "hand+compile")
     if name == "hand_mutual":
         return HandMutual(s)
-    if name == "torchdistill":
-        return TorchdistillBox(s)
+    if name in ("torchdistill", "torchdistill+compile"):
+        return TorchdistillBox(s, compiled=name == "torchdistill+compile")
     if name.startswith("bare"):
         log_calls = 0 if name == "bare" else int(name.removeprefix("bare+log"))
         return LightningFit(s, name, BareKD(*s.models(), log_calls=log_calls))
@@ -529,9 +550,7 @@ def build(name: str, s: Setting) -> Variant:
         return LightningFit(s, name, DistillationModule(student, teacher, losses=terms))
     if name == "ours+cache":
         module = DistillationModule(student, teacher, teacher_cache=TeacherOutputCache(None))
-        variant = LightningFit(s, name, module, dataset=WithIndex(s.dataset))
-        variant.fit(s.warmup + s.steps, [])  # one epoch: every sample's teacher output is stored
-        return variant
+        return LightningFit(s, name, module, dataset=WithIndex(s.dataset), prefill=True)
     if name == "ours+compile":
         student.compile(backend=s.compile_backend)  # in place: same module, same parameter names
         return LightningFit(s, name, DistillationModule(student, teacher))
@@ -552,6 +571,7 @@ def run_workload(
             print(f"{s.workload.name}: {name} left out ({skipped[name]})", flush=True)
     for name, variant in variants.items():
         started = time.perf_counter()
+        variant.prepare()
         variant.run(s.warmup, 1)
         print(f"{s.workload.name}: {name} ready ({time.perf_counter() - started:.1f} s)", flush=True)
     times: dict[str, list[Timing]] = {name: [] for name in variants}
@@ -621,43 +641,27 @@ def versions() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run the benchmark; return the markdown written (or, with ``--quick``, printed only)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["small", "mid"])
-    parser.add_argument("--variants", default=None, help="comma-separated; default: the workload's list")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
-    parser.add_argument("--channels-last", action="store_true", help="CNN models and inputs in NHWC")
-    parser.add_argument("--compile-backend", default="inductor", help="for the +compile variants")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the workload's")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per block (small 100, mid 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per block (small 10, mid 2)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--logger", choices=("csv", "none"), default="csv")
-    parser.add_argument(
-        "--torchdistill-path", default=None, help="a folder holding the torchdistill package (pip --target)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds; writes nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch.")
-    if args.torchdistill_path:
-        sys.path.append(args.torchdistill_path)  # after this environment's torch and numpy
-    with contextlib.suppress(ImportError):
-        import torchdistill  # noqa: F401  (its version goes into the table)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*|.*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*validation_step.*|.*log_every_n_steps.*|.*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*max_epochs.*|.*in eval mode at the start.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("torchdistill").setLevel(logging.WARNING)
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Without Lightning's and torchdistill's info messages and the warnings this set-up expects."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "torchdistill")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*|.*GPU available but not used.*")
+        warnings.filterwarnings("ignore", ".*validation_step.*|.*log_every_n_steps.*|.*LeafSpec.*")
+        warnings.filterwarnings("ignore", ".*max_epochs.*|.*in eval mode at the start.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
-    command = "python " + " ".join(
-        ["benchmarks/step_overhead.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+
+def run(args: argparse.Namespace, argv: list[str]) -> str:
+    """Every workload's table under one header (machine, versions, load)."""
+    command = "python " + " ".join(["benchmarks/step_overhead.py", *argv])
     started = datetime.datetime.now(datetime.timezone.utc)
     loads: list[float] = []
     sections = []
@@ -695,7 +699,39 @@ def main(argv: list[str] | None = None) -> str:
         f"(median {statistics.median(loads):.2f}).",
         "",
     ]
-    text = "\n".join(header) + "\n" + "\n".join(sections)
+    return "\n".join(header) + "\n" + "\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark; return the markdown written (or, with ``--quick``, printed only)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["small", "mid"])
+    parser.add_argument("--variants", default=None, help="comma-separated; default: the workload's list")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    parser.add_argument("--channels-last", action="store_true", help="CNN models and inputs in NHWC")
+    parser.add_argument("--compile-backend", default="inductor", help="for the +compile variants")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the workload's")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per block (small 100, mid 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per block (small 10, mid 2)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--logger", choices=("csv", "none"), default="csv")
+    parser.add_argument(
+        "--torchdistill-path", default=None, help="a folder holding the torchdistill package (pip --target)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds; writes nothing")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch.")
+    if args.torchdistill_path:
+        sys.path.append(args.torchdistill_path)  # after this environment's torch and numpy
+    with contextlib.suppress(ImportError):
+        import torchdistill  # noqa: F401  (its version goes into the table)
+    with quiet():
+        text = run(args, argv if argv is not None else sys.argv[1:])
     print(text)
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
