@@ -9,7 +9,7 @@ Workloads (``--workload``), random inputs and labels, the same data for every va
 
 - ``small``: MLP 40-256-256-10 student, MLP 40-512-512-10 teacher, batch 128: framework cost shows.
 - ``mid``: ``resnet32x4`` -> ``resnet8x4`` (the CRD benchmark's pair), 100 classes, 32x32, batch 16
-  on the CPU (``--batch-size`` to change).
+  on the CPU (``--batch-size`` to change); ``--channels-last`` applies to it (models and inputs).
 
 Loss everywhere 0.1 CE + 0.9 T^2 KL at T = 4 (Hinton et al., 2015), the teacher in eval mode under
 ``no_grad``; Adam, lr 1e-3. Variants (``--variants``; ratios are to ``hand``, mutual learning's to
@@ -21,7 +21,8 @@ Loss everywhere 0.1 CE + 0.9 T^2 KL at T = 4 (Hinton et al., 2015), the teacher 
   with alpha 0.1) stepped as its examples do: ``forward_process`` + ``post_forward_process``
   (backward, optimizer step) per batch of its own data loader, without the examples' per-step
   ``MetricLogger`` (a ``loss.item()``). In this process when ``torchdistill`` imports (see
-  ``--torchdistill-path``); else left out, and the table says so.
+  ``--torchdistill-path``); else left out, and the table says so. ``torchdistill+compile``: its
+  student compiled in place (not in the CPU defaults).
 - ``bare``, ``bare+log1``, ``bare+log3``: a ``LightningModule`` whose ``training_step`` computes the
   same loss, with 0, 1 or 3 ``self.log`` calls per step.
 - ``ours``: ``DistillationModule(student, teacher)`` with its defaults (the same loss, Adam 1e-3,
