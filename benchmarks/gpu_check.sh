@@ -11,7 +11,8 @@
 #
 # Writes OUT_DIR/sync_check.md, OUT_DIR/step_overhead_cuda_small.md, OUT_DIR/step_overhead_cuda_mid.md
 # and OUT_DIR/gpu_check.log (the machine, versions and every command's output); a command that
-# fails or runs out of its time is noted in the log and the next one runs.
+# fails or runs out of its time (90 + 170 + 220 s at most) is noted in the log and the next one
+# runs; step_overhead.py rewrites its table after every round, so a stopped run keeps its rounds.
 #
 # Python: $PYTHON if set, else .venv/bin/python if present, else python3; the repository root goes
 # on PYTHONPATH. Wheels in .whl/ (torchdistill and whatever else the machine lacks, e.g.
@@ -51,11 +52,11 @@ run() {  # run LIMIT_SECONDS ARGS...: one python command, its output appended to
     if [ "$status" -ne 0 ]; then echo "== exit status $status" >>"$LOG"; fi
 }
 
-run 110 benchmarks/sync_check.py --device "$DEVICE" --out "$OUT/sync_check.md" "${QUICK[@]}"
-run 150 benchmarks/step_overhead.py --device "$DEVICE" --precision bf16-mixed --workload small \
+run 90 benchmarks/sync_check.py --device "$DEVICE" --out "$OUT/sync_check.md" "${QUICK[@]}"
+run 170 benchmarks/step_overhead.py --device "$DEVICE" --precision bf16-mixed --workload small \
     --variants hand,hand+compile,torchdistill,torchdistill+compile,bare,bare+log3,ours,ours@log10,ours+fitnet,ours+cache,ours+compile,hand_mutual,mutual \
-    --steps 200 --warmup 20 --rounds 5 --out "$OUT/step_overhead_cuda_small.md" "${QUICK[@]}"
-run 210 benchmarks/step_overhead.py --device "$DEVICE" --precision bf16-mixed --channels-last --workload mid \
+    --steps 100 --warmup 10 --rounds 5 --out "$OUT/step_overhead_cuda_small.md" "${QUICK[@]}"
+run 220 benchmarks/step_overhead.py --device "$DEVICE" --precision bf16-mixed --channels-last --workload mid \
     --batch-size 128 \
     --variants hand,hand+compile,torchdistill,torchdistill+compile,bare,ours,ours+fitnet,ours+cache,ours+compile \
     --steps 50 --warmup 10 --rounds 5 --out "$OUT/step_overhead_cuda_mid.md" "${QUICK[@]}"

@@ -343,7 +343,10 @@ class TorchdistillBox(Variant):
     """torchdistill's ``DistillationBox`` with its ``KDLoss``, stepped as in its examples."""
 
     def __init__(self, setting: Setting, compiled: bool = False) -> None:
-        from torchdistill.core.distillation import get_distillation_box
+        try:
+            from torchdistill.core.distillation import get_distillation_box
+        except Exception as error:  # absent, or built for another torch
+            raise ImportError(f"torchdistill does not import here ({error})") from error
 
         self.setting = setting
         student, teacher = setting.models()
@@ -559,9 +562,17 @@ def build(name: str, s: Setting) -> Variant:
 
 
 def run_workload(
-    s: Setting, names: list[str], rounds: int, loads: list[float]
+    s: Setting,
+    names: list[str],
+    rounds: int,
+    loads: list[float],
+    after_round: Callable[[dict[str, list[Timing]], dict[str, str], int], None],
 ) -> tuple[dict[str, list[Timing]], dict[str, str]]:
-    """Set up every variant, run each once untimed, then ``rounds`` interleaved rounds."""
+    """Set up every variant, run each once untimed, then ``rounds`` interleaved rounds.
+
+    ``after_round(times, skipped, rounds_done)`` runs after every round (the table so far is written,
+    so that a run stopped by a time limit keeps its finished rounds).
+    """
     variants: dict[str, Variant] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -584,6 +595,7 @@ def run_workload(
             times[name].append(variants[name].run(s.warmup, s.steps))
         done = ", ".join(f"{n} {times[n][-1][1] * 1e3:.2f}" for n in order)
         print(f"{s.workload.name} round {index + 1}/{rounds} (CPU ms/step): {done}", flush=True)
+        after_round(times, skipped, index + 1)
     return times, skipped
 
 
@@ -591,32 +603,43 @@ def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}" if base else "-"
 
 
-def render_table(s: Setting, times: dict[str, list[Timing]], skipped: dict[str, str], rounds: int) -> str:
-    """One markdown table: medians, ratios to the variant's baseline and to torchdistill."""
+def render_table(
+    s: Setting, times: dict[str, list[Timing]], skipped: dict[str, str], done: int, rounds: int
+) -> str:
+    """One markdown table: medians and best rounds, ratios to the variant's baseline and to torchdistill.
+
+    The best (smallest) round is the least disturbed by other processes: on a busy virtual machine
+    even CPU time grows when the host deschedules the guest.
+    """
     median = {n: tuple(statistics.median(t[i] for t in ts) for i in (0, 1)) for n, ts in times.items()}
+    best = {n: min(t[1] for t in ts) for n, ts in times.items()}
     td = median.get("torchdistill")
     lines = [
         f"### {s.workload.name}: {s.workload.describe}, batch {s.batch_size}",
         "",
         f"Device {s.device.type}, precision {s.precision}"
-        f"{', channels-last' if s.channels_last else ''}; {rounds} interleaved rounds of {s.steps} timed "
+        f"{', channels-last' if s.channels_last else ''}; {done} interleaved rounds"
+        f"{'' if done == rounds else f' (of {rounds} asked: the run stopped early)'} of {s.steps} timed "
         f"steps (after {s.warmup} untimed) per variant; logger: {s.logger}; compile backend "
         f"{s.compile_backend}.",
         "",
         "| variant | wall ms / step | CPU ms / step | CPU ratio to hand | wall ratio to hand "
-        "| CPU ratio to torchdistill | CPU ms / step per round |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU ratio to torchdistill | best round: CPU ms / step | best round: CPU ratio to hand "
+        "| CPU ms / step per round |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (wall, cpu) in median.items():
-        base = median.get(BASELINE.get(name, "hand"))
+        baseline = BASELINE.get(name, "hand")
+        base = median.get(baseline)
         rounds_cpu = ", ".join(f"{t[1] * 1e3:.2f}" for t in times[name])
         to_td = ratio(cpu, td[1]) if td and name not in BASELINE else "-"
         lines.append(
             f"| {name} | {wall * 1e3:.2f} | {cpu * 1e3:.2f} | {ratio(cpu, base and base[1])} "
-            f"| {ratio(wall, base and base[0])} | {to_td} | {rounds_cpu} |"
+            f"| {ratio(wall, base and base[0])} | {to_td} | {best[name] * 1e3:.2f} "
+            f"| {ratio(best[name], best.get(baseline))} | {rounds_cpu} |"
         )
     for name, why in skipped.items():
-        lines.append(f"| {name} | left out: {why} | | | | | |")
+        lines.append(f"| {name} | left out: {why} | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -661,11 +684,29 @@ def quiet() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> str:
-    """Every workload's table under one header (machine, versions, load)."""
+    """Every workload's table under one header (machine, versions, load); ``--out`` after every round."""
     command = "python " + " ".join(["benchmarks/step_overhead.py", *argv])
     started = datetime.datetime.now(datetime.timezone.utc)
     loads: list[float] = []
-    sections = []
+    sections: list[str] = []
+
+    def document(tables: list[str]) -> str:
+        now = [*loads, os.getloadavg()[0]]
+        header = [
+            "Time per training step: a hand-written PyTorch loop, torchdistill's DistillationBox, a bare "
+            "LightningModule and lightning_kd, in one process (`benchmarks/step_overhead.py`; see its "
+            "docstring for the variants). CPU time (`time.process_time`) is the number to read on a "
+            "shared machine; ratios are of medians over rounds, and of the best rounds.",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine()}. {versions()}. Started {started:%Y-%m-%d %H:%M} UTC; 1-minute load "
+            f"average at each round's start and at the end {min(now):.2f} to {max(now):.2f} "
+            f"(median {statistics.median(now):.2f}).",
+            "",
+        ]
+        return "\n".join(header) + "\n" + "\n".join(tables)
+
     with tempfile.TemporaryDirectory(prefix="step_overhead_") as log_dir:
         for workload_name in args.workload:
             workload = WORKLOADS[workload_name]
@@ -684,23 +725,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
             )
             names = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS[workload_name])
             rounds = 1 if args.quick else args.rounds
-            times, skipped = run_workload(setting, names, rounds, loads)
-            sections.append(render_table(setting, times, skipped, rounds))
-    loads.append(os.getloadavg()[0])
-    header = [
-        "Time per training step: a hand-written PyTorch loop, torchdistill's DistillationBox, a bare "
-        "LightningModule and lightning_kd, in one process (`benchmarks/step_overhead.py`; see its "
-        "docstring for the variants). CPU time (`time.process_time`) is the number to read on a shared "
-        "machine; ratios are of medians over rounds.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine()}. {versions()}. Started {started:%Y-%m-%d %H:%M} UTC; 1-minute load "
-        f"average at each round's start {min(loads):.2f} to {max(loads):.2f} "
-        f"(median {statistics.median(loads):.2f}).",
-        "",
-    ]
-    return "\n".join(header) + "\n" + "\n".join(sections)
+
+            def write_so_far(
+                times: dict[str, list[Timing]],
+                skipped: dict[str, str],
+                done: int,
+                setting: Setting = setting,
+                rounds: int = rounds,
+            ) -> None:
+                if not args.quick:
+                    table = render_table(setting, times, skipped, done, rounds)
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(document([*sections, table]))
+
+            times, skipped = run_workload(setting, names, rounds, loads, write_so_far)
+            sections.append(render_table(setting, times, skipped, rounds, rounds))
+    return document(sections)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -729,13 +769,12 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--device cuda: no CUDA device is visible to torch.")
     if args.torchdistill_path:
         sys.path.append(args.torchdistill_path)  # after this environment's torch and numpy
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(Exception):  # absent, or built for another torch: its rows say so
         import torchdistill  # noqa: F401  (its version goes into the table)
     with quiet():
         text = run(args, argv if argv is not None else sys.argv[1:])
     print(text)
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}")
     return text
