@@ -72,7 +72,10 @@ def earlier(tmp_path: Path) -> Earlier:
 def _fit(module: DistillationModule, datamodule: pl.LightningDataModule, earlier: Earlier) -> pl.Trainer:
     """Fit with a checkpoint callback writing the same file name into the earlier run's directory."""
     checkpoint = ModelCheckpoint(dirpath=earlier.directory, filename="model", enable_version_counter=False)
-    trainer = make_trainer(callbacks=[checkpoint], enable_checkpointing=True, num_sanity_val_steps=2)
+    # log_every_n_steps=1: the loss is read in every step, so a NaN stops the step it appears in
+    trainer = make_trainer(
+        callbacks=[checkpoint], enable_checkpointing=True, num_sanity_val_steps=2, log_every_n_steps=1
+    )
     trainer.fit(module, datamodule=datamodule)
     return trainer
 
@@ -290,7 +293,7 @@ def _loader(x: Tensor, y: Tensor, **kwargs: Any) -> DataLoader:
 
 
 def _train(module: pl.LightningModule, loader: DataLoader, epochs: int = 1) -> pl.Trainer:
-    trainer = make_trainer(max_epochs=epochs, limit_val_batches=0)
+    trainer = make_trainer(max_epochs=epochs, limit_val_batches=0, log_every_n_steps=1)  # read every step
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
