@@ -392,9 +392,10 @@ class DistillationModule(pl.LightningModule):
         """The checks that read a batch's values, run before its transfer to the device (no wait there).
 
         The labels' values (class range, rows of probabilities:
-        :func:`~lightning_kd.batch_checks.class_targets`) in every batch on the host; labels that the data pipeline already put on an accelerator only
-        in the first batch of each epoch of each loop, as reading them waits for the device. In
-        training, the teacher's role reads what it needs (a cached teacher: the sample indices).
+        :func:`~lightning_kd.batch_checks.class_targets`) in every batch on the host; labels that
+        the data pipeline already put on an accelerator only in the first batch of each epoch of
+        each loop, as reading them waits for the device. In training, the teacher's role reads
+        what it needs (a cached teacher: the sample indices).
         """
         targets = self.unpack_batch(batch)[1]
         if targets is not None:
@@ -407,7 +408,7 @@ class DistillationModule(pl.LightningModule):
         self._batch_checked = True
 
     def _check_if_unchecked(self, batch: Any, stage: str) -> None:
-        """:meth:`check_batch` in the step, where a datamodule's ``on_before_batch_transfer`` replaced ours."""
+        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
         if not self._batch_checked:
             self.check_batch(batch, stage)
         self._batch_checked = False
@@ -592,7 +593,7 @@ class DistillationModule(pl.LightningModule):
         return reading
 
     def non_finite_error(self, reading: Reading, outputs: StepOutputs | None) -> FloatingPointError:
-        """The error for the non-finite loss ``reading`` found, diagnosed on ``outputs`` (or the state now)."""
+        """The error for the non-finite loss ``reading`` found, diagnosed on ``outputs`` (or the state)."""
         assert reading.first_bad is not None
         terms = {name: reading.bad_values[f"train/loss_{name}"] for name in self.loss_terms}
         outputs = outputs if reading.first_bad == reading.last_step else None  # else: the state now

@@ -149,7 +149,7 @@ def logs_this_step(trainer: Any) -> bool:
 
 
 def loop_stage(trainer: Any) -> str | None:
-    """The loop a batch is for, as the batch checks name it ("training", "validation", "test"), or ``None``."""
+    """The loop a batch is for as the batch checks name it ("training", "validation", "test"), or ``None``."""
     if trainer is None:
         return None
     if trainer.training:

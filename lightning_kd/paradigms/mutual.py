@@ -185,7 +185,7 @@ class MutualLearningModule(pl.LightningModule):
         self._batch_checked = True
 
     def _check_if_unchecked(self, batch: Any, stage: str) -> None:
-        """:meth:`check_batch` in the step, where a datamodule's ``on_before_batch_transfer`` replaced ours."""
+        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
         if not self._batch_checked:
             self.check_batch(batch, stage)
         self._batch_checked = False
