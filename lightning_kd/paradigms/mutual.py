@@ -119,7 +119,7 @@ class MutualLearningModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
-        if check_finite not in (True, False, "step"):
+        if not (check_finite is True or check_finite is False or check_finite == "step"):
             raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
         self.check_finite = check_finite
         #: what the training steps record on the device, read at the logging steps and epoch ends
