@@ -315,8 +315,9 @@ class DistillationModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
 
     def on_train_start(self) -> None:
-        """Check the DDP processes' batch counts are equal; let the teacher's role prepare (a cache opens)."""
+        """Check DDP's batch counts are equal, start the step records; the teacher's role prepares."""
         check_equal_training_batches(self.trainer)
+        self.monitor.reset()
         if self.teacher is not None:
             self.teacher_role.on_train_start(self)
 
@@ -330,10 +331,10 @@ class DistillationModule(pl.LightningModule):
         The last step's losses go to ``trainer.callback_metrics`` and the progress bar (not to the
         logger, which got them at the logging steps). A cached teacher flushes its cache.
         """
-        self.log_reading(self.read_monitor(), logger=False)
+        self.log_reading(self.read_monitor(), epoch_end=True)
         accuracy = self.monitor.epoch_accuracy(self.trainer.strategy)
-        if accuracy is not None:
-            self.log("train/acc", torch.tensor(accuracy))
+        if accuracy is not None:  # over all processes already: sync_dist averages equal values
+            self.log("train/acc", torch.tensor(accuracy, device=self.device), sync_dist=True)
         if self.teacher is not None:
             self.teacher_role.on_train_epoch_end(self)
 
@@ -458,6 +459,7 @@ class DistillationModule(pl.LightningModule):
         use_atomic_checkpoint_io(self.trainer)
         # intended: check_batch runs there; a datamodule's own hook replaces it (then the step checks)
         warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
+        self._labels_read_in.clear()
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
         if stage == "fit" and self._teacher_left_out:
             self.frozen_teacher_fingerprint = teacher_fingerprint(self.teacher)
@@ -600,9 +602,9 @@ class DistillationModule(pl.LightningModule):
         cause = self.non_finite_cause(outputs)
         return non_finite_loss_error("terms", reading.first_bad, terms, cause, found_at=reading.last_step)
 
-    def log_reading(self, reading: Reading, **kwargs: Any) -> None:
-        """Log the read values as host tensors (:func:`~lightning_kd.step_monitor.log_reading`)."""
-        log_reading(self, reading, self.progress_bar_metric, **kwargs)
+    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
+        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
+        log_reading(self, reading, self.progress_bar_metric, epoch_end)
 
     #: the training value shown in the progress bar
     progress_bar_metric = "train/loss"

@@ -52,6 +52,10 @@ class StepMonitor:
 
     def __init__(self, check_finite: bool = True) -> None:
         self.check_finite = check_finite
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded (a new fit starts; its tensors may be on another device)."""
         self.names: list[str] = []
         self.latest: Tensor | None = None
         self.last_step = -1
@@ -68,7 +72,10 @@ class StepMonitor:
         where one is NaN/Inf and all ``values`` at it are kept until :meth:`read`.
         """
         names = list(values)
-        stacked = torch.stack([value.detach().float().reshape(()) for value in values.values()])
+        parts = [value.detach() for value in values.values()]
+        if any(part.dtype != torch.float32 or part.ndim for part in parts):  # else: stacked as they are
+            parts = [part.float().reshape(()) for part in parts]
+        stacked = torch.stack(parts)
         if names != self.names:  # the first record (or another set of values): start the flag afresh
             self.names, self.first_bad, self.bad_values = names, None, None
         self.latest, self.last_step = stacked, step
@@ -159,11 +166,17 @@ def loop_stage(trainer: Any) -> str | None:
     return "test" if trainer.testing else None
 
 
-def log_reading(module: Any, reading: Reading, progress_bar: str, **kwargs: Any) -> None:
-    """``module.log`` the read values as host tensors, ``progress_bar`` among them in the progress bar.
+def log_reading(module: Any, reading: Reading, progress_bar: str, epoch_end: bool = False) -> None:
+    """``module.log`` the read values, ``progress_bar`` among them in the progress bar.
 
-    Host tensors, not Python floats: Lightning makes a float a tensor on the module's device, which
-    the progress bar would then read after every later step.
+    In a step: as host tensors, not Python floats (Lightning makes a float a tensor on the
+    module's device, which the progress bar would then read after every later step). At the
+    ``epoch_end``: for ``trainer.callback_metrics`` and the progress bar only (the loggers had them
+    at the logging steps), averaged over the processes (so on the device, where the collective runs).
     """
     for name, value in reading.values.items():
-        module.log(name, torch.tensor(value), prog_bar=name == progress_bar, **kwargs)
+        if epoch_end:
+            value_there = torch.tensor(value, device=module.device)
+            module.log(name, value_there, prog_bar=name == progress_bar, logger=False, sync_dist=True)
+        else:
+            module.log(name, torch.tensor(value), prog_bar=name == progress_bar)

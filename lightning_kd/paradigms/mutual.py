@@ -156,6 +156,7 @@ class MutualLearningModule(pl.LightningModule):
         """
         use_atomic_checkpoint_io(self.trainer)
         warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
+        self._labels_read_in.clear()
 
     def forward(self, inputs: Any) -> Any:
         """Peer 0's output."""
@@ -269,13 +270,13 @@ class MutualLearningModule(pl.LightningModule):
             "peer losses", reading.first_bad, values, cause, found_at=reading.last_step
         )
 
-    def log_reading(self, reading: Reading, **kwargs: Any) -> None:
-        """Log the read values as host tensors (:func:`~lightning_kd.step_monitor.log_reading`)."""
-        log_reading(self, reading, "train/loss", **kwargs)
+    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
+        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
+        log_reading(self, reading, "train/loss", epoch_end)
 
     def on_train_epoch_end(self) -> None:
         """Read the epoch's records (raise for a NaN/Inf loss); the last losses go to ``callback_metrics``."""
-        self.log_reading(self.read_monitor(), logger=False)
+        self.log_reading(self.read_monitor(), epoch_end=True)
 
     def on_train_end(self) -> None:
         """Raise for a NaN/Inf loss not yet read."""
@@ -323,8 +324,9 @@ class MutualLearningModule(pl.LightningModule):
         return [RunLength()]
 
     def on_train_start(self) -> None:
-        """Check that the DDP processes have equal numbers of training batches."""
+        """Check that the DDP processes have equal numbers of training batches; start the step records."""
         check_equal_training_batches(self.trainer)
+        self.monitor.reset()
 
     def configure_optimizers(self) -> Any:
         """All peers in one optimizer (each peer's gradient comes from its own loss only)."""
