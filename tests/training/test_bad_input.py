@@ -476,6 +476,22 @@ def test_a_teacher_returning_probabilities_warns_at_the_first_batch() -> None:
         _train(module, _loader(data.x, data.y))
 
 
+def test_the_probability_warning_waits_for_the_first_reading_of_the_device() -> None:
+    data = RandomDataModule()
+    module = DistillationModule(small_net(), Softmaxed(log=False))
+
+    class NoWarningYet(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            assert not [w for w in caught if "probabilities" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(limit_val_batches=0, callbacks=[NoWarningYet()])  # first reading: epoch end
+        trainer.fit(module, train_dataloaders=_loader(data.x, data.y))
+    found = [str(w.message) for w in caught if "probabilities" in str(w.message)]
+    assert len(found) == 1 and found[0].startswith("The teacher's outputs are probabilities")
+
+
 def _probability_warnings(teacher: nn.Module) -> list[str]:
     data = RandomDataModule()
     with warnings.catch_warnings(record=True) as caught:
