@@ -385,7 +385,7 @@ class DistillationModule(pl.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Check the batch while it is still on the host (:meth:`check_batch`), before Lightning moves it."""
         stage = loop_stage(self._trainer)
-        if stage is not None:
+        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
             self.check_batch(batch, stage)
         return batch
 

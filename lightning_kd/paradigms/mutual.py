@@ -169,7 +169,7 @@ class MutualLearningModule(pl.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Check the labels' values while the batch is on the host (:meth:`check_batch`)."""
         stage = loop_stage(self._trainer)
-        if stage is not None:
+        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
             self.check_batch(batch, stage)
         return batch
 
