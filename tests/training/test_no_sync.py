@@ -32,7 +32,7 @@ from lightning_kd.paradigms import (
     EmbeddingDistillationModule,
     MutualLearningModule,
 )
-from tests.helpers import NUM_CLASSES, NUM_FEATURES, RandomDataModule, small_net
+from tests.helpers import NUM_FEATURES, RandomDataModule, small_net
 
 #: torch functions that return a Python value computed from a tensor's data
 _READING_FUNCTIONS = {"equal", "allclose", "is_nonzero"}
@@ -260,4 +260,3 @@ def test_logged_values_are_the_steps_values_and_the_epochs_accuracy(tmp_path: Pa
         [float(correct[: len(y)].double().mean()), float(correct[len(y) :].double().mean())]
     )
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(totals[-1]))
-    assert NUM_CLASSES == module.num_classes
