@@ -22,6 +22,8 @@ __all__ = [
     "class_indices",
     "class_targets",
     "explain_forward_error",
+    "probabilities_message",
+    "probability_rows",
     "warn_if_probabilities",
 ]
 
@@ -200,24 +202,37 @@ def check_logits(logits: Tensor, role: str, num_classes: int) -> None:
     )
 
 
+def probability_rows(logits: Tensor) -> Tensor:
+    """A device bool: whether every row of ``logits`` is a probability distribution (in [0, 1], sum 1).
+
+    Computed without reading the values (see :func:`warn_if_probabilities`).
+    """
+    rows = logits.detach().float().reshape(-1, logits.shape[-1])
+    if rows.numel() == 0 or rows.shape[-1] < 2:
+        return torch.zeros((), dtype=torch.bool, device=logits.device)
+    inside = ((rows >= 0) & (rows <= 1)).all()
+    return inside & ((rows.sum(dim=-1) - 1).abs().max() <= PROBABILITY_TOLERANCE)
+
+
+def probabilities_message(role: str) -> str:
+    """The warning for a ``role`` whose outputs are probabilities, not logits."""
+    return (
+        f"The {role}'s outputs are probabilities (every row is in [0, 1] and sums to 1), not logits: the "
+        "loss terms apply the softmax themselves (at temperature T), so these give nearly flat targets. "
+        f"Return logits from the {role}'s forward (remove its final softmax)."
+    )
+
+
 def warn_if_probabilities(logits: Tensor, role: str) -> bool:
     """Warn when the rows of ``logits`` are probabilities (each in [0, 1], summing to 1); reads the values.
 
     Softmax-based losses soften logits at temperature T; probabilities there give nearly flat
     targets. Log-probabilities (rows whose logsumexp is 0) are logits shifted by a constant per
-    row, which every softmax leaves unchanged, so they pass. Returns whether it warned.
+    row, which every softmax leaves unchanged, so they pass. Returns whether it warned. The
+    training modules compute :func:`probability_rows` in their first step and warn at their next
+    reading of the device instead.
     """
-    rows = logits.detach().float().reshape(-1, logits.shape[-1])
-    if rows.numel() == 0 or rows.shape[-1] < 2:
+    if not bool(probability_rows(logits)):
         return False
-    inside = bool(((rows >= 0) & (rows <= 1)).all())
-    if not inside or float((rows.sum(dim=-1) - 1).abs().max()) > PROBABILITY_TOLERANCE:
-        return False
-    warnings.warn(
-        f"The {role}'s outputs are probabilities (every row is in [0, 1] and sums to 1), not logits: the "
-        "loss terms apply the softmax themselves (at temperature T), so these give nearly flat targets. "
-        f"Return logits from the {role}'s forward (remove its final softmax).",
-        UserWarning,
-        stacklevel=2,
-    )
+    warnings.warn(probabilities_message(role), UserWarning, stacklevel=2)
     return True

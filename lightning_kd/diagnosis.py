@@ -11,14 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_kd.model_io import non_finite_entries
 
-__all__ = ["non_finite_cause", "non_finite_loss_error"]
+__all__ = ["CheckFinite", "non_finite_cause", "non_finite_loss_error"]
+
+#: ``True``: a device flag read at the logging steps, the epoch end, checkpoint saves and the end of
+#: training (no wait per step); ``"step"``: read in every step (one wait each, stops at the exact
+#: step); ``False``: off
+CheckFinite = bool | Literal["step"]
 
 
 def non_finite_cause(
@@ -34,12 +39,14 @@ def non_finite_cause(
 
     Checked in this order, the first that applies named: an empty batch; NaN/Inf in the batch;
     a setting that is not finite (a temperature or weight, e.g. set by a schedule); NaN/Inf in
-    a model's weights (for a ``trained`` model an earlier step diverged, for a fixed one the
-    loaded weights are broken); a model's outputs that are not finite on finite inputs and
-    weights; otherwise the terms' math.
+    a model's weights, the fixed models' first (their loaded weights are broken: once a loss is
+    NaN, the gradients make every ``trained`` model NaN too, so a trained model is blamed, for a
+    diverged earlier step, only when the fixed ones are finite); a model's outputs that are not
+    finite on finite inputs and weights; otherwise the terms' math.
 
     Args:
-        batch: the batch of the step.
+        batch: the batch of the step, or ``None`` when it is no longer at hand (the loss was found
+            non-finite steps later).
         models: the models of the step by role (``{"student": ..., "teacher": ...}``).
         outputs: their outputs (logits) in the step, by the same roles.
         settings: named scalar settings the loss used (``{"loss term 'kd' temperature": 4.0}``).
@@ -62,7 +69,7 @@ def non_finite_cause(
             return f"The {name} is {value}: a schedule or an assignment set it so. Give it a finite value" + (
                 " > 0." if "temperature" in name else "."
             )
-    for role, model in models.items():
+    for role, model in sorted(models.items(), key=lambda item: item[0] in trained):  # fixed ones first
         broken = _non_finite_weight(model)
         if broken is None:
             continue
@@ -90,6 +97,11 @@ def non_finite_cause(
             f"{overflow} (e.g. activations beyond the float16 range under '16-mixed' precision: use "
             "'bf16-mixed' or 32-bit, or normalise the inputs)."
         )
+    if batch is None:
+        return (
+            "The weights, the settings and the models' outputs are finite now, and the batch of that step "
+            "is no longer at hand: a NaN/Inf in that batch or a term's math is the cause."
+        )
     return (
         "The inputs, the weights and the models' outputs are finite: a term's math overflowed. Lower the "
         "learning rate, or fix the term's settings."
@@ -97,13 +109,30 @@ def non_finite_cause(
 
 
 def non_finite_loss_error(
-    what: str, step: int, values: Mapping[str, Tensor], cause: str
+    what: str,
+    step: int,
+    values: Mapping[str, Tensor | float],
+    cause: str,
+    found_at: int | None = None,
 ) -> FloatingPointError:
-    """The error for a non-finite loss: its step, its parts (``what``: "terms", "peer losses"), the cause."""
-    bad = {name: value.item() for name, value in values.items() if not _finite(value)}
-    shown = bad or {name: value.item() for name, value in values.items()}
+    """The error for a non-finite loss: its step, its parts (``what``: "terms", "peer losses"), the cause.
+
+    ``found_at``: the step at which a deferred check (``check_finite=True``) found it, when later
+    than ``step``: the cause was then diagnosed on the state of that step.
+    """
+    numbers = {
+        name: float(value.detach() if isinstance(value, Tensor) else value) for name, value in values.items()
+    }
+    shown = {name: value for name, value in numbers.items() if not math.isfinite(value)} or numbers
+    late = ""
+    if found_at is not None and found_at > step:
+        late = (
+            f" Training ran on {found_at - step} step(s) after step {step} until the check read it (at step "
+            f"{found_at}), so this cause was diagnosed then; check_finite='step' stops at step {step} itself "
+            "and diagnoses its batch."
+        )
     return FloatingPointError(
-        f"The loss is not finite at step {step}: {what} {shown} gave NaN/Inf. {cause} "
+        f"The loss is not finite at step {step}: {what} {shown} gave NaN/Inf. {cause}{late} "
         "(check_finite=False turns this check off)."
     )
 

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -24,12 +25,13 @@ from lightning_kd.batch_checks import (
     class_indices,
     class_targets,
     explain_forward_error,
-    warn_if_probabilities,
+    probabilities_message,
+    probability_rows,
 )
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
-from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
+from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import (
     BatchKey,
@@ -50,6 +52,14 @@ from lightning_kd.resume import (
     check_same_architecture,
     check_same_teacher,
     teacher_record,
+)
+from lightning_kd.step_monitor import (
+    OWN_HOOK_WARNING,
+    Reading,
+    StepMonitor,
+    log_reading,
+    logs_this_step,
+    loop_stage,
 )
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
@@ -105,8 +115,12 @@ class DistillationModule(pl.LightningModule):
     ``teacher_input_key`` the teacher reads its own input from the batch (privileged
     information, LUPI): the student never sees it.
 
-    Metrics (torchmetrics): student accuracy ``train/acc``, ``val/acc``, ``test/acc``; with a
-    teacher, ``val|test/teacher_acc`` and top-1 agreement ``val|test/agreement``.
+    Metrics: student accuracy ``train/acc`` (of the epoch, counted on the device), ``val/acc``,
+    ``test/acc`` (torchmetrics); with a teacher, ``val|test/teacher_acc`` and top-1 agreement
+    ``val|test/agreement``. The training losses reach the logger at Lightning's logging steps
+    (``log_every_n_steps``) with the value of that step, read from the device in one transfer; no
+    other training step reads the device (the progress bar shows the value of the last logging
+    step, and ``trainer.callback_metrics`` holds the last step's values after each epoch).
 
     Args:
         student: the network being trained.
@@ -132,8 +146,12 @@ class DistillationModule(pl.LightningModule):
             when a fit resumes with another length (:class:`~lightning_kd.callbacks.run_length.RunLength`).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
-        check_finite: stop with an error naming the term (and any NaN/Inf batch entry) when the loss
-            is NaN or infinite.
+        check_finite: stop with an error naming the first step whose loss was NaN or infinite, its
+            terms and the cause. ``True``: checked on the device in every step and read at the
+            logging steps (``log_every_n_steps``), the epoch end, every checkpoint save (no checkpoint
+            of NaN weights is written) and the end of training, so no step waits for the device;
+            ``"step"``: read in every step (stops at that step, diagnosing its batch; one wait per
+            step); ``False``: off.
         teacher_cache: a :class:`~lightning_kd.TeacherOutputCache` for a frozen
             teacher: its training outputs (logits and the hooked features the terms declare) are
             computed once, stored by sample index, and reused, skipping the teacher forward.
@@ -156,7 +174,7 @@ class DistillationModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         cosine_decay: bool = True,
-        check_finite: bool = True,
+        check_finite: CheckFinite = True,
         teacher_cache: TeacherOutputCache | None = None,
     ) -> None:
         super().__init__()
@@ -187,7 +205,13 @@ class DistillationModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
+        if not (check_finite is True or check_finite is False or check_finite == "step"):
+            raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
         self.check_finite = check_finite
+        #: what the training steps record on the device, read at the logging steps and epoch ends
+        self.monitor = StepMonitor(check_finite=check_finite is True)
+        self._labels_read_in: dict[str, int] = {}  # loop -> epoch whose device labels were read
+        self._batch_checked = False  # whether check_batch ran on the batch of the coming step
         self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
         #: SHA-256 of a frozen teacher's weights as this fit set it up (recorded in checkpoints)
@@ -214,7 +238,7 @@ class DistillationModule(pl.LightningModule):
         def accuracy() -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
 
-        names = ["train_acc", "val_acc", "test_acc"]
+        names = ["val_acc", "test_acc"]  # train/acc: counted by the StepMonitor
         if self.teacher is not None:
             names += ["val_teacher_acc", "test_teacher_acc", "val_agreement", "test_agreement"]
         if isinstance(self.teacher, TeacherEnsemble):
@@ -291,18 +315,32 @@ class DistillationModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
 
     def on_train_start(self) -> None:
-        """Check the DDP processes' batch counts are equal; let the teacher's role prepare (a cache opens)."""
+        """Check DDP's batch counts are equal, start the step records; the teacher's role prepares."""
         check_equal_training_batches(self.trainer)
+        self.monitor.reset()
         if self.teacher is not None:
             self.teacher_role.on_train_start(self)
 
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's accuracy count."""
+        self.monitor.reset_epoch()
+
     def on_train_epoch_end(self) -> None:
-        """Let the teacher's role finish the epoch (a cached teacher flushes its cache)."""
+        """Read the epoch's records (raise for a non-finite loss), log ``train/acc``; the role ends the epoch.
+
+        The last step's losses go to ``trainer.callback_metrics`` and the progress bar (not to the
+        logger, which got them at the logging steps). A cached teacher flushes its cache.
+        """
+        self.log_reading(self.read_monitor(), epoch_end=True)
+        accuracy = self.monitor.epoch_accuracy(self.trainer.strategy)
+        if accuracy is not None:  # over all processes already: sync_dist averages equal values
+            self.log("train/acc", torch.tensor(accuracy, device=self.device), sync_dist=True)
         if self.teacher is not None:
             self.teacher_role.on_train_epoch_end(self)
 
     def on_train_end(self) -> None:
-        """Let the teacher's role finish training (a cached teacher releases its directory's lock)."""
+        """Raise for a non-finite loss not yet read; the teacher's role ends (a cache releases its lock)."""
+        self.read_monitor()
         if self.teacher is not None:
             self.teacher_role.on_train_end(self)
 
@@ -343,6 +381,38 @@ class DistillationModule(pl.LightningModule):
     def forward(self, inputs: Any) -> Any:
         """The student's output."""
         return call_model(self.student, inputs)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check the batch while it is still on the host (:meth:`check_batch`), before Lightning moves it."""
+        stage = loop_stage(self._trainer)
+        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
+            self.check_batch(batch, stage)
+        return batch
+
+    def check_batch(self, batch: Any, stage: str) -> None:
+        """The checks that read a batch's values, run before its transfer to the device (no wait there).
+
+        The labels' values (class range, rows of probabilities:
+        :func:`~lightning_kd.batch_checks.class_targets`) in every batch on the host; labels that
+        the data pipeline already put on an accelerator only in the first batch of each epoch of
+        each loop, as reading them waits for the device. In training, the teacher's role reads
+        what it needs (a cached teacher: the sample indices).
+        """
+        targets = self.unpack_batch(batch)[1]
+        if targets is not None:
+            on_host = not isinstance(targets, Tensor) or targets.device.type == "cpu"
+            if on_host or self._labels_read_in.get(stage) != self.current_epoch:
+                self._labels_read_in[stage] = self.current_epoch
+                class_targets(targets, self.num_classes, stage, read_values=True)
+        if stage == "training" and self.teacher is not None:
+            self.teacher_role.before_transfer(self, batch)
+        self._batch_checked = True
+
+    def _check_if_unchecked(self, batch: Any, stage: str) -> None:
+        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
+        if not self._batch_checked:
+            self.check_batch(batch, stage)
+        self._batch_checked = False
 
     def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``; override for other layouts."""
@@ -385,12 +455,16 @@ class DistillationModule(pl.LightningModule):
 
         They are sized on :meth:`probe_batch`: the first batch of whatever data the Trainer call
         was given; without any, on ``example_input_array`` (the student's input, as in Lightning).
-        Lightning's default checkpoint IO becomes
+        Lightning's warning that this module has an ``on_before_batch_transfer`` (:meth:`check_batch`)
+        is silenced. Lightning's default checkpoint IO becomes
         :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO` (atomic writes, checked reads).
         A fit also takes the fingerprint of a frozen teacher left out of checkpoints
         (:meth:`on_save_checkpoint`), before any device move or precision cast.
         """
         use_atomic_checkpoint_io(self.trainer)
+        # intended: check_batch runs there; a datamodule's own hook replaces it (then the step checks)
+        warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
+        self._labels_read_in.clear()
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
         if stage == "fit" and self._teacher_left_out:
             self.frozen_teacher_fingerprint = teacher_fingerprint(self.teacher)
@@ -509,14 +583,42 @@ class DistillationModule(pl.LightningModule):
         }
         total = sum(self.loss_terms[name].weight * value for name, value in values.items())
         assert isinstance(total, Tensor)
-        if self.check_finite and not torch.isfinite(total):
+        checked_now = self.check_finite == "step" or (self.check_finite and not self.training)
+        if checked_now and not torch.isfinite(total):
             raise non_finite_loss_error("terms", self.global_step, values, self.non_finite_cause(outputs))
         return total, values
 
-    def non_finite_cause(self, outputs: StepOutputs) -> str:
+    def read_monitor(self, outputs: StepOutputs | None = None) -> Reading:
+        """Read the steps' device records (:class:`~lightning_kd.step_monitor.StepMonitor`) in one transfer.
+
+        Raises the non-finite loss error when a step's loss was NaN/Inf (``outputs``: the current
+        step's, diagnosed when given).
+        """
+        reading = self.monitor.read()
+        if reading.first_bad is not None:
+            raise self.non_finite_error(reading, outputs)
+        return reading
+
+    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None) -> FloatingPointError:
+        """The error for the non-finite loss ``reading`` found, diagnosed on ``outputs`` (or the state)."""
+        assert reading.first_bad is not None
+        terms = {name: reading.bad_values[f"train/loss_{name}"] for name in self.loss_terms}
+        outputs = outputs if reading.first_bad == reading.last_step else None  # else: the state now
+        cause = self.non_finite_cause(outputs)
+        return non_finite_loss_error("terms", reading.first_bad, terms, cause, found_at=reading.last_step)
+
+    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
+        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
+        log_reading(self, reading, self.progress_bar_metric, epoch_end)
+
+    #: the training value shown in the progress bar
+    progress_bar_metric = "train/loss"
+
+    def non_finite_cause(self, outputs: StepOutputs | None) -> str:
         """What made the step's loss NaN/Inf, and its fix.
 
-        See :func:`~lightning_kd.diagnosis.non_finite_cause`; call it wherever non-finiteness is detected.
+        See :func:`~lightning_kd.diagnosis.non_finite_cause`; call it wherever non-finiteness is
+        detected. Without ``outputs`` (found after the step), only the settings and weights are read.
         """
         settings = {}
         for name, term in self.loss_terms.items():
@@ -525,6 +627,14 @@ class DistillationModule(pl.LightningModule):
             if isinstance(temperature, float | int | Tensor) and torch.as_tensor(temperature).numel() == 1:
                 settings[f"temperature of loss term {name!r}"] = float(temperature)
         trained = ["student"] if self.teacher_is_frozen else ["student", "teacher"]
+        if outputs is None:
+            return non_finite_cause(
+                None,
+                {"student": self.student, "teacher": self.teacher},
+                {},
+                settings=settings,
+                trained=trained,
+            )
         return non_finite_cause(
             outputs.batch,
             {"student": self.student, "teacher": self.teacher},
@@ -546,46 +656,43 @@ class DistillationModule(pl.LightningModule):
         if explained is not None:
             raise explained from error
 
-    def checked_targets(self, targets: Any, batch_idx: int, stage: str) -> Tensor | None:
-        """``targets`` as class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`).
-
-        Without it, cross-entropy fails with a bare "Target out of bounds" (a device-side assert
-        on CUDA), and one-hot targets would train on with every accuracy at 0. Shapes and dtypes
-        are checked in every batch; the values (class range, rows of probabilities) of targets on
-        the CPU in every batch, of targets on an accelerator in the first batch of each epoch of
-        each loop only, as reading them waits for the device.
-        """
-        if targets is None:
-            return None
-        read_values = batch_idx == 0 or (isinstance(targets, Tensor) and targets.device.type == "cpu")
-        return class_targets(targets, self.num_classes, stage, read_values)
-
     def check_first_outputs(self, outputs: StepOutputs) -> None:
-        """At the first batch: logits of shape ``(N, num_classes)``; warn on probabilities given as logits."""
+        """At the first batch: logits of shape ``(N, num_classes)``; warn on probabilities given as logits.
+
+        The shapes are checked at once; whether the rows are probabilities is computed on the
+        device and warned about at the next reading (a logging step or the epoch end).
+        """
         check_logits(outputs.student_logits, "student", self.num_classes)
-        warn_if_probabilities(outputs.student_logits, "student")
+        self.monitor.defer_warning(probability_rows(outputs.student_logits), probabilities_message("student"))
         if outputs.teacher_logits is not None:  # its shape: the terms compare it with the student's
-            warn_if_probabilities(outputs.teacher_logits, "teacher")
+            flag = probability_rows(outputs.teacher_logits)
+            self.monitor.defer_warning(flag, probabilities_message("teacher"))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One distillation step; logs every term and the total."""
+        """One distillation step: every term, the total and the accuracy are recorded on the device.
+
+        At Lightning's logging steps they are read in one transfer and logged as ``train/loss_<name>``
+        and ``train/loss`` (``train/acc`` at the epoch end); no other step reads the device.
+        """
+        self._check_if_unchecked(batch, "training")
         outputs = self.step_outputs(batch)
-        outputs.targets = self.checked_targets(outputs.targets, batch_idx, "training")
+        if outputs.targets is not None:  # values: checked before the transfer (check_batch)
+            outputs.targets = class_targets(outputs.targets, self.num_classes, "training", read_values=False)
         if batch_idx == 0 and self.global_step == 0:
             self.check_first_outputs(outputs)
         total, values = self.compute_loss(outputs)
-        for name, value in values.items():
-            self.log(f"train/loss_{name}", value.detach())
-        self.log("train/loss", total.detach(), prog_bar=True)
+        recorded = {f"train/loss_{name}": value for name, value in values.items()}
+        self.monitor.record(self.global_step, {**recorded, "train/loss": total})
         if outputs.targets is not None:
-            self.metrics["train_acc"].update(outputs.student_logits.detach(), class_indices(outputs.targets))
-            self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+            self.monitor.count(outputs.student_logits, class_indices(outputs.targets))
+        if logs_this_step(self._trainer):
+            self.log_reading(self.read_monitor(outputs))
         return total
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """Student (and teacher) accuracy and their agreement on one held-out batch, under ``stage/``."""
         inputs, targets = self.unpack_batch(batch)
-        if targets is not None:  # the values were checked in the loop's step (checked_targets)
+        if targets is not None:  # the values were checked before the transfer (check_batch)
             targets = class_targets(targets, self.num_classes, stage, read_values=False)
         try:
             student_logits = logits_of(call_model(self.student, inputs))
@@ -612,13 +719,13 @@ class DistillationModule(pl.LightningModule):
                 self.log(f"{stage}/teacher{i}_acc", self.metrics[f"{stage}_teacher{i}_acc"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Student (and teacher) accuracy and their agreement."""
-        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "validation")
+        """Student (and teacher) accuracy and their agreement (labels checked in :meth:`check_batch`)."""
+        self._check_if_unchecked(batch, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "test")
+        self._check_if_unchecked(batch, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -662,9 +769,14 @@ class DistillationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked.
 
+        During a fit, a loss found non-finite since the last reading (``check_finite=True``) raises
+        here, before anything is written: the previous checkpoint stays as it was.
+
         A teacher left out is recorded by its fingerprint (SHA-256 of its weights, taken once per
         fit in :meth:`setup`) and its file, so that a resumed fit can tell whether it has the same one.
         """
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # no NaN weights saved
+            self.read_monitor()
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
             hparams["teacher_checkpoint"] = self.teacher_checkpoint

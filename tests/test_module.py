@@ -119,10 +119,27 @@ class NaNTerm(LossTerm):
 def test_nan_loss_stops_with_the_name_of_the_term(tmp_path: Any) -> None:
     module = DistillationModule(small_net(), losses=[CrossEntropyTerm(), NaNTerm("exploding")])
     trainer = make_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
-    with pytest.raises(FloatingPointError, match=r"'exploding': nan"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 0: terms \{'exploding': nan\}.*Training ran on 3 step\(s\) after step 0 until the "
+        r"check read it \(at step 3\), .*check_finite='step' stops at step 0 itself",
+    ):
+        trainer.fit(module, datamodule=RandomDataModule())  # read at the epoch end: 4 steps ran
+    assert module.global_step == 4
+    assert not list(tmp_path.rglob("*.ckpt"))  # raised before the epoch-end checkpoint was written
+
+
+def test_check_finite_step_stops_at_the_step_itself(tmp_path: Any) -> None:
+    module = DistillationModule(
+        small_net(), losses=[CrossEntropyTerm(), NaNTerm("exploding")], check_finite="step"
+    )
+    trainer = make_trainer(default_root_dir=tmp_path, enable_checkpointing=True)
+    with pytest.raises(
+        FloatingPointError, match=r"at step 0: terms \{'exploding': nan\}.*term's math overflowed"
+    ):
         trainer.fit(module, datamodule=RandomDataModule())
     assert module.global_step == 0
-    assert not list(tmp_path.rglob("*.ckpt"))  # nothing half-written
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_class_count_mismatch_is_caught_at_construction() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -14,9 +15,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_kd.batch_checks import warn_if_probabilities
+from lightning_kd.batch_checks import probabilities_message, probability_rows
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
-from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
+from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
 from lightning_kd.hooks import LayerHooks, find_layer, first_tensor
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import BatchKey, logits_of
@@ -28,6 +29,7 @@ from lightning_kd.paradigms.generator_losses import (
     dafl_information_entropy_loss,
     dafl_one_hot_loss,
 )
+from lightning_kd.step_monitor import Reading, logs_this_step
 
 __all__ = ["GENERATOR_PARTS", "DataFreeDistillationModule"]
 
@@ -103,7 +105,9 @@ class DataFreeDistillationModule(DistillationModule):
             decay to 0 over the run, stepped every batch (unless ``cosine_decay=False``).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
-        check_finite: stop with an error naming the part when a loss is NaN or infinite.
+        check_finite: stop with an error naming the first step and the part when a loss is NaN or
+            infinite: ``True`` (read at the logging steps and epoch ends, no wait per step),
+            ``"step"`` (read in every step) or ``False`` (see :class:`~lightning_kd.DistillationModule`).
     """
 
     def __init__(
@@ -126,7 +130,7 @@ class DataFreeDistillationModule(DistillationModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         cosine_decay: bool = True,
-        check_finite: bool = True,
+        check_finite: CheckFinite = True,
     ) -> None:
         if teacher is None:
             raise ValueError("Data-free distillation needs a trained teacher: pass `teacher`.")
@@ -196,6 +200,11 @@ class DataFreeDistillationModule(DistillationModule):
             )
         super().setup(stage)
 
+    def check_batch(self, batch: Any, stage: str) -> None:
+        """Real (validation, test) batches as in the base class; training batches are latent noise."""
+        if stage != "training":
+            super().check_batch(batch, stage)
+
     def probe_batch(self, stage: str) -> Tensor:
         """Two generated samples (generator in eval mode, no gradient) to size the student terms' adapters."""
         was_training = self.generator.training
@@ -246,19 +255,40 @@ class DataFreeDistillationModule(DistillationModule):
             )
         total = sum(self.generator_weights[name] * value for name, value in parts.items())
         assert isinstance(total, Tensor)
-        if self.check_finite and not torch.isfinite(total):
-            cause = non_finite_cause(
-                z,
-                {"generator": self.generator, "teacher": self.teacher},
-                {"generator": inputs, "teacher": teacher_logits},
-                settings={
-                    f"weight of the generator's {name} loss": w for name, w in self.generator_weights.items()
-                },
-                trained=["generator"],
-                samples=int(z.shape[0]),
-            )
+        if self.check_finite == "step" and not torch.isfinite(total):
+            cause = self.generator_cause(z, inputs, teacher_logits)
             raise non_finite_loss_error("generator losses", self.global_step, parts, cause)
         return inputs, teacher_logits, total, parts
+
+    def generator_cause(self, z: Tensor | None, inputs: Tensor | None, teacher_logits: Tensor | None) -> str:
+        """What made the generator's loss NaN/Inf (:func:`~lightning_kd.diagnosis.non_finite_cause`).
+
+        Without ``z`` (found after its step), only the settings and the weights are read.
+        """
+        return non_finite_cause(
+            z,
+            {"generator": self.generator, "teacher": self.teacher},
+            {"generator": inputs, "teacher": teacher_logits} if z is not None else {},
+            settings={
+                f"weight of the generator's {name} loss": w for name, w in self.generator_weights.items()
+            },
+            trained=["generator"],
+            samples=int(z.shape[0]) if z is not None else None,
+        )
+
+    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None) -> FloatingPointError:
+        """The generator's losses when they were NaN/Inf at the first bad step, else the student's terms."""
+        assert reading.first_bad is not None
+        if math.isfinite(reading.bad_values["train/loss_generator"]):
+            return super().non_finite_error(reading, None)
+        parts = {name: reading.bad_values[f"train/loss_{name}"] for name in self.generator_weights}
+        cause = self.generator_cause(None, None, None)
+        return non_finite_loss_error(
+            "generator losses", reading.first_bad, parts, cause, found_at=reading.last_step
+        )
+
+    #: the training value shown in the progress bar
+    progress_bar_metric = "train/loss_student"
 
     def step_outputs(self, batch: Tensor, teacher_output: Tensor | None = None) -> StepOutputs:
         """The student's (and the teacher's) outputs on generated samples ``batch`` (no labels).
@@ -299,12 +329,16 @@ class DataFreeDistillationModule(DistillationModule):
         return z
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """A generator step, then a student step on the same (detached) generated samples."""
+        """A generator step, then a student step on the same (detached) generated samples.
+
+        Every loss is recorded on the device and logged at Lightning's logging steps (one transfer).
+        """
         z = self._latents(batch)
+        step = self.global_step
         student_optimizer, generator_optimizer = self.optimizers()
         inputs, teacher_logits, generator_total, parts = self.generator_loss(z)
-        if batch_idx == 0 and self.global_step == 0:  # DAFL's losses read the teacher's logits
-            warn_if_probabilities(teacher_logits, "teacher")
+        if batch_idx == 0 and step == 0:  # DAFL's losses read the teacher's logits
+            self.monitor.defer_warning(probability_rows(teacher_logits), probabilities_message("teacher"))
         generator_optimizer.zero_grad()
         self.manual_backward(generator_total)
         generator_optimizer.step()
@@ -316,13 +350,15 @@ class DataFreeDistillationModule(DistillationModule):
         if self._scheduler_interval == "step":
             self._step_schedulers()
 
-        for name, value in {**parts, **values}.items():
-            self.log(f"train/loss_{name}", value.detach())
-        self.log("train/loss_generator", generator_total.detach())
-        self.log("train/loss_student", student_total.detach(), prog_bar=True)
+        recorded = {f"train/loss_{name}": value for name, value in {**parts, **values}.items()}
+        recorded |= {"train/loss_generator": generator_total, "train/loss_student": student_total}
+        self.monitor.record(step, recorded, checked=2)
+        if logs_this_step(self._trainer):
+            self.log_reading(self.read_monitor())
 
     def on_train_epoch_end(self) -> None:
-        """Step epoch-wise schedulers."""
+        """Read the epoch's records (see :class:`DistillationModule`), step epoch-wise schedulers."""
+        super().on_train_epoch_end()
         if self._scheduler_interval == "epoch":
             self._step_schedulers()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -18,11 +20,12 @@ from lightning_kd.batch_checks import (
     class_indices,
     class_targets,
     explain_forward_error,
-    warn_if_probabilities,
+    probabilities_message,
+    probability_rows,
 )
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
-from lightning_kd.diagnosis import non_finite_cause, non_finite_loss_error
+from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
@@ -30,6 +33,14 @@ from lightning_kd.module_setup import (
     check_equal_training_batches,
     configure_optimization,
     hparams_given_by_cli,
+)
+from lightning_kd.step_monitor import (
+    OWN_HOOK_WARNING,
+    Reading,
+    StepMonitor,
+    log_reading,
+    logs_this_step,
+    loop_stage,
 )
 
 __all__ = ["MutualLearningModule"]
@@ -50,7 +61,8 @@ class MutualLearningModule(pl.LightningModule):
     the others' predictions recomputed after the previous update (K forward passes per peer
     instead of one).
 
-    Logged: ``train/loss``, ``train/loss_peer<k>``; ``val|test/acc_peer<k>`` for every peer,
+    Logged: ``train/loss``, ``train/loss_peer<k>`` (at Lightning's logging steps, read from the
+    device in one transfer: no other step waits for it); ``val|test/acc_peer<k>`` for every peer,
     ``val|test/acc`` of peer 0 (what ``forward`` and ``predict`` use) and
     ``val|test/acc_ensemble`` of the peers' averaged probabilities. Every peer is a submodule,
     so checkpoints hold all of them.
@@ -67,6 +79,9 @@ class MutualLearningModule(pl.LightningModule):
         lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0.
         lr_scheduler_interval: ``"epoch"`` or ``"step"``: when ``lr_scheduler`` steps.
         cosine_decay: use the default cosine decay when ``lr_scheduler`` is ``None``.
+        check_finite: stop with an error naming the first step whose loss was NaN/Inf, each
+            peer's loss and the cause: ``True`` (read at the logging steps, epoch ends, checkpoint
+            saves and the end of training), ``"step"`` (read in every step) or ``False``.
     """
 
     def __init__(
@@ -82,6 +97,7 @@ class MutualLearningModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         cosine_decay: bool = True,
+        check_finite: CheckFinite = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -103,6 +119,13 @@ class MutualLearningModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
+        if not (check_finite is True or check_finite is False or check_finite == "step"):
+            raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
+        self.check_finite = check_finite
+        #: what the training steps record on the device, read at the logging steps and epoch ends
+        self.monitor = StepMonitor(check_finite=check_finite is True)
+        self._labels_read_in: dict[str, int] = {}  # loop -> epoch whose device labels were read
+        self._batch_checked = False
         self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
         if self.num_classes < 2:
             raise ValueError(
@@ -127,8 +150,13 @@ class MutualLearningModule(pl.LightningModule):
         return found.pop()
 
     def setup(self, stage: str) -> None:
-        """Make Lightning's default checkpoint IO :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO`."""
+        """Make Lightning's default checkpoint IO :class:`~lightning_kd.checkpoint_io.AtomicCheckpointIO`.
+
+        Lightning's warning that this module has an ``on_before_batch_transfer`` is silenced.
+        """
         use_atomic_checkpoint_io(self.trainer)
+        warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
+        self._labels_read_in.clear()
 
     def forward(self, inputs: Any) -> Any:
         """Peer 0's output."""
@@ -138,13 +166,30 @@ class MutualLearningModule(pl.LightningModule):
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``."""
         return select(batch, self.input_key, "input_key"), select(batch, self.target_key, "target_key")
 
-    def checked_targets(self, targets: Any, batch_idx: int, stage: str) -> Tensor:
-        """Class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`).
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check the labels' values while the batch is on the host (:meth:`check_batch`)."""
+        stage = loop_stage(self._trainer)
+        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
+            self.check_batch(batch, stage)
+        return batch
 
-        Values are read on the CPU in every batch, on an accelerator at the first batch of each epoch.
+    def check_batch(self, batch: Any, stage: str) -> None:
+        """Class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`), values read.
+
+        In every batch on the host; labels already on an accelerator at the first batch of each epoch.
         """
-        read_values = batch_idx == 0 or (isinstance(targets, Tensor) and targets.device.type == "cpu")
-        return class_targets(targets, self.num_classes, stage, read_values)
+        targets = self.unpack_batch(batch)[1]
+        on_host = not isinstance(targets, Tensor) or targets.device.type == "cpu"
+        if on_host or self._labels_read_in.get(stage) != self.current_epoch:
+            self._labels_read_in[stage] = self.current_epoch
+            class_targets(targets, self.num_classes, stage, read_values=True)
+        self._batch_checked = True
+
+    def _check_if_unchecked(self, batch: Any, stage: str) -> None:
+        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
+        if not self._batch_checked:
+            self.check_batch(batch, stage)
+        self._batch_checked = False
 
     def peer_logits(self, inputs: Any) -> list[Tensor]:
         """Every peer's logits on ``inputs``; a failure caused by the inputs is re-raised with its fix."""
@@ -170,35 +215,77 @@ class MutualLearningModule(pl.LightningModule):
         return losses
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One step of every peer; logs each peer's loss and the sum."""
+        """One step of every peer; each peer's loss and the sum are recorded, logged at the logging steps."""
+        self._check_if_unchecked(batch, "training")
         inputs, targets = self.unpack_batch(batch)
-        targets = self.checked_targets(targets, batch_idx, "training")
+        targets = class_targets(targets, self.num_classes, "training", read_values=False)
         logits = self.peer_logits(inputs)
         if batch_idx == 0 and self.global_step == 0:
             for k, peer_logits in enumerate(logits):
                 check_logits(peer_logits, f"peer {k}", self.num_classes)
-                warn_if_probabilities(peer_logits, f"peer {k}")
+                self.monitor.defer_warning(probability_rows(peer_logits), probabilities_message(f"peer {k}"))
         losses = self.peer_losses(logits, targets)
         total = torch.stack(losses).sum()
-        if not torch.isfinite(total):
-            cause = non_finite_cause(
-                batch,
-                {f"peer {k}": peer for k, peer in enumerate(self.peers)},
-                {f"peer {k}": peer_logits for k, peer_logits in enumerate(logits)},
-                settings={
-                    "temperature": self.temperature,
-                    "ce_weight": self.ce_weight,
-                    "kd_weight": self.kd_weight,
-                },
-                trained=[f"peer {k}" for k in range(len(self.peers))],
-                samples=int(logits[0].shape[0]) if logits[0].ndim else None,
-            )
+        if self.check_finite == "step" and not torch.isfinite(total):
             values = {f"peer{k}": loss for k, loss in enumerate(losses)}
-            raise non_finite_loss_error("peer losses", self.global_step, values, cause)
-        for k, loss in enumerate(losses):
-            self.log(f"train/loss_peer{k}", loss.detach())
-        self.log("train/loss", total.detach(), prog_bar=True)
+            raise non_finite_loss_error(
+                "peer losses", self.global_step, values, self.non_finite_cause(batch, logits)
+            )
+        recorded = {f"train/loss_peer{k}": loss for k, loss in enumerate(losses)}
+        self.monitor.record(self.global_step, {**recorded, "train/loss": total})
+        if logs_this_step(self._trainer):
+            self.log_reading(self.read_monitor(batch, logits))
         return total
+
+    def non_finite_cause(self, batch: Any, logits: Sequence[Tensor] | None) -> str:
+        """What made the peers' loss NaN/Inf (:func:`~lightning_kd.diagnosis.non_finite_cause`).
+
+        Without ``logits`` (found after the step), only the settings and the weights are read.
+        """
+        return non_finite_cause(
+            batch if logits is not None else None,
+            {f"peer {k}": peer for k, peer in enumerate(self.peers)},
+            {f"peer {k}": peer_logits for k, peer_logits in enumerate(logits or [])},
+            settings={
+                "temperature": self.temperature,
+                "ce_weight": self.ce_weight,
+                "kd_weight": self.kd_weight,
+            },
+            trained=[f"peer {k}" for k in range(len(self.peers))],
+            samples=int(logits[0].shape[0]) if logits and logits[0].ndim else None,
+        )
+
+    def read_monitor(self, batch: Any = None, logits: Sequence[Tensor] | None = None) -> Reading:
+        """Read the steps' device records in one transfer; raise for a NaN/Inf loss found.
+
+        ``batch`` and ``logits``: the current step's, diagnosed when the loss was found in that step.
+        """
+        reading = self.monitor.read()
+        if reading.first_bad is None:
+            return reading
+        same_step = reading.first_bad == reading.last_step
+        values = {f"peer{k}": reading.bad_values[f"train/loss_peer{k}"] for k in range(len(self.peers))}
+        cause = self.non_finite_cause(batch, logits if same_step else None)
+        raise non_finite_loss_error(
+            "peer losses", reading.first_bad, values, cause, found_at=reading.last_step
+        )
+
+    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
+        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
+        log_reading(self, reading, "train/loss", epoch_end)
+
+    def on_train_epoch_end(self) -> None:
+        """Read the epoch's records (raise for a NaN/Inf loss); the last losses go to ``callback_metrics``."""
+        self.log_reading(self.read_monitor(), epoch_end=True)
+
+    def on_train_end(self) -> None:
+        """Raise for a NaN/Inf loss not yet read."""
+        self.read_monitor()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """During a fit, raise for a NaN/Inf loss not yet read, before anything is written."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self.read_monitor()
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """Every peer's accuracy and the ensemble's on one held-out batch, under ``stage/``."""
@@ -218,13 +305,13 @@ class MutualLearningModule(pl.LightningModule):
         self.log(f"{stage}/loss", loss, sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Every peer's accuracy and the peers' ensemble accuracy."""
-        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "validation")
+        """Every peer's accuracy and the peers' ensemble accuracy (labels checked in :meth:`check_batch`)."""
+        self._check_if_unchecked(batch, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self.checked_targets(self.unpack_batch(batch)[1], batch_idx, "test")
+        self._check_if_unchecked(batch, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -237,8 +324,9 @@ class MutualLearningModule(pl.LightningModule):
         return [RunLength()] if self.trainer.state.fn == "fit" else []
 
     def on_train_start(self) -> None:
-        """Check that the DDP processes have equal numbers of training batches."""
+        """Check that the DDP processes have equal numbers of training batches; start the step records."""
         check_equal_training_batches(self.trainer)
+        self.monitor.reset()
 
     def configure_optimizers(self) -> Any:
         """All peers in one optimizer (each peer's gradient comes from its own loss only)."""

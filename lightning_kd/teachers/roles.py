@@ -98,6 +98,9 @@ class TeacherRole:
     def on_train_end(self, module: DistillationModule) -> None:
         """Finish training (nothing here)."""
 
+    def before_transfer(self, module: DistillationModule, batch: Any) -> None:
+        """Read what the role needs from a training ``batch`` while it is on the host (nothing by default)."""
+
     def training_outputs(
         self, module: DistillationModule, batch: Any, inputs: Any
     ) -> tuple[Any, dict | None]:
@@ -155,6 +158,7 @@ class CachedTeacher(FrozenTeacher):
 
     def __init__(self, cache: TeacherOutputCache) -> None:
         self.cache = cache
+        self._indices: Tensor | None = None  # the next training batch's sample indices, read on the host
 
     def on_train_start(self, module: DistillationModule) -> None:
         """Open the cache for this teacher and training set (rebuilt if either changed)."""
@@ -172,9 +176,15 @@ class CachedTeacher(FrozenTeacher):
         if module.feature_hooks is not None:
             module.feature_hooks.clear()
 
+    def before_transfer(self, module: DistillationModule, batch: Any) -> None:
+        """Read (and check) the batch's sample indices on the host: the step then waits for no device."""
+        self._indices = self.cache.indices_of(batch)
+
     def training_outputs(self, module: DistillationModule, batch: Any, inputs: Any) -> tuple[Tensor, dict]:
         """The teacher's logits and hooked features from the cache; on a miss, the teacher's (then stored)."""
-        indices = self.cache.indices_of(batch)
+        indices, self._indices = self._indices, None
+        if indices is None:  # called outside a Trainer's loop: read them here
+            indices = self.cache.indices_of(batch)
         teacher_inputs = module.teacher_inputs(batch, inputs)
         signature = input_signature(teacher_inputs, len(indices))
         found = self.cache.lookup(indices, signature, module.device)

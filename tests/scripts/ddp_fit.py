@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +30,18 @@ from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
 class RecordWrapping(pl.Callback):
     student_after_epoch0: dict[str, torch.Tensor] | None = None
+    hits = seen = 0  # this process's correct training predictions in the epoch, counted here
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: DistillationModule) -> None:
+        self.hits = self.seen = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.targets = batch[1]
+
+    def count(self, layer: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        if layer.training:
+            self.hits += int((output.argmax(-1) == self.targets).sum())
+            self.seen += len(self.targets)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: DistillationModule) -> None:
         if trainer.current_epoch == 0:
@@ -55,6 +68,7 @@ def main(out: Path, staged: bool) -> None:
     else:
         module = DistillationModule(student, teacher)
     spy = RecordWrapping()
+    student.register_forward_hook(spy.count)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -80,6 +94,9 @@ def main(out: Path, staged: bool) -> None:
             "find_unused": spy.find_unused,
             "global_step": trainer.global_step,
             "loss": float(trainer.callback_metrics["train/loss"]),
+            "train_acc": float(trainer.callback_metrics["train/acc"]),
+            "hits": spy.hits,
+            "seen": spy.seen,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

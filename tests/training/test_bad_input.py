@@ -72,7 +72,10 @@ def earlier(tmp_path: Path) -> Earlier:
 def _fit(module: DistillationModule, datamodule: pl.LightningDataModule, earlier: Earlier) -> pl.Trainer:
     """Fit with a checkpoint callback writing the same file name into the earlier run's directory."""
     checkpoint = ModelCheckpoint(dirpath=earlier.directory, filename="model", enable_version_counter=False)
-    trainer = make_trainer(callbacks=[checkpoint], enable_checkpointing=True, num_sanity_val_steps=2)
+    # log_every_n_steps=1: the loss is read in every step, so a NaN stops the step it appears in
+    trainer = make_trainer(
+        callbacks=[checkpoint], enable_checkpointing=True, num_sanity_val_steps=2, log_every_n_steps=1
+    )
     trainer.fit(module, datamodule=datamodule)
     return trainer
 
@@ -290,7 +293,7 @@ def _loader(x: Tensor, y: Tensor, **kwargs: Any) -> DataLoader:
 
 
 def _train(module: pl.LightningModule, loader: DataLoader, epochs: int = 1) -> pl.Trainer:
-    trainer = make_trainer(max_epochs=epochs, limit_val_batches=0)
+    trainer = make_trainer(max_epochs=epochs, limit_val_batches=0, log_every_n_steps=1)  # read every step
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -473,6 +476,22 @@ def test_a_teacher_returning_probabilities_warns_at_the_first_batch() -> None:
         _train(module, _loader(data.x, data.y))
 
 
+def test_the_probability_warning_waits_for_the_first_reading_of_the_device() -> None:
+    data = RandomDataModule()
+    module = DistillationModule(small_net(), Softmaxed(log=False))
+
+    class NoWarningYet(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            assert not [w for w in caught if "probabilities" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(limit_val_batches=0, callbacks=[NoWarningYet()])  # first reading: epoch end
+        trainer.fit(module, train_dataloaders=_loader(data.x, data.y))
+    found = [str(w.message) for w in caught if "probabilities" in str(w.message)]
+    assert len(found) == 1 and found[0].startswith("The teacher's outputs are probabilities")
+
+
 def _probability_warnings(teacher: nn.Module) -> list[str]:
     data = RandomDataModule()
     with warnings.catch_warnings(record=True) as caught:
@@ -623,3 +642,71 @@ def test_paradigms_name_the_cause_of_a_non_finite_loss() -> None:
         make_trainer(limit_val_batches=0).fit(
             module, datamodule=LatentNoiseDataModule(data, 4, batch_size=8, batches_per_epoch=2)
         )
+
+
+# ----------------------------------------------------------------- deferred checks (no wait per step)
+class NaNFrom(LossTerm):
+    """A term that turns NaN at its ``first``-th training step (as a run that diverges there)."""
+
+    needs_teacher = False
+
+    def __init__(self, name: str, first: int) -> None:
+        super().__init__(name)
+        self.first, self.calls = first, 0  # the module calls the terms in training steps only
+
+    def forward(self, outputs: StepOutputs) -> Tensor:
+        self.calls += 1
+        value = outputs.student_logits.float().pow(2).mean()
+        return value * float("nan") if self.calls > self.first else value
+
+
+def test_no_checkpoint_is_written_after_a_non_finite_loss(tmp_path: Path) -> None:
+    module = DistillationModule(small_net(batchnorm=False), losses=[CrossEntropyTerm(), NaNFrom("late", 3)])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = make_trainer(callbacks=[checkpoint], enable_checkpointing=True)  # log_every_n_steps=50
+    with pytest.raises(
+        FloatingPointError,
+        match=r"^The loss is not finite at step 3: terms \{'late': nan\} gave NaN/Inf\. The student's weight "
+        r"'0\.weight' holds NaN/Inf",
+    ):
+        trainer.fit(module, datamodule=RandomDataModule())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=2.ckpt"]  # the save after step 3 refused
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_check_finite_step_stops_the_paradigms_at_the_step_itself() -> None:
+    data = RandomDataModule()
+    peers = [small_net(batchnorm=False), _nan_weight(small_net(batchnorm=False))]
+    module = MutualLearningModule(peers, check_finite="step")
+    with pytest.raises(FloatingPointError, match=r"at step 0: peer losses .*The peer 1's weight '0\.weight'"):
+        make_trainer(limit_val_batches=0).fit(module, train_dataloaders=_loader(data.x, data.y))
+    assert module.global_step == 0
+    generator = Generator((NUM_FEATURES,), 4, hidden=(16,))
+    module = DataFreeDistillationModule(small_net(), _nan_weight(small_net()), generator, check_finite="step")
+    with pytest.raises(
+        FloatingPointError, match=r"at step 0: generator losses .*The teacher's weight '0\.weight'"
+    ):
+        make_trainer(limit_val_batches=0).fit(
+            module, datamodule=LatentNoiseDataModule(data, 4, batch_size=8, batches_per_epoch=2)
+        )
+    assert module.global_step == 0
+
+
+@pytest.mark.parametrize("value", ["yes", 1.0, None])
+def test_check_finite_takes_true_false_or_step(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"check_finite must be True, False or 'step', got "):
+        DistillationModule(small_net(), check_finite=value)
+    with pytest.raises(ValueError, match=r"check_finite must be True, False or 'step', got "):
+        MutualLearningModule([small_net(), small_net()], check_finite=value)
+
+
+def test_labels_are_checked_when_a_datamodule_has_its_own_batch_hook(earlier: Earlier) -> None:
+    class OwnHook(LabelsDataModule):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return batch  # Lightning then calls this one, not the module's
+
+    with pytest.warns(UserWarning, match=r"overridden `on_before_batch_transfer` in both"):
+        with pytest.raises(ValueError, match=r"Label 7 in a training batch is outside \[0, num_classes\)"):
+            _fit(DistillationModule(small_net()), OwnHook(7, "train"), earlier)
+    earlier.assert_untouched()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_fit.py"
@@ -32,6 +33,10 @@ def test_ddp_kd_fit_with_frozen_teacher(tmp_path: Path) -> None:
             assert torch.equal(tensor, rank["initial_teacher"][name]), name
     for name, tensor in ranks[0]["student"].items():  # gradients were all-reduced
         torch.testing.assert_close(tensor, ranks[1]["student"][name], rtol=0, atol=1e-6)
+    # train/acc of the last epoch: over both processes' samples (counted by each process itself)
+    accuracy = sum(rank["hits"] for rank in ranks) / sum(rank["seen"] for rank in ranks)
+    assert sum(rank["seen"] for rank in ranks) == 128
+    assert all(rank["train_acc"] == pytest.approx(accuracy, abs=1e-6) for rank in ranks)
 
 
 def test_ddp_multi_stage_fit_needs_no_unused_parameter_search(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""StepMonitor: what the training steps record on the device, read only at set points.
+
+A training step that reads a device value (``.item()``, ``bool(tensor)``, ``.tolist()``) waits for
+the accelerator to finish the step, so the host cannot queue the next one. The step therefore
+only records: its logged values (kept as one stacked tensor), the first step whose loss was NaN or
+infinite and every value at that step (kept with ``torch.where``, no read), the correct
+predictions of the epoch, and the device flags of warnings. All of it reaches the host in one
+transfer (:meth:`StepMonitor.read`) at a reading point: Lightning's logging steps
+(``log_every_n_steps``), the end of an epoch, a checkpoint save and the end of training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["OWN_HOOK_WARNING", "Reading", "StepMonitor", "log_reading", "logs_this_step", "loop_stage"]
+
+#: Lightning's warning that a module's ``on_before_batch_transfer`` (the training modules' host-side
+#: batch checks) runs when a datamodule is given: intended, silenced by the modules' ``setup``
+OWN_HOOK_WARNING = r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed"
+
+
+@dataclass
+class Reading:
+    """What :meth:`StepMonitor.read` found: the last recorded values and the first non-finite step.
+
+    Attributes:
+        values: every value of the last recorded step, by name, as Python floats.
+        first_bad: the first step whose checked values were NaN/Inf, or ``None``.
+        bad_values: every value at step ``first_bad``, by name (empty if none).
+        last_step: the step of the last record.
+    """
+
+    values: dict[str, float] = field(default_factory=dict)
+    first_bad: int | None = None
+    bad_values: dict[str, float] = field(default_factory=dict)
+    last_step: int = -1
+
+
+class StepMonitor:
+    """The device-side bookkeeping of training steps, read in one transfer at reading points.
+
+    Args:
+        check_finite: keep the first step whose checked values are NaN/Inf (see :meth:`record`).
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        self.check_finite = check_finite
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded (a new fit starts; its tensors may be on another device)."""
+        self.names: list[str] = []
+        self.latest: Tensor | None = None
+        self.last_step = -1
+        self.first_bad: Tensor | None = None
+        self.bad_values: Tensor | None = None
+        self.correct: Tensor | None = None
+        self.seen = 0
+        self.pending: list[tuple[Tensor, str]] = []
+
+    def record(self, step: int, values: Mapping[str, Tensor], checked: int = 1) -> None:
+        """Keep one step's ``values`` (scalars, detached) on their device.
+
+        With ``check_finite``, the last ``checked`` values (the totals) are tested: the first step
+        where one is NaN/Inf and all ``values`` at it are kept until :meth:`read`.
+        """
+        names = list(values)
+        parts = [value.detach() for value in values.values()]
+        if any(part.dtype != torch.float32 or part.ndim for part in parts):  # else: stacked as they are
+            parts = [part.float().reshape(()) for part in parts]
+        stacked = torch.stack(parts)
+        if names != self.names:  # the first record (or another set of values): start the flag afresh
+            self.names, self.first_bad, self.bad_values = names, None, None
+        self.latest, self.last_step = stacked, step
+        if not self.check_finite:
+            return
+        if self.first_bad is None or self.bad_values is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=stacked.device)
+            self.bad_values = torch.zeros_like(stacked)
+        fresh = ~torch.isfinite(stacked[-checked:]).all() & (self.first_bad < 0)
+        self.first_bad = torch.where(fresh, step, self.first_bad)
+        self.bad_values = torch.where(fresh, stacked, self.bad_values)
+
+    def count(self, logits: Tensor, targets: Tensor) -> None:
+        """Add the step's correct top-1 predictions (``logits`` ``(N, C)``, class indices ``(N,)``)."""
+        hits = (logits.detach().argmax(dim=-1) == targets).sum()
+        self.correct = hits if self.correct is None else self.correct + hits
+        self.seen += targets.numel()
+
+    def defer_warning(self, flag: Tensor, message: str) -> None:
+        """Warn ``message`` at the next :meth:`read` if the device bool ``flag`` is true."""
+        self.pending.append((flag.reshape(()), message))
+
+    def read(self) -> Reading:
+        """Everything recorded, in one device-to-host transfer; gives the deferred warnings.
+
+        The non-finite step is read exactly (a second read) only when one was found.
+        """
+        parts: list[Tensor] = []
+        if self.latest is not None:
+            parts.append(self.latest)
+            if self.first_bad is not None:
+                parts.append(self.first_bad.float().reshape(1))
+        parts += [flag.float().reshape(1) for flag, _ in self.pending]
+        if not parts:
+            return Reading()
+        device = parts[0].device
+        host = torch.cat([part.to(device) for part in parts]).tolist()
+        reading = Reading(last_step=self.last_step)
+        if self.latest is not None:
+            size = len(self.names)
+            reading.values = dict(zip(self.names, host[:size], strict=True))
+            host = host[size:]
+            if self.first_bad is not None:
+                if host.pop(0) >= 0 and self.bad_values is not None:
+                    reading.first_bad = int(self.first_bad)  # exact: the float above is only a flag
+                    reading.bad_values = dict(zip(self.names, self.bad_values.tolist(), strict=True))
+        pending, self.pending = self.pending, []
+        for (_, message), flagged in zip(pending, host, strict=True):
+            if flagged:
+                warnings.warn(message, UserWarning, stacklevel=3)
+        return reading
+
+    def epoch_accuracy(self, strategy: Any = None) -> float | None:
+        """The epoch's top-1 accuracy over all processes (summed by ``strategy``), then reset.
+
+        ``None`` if nothing was counted.
+        """
+        correct, seen = self.correct, self.seen
+        self.correct, self.seen = None, 0
+        if correct is None:
+            return None
+        counts = torch.stack([correct, torch.tensor(seen, device=correct.device)])
+        if strategy is not None:
+            counts = strategy.reduce(counts, reduce_op="sum")
+        total_correct, total_seen = counts.tolist()
+        return total_correct / total_seen if total_seen else None
+
+    def reset_epoch(self) -> None:
+        """Forget the epoch's counts (a new epoch starts)."""
+        self.correct, self.seen = None, 0
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning sends this training step's metrics to the loggers (``log_every_n_steps``, stop)."""
+    if trainer is None:
+        return True
+    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
+
+
+def loop_stage(trainer: Any) -> str | None:
+    """The loop a batch is for as the batch checks name it ("training", "validation", "test"), or ``None``."""
+    if trainer is None:
+        return None
+    if trainer.training:
+        return "training"
+    if trainer.validating or trainer.sanity_checking:
+        return "validation"
+    return "test" if trainer.testing else None
+
+
+def log_reading(module: Any, reading: Reading, progress_bar: str, epoch_end: bool = False) -> None:
+    """``module.log`` the read values, ``progress_bar`` among them in the progress bar.
+
+    In a step: as host tensors, not Python floats (Lightning makes a float a tensor on the
+    module's device, which the progress bar would then read after every later step). At the
+    ``epoch_end``: for ``trainer.callback_metrics`` and the progress bar only (the loggers had them
+    at the logging steps), averaged over the processes (so on the device, where the collective runs).
+    """
+    for name, value in reading.values.items():
+        if epoch_end:
+            value_there = torch.tensor(value, device=module.device)
+            module.log(name, value_there, prog_bar=name == progress_bar, logger=False, sync_dist=True)
+        else:
+            module.log(name, torch.tensor(value), prog_bar=name == progress_bar)

@@ -1,0 +1,262 @@
+"""No training step waits for the device, except Lightning's logging steps.
+
+On the CPU nothing is "on a device", so the batch is handed to the step as a :class:`DeviceTensor`
+(a tensor subclass, through the module's ``transfer_batch_to_device``): every tensor computed from
+it is one too, and each read of its values on the host (``.item()``, ``bool()``, ``.tolist()``,
+``.cpu()``, ``.numpy()``, ``float()``, ``int()``, ``torch.equal`` ...) is recorded with its stack
+while a non-logging training step runs: from ``on_train_batch_start`` until the next step starts
+(so Lightning's own end-of-batch work, the progress bar and the loggers, is included).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_kd import DistillationModule, FitNetTerm, KDTerm, TeacherOutputCache
+from lightning_kd.data import WithIndex
+from lightning_kd.data.latent_noise import LatentNoiseDataModule
+from lightning_kd.models.generator import Generator
+from lightning_kd.paradigms import (
+    DataFreeDistillationModule,
+    EmbeddingDistillationModule,
+    MutualLearningModule,
+)
+from tests.helpers import NUM_FEATURES, RandomDataModule, small_net
+
+#: torch functions that return a Python value computed from a tensor's data
+_READING_FUNCTIONS = {"equal", "allclose", "is_nonzero"}
+
+
+class SyncRecorder:
+    """The reads of :class:`DeviceTensor` values while ``active``, each with its stack."""
+
+    active = False
+    reads: list[str] = []
+
+    @classmethod
+    def record(cls, what: str) -> None:
+        if cls.active:
+            cls.reads.append(f"{what}\n{''.join(traceback.format_stack(limit=12)[:-2])}")
+
+
+class DeviceTensor(Tensor):
+    """A tensor standing for one on an accelerator: reading its values on the host is recorded."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in _READING_FUNCTIONS:
+            SyncRecorder.record(f"torch.{func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    def __deepcopy__(self, memo: dict) -> Tensor:
+        return self.as_subclass(Tensor).__deepcopy__(memo).as_subclass(DeviceTensor)
+
+    def item(self) -> Any:
+        SyncRecorder.record(".item()")
+        return super().item()
+
+    def tolist(self) -> Any:
+        SyncRecorder.record(".tolist()")
+        return super().tolist()
+
+    def numpy(self, *args: Any, **kwargs: Any) -> Any:
+        SyncRecorder.record(".numpy()")
+        return super().numpy(*args, **kwargs)
+
+    def cpu(self, *args: Any, **kwargs: Any) -> Tensor:
+        SyncRecorder.record(".cpu()")
+        return super().cpu(*args, **kwargs).as_subclass(Tensor)  # on the host now
+
+    def __bool__(self) -> bool:
+        SyncRecorder.record("bool()")
+        return super().__bool__()
+
+    def __float__(self) -> float:
+        SyncRecorder.record("float()")
+        return super().__float__()
+
+    def __int__(self) -> int:
+        SyncRecorder.record("int()")
+        return super().__int__()
+
+    def __index__(self) -> int:
+        SyncRecorder.record("index")
+        return super().__index__()
+
+
+def _on_device(batch: Any, device: Any, dataloader_idx: int) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.as_subclass(DeviceTensor))
+
+
+class StepsLogger(Logger):
+    """Every ``log_metrics`` call: ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    name = "steps"
+    version = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class WatchSteps(pl.Callback):
+    """Records reads during training steps that are not logging steps (nor ``exempt(epoch, batch_idx)``)."""
+
+    def __init__(self, exempt: Callable[[int, int], bool]) -> None:
+        self.exempt = exempt
+        self.watched = 0
+        self.logging_steps: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        SyncRecorder.active = False  # the previous step ends here
+        if trainer._logger_connector.should_update_logs:
+            self.logging_steps.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        elif not self.exempt(trainer.current_epoch, batch_idx):
+            self.watched += 1
+            SyncRecorder.active = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+        SyncRecorder.active = False
+
+    on_validation_start = on_train_end = on_train_epoch_end  # type: ignore[assignment]
+
+
+def _data() -> tuple[Tensor, Tensor]:
+    data = RandomDataModule(n=96)
+    return data.x, data.y
+
+
+def _loader(indexed: bool = False) -> DataLoader:
+    dataset = TensorDataset(*_data())
+    return DataLoader(WithIndex(dataset) if indexed else dataset, batch_size=16)
+
+
+def _kd() -> tuple[pl.LightningModule, DataLoader]:
+    return DistillationModule(small_net(), small_net(hidden=32)), _loader()
+
+
+def _fitnet() -> tuple[pl.LightningModule, DataLoader]:
+    terms = [KDTerm("kd", weight=0.9), FitNetTerm("0", "0", weight=1.0)]
+    return DistillationModule(small_net(), small_net(hidden=32), losses=terms), _loader()
+
+
+def _cached() -> tuple[pl.LightningModule, DataLoader]:
+    module = DistillationModule(small_net(), small_net(hidden=32), teacher_cache=TeacherOutputCache())
+    return module, _loader(indexed=True)
+
+
+def _mutual() -> tuple[pl.LightningModule, DataLoader]:
+    return MutualLearningModule([small_net(), small_net(hidden=32)]), _loader()
+
+
+def _embedding() -> tuple[pl.LightningModule, DataLoader]:
+    return EmbeddingDistillationModule(small_net(), small_net(hidden=32)), _loader()
+
+
+def _data_free() -> tuple[pl.LightningModule, DataLoader]:
+    generator = Generator((NUM_FEATURES,), 4, hidden=(16,))
+    noise = LatentNoiseDataModule(RandomDataModule(), 4, batch_size=16, batches_per_epoch=6)
+    return DataFreeDistillationModule(small_net(), small_net(hidden=32), generator), noise.train_dataloader()
+
+
+def _first_epoch_and_first_served_batch(epoch: int, batch_idx: int) -> bool:
+    # the first epoch stores the teacher's outputs in host memory (a read per step, by design), and
+    # the first served batch reads the cache's input check once
+    return epoch == 0 or (epoch == 1 and batch_idx == 0)
+
+
+CASES = {
+    "kd": (_kd, None),
+    "fitnet-on-a-layer": (_fitnet, None),
+    "teacher-cache": (_cached, _first_epoch_and_first_served_batch),
+    "mutual": (_mutual, None),
+    "embedding": (_embedding, None),
+    "data-free": (_data_free, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_training_step_reads_the_device_except_logging_steps(case: str, tmp_path: Path) -> None:
+    build, exempt = CASES[case]
+    module, loader = build()
+    module.transfer_batch_to_device = _on_device  # type: ignore[method-assign]
+    watch = WatchSteps(exempt or (lambda epoch, batch_idx: False))
+    logger = StepsLogger()
+    trainer = pl.Trainer(  # Lightning's defaults: progress bar, checkpoints, a logger
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        log_every_n_steps=4,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=logger,
+        callbacks=[watch],
+    )
+    SyncRecorder.reads = []
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        SyncRecorder.active = False
+    assert not SyncRecorder.reads, f"{len(SyncRecorder.reads)} reads; the first:\n{SyncRecorder.reads[0]}"
+    assert watch.watched >= 3 and watch.logging_steps  # 12 steps, logging steps 3, 7, 11: the rest watched
+    logged = {
+        step for step, metrics in logger.calls if "train/loss" in metrics or "train/loss_student" in metrics
+    }
+    assert logged == set(watch.logging_steps)
+
+
+def test_logged_values_are_the_steps_values_and_the_epochs_accuracy(tmp_path: Path) -> None:
+    module, loader = _kd()
+    totals: list[Tensor] = []
+    predictions: list[tuple[Tensor, Tensor]] = []
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(
+            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            totals.append(outputs["loss"].detach())
+
+    module.student.register_forward_hook(
+        lambda layer, args, output: predictions.append((output.detach(), args[0])) if layer.training else None
+    )
+    logger = StepsLogger()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        log_every_n_steps=4,
+        limit_val_batches=0,
+        logger=logger,
+        callbacks=[Keep()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    step_losses = {step: metrics["train/loss"] for step, metrics in logger.calls if "train/loss" in metrics}
+    assert step_losses == pytest.approx({step: float(totals[step]) for step in (3, 7, 11)})
+    x, y = _data()
+    inputs_seen = torch.cat([inputs for _, inputs in predictions])
+    assert len(inputs_seen) == 2 * len(x)  # each epoch: every sample once, in order
+    correct = torch.cat([output.argmax(-1) for output, _ in predictions]) == torch.cat([y, y])
+    accuracies = [metrics["train/acc"] for _, metrics in logger.calls if "train/acc" in metrics]
+    assert accuracies == pytest.approx(
+        [float(correct[: len(y)].double().mean()), float(correct[len(y) :].double().mean())]
+    )
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(totals[-1]))
