@@ -448,7 +448,8 @@ class DistillationModule(pl.LightningModule):
         """
         self.feature_hooks = self._declared_hooks()
         hooks = [self.feature_hooks] if self.feature_hooks is not None else []
-        return [*hooks, RunLength()] if self.trainer.state.fn == "fit" else hooks
+        fitting = self._trainer is None or self._trainer.state.fn == "fit"
+        return [*hooks, RunLength()] if fitting else hooks
 
     def setup(self, stage: str) -> None:
         """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model).

@@ -71,9 +71,13 @@ class RunLength(Callback):
         }
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remember the trainer (``state_dict`` reads the run's length from it) and forget the last fit."""
+        """Remember the trainer (``state_dict`` reads the run's length from it); a new fit forgets the last.
+
+        A ``trainer.test`` after the fit keeps what the fit found (``resumed``, ``replanned_from``).
+        """
         self._trainer = trainer
-        self.resumed, self.replanned_from = None, None
+        if stage == "fit":
+            self.resumed, self.replanned_from = None, None
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

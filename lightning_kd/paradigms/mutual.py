@@ -321,7 +321,7 @@ class MutualLearningModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """In a fit, follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
-        return [RunLength()] if self.trainer.state.fn == "fit" else []
+        return [RunLength()] if self._trainer is None or self._trainer.state.fn == "fit" else []
 
     def on_train_start(self) -> None:
         """Check that the DDP processes have equal numbers of training batches; start the step records."""
