@@ -32,6 +32,7 @@ from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
+from lightning_kd.host_checks import HostBatchChecks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.model_io import (
     BatchKey,
@@ -53,14 +54,7 @@ from lightning_kd.resume import (
     check_same_teacher,
     teacher_record,
 )
-from lightning_kd.step_monitor import (
-    OWN_HOOK_WARNING,
-    Reading,
-    StepMonitor,
-    log_reading,
-    logs_this_step,
-    loop_stage,
-)
+from lightning_kd.step_monitor import Reading, StepMonitor, log_reading, logs_this_step
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
 from lightning_kd.teachers.fingerprints import teacher_fingerprint
@@ -87,7 +81,7 @@ def default_losses(teacher: nn.Module | None, role: TeacherRole) -> list[LossTer
     ]
 
 
-class DistillationModule(pl.LightningModule):
+class DistillationModule(HostBatchChecks, pl.LightningModule):
     """Train a ``student`` with a weighted sum of loss terms, taught by an optional ``teacher``.
 
     ``DistillationModule(student, teacher)`` is Hinton KD with the CRD benchmark's defaults
@@ -210,8 +204,7 @@ class DistillationModule(pl.LightningModule):
         self.check_finite = check_finite
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
-        self._labels_read_in: dict[str, int] = {}  # loop -> epoch whose device labels were read
-        self._batch_checked = False  # whether check_batch ran on the batch of the coming step
+        self.reset_host_checks()
         self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
         #: SHA-256 of a frozen teacher's weights as this fit set it up (recorded in checkpoints)
@@ -382,37 +375,16 @@ class DistillationModule(pl.LightningModule):
         """The student's output."""
         return call_model(self.student, inputs)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Check the batch while it is still on the host (:meth:`check_batch`), before Lightning moves it."""
-        stage = loop_stage(self._trainer)
-        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
-            self.check_batch(batch, stage)
-        return batch
-
     def check_batch(self, batch: Any, stage: str) -> None:
         """The checks that read a batch's values, run before its transfer to the device (no wait there).
 
-        The labels' values (class range, rows of probabilities:
-        :func:`~lightning_kd.batch_checks.class_targets`) in every batch on the host; labels that
-        the data pipeline already put on an accelerator only in the first batch of each epoch of
-        each loop, as reading them waits for the device. In training, the teacher's role reads
-        what it needs (a cached teacher: the sample indices).
+        The labels' values (:meth:`HostBatchChecks.check_batch
+        <lightning_kd.host_checks.HostBatchChecks.check_batch>`); in training, the teacher's role
+        reads what it needs (a cached teacher: the sample indices).
         """
-        targets = self.unpack_batch(batch)[1]
-        if targets is not None:
-            on_host = not isinstance(targets, Tensor) or targets.device.type == "cpu"
-            if on_host or self._labels_read_in.get(stage) != self.current_epoch:
-                self._labels_read_in[stage] = self.current_epoch
-                class_targets(targets, self.num_classes, stage, read_values=True)
+        super().check_batch(batch, stage)
         if stage == "training" and self.teacher is not None:
             self.teacher_role.before_transfer(self, batch)
-        self._batch_checked = True
-
-    def _check_if_unchecked(self, batch: Any, stage: str) -> None:
-        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
-        if not self._batch_checked:
-            self.check_batch(batch, stage)
-        self._batch_checked = False
 
     def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``; override for other layouts."""
@@ -463,9 +435,7 @@ class DistillationModule(pl.LightningModule):
         (:meth:`on_save_checkpoint`), before any device move or precision cast.
         """
         use_atomic_checkpoint_io(self.trainer)
-        # intended: check_batch runs there; a datamodule's own hook replaces it (then the step checks)
-        warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
-        self._labels_read_in.clear()
+        self.prepare_host_checks()
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn
         if stage == "fit" and self._teacher_left_out:
             self.frozen_teacher_fingerprint = teacher_fingerprint(self.teacher)
@@ -675,7 +645,7 @@ class DistillationModule(pl.LightningModule):
         At Lightning's logging steps they are read in one transfer and logged as ``train/loss_<name>``
         and ``train/loss`` (``train/acc`` at the epoch end); no other step reads the device.
         """
-        self._check_if_unchecked(batch, "training")
+        self.check_if_unchecked(batch, "training")
         outputs = self.step_outputs(batch)
         if outputs.targets is not None:  # values: checked before the transfer (check_batch)
             outputs.targets = class_targets(outputs.targets, self.num_classes, "training", read_values=False)
@@ -721,12 +691,12 @@ class DistillationModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement (labels checked in :meth:`check_batch`)."""
-        self._check_if_unchecked(batch, "validation")
+        self.check_if_unchecked(batch, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self._check_if_unchecked(batch, "test")
+        self.check_if_unchecked(batch, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -19,11 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["OWN_HOOK_WARNING", "Reading", "StepMonitor", "log_reading", "logs_this_step", "loop_stage"]
-
-#: Lightning's warning that a module's ``on_before_batch_transfer`` (the training modules' host-side
-#: batch checks) runs when a datamodule is given: intended, silenced by the modules' ``setup``
-OWN_HOOK_WARNING = r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed"
+__all__ = ["Reading", "StepMonitor", "log_reading", "logs_this_step"]
 
 
 @dataclass
@@ -153,17 +149,6 @@ def logs_this_step(trainer: Any) -> bool:
     if trainer is None:
         return True
     return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
-
-
-def loop_stage(trainer: Any) -> str | None:
-    """The loop a batch is for as the batch checks name it ("training", "validation", "test"), or ``None``."""
-    if trainer is None:
-        return None
-    if trainer.training:
-        return "training"
-    if trainer.validating or trainer.sanity_checking:
-        return "validation"
-    return "test" if trainer.testing else None
 
 
 def log_reading(module: Any, reading: Reading, progress_bar: str, epoch_end: bool = False) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from lightning_kd.batch_checks import (
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
+from lightning_kd.host_checks import HostBatchChecks
 from lightning_kd.losses.base import checked_temperature
 from lightning_kd.losses.functional import kd_loss
 from lightning_kd.model_io import BatchKey, infer_num_classes, logits_of, select
@@ -34,19 +34,12 @@ from lightning_kd.module_setup import (
     configure_optimization,
     hparams_given_by_cli,
 )
-from lightning_kd.step_monitor import (
-    OWN_HOOK_WARNING,
-    Reading,
-    StepMonitor,
-    log_reading,
-    logs_this_step,
-    loop_stage,
-)
+from lightning_kd.step_monitor import Reading, StepMonitor, log_reading, logs_this_step
 
 __all__ = ["MutualLearningModule"]
 
 
-class MutualLearningModule(pl.LightningModule):
+class MutualLearningModule(HostBatchChecks, pl.LightningModule):
     r"""Deep mutual learning: any number of peers, each taught by the labels and the others.
 
     Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018. Peer :math:`k` minimises
@@ -124,8 +117,7 @@ class MutualLearningModule(pl.LightningModule):
         self.check_finite = check_finite
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
-        self._labels_read_in: dict[str, int] = {}  # loop -> epoch whose device labels were read
-        self._batch_checked = False
+        self.reset_host_checks()
         self.num_classes = num_classes if num_classes is not None else self._infer_num_classes()
         if self.num_classes < 2:
             raise ValueError(
@@ -155,8 +147,7 @@ class MutualLearningModule(pl.LightningModule):
         Lightning's warning that this module has an ``on_before_batch_transfer`` is silenced.
         """
         use_atomic_checkpoint_io(self.trainer)
-        warnings.filterwarnings("ignore", message=OWN_HOOK_WARNING)
-        self._labels_read_in.clear()
+        self.prepare_host_checks()
 
     def forward(self, inputs: Any) -> Any:
         """Peer 0's output."""
@@ -165,31 +156,6 @@ class MutualLearningModule(pl.LightningModule):
     def unpack_batch(self, batch: Any) -> tuple[Any, Tensor]:
         """``(inputs, targets)`` of a batch, by ``input_key`` / ``target_key``."""
         return select(batch, self.input_key, "input_key"), select(batch, self.target_key, "target_key")
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Check the labels' values while the batch is on the host (:meth:`check_batch`)."""
-        stage = loop_stage(self._trainer)
-        if stage is not None and batch is not self.example_input_array:  # that one: the model summary's
-            self.check_batch(batch, stage)
-        return batch
-
-    def check_batch(self, batch: Any, stage: str) -> None:
-        """Class indices or probabilities (:func:`~lightning_kd.batch_checks.class_targets`), values read.
-
-        In every batch on the host; labels already on an accelerator at the first batch of each epoch.
-        """
-        targets = self.unpack_batch(batch)[1]
-        on_host = not isinstance(targets, Tensor) or targets.device.type == "cpu"
-        if on_host or self._labels_read_in.get(stage) != self.current_epoch:
-            self._labels_read_in[stage] = self.current_epoch
-            class_targets(targets, self.num_classes, stage, read_values=True)
-        self._batch_checked = True
-
-    def _check_if_unchecked(self, batch: Any, stage: str) -> None:
-        """:meth:`check_batch` in the step where a datamodule's ``on_before_batch_transfer`` replaced ours."""
-        if not self._batch_checked:
-            self.check_batch(batch, stage)
-        self._batch_checked = False
 
     def peer_logits(self, inputs: Any) -> list[Tensor]:
         """Every peer's logits on ``inputs``; a failure caused by the inputs is re-raised with its fix."""
@@ -216,7 +182,7 @@ class MutualLearningModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One step of every peer; each peer's loss and the sum are recorded, logged at the logging steps."""
-        self._check_if_unchecked(batch, "training")
+        self.check_if_unchecked(batch, "training")
         inputs, targets = self.unpack_batch(batch)
         targets = class_targets(targets, self.num_classes, "training", read_values=False)
         logits = self.peer_logits(inputs)
@@ -306,12 +272,12 @@ class MutualLearningModule(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Every peer's accuracy and the peers' ensemble accuracy (labels checked in :meth:`check_batch`)."""
-        self._check_if_unchecked(batch, "validation")
+        self.check_if_unchecked(batch, "validation")
         self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """As validation, under ``test/``."""
-        self._check_if_unchecked(batch, "test")
+        self.check_if_unchecked(batch, "test")
         self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
