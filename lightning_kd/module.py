@@ -54,7 +54,13 @@ from lightning_kd.resume import (
     check_same_teacher,
     teacher_record,
 )
-from lightning_kd.step_monitor import Reading, StepMonitor, log_reading, logs_this_step
+from lightning_kd.step_monitor import (
+    Reading,
+    StepMonitor,
+    checked_finite_setting,
+    log_reading,
+    logs_this_step,
+)
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.ensemble import TeacherEnsemble
 from lightning_kd.teachers.fingerprints import teacher_fingerprint
@@ -199,9 +205,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
-        if not (check_finite is True or check_finite is False or check_finite == "step"):
-            raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
-        self.check_finite = check_finite
+        self.check_finite = checked_finite_setting(check_finite)
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
         self.reset_host_checks()

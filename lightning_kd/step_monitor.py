@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Reading", "StepMonitor", "log_reading", "logs_this_step"]
+__all__ = ["Reading", "StepMonitor", "checked_finite_setting", "log_reading", "logs_this_step"]
 
 
 @dataclass
@@ -37,6 +37,13 @@ class Reading:
     first_bad: int | None = None
     bad_values: dict[str, float] = field(default_factory=dict)
     last_step: int = -1
+
+
+def checked_finite_setting(check_finite: bool | str) -> bool | str:
+    """A module's ``check_finite``: ``True`` (read at reading points), ``"step"`` or ``False``."""
+    if not (check_finite is True or check_finite is False or check_finite == "step"):
+        raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
+    return check_finite
 
 
 class StepMonitor:

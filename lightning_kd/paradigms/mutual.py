@@ -34,7 +34,13 @@ from lightning_kd.module_setup import (
     configure_optimization,
     hparams_given_by_cli,
 )
-from lightning_kd.step_monitor import Reading, StepMonitor, log_reading, logs_this_step
+from lightning_kd.step_monitor import (
+    Reading,
+    StepMonitor,
+    checked_finite_setting,
+    log_reading,
+    logs_this_step,
+)
 
 __all__ = ["MutualLearningModule"]
 
@@ -112,9 +118,7 @@ class MutualLearningModule(HostBatchChecks, pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
-        if not (check_finite is True or check_finite is False or check_finite == "step"):
-            raise ValueError(f"check_finite must be True, False or 'step', got {check_finite!r}.")
-        self.check_finite = check_finite
+        self.check_finite = checked_finite_setting(check_finite)
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
         self.reset_host_checks()
