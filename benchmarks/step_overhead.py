@@ -70,6 +70,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
+from overhead import StepTimer, clocks  # the same clocks and timing callback as overhead.py
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, default_collate
 
@@ -254,11 +255,6 @@ def mutual_objective(logits: list[Tensor], targets: Tensor) -> Tensor:
         )
         total = total + F.cross_entropy(own, targets) + mimicry / (len(logits) - 1)
     return total
-
-
-def clocks() -> tuple[float, float]:
-    """Wall-clock and process CPU time (all threads), in seconds."""
-    return time.perf_counter(), time.process_time()
 
 
 Timing = tuple[float, float]  # wall and CPU seconds per step
@@ -448,23 +444,6 @@ class BareKD(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.student.parameters(), lr=LR)
-
-
-class StepTimer(pl.Callback):
-    """Wall and CPU time from the end of step ``start`` to the end of the last step of ``fit``."""
-
-    def __init__(self, start: int, sync: Callable[[], None]) -> None:
-        self.start, self.sync = start, sync
-        self.begin = self.end = (0.0, 0.0)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        step = trainer.global_step  # optimizer steps done, this one included
-        if step == self.start:
-            self.sync()
-            self.begin = clocks()
-        elif step >= trainer.max_steps:
-            self.sync()
-            self.end = clocks()
 
 
 class LayoutCheck(pl.Callback):
