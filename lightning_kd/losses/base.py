@@ -22,11 +22,45 @@ __all__ = [
     "LayerPairTerm",
     "LossTerm",
     "StepOutputs",
+    "TokenOutputs",
     "checked_temperature",
     "checked_weight",
     "first_tensor",
     "modified_in_place_count",
 ]
+
+
+@dataclass
+class TokenOutputs:
+    """What a causal-LM step gives token-level terms, shifted once: position ``t`` predicts token ``t + 1``.
+
+    The causal-LM module fills either the logits or, for terms that set
+    :attr:`LossTerm.reads_hidden_states` (the fused LM-head path), the last hidden states and the
+    output heads, so the student's full ``(N, L, V)`` logits are never formed.
+
+    Attributes:
+        mask: ``(N, L)`` bool, True where the token counts (its label is not -100 and it is inside
+            the attention mask).
+        targets: ``(N, L)`` int64 next-token ids, -100 where ``mask`` is False.
+        vocab_size: the number of token ids both models share; divergences are taken over
+            ``[..., :vocab_size]`` (the smaller vocabulary when one embedding is padded).
+        student_logits: ``(N, L, V_s)``, or ``None`` on the fused path.
+        teacher_logits: ``(N, L, V_t)`` (detached), or ``None`` on the fused path.
+        student_hidden: ``(N, L, H_s)`` last hidden states, or ``None`` unless a term reads them.
+        teacher_hidden: ``(N, L, H_t)``, detached, likewise.
+        student_head: the student's output embedding (an ``nn.Linear``: weight ``(V_s, H_s)``), likewise.
+        teacher_head: the teacher's output embedding, likewise.
+    """
+
+    mask: Tensor
+    targets: Tensor
+    vocab_size: int
+    student_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    student_hidden: Tensor | None = None
+    teacher_hidden: Tensor | None = None
+    student_head: nn.Module | None = None
+    teacher_head: nn.Module | None = None
 
 
 @dataclass
@@ -47,6 +81,7 @@ class StepOutputs:
             mapping such as a :class:`~lightning_kd.TeacherEnsemble`'s, or a Hugging
             Face ``ModelOutput``); ``None`` without a teacher.
         student_output: the student's output as its ``forward`` returned it.
+        tokens: a causal-LM step's shifted token view (:class:`TokenOutputs`); ``None`` otherwise.
     """
 
     student_logits: Tensor
@@ -57,6 +92,7 @@ class StepOutputs:
     batch: Any = None
     teacher_output: Any = None
     student_output: Any = None
+    tokens: TokenOutputs | None = None
 
 
 class LossTerm(nn.Module):
@@ -89,6 +125,9 @@ class LossTerm(nn.Module):
     #: whether the term keeps its buffers identical across DDP processes itself (a memory bank
     #: updated with all-gathered samples); DDP then leaves them alone.
     synchronizes_own_buffers: bool = False
+    #: whether the term reads :class:`TokenOutputs` hidden states and output heads instead of
+    #: logits (the fused LM-head path); the causal-LM module then never forms the full logits.
+    reads_hidden_states: bool = False
     #: the attributes that :meth:`build` (or :meth:`bind`) fills in, mapped to the words that
     #: messages use for them (``{"regressor": "regressor"}``); ``{}``: nothing to build.
     adapter_attributes: ClassVar[Mapping[str, str]] = {}
