@@ -34,6 +34,7 @@ from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
 from lightning_kd.host_checks import HostBatchChecks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
+from lightning_kd.losses.base import weighted_total
 from lightning_kd.model_io import (
     BatchKey,
     InputKey,
@@ -140,7 +141,8 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         teacher_input_key: where the teacher's own input is in a batch; default: the student's.
         ema_decay: ``d`` of the ``"ema"`` teacher, in [0, 1).
         optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable`` in YAML); default
-            Adam with lr 1e-3.
+            Adam with lr 1e-3, fused where torch has the kernel
+            (:func:`~lightning_kd.module_setup.default_optimizer`).
         lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0
             over the run, stepped per optimizer step (unless ``cosine_decay=False``), re-planned
             when a fit resumes with another length (:class:`~lightning_kd.callbacks.run_length.RunLength`).
@@ -556,8 +558,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
             name: term(outputs if isinstance(term, CrossEntropyTerm) else indexed)
             for name, term in self.loss_terms.items()
         }
-        total = sum(self.loss_terms[name].weight * value for name, value in values.items())
-        assert isinstance(total, Tensor)
+        total = weighted_total(values, {name: term.weight for name, term in self.loss_terms.items()})
         checked_now = self.check_finite == "step" or (self.check_finite and not self.training)
         if checked_now and not torch.isfinite(total):
             raise non_finite_loss_error("terms", self.global_step, values, self.non_finite_cause(outputs))

@@ -31,6 +31,10 @@ def float32_math(fn: _Fn) -> _Fn:
     def wrapper(*args: object, **kwargs: object) -> Tensor:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
+        if not torch.is_autocast_enabled(device_type) and all(
+            t.dtype == torch.float32 or not t.is_floating_point() for t in tensors
+        ):
+            return fn(*args, **kwargs)  # already float32 math: no cast, no autocast context
         with torch.autocast(device_type=device_type, enabled=False):
             return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 

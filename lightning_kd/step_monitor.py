@@ -11,6 +11,7 @@ transfer (:meth:`StepMonitor.read`) at a reading point: Lightning's logging step
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,12 +58,17 @@ class StepMonitor:
         self.check_finite = check_finite
         self.reset()
 
+    #: records kept between two readings before the oldest are folded into the first-bad flag on
+    #: the device (a few operations once per this many steps instead of every step).
+    window_limit = 64
+
     def reset(self) -> None:
         """Forget everything recorded (a new fit starts; its tensors may be on another device)."""
         self.names: list[str] = []
-        self.latest: Tensor | None = None
+        self.checked = 1
+        self.window: list[tuple[int, Tensor]] = []  # (step, stacked values) since the last reading
         self.last_step = -1
-        self.first_bad: Tensor | None = None
+        self.first_bad: Tensor | None = None  # the folded records' first bad step (-1: none)
         self.bad_values: Tensor | None = None
         self.correct: Tensor | None = None
         self.seen = 0
@@ -71,25 +77,40 @@ class StepMonitor:
     def record(self, step: int, values: Mapping[str, Tensor], checked: int = 1) -> None:
         """Keep one step's ``values`` (scalars, detached) on their device.
 
-        With ``check_finite``, the last ``checked`` values (the totals) are tested: the first step
-        where one is NaN/Inf and all ``values`` at it are kept until :meth:`read`.
+        One stacking operation per step. With ``check_finite``, every record since the last
+        reading is kept, so :meth:`read` finds the first step whose last ``checked`` values (the
+        totals) are NaN/Inf, and all ``values`` at it; past :attr:`window_limit` records the
+        older ones are folded into a device flag first.
         """
         names = list(values)
         parts = [value.detach() for value in values.values()]
         if any(part.dtype != torch.float32 or part.ndim for part in parts):  # else: stacked as they are
             parts = [part.float().reshape(()) for part in parts]
         stacked = torch.stack(parts)
-        if names != self.names:  # the first record (or another set of values): start the flag afresh
-            self.names, self.first_bad, self.bad_values = names, None, None
-        self.latest, self.last_step = stacked, step
+        if names != self.names or checked != self.checked:  # the first record, or another set of values
+            self.names, self.checked, self.window = names, checked, []
+            self.first_bad, self.bad_values = None, None
+        self.last_step = step
         if not self.check_finite:
+            self.window = [(step, stacked)]
             return
+        if len(self.window) >= self.window_limit:
+            self._fold()
+        self.window.append((step, stacked))
+
+    def _fold(self) -> None:
+        """Move the window's first NaN/Inf record (if none was found before) into the device flag."""
+        rows = torch.stack([stacked for _, stacked in self.window])
+        steps = torch.tensor([step for step, _ in self.window]).to(rows.device, non_blocking=True)
+        bad = ~torch.isfinite(rows[:, -self.checked :]).all(dim=1)
+        first = torch.argmax(bad.to(torch.uint8))  # the first True row (0 when none: masked below)
         if self.first_bad is None or self.bad_values is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=stacked.device)
-            self.bad_values = torch.zeros_like(stacked)
-        fresh = ~torch.isfinite(stacked[-checked:]).all() & (self.first_bad < 0)
-        self.first_bad = torch.where(fresh, step, self.first_bad)
-        self.bad_values = torch.where(fresh, stacked, self.bad_values)
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=rows.device)
+            self.bad_values = torch.zeros_like(rows[0])
+        fresh = bad.any() & (self.first_bad < 0)
+        self.first_bad = torch.where(fresh, steps[first], self.first_bad)
+        self.bad_values = torch.where(fresh, rows[first], self.bad_values)
+        self.window = self.window[-1:]
 
     def count(self, logits: Tensor, targets: Tensor) -> None:
         """Add the step's correct top-1 predictions (``logits`` ``(N, C)``, class indices ``(N,)``)."""
@@ -104,27 +125,32 @@ class StepMonitor:
     def read(self) -> Reading:
         """Everything recorded, in one device-to-host transfer; gives the deferred warnings.
 
-        The non-finite step is read exactly (a second read) only when one was found.
+        A non-finite step among the folded records is read exactly (a second read) only when
+        one was found.
         """
-        parts: list[Tensor] = []
-        if self.latest is not None:
-            parts.append(self.latest)
-            if self.first_bad is not None:
-                parts.append(self.first_bad.float().reshape(1))
+        parts = [stacked for _, stacked in self.window]
+        if self.first_bad is not None:
+            parts.append(self.first_bad.float().reshape(1))
         parts += [flag.float().reshape(1) for flag, _ in self.pending]
         if not parts:
             return Reading()
         device = parts[0].device
         host = torch.cat([part.to(device) for part in parts]).tolist()
         reading = Reading(last_step=self.last_step)
-        if self.latest is not None:
-            size = len(self.names)
-            reading.values = dict(zip(self.names, host[:size], strict=True))
-            host = host[size:]
-            if self.first_bad is not None:
-                if host.pop(0) >= 0 and self.bad_values is not None:
-                    reading.first_bad = int(self.first_bad)  # exact: the float above is only a flag
-                    reading.bad_values = dict(zip(self.names, self.bad_values.tolist(), strict=True))
+        size = len(self.names)
+        rows = [host[i * size : (i + 1) * size] for i in range(len(self.window))]
+        host = host[size * len(self.window) :]
+        if rows:
+            reading.values = dict(zip(self.names, rows[-1], strict=True))
+        if self.first_bad is not None and host.pop(0) >= 0 and self.bad_values is not None:
+            reading.first_bad = int(self.first_bad)  # exact: the float above is only a flag
+            reading.bad_values = dict(zip(self.names, self.bad_values.tolist(), strict=True))
+        elif self.check_finite:  # the window's records come after the folded ones
+            for (step, _), row in zip(self.window, rows, strict=True):
+                if not all(math.isfinite(value) for value in row[size - self.checked :]):
+                    reading.first_bad, reading.bad_values = step, dict(zip(self.names, row, strict=True))
+                    break
+        self.window = self.window[-1:]
         pending, self.pending = self.pending, []
         for (_, message), flagged in zip(pending, host, strict=True):
             if flagged:

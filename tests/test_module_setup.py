@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_kd import DistillationModule
-from lightning_kd.module_setup import CosineToZeroLR, check_equal_training_batches
+from lightning_kd.module_setup import CosineToZeroLR, check_equal_training_batches, default_optimizer
 from tests.helpers import RandomDataModule, make_trainer, small_net
 
 
@@ -75,3 +77,26 @@ def test_ddp_processes_with_unequal_batch_counts_are_refused_naming_each() -> No
         check_equal_training_batches(gathering([4, 3, math.inf]))
     check_equal_training_batches(gathering([4, 4]))  # equal: no error
     check_equal_training_batches(gathering([math.inf, math.inf]))  # lengths unknown on all: not comparable
+
+
+def test_the_default_optimizer_is_fused_adam_and_steps_as_the_per_parameter_loop() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    looped = copy.deepcopy(model)
+    fused = default_optimizer(list(model.parameters()))
+    reference = torch.optim.Adam(looped.parameters(), lr=1e-3)  # the per-parameter loop on the CPU
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == 1e-3
+    inputs = torch.randn(8, 6)
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (looped, reference)):
+            optimizer.zero_grad()
+            net(inputs).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), looped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_default_optimizer_falls_back_to_the_loop_for_parameters_without_the_fused_kernel() -> None:
+    on_meta = [nn.Parameter(torch.zeros(3, device="meta"))]  # a device without the kernel
+    assert not default_optimizer(on_meta).defaults["fused"]
+    assert default_optimizer(on_meta).defaults["lr"] == 1e-3

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from lightning_kd.hooks import first_tensor
@@ -27,7 +28,24 @@ __all__ = [
     "checked_weight",
     "first_tensor",
     "modified_in_place_count",
+    "weighted_total",
 ]
+
+
+def weighted_total(values: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    r""":math:`\sum_k w_k v_k` of the terms' ``values``, one multiply-add (``torch.add``) per term.
+
+    Raises:
+        ValueError: no values.
+    """
+    if not values:
+        raise ValueError("weighted_total needs at least one loss term's value.")
+    names = iter(values)
+    first = next(names)
+    total = values[first] * weights[first]
+    for name in names:
+        total = torch.add(total, values[name], alpha=weights[name])
+    return total
 
 
 @dataclass

@@ -20,6 +20,7 @@ from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
 from lightning_kd.hooks import LayerHooks, find_layer, first_tensor
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
+from lightning_kd.losses.base import weighted_total
 from lightning_kd.model_io import BatchKey, logits_of
 from lightning_kd.module import DistillationModule
 from lightning_kd.module_setup import default_schedule
@@ -253,8 +254,7 @@ class DataFreeDistillationModule(DistillationModule):
                 [layer.running_mean for layer, _ in calls],
                 [layer.running_var for layer, _ in calls],
             )
-        total = sum(self.generator_weights[name] * value for name, value in parts.items())
-        assert isinstance(total, Tensor)
+        total = weighted_total(parts, self.generator_weights)
         if self.check_finite == "step" and not torch.isfinite(total):
             cause = self.generator_cause(z, inputs, teacher_logits)
             raise non_finite_loss_error("generator losses", self.global_step, parts, cause)
