@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
@@ -45,6 +45,7 @@ from lightning_kd.model_io import (
 )
 from lightning_kd.module_setup import (
     check_equal_training_batches,
+    compile_options,
     configure_optimization,
     first_batch,
     hparams_given_by_cli,
@@ -157,6 +158,10 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         teacher_cache: a :class:`~lightning_kd.TeacherOutputCache` for a frozen
             teacher: its training outputs (logits and the hooked features the terms declare) are
             computed once, stored by sample index, and reused, skipping the teacher forward.
+        compile: ``torch.compile`` the training step's teacher forward, student forward and loss
+            terms (with their hooks) as one function, :meth:`step_loss`; ``True`` with torch's
+            defaults, or a mapping of ``torch.compile`` options (``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune"}``). The first step runs eagerly, with every first-batch check.
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         cosine_decay: bool = True,
         check_finite: CheckFinite = True,
         teacher_cache: TeacherOutputCache | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if teacher_checkpoint is not None:  # absolute, so a checkpoint reloads from any directory
@@ -208,6 +214,9 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.cosine_decay = cosine_decay
         self.check_finite = checked_finite_setting(check_finite)
+        #: ``torch.compile`` options of :meth:`step_loss` (``None``: it runs eagerly)
+        self.compile_options = compile_options(compile)
+        self._compiled_step_loss: Callable[..., Any] | None = None
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
         self.reset_host_checks()
@@ -338,7 +347,11 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
             self.teacher_role.on_train_epoch_end(self)
 
     def on_train_end(self) -> None:
-        """Raise for a non-finite loss not yet read; the teacher's role ends (a cache releases its lock)."""
+        """Raise for a non-finite loss not yet read; the teacher's role ends (a cache releases its lock).
+
+        A compiled :meth:`step_loss` is dropped (it holds the module; a copy of the module compiles anew).
+        """
+        self._compiled_step_loss = None
         self.read_monitor()
         if self.teacher is not None:
             self.teacher_role.on_train_end(self)
@@ -644,6 +657,20 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
             flag = probability_rows(outputs.teacher_logits)
             self.monitor.defer_warning(flag, probabilities_message("teacher"))
 
+    def step_loss(self, batch: Any, first: bool = False) -> tuple[StepOutputs, Tensor, dict[str, Tensor]]:
+        """Teacher, student and loss terms of a training step: what ``compile=`` compiles as one function.
+
+        Returns the step's outputs, the weighted total and each term's value; ``first``: the run's
+        first batch, whose outputs are checked (:meth:`check_first_outputs`).
+        """
+        outputs = self.step_outputs(batch)
+        if outputs.targets is not None:  # values: checked before the transfer (check_batch)
+            outputs.targets = class_targets(outputs.targets, self.num_classes, "training", read_values=False)
+        if first:
+            self.check_first_outputs(outputs)
+        total, values = self.compute_loss(outputs)
+        return outputs, total, values
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """One distillation step: every term, the total and the accuracy are recorded on the device.
 
@@ -651,12 +678,13 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         and ``train/loss`` (``train/acc`` at the epoch end); no other step reads the device.
         """
         self.check_if_unchecked(batch, "training")
-        outputs = self.step_outputs(batch)
-        if outputs.targets is not None:  # values: checked before the transfer (check_batch)
-            outputs.targets = class_targets(outputs.targets, self.num_classes, "training", read_values=False)
-        if batch_idx == 0 and self.global_step == 0:
-            self.check_first_outputs(outputs)
-        total, values = self.compute_loss(outputs)
+        first = batch_idx == 0 and self.global_step == 0
+        if first or self.compile_options is None:
+            outputs, total, values = self.step_loss(batch, first)
+        else:
+            if self._compiled_step_loss is None:
+                self._compiled_step_loss = torch.compile(self.step_loss, **self.compile_options)
+            outputs, total, values = self._compiled_step_loss(batch)
         recorded = {f"train/loss_{name}": value for name, value in values.items()}
         self.monitor.record(self.global_step, {**recorded, "train/loss": total})
         if outputs.targets is not None:

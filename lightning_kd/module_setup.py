@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 __all__ = [
     "CosineToZeroLR",
     "check_equal_training_batches",
+    "compile_options",
     "configure_optimization",
     "default_optimizer",
     "default_schedule",
@@ -65,6 +66,20 @@ def configure_optimization(
         scheduler = default_schedule(built, module.trainer)
         return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     return built
+
+
+def compile_options(compile: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """A module's ``compile`` argument as ``torch.compile`` keyword arguments, ``None`` when off."""
+    if compile is True:
+        return {}
+    if compile is False or compile is None:
+        return None
+    if isinstance(compile, Mapping) and all(isinstance(key, str) for key in compile):
+        return dict(compile)
+    raise TypeError(
+        "compile must be True, False or a mapping of torch.compile options (e.g. "
+        f"{{'backend': 'aot_eager'}}), got {compile!r}."
+    )
 
 
 def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Adam:

@@ -113,7 +113,8 @@ def _fit_curve(how: str, backend: str | Callable = "aot_eager") -> tuple[list[fl
 
     ``how``: "eager"; "wrapped" (``torch.compile(model)`` for student and teacher); "in_place"
     (``model.compile()``: same module, same parameter names); "lightning"
-    (``trainer.fit(torch.compile(module))``: Lightning compiles the step methods).
+    (``trainer.fit(torch.compile(module))``: Lightning compiles the step methods); "option"
+    (``DistillationModule(..., compile=...)``: teacher, student and terms in one compiled step).
     """
     pl.seed_everything(0, verbose=False)
     student, teacher = small_net(batchnorm=False), small_net(batchnorm=False)
@@ -123,7 +124,8 @@ def _fit_curve(how: str, backend: str | Callable = "aot_eager") -> tuple[list[fl
         student.compile(backend=backend)
         teacher.compile(backend=backend)
     losses = [CrossEntropyTerm(), FitNetTerm("0", "0", weight=1.0)]
-    module = DistillationModule(student, teacher, losses=losses)
+    options = {"backend": backend} if how == "option" else False
+    module = DistillationModule(student, teacher, losses=losses, compile=options)
     recorder = RecordLoss()
     trainer = make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[recorder])
     trainer.fit(
@@ -133,12 +135,12 @@ def _fit_curve(how: str, backend: str | Callable = "aot_eager") -> tuple[list[fl
     return recorder.losses, module
 
 
-@pytest.mark.parametrize("how", ["wrapped", "in_place"])
+@pytest.mark.parametrize("how", ["wrapped", "in_place", "option"])
 def test_compiled_models_give_the_eager_loss_curve(how: str) -> None:
     eager_curve, _ = _fit_curve("eager")
     counter = CompileCounterWithBackend("aot_eager")
     compiled_curve, module = _fit_curve(how, counter)
-    assert counter.frame_count >= 2  # student and teacher really went through the compiler
+    assert counter.frame_count >= (1 if how == "option" else 2)  # the models went through the compiler
     assert len(compiled_curve) == 8 and len(set(eager_curve)) > 1
     torch.testing.assert_close(torch.tensor(compiled_curve), torch.tensor(eager_curve), rtol=1e-5, atol=0)
     assert module.feature_hooks is not None and not module.feature_hooks.attached  # removed in teardown
@@ -153,3 +155,9 @@ def test_lightning_compiled_module_gives_the_eager_loss_curve() -> None:
     assert len(compiled_curve) == 8
     torch.testing.assert_close(torch.tensor(compiled_curve), torch.tensor(eager_curve), rtol=1e-5, atol=0)
     assert module.feature_hooks is not None and not module.feature_hooks.attached
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, {1: "eager"}])
+def test_compile_takes_a_bool_or_torch_compile_options(bad: Any) -> None:
+    with pytest.raises(TypeError, match="compile must be True, False or a mapping of torch.compile options"):
+        DistillationModule(small_net(), small_net(), compile=bad)
