@@ -114,11 +114,13 @@ def non_finite_loss_error(
     values: Mapping[str, Tensor | float],
     cause: str,
     found_at: int | None = None,
+    where: str | None = None,
 ) -> FloatingPointError:
     """The error for a non-finite loss: its step, its parts (``what``: "terms", "peer losses"), the cause.
 
     ``found_at``: the step at which a deferred check (``check_finite=True``) found it, when later
-    than ``step``: the cause was then diagnosed on the state of that step.
+    than ``step``: the cause was then diagnosed on the state of that step. ``where``: the place
+    named instead of ``step {step}`` (a held-out batch).
     """
     numbers = {
         name: float(value.detach() if isinstance(value, Tensor) else value) for name, value in values.items()
@@ -132,7 +134,7 @@ def non_finite_loss_error(
             "and diagnoses its batch."
         )
     return FloatingPointError(
-        f"The loss is not finite at step {step}: {what} {shown} gave NaN/Inf. {cause}{late} "
+        f"The loss is not finite at {where or f'step {step}'}: {what} {shown} gave NaN/Inf. {cause}{late} "
         "(check_finite=False turns this check off)."
     )
 

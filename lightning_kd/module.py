@@ -219,6 +219,8 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         self._compiled_step_loss: Callable[..., Any] | None = None
         #: what the training steps record on the device, read at the logging steps and epoch ends
         self.monitor = StepMonitor(check_finite=check_finite is True)
+        #: the held-out batches' losses of subclasses that evaluate the loss terms, read at the loop's end
+        self.held_out_monitor = StepMonitor(check_finite=True)
         self.reset_host_checks()
         self.teacher_cache = teacher_cache
         self.feature_hooks: FeatureHooks | None = None
@@ -572,10 +574,29 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
             for name, term in self.loss_terms.items()
         }
         total = weighted_total(values, {name: term.weight for name, term in self.loss_terms.items()})
-        checked_now = self.check_finite == "step" or (self.check_finite and not self.training)
-        if checked_now and not torch.isfinite(total):
+        if self.check_finite == "step" and not torch.isfinite(total):
             raise non_finite_loss_error("terms", self.global_step, values, self.non_finite_cause(outputs))
+        if self.check_finite and not self.training:  # a held-out batch: read at the loop's epoch end
+            self.held_out_monitor.record(self.held_out_monitor.last_step + 1, {**values, "total": total})
         return total, values
+
+    def read_held_out_monitor(self, stage: str) -> None:
+        """Raise for a NaN/Inf loss of a held-out batch of this ``stage`` loop (read once, at its end)."""
+        reading = self.held_out_monitor.read()
+        self.held_out_monitor.reset()
+        if reading.first_bad is not None:
+            terms = {name: value for name, value in reading.bad_values.items() if name != "total"}
+            where = f"{stage} batch {reading.first_bad} (of the loop at training step {self.global_step})"
+            cause = self.non_finite_cause(None)
+            raise non_finite_loss_error("terms", self.global_step, terms, cause, where=where)
+
+    def on_validation_epoch_end(self) -> None:
+        """Raise for a NaN/Inf held-out loss (:meth:`read_held_out_monitor`)."""
+        self.read_held_out_monitor("validation")
+
+    def on_test_epoch_end(self) -> None:
+        """Raise for a NaN/Inf held-out loss (:meth:`read_held_out_monitor`)."""
+        self.read_held_out_monitor("test")
 
     def read_monitor(self, outputs: StepOutputs | None = None) -> Reading:
         """Read the steps' device records (:class:`~lightning_kd.step_monitor.StepMonitor`) in one transfer.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +120,23 @@ def test_fit_summary_reports_the_cosine() -> None:
     trainer.fit(EmbeddingDistillationModule(encoder(), encoder()), loader, loader)
     line = next(line for line in fit_summary(trainer, 1.0).splitlines() if "cosine" in line)
     assert float(line.split()[-1]) == pytest.approx(float(trainer.callback_metrics["val/cosine"]), abs=1e-4)
+
+
+class NaNFromBatch(EmbeddingMatchTerm):
+    """The match loss, NaN on batches whose first input is > 0.5: a bad held-out batch."""
+
+    def forward(self, outputs: Any) -> torch.Tensor:
+        loss = super().forward(outputs)
+        return torch.where(outputs.batch[0][0, 0] > 0.5, torch.full_like(loss, math.nan), loss)
+
+
+def test_a_non_finite_held_out_loss_stops_the_loop_at_its_end_naming_the_batch() -> None:
+    inputs = torch.zeros(48, NUM_FEATURES)
+    inputs[32, 0] = 1.0  # the first sample of held-out batch 2 (batch size 16)
+    loader = DataLoader(TensorDataset(inputs), batch_size=16)
+    module = EmbeddingDistillationModule(encoder(), encoder(), losses=[NaNFromBatch()])
+    with pytest.raises(FloatingPointError, match=r"not finite at validation batch 2 .*\{'embedding': nan\}"):
+        make_trainer().validate(module, dataloaders=loader, verbose=False)
+    module.check_finite = False
+    (metrics,) = make_trainer().validate(module, dataloaders=loader, verbose=False)  # off: logged as it is
+    assert math.isnan(metrics["val/loss"])

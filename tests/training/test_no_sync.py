@@ -260,3 +260,38 @@ def test_logged_values_are_the_steps_values_and_the_epochs_accuracy(tmp_path: Pa
         [float(correct[: len(y)].double().mean()), float(correct[len(y) :].double().mean())]
     )
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(totals[-1]))
+
+
+class WatchValidationSteps(pl.Callback):
+    """Records reads from the first validation batch's start until the last one's end.
+
+    The epoch's end (metrics computed and read once) is not watched.
+    """
+
+    def __init__(self) -> None:
+        self.watched = 0
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, *args: Any) -> None:
+        self.watched += 1
+        SyncRecorder.active = True
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.watched == trainer.num_val_batches[0]:
+            SyncRecorder.active = False
+
+
+@pytest.mark.parametrize("case", ["kd", "fitnet-on-a-layer", "mutual", "embedding"])
+def test_no_validation_step_reads_the_device(case: str, tmp_path: Path) -> None:
+    module, loader = CASES[case][0]()
+    module.transfer_batch_to_device = _on_device  # type: ignore[method-assign]
+    watch = WatchValidationSteps()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, callbacks=[watch]
+    )
+    SyncRecorder.reads = []
+    try:
+        trainer.validate(module, dataloaders=loader, verbose=False)
+    finally:
+        SyncRecorder.active = False
+    assert not SyncRecorder.reads, f"{len(SyncRecorder.reads)} reads; the first:\n{SyncRecorder.reads[0]}"
+    assert watch.watched == 6
