@@ -143,7 +143,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         ema_decay: ``d`` of the ``"ema"`` teacher, in [0, 1).
         optimizer: a callable ``params -> Optimizer`` (``OptimizerCallable`` in YAML); default
             Adam with lr 1e-3, fused where torch has the kernel
-            (:func:`~lightning_kd.module_setup.default_optimizer`).
+            (``lightning_kd.module_setup.default_optimizer``).
         lr_scheduler: a callable ``optimizer -> LRScheduler``; default: cosine decay to 0
             over the run, stepped per optimizer step (unless ``cosine_decay=False``), re-planned
             when a fit resumes with another length (:class:`~lightning_kd.callbacks.run_length.RunLength`).
@@ -159,7 +159,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
             teacher: its training outputs (logits and the hooked features the terms declare) are
             computed once, stored by sample index, and reused, skipping the teacher forward.
         compile: ``torch.compile`` the training step's teacher forward, student forward and loss
-            terms (with their hooks) as one function, :meth:`step_loss`; ``True`` with torch's
+            terms (with their hooks) as one function, ``step_loss``; ``True`` with torch's
             defaults, or a mapping of ``torch.compile`` options (``{"backend": "aot_eager"}``,
             ``{"mode": "max-autotune"}``). The first step runs eagerly, with every first-batch check.
     """
