@@ -106,7 +106,7 @@ def check_head_reproduces_logits(model: nn.Module, inputs: Mapping[str, Any], ro
         raise ValueError(
             f"The {role} ({type(model).__name__}) does not compute its logits as get_output_embeddings() of "
             f"its last hidden state: on {real.shape[1]} tokens they differ by up to {difference:.3g} "
-            f"(largest logit {scale:.3g}). It soft-caps, scales or post-processes its logits, so terms on the "
-            "fused LM-head path (reads_hidden_states) would train another objective: give them path='plain' "
-            "or path='chunked'."
+            f"(largest logit {scale:.3g}). It soft-caps, scales or post-processes its logits, so terms on "
+            "the fused LM-head path (reads_hidden_states) would train another objective: give them "
+            "path='plain' or path='chunked'."
         )
