@@ -63,9 +63,11 @@ def expected_step(chosen: list[dict[str, Any]], token_mean: bool = True) -> dict
     }
 
 
-def trained(chosen: list[dict[str, Any]], batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
+def trained(
+    chosen: list[dict[str, Any]], batch_size: int, accumulate: int, **kwargs: Any
+) -> dict[str, torch.Tensor]:
     distilled = module()
-    fit = trainer(accumulate_grad_batches=accumulate)
+    fit = trainer(accumulate_grad_batches=accumulate, **kwargs)
     fit.fit(distilled, token_loader(chosen, batch_size))
     assert fit.global_step == 1
     return dict(distilled.student.named_parameters())
@@ -84,6 +86,20 @@ def test_accumulating_4_micro_batches_equals_one_batch_and_the_token_mean() -> N
     assert_weights(accumulated, expected)
     naive = expected_step(data, token_mean=False)  # the mean of per-micro-batch means: another step
     assert max(float((naive[n] - expected[n]).abs().max()) for n in expected) > 1e-3
+
+
+def test_gradient_clipping_sees_the_token_mean_gradient() -> None:
+    data, clip = samples(), 0.05
+    initial = {name: p.double() for name, p in models()[0].named_parameters()}
+    step = {name: initial[name] - value for name, value in expected_step(data).items()}  # LR * gradient
+    norm = (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in step.values()])))
+        / LR
+    )
+    assert norm > clip  # the clipping acts
+    factor = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_
+    expected = {name: initial[name] - factor * value for name, value in step.items()}
+    assert_weights(trained(data, batch_size=1, accumulate=4, gradient_clip_val=clip), expected)
 
 
 def test_a_partial_window_at_the_epoch_end_is_exact() -> None:
