@@ -15,6 +15,7 @@ from torchmetrics.text import Perplexity
 from lightning_kd.language.completion import IGNORE_INDEX
 from lightning_kd.language.lm_head import (
     check_head_reproduces_logits,
+    check_no_logit_transform,
     hidden_state_call,
     last_hidden_state,
     output_head,
@@ -74,9 +75,10 @@ class CausalLMDistillationModule(DistillationModule):
     **Fused LM head.** When a term sets ``reads_hidden_states``, the models' bases (``base_model``)
     run and the terms get the last hidden states and output heads instead of the logits; the
     student's ``(N, L, V)`` logits are formed only if another term may read them (one that does
-    not set it). On the first training batch, ``head(last hidden state)`` is compared with each
-    model's real logits on a few tokens: a model that soft-caps or scales its logits stops the
-    run (:func:`~lightning_kd.language.lm_head.check_head_reproduces_logits`).
+    not set it). A model whose config soft-caps or scales its logits is refused when the module is
+    built, and on the first training batch ``head(last hidden state)`` is compared with each
+    model's real logits on a few tokens (:mod:`lightning_kd.language.lm_head`): a difference stops
+    the run.
 
     **Normalisation.** Every term is a mean over its micro-batch's counted tokens; the gradient of
     an optimizer step is the gradient of the mean over ALL counted tokens of its global batch,
@@ -178,6 +180,7 @@ class CausalLMDistillationModule(DistillationModule):
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if self.fused_terms and model is not None:  # the fused path needs each model's output head
                 output_head(model, role, self.fused_terms)
+                check_no_logit_transform(model, role)
         #: the token ids both models share (``TokenOutputs.vocab_size``); ``None`` until known
         self.vocab_size: int | None = None
         student_size = output_vocabulary_size(self.student)

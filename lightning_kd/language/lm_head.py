@@ -4,8 +4,9 @@ A term that sets :attr:`~lightning_kd.losses.LossTerm.reads_hidden_states` compu
 needs itself (a chunk at a time), so the module runs the model's base (``model.base_model``, the
 transformer without its head) and hands the term ``head`` and ``hidden``: the ``(N, L, V)`` logits
 are never formed. This is only the same objective when the model's logits ARE
-``get_output_embeddings()(last hidden state)``; :func:`check_head_reproduces_logits` verifies it
-once (a model that soft-caps or scales its logits fails it).
+``get_output_embeddings()(last hidden state)``: :func:`check_no_logit_transform` refuses the known
+config settings that soft-cap or scale them when the module is built, and
+:func:`check_head_reproduces_logits` compares the two on the first training batch.
 """
 
 from __future__ import annotations
@@ -18,8 +19,23 @@ from torch import Tensor, nn
 
 from lightning_kd.model_io import call_model, logits_of
 
-__all__ = ["check_head_reproduces_logits", "hidden_state_call", "last_hidden_state", "output_head"]
+__all__ = [
+    "LOGIT_TRANSFORMS",
+    "check_head_reproduces_logits",
+    "check_no_logit_transform",
+    "hidden_state_call",
+    "last_hidden_state",
+    "output_head",
+]
 
+#: Hugging Face config settings that change the logits after the output head, with their neutral values
+#: (Gemma 2/3 soft-cap them, Cohere scales them, Granite divides them)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+#: what the errors of the fused path's checks tell the user to do
+_FIX = (
+    "so terms on the fused LM-head path (reads_hidden_states) would train another objective: give them "
+    "path='plain' or path='chunked'."
+)
 #: how many tokens of the first sequence :func:`check_head_reproduces_logits` compares
 CHECKED_TOKENS = 8
 #: largest difference allowed between fused and real logits, relative to the largest real logit
@@ -77,6 +93,22 @@ def output_head(model: nn.Module, role: str, terms: list[str]) -> nn.Module:
     return head
 
 
+def check_no_logit_transform(model: nn.Module, role: str) -> None:
+    """Refuse a model whose config transforms its logits after the head (:data:`LOGIT_TRANSFORMS`).
+
+    Raises:
+        ValueError: the message names the model, the setting and the fix.
+    """
+    config = getattr(model, "config", None)
+    for name, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"The {role} ({type(model).__name__}) transforms its logits after its output head "
+                f"(config.{name}={value}), {_FIX}"
+            )
+
+
 def check_head_reproduces_logits(model: nn.Module, inputs: Mapping[str, Any], role: str) -> None:
     """Check that ``head(last hidden state)`` equals ``model``'s logits on a few tokens (eval mode, no grad).
 
@@ -106,7 +138,5 @@ def check_head_reproduces_logits(model: nn.Module, inputs: Mapping[str, Any], ro
         raise ValueError(
             f"The {role} ({type(model).__name__}) does not compute its logits as get_output_embeddings() of "
             f"its last hidden state: on {real.shape[1]} tokens they differ by up to {difference:.3g} "
-            f"(largest logit {scale:.3g}). It soft-caps, scales or post-processes its logits, so terms on "
-            "the fused LM-head path (reads_hidden_states) would train another objective: give them "
-            "path='plain' or path='chunked'."
+            f"(largest logit {scale:.3g}). It soft-caps, scales or post-processes its logits, {_FIX}"
         )

@@ -167,6 +167,18 @@ def test_fused_path_refuses_a_model_whose_logits_are_not_its_heads_output() -> N
     make_trainer(limit_train_batches=1, limit_val_batches=0).fit(plain, datamodule=RandomTokenData(samples=4))
 
 
+def test_fused_path_refuses_configs_that_transform_the_logits_at_construction() -> None:
+    message = (
+        "The teacher (GPT2LMHeadModel) transforms its logits after its output head "
+        "(config.final_logit_softcapping=30.0), so terms on the fused LM-head path (reads_hidden_states) "
+        "would train another objective: give them path='plain' or path='chunked'."
+    )
+    teacher = tiny_gpt2(32, seed=1, final_logit_softcapping=30.0)  # as Gemma 2's config
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distiller(teacher=teacher, losses=[FusedTokenKL("kd")])
+    distiller(teacher=teacher, losses=[TokenKL("kd")])  # the plain path reads the model's own logits
+
+
 def test_fused_path_needs_output_heads_at_construction() -> None:
     message = (
         "Loss terms ['kd'] read the student's hidden states and output head (the fused LM-head path), but "
@@ -175,6 +187,17 @@ def test_fused_path_needs_output_heads_at_construction() -> None:
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         CausalLMDistillationModule(TinyLM(), TinyLM(seed=1), losses=[FusedTokenKL("kd")])
+
+
+def test_an_ema_teacher_follows_the_student() -> None:
+    module = CausalLMDistillationModule(
+        tiny_gpt2(16), teacher_mode="ema", ema_decay=0.5, losses=[TokenKL("kd")]
+    )
+    start = module.teacher.transformer.wte.weight.clone()
+    trainer = make_trainer(limit_train_batches=2)
+    trainer.fit(module, datamodule=RandomTokenData(samples=8))
+    assert not torch.equal(module.teacher.transformer.wte.weight, start)
+    assert torch.isfinite(trainer.callback_metrics["val/teacher_perplexity"])
 
 
 def test_any_model_with_n_l_v_logits_is_a_causal_lm() -> None:
@@ -299,6 +322,11 @@ SETTINGS = {
     "num_classes": (
         {"num_classes": 48},
         "CausalLMDistillationModule takes no num_classes: the vocabulary is read from the models.",
+    ),
+    "teacher_cache": (
+        {"teacher_cache": object()},
+        "CausalLMDistillationModule takes no teacher_cache: a cache of (N, L, V) logits per sample is not "
+        "supported; the teacher runs each step. Remove it.",
     ),
     "input_key": (
         {"input_key": ["ids"]},
