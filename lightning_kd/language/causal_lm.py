@@ -177,10 +177,10 @@ class CausalLMDistillationModule(DistillationModule):
         self.teacher_tokenizer = teacher_tokenizer
         #: the micro-batches' token counts, for token-mean gradients
         self.token_mean = TokenMeanGradients()
-        for role, model in (("student", self.student), ("teacher", self.teacher)):
+        for which, model in (("student", self.student), ("teacher", self.teacher)):
             if self.fused_terms and model is not None:  # the fused path needs each model's output head
-                output_head(model, role, self.fused_terms)
-                check_no_logit_transform(model, role)
+                output_head(model, which, self.fused_terms)
+                check_no_logit_transform(model, which)
         #: the token ids both models share (``TokenOutputs.vocab_size``); ``None`` until known
         self.vocab_size: int | None = None
         student_size = output_vocabulary_size(self.student)
