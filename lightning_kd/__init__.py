@@ -8,6 +8,7 @@ from lightning_kd.callbacks import (
     Stage,
     TemperatureAnnealing,
 )
+from lightning_kd.language import CausalLMDistillationModule
 from lightning_kd.losses import (
     ABTerm,
     AttentionMapTerm,
@@ -59,6 +60,7 @@ __all__ = [
     "ChainLink",
     "BYOTTerm",
     "CCTerm",
+    "CausalLMDistillationModule",
     "CRDTerm",
     "CrossEntropyTerm",
     "DISTTerm",

@@ -1,0 +1,16 @@
+"""Distilling causal language models: the module, completion-only labels, token-mean gradients."""
+
+from lightning_kd.language.causal_lm import CausalLMDistillationModule, default_causal_lm_losses
+from lightning_kd.language.completion import IGNORE_INDEX, CompletionOnlyCollator, completion_only_labels
+from lightning_kd.language.token_mean import TokenMeanGradients
+from lightning_kd.language.vocabulary import shared_vocabulary
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CausalLMDistillationModule",
+    "CompletionOnlyCollator",
+    "TokenMeanGradients",
+    "completion_only_labels",
+    "default_causal_lm_losses",
+    "shared_vocabulary",
+]
