@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -57,10 +56,10 @@ from lightning_kd.resume import (
     teacher_record,
 )
 from lightning_kd.step_monitor import (
+    MonitorReadings,
     Reading,
     StepMonitor,
     checked_finite_setting,
-    log_reading,
     logs_this_step,
 )
 from lightning_kd.teachers.cache import TeacherOutputCache
@@ -89,7 +88,7 @@ def default_losses(teacher: nn.Module | None, role: TeacherRole) -> list[LossTer
     ]
 
 
-class DistillationModule(HostBatchChecks, pl.LightningModule):
+class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
     """Train a ``student`` with a weighted sum of loss terms, taught by an optional ``teacher``.
 
     ``DistillationModule(student, teacher)`` is Hinton KD with the CRD benchmark's defaults
@@ -598,31 +597,13 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         """Raise for a NaN/Inf held-out loss (:meth:`read_held_out_monitor`)."""
         self.read_held_out_monitor("test")
 
-    def read_monitor(self, outputs: StepOutputs | None = None) -> Reading:
-        """Read the steps' device records (:class:`~lightning_kd.step_monitor.StepMonitor`) in one transfer.
-
-        Raises the non-finite loss error when a step's loss was NaN/Inf (``outputs``: the current
-        step's, diagnosed when given).
-        """
-        reading = self.monitor.read()
-        if reading.first_bad is not None:
-            raise self.non_finite_error(reading, outputs)
-        return reading
-
-    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None) -> FloatingPointError:
+    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None = None) -> FloatingPointError:
         """The error for the non-finite loss ``reading`` found, diagnosed on ``outputs`` (or the state)."""
         assert reading.first_bad is not None
         terms = {name: reading.bad_values[f"train/loss_{name}"] for name in self.loss_terms}
         outputs = outputs if reading.first_bad == reading.last_step else None  # else: the state now
         cause = self.non_finite_cause(outputs)
         return non_finite_loss_error("terms", reading.first_bad, terms, cause, found_at=reading.last_step)
-
-    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
-        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
-        log_reading(self, reading, self.progress_bar_metric, epoch_end)
-
-    #: the training value shown in the progress bar
-    progress_bar_metric = "train/loss"
 
     def non_finite_cause(self, outputs: StepOutputs | None) -> str:
         """What made the step's loss NaN/Inf, and its fix.
@@ -800,8 +781,7 @@ class DistillationModule(HostBatchChecks, pl.LightningModule):
         A teacher left out is recorded by its fingerprint (SHA-256 of its weights, taken once per
         fit in :meth:`setup`) and its file, so that a resumed fit can tell whether it has the same one.
         """
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # no NaN weights saved
-            self.read_monitor()
+        self.read_before_saving()  # no NaN weights saved
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
             hparams["teacher_checkpoint"] = self.teacher_checkpoint

@@ -18,9 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-__all__ = ["Reading", "StepMonitor", "checked_finite_setting", "log_reading", "logs_this_step"]
+__all__ = [
+    "MonitorReadings",
+    "Reading",
+    "StepMonitor",
+    "checked_finite_setting",
+    "log_reading",
+    "logs_this_step",
+]
 
 
 @dataclass
@@ -198,3 +206,40 @@ def log_reading(module: Any, reading: Reading, progress_bar: str, epoch_end: boo
             module.log(name, value_there, prog_bar=name == progress_bar, logger=False, sync_dist=True)
         else:
             module.log(name, torch.tensor(value), prog_bar=name == progress_bar)
+
+
+class MonitorReadings:
+    """The reading points of a training module's :class:`StepMonitor` (a mixin of the training modules).
+
+    The module keeps its monitor in ``self.monitor`` and builds the error for a non-finite loss in
+    :meth:`non_finite_error`; it reads at its logging steps and epoch ends (:meth:`read_monitor`,
+    :meth:`log_reading`), and before every checkpoint of a fit (:meth:`read_before_saving`).
+    """
+
+    monitor: StepMonitor
+    #: the training value shown in the progress bar
+    progress_bar_metric = "train/loss"
+
+    def read_monitor(self, *step: Any) -> Reading:
+        """Read the records in one transfer; raise :meth:`non_finite_error` for a NaN/Inf loss found.
+
+        ``step``: the current step's values (its outputs), diagnosed when the loss was found in it.
+        """
+        reading = self.monitor.read()
+        if reading.first_bad is not None:
+            raise self.non_finite_error(reading, *step)
+        return reading
+
+    def non_finite_error(self, reading: Reading, *step: Any) -> FloatingPointError:
+        """The error for the non-finite loss ``reading`` found (``step``: as :meth:`read_monitor`'s)."""
+        raise NotImplementedError
+
+    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
+        """Log the read values (:func:`log_reading`), :attr:`progress_bar_metric` in the progress bar."""
+        log_reading(self, reading, self.progress_bar_metric, epoch_end)
+
+    def read_before_saving(self) -> None:
+        """During a fit, raise for a NaN/Inf loss not yet read, before a checkpoint is written."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self.read_monitor()

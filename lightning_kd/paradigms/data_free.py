@@ -276,7 +276,7 @@ class DataFreeDistillationModule(DistillationModule):
             samples=int(z.shape[0]) if z is not None else None,
         )
 
-    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None) -> FloatingPointError:
+    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None = None) -> FloatingPointError:
         """The generator's losses when they were NaN/Inf at the first bad step, else the student's terms."""
         assert reading.first_bad is not None
         if math.isfinite(reading.bad_values["train/loss_generator"]):

@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -35,17 +34,17 @@ from lightning_kd.module_setup import (
     hparams_given_by_cli,
 )
 from lightning_kd.step_monitor import (
+    MonitorReadings,
     Reading,
     StepMonitor,
     checked_finite_setting,
-    log_reading,
     logs_this_step,
 )
 
 __all__ = ["MutualLearningModule"]
 
 
-class MutualLearningModule(HostBatchChecks, pl.LightningModule):
+class MutualLearningModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
     r"""Deep mutual learning: any number of peers, each taught by the labels and the others.
 
     Zhang, Xiang, Hospedales, Lu, "Deep Mutual Learning", CVPR 2018. Peer :math:`k` minimises
@@ -225,24 +224,20 @@ class MutualLearningModule(HostBatchChecks, pl.LightningModule):
             samples=int(logits[0].shape[0]) if logits and logits[0].ndim else None,
         )
 
-    def read_monitor(self, batch: Any = None, logits: Sequence[Tensor] | None = None) -> Reading:
-        """Read the steps' device records in one transfer; raise for a NaN/Inf loss found.
+    def non_finite_error(
+        self, reading: Reading, batch: Any = None, logits: Sequence[Tensor] | None = None
+    ) -> FloatingPointError:
+        """The error for a NaN/Inf peer loss.
 
         ``batch`` and ``logits``: the current step's, diagnosed when the loss was found in that step.
         """
-        reading = self.monitor.read()
-        if reading.first_bad is None:
-            return reading
+        assert reading.first_bad is not None
         same_step = reading.first_bad == reading.last_step
         values = {f"peer{k}": reading.bad_values[f"train/loss_peer{k}"] for k in range(len(self.peers))}
         cause = self.non_finite_cause(batch, logits if same_step else None)
-        raise non_finite_loss_error(
+        return non_finite_loss_error(
             "peer losses", reading.first_bad, values, cause, found_at=reading.last_step
         )
-
-    def log_reading(self, reading: Reading, epoch_end: bool = False) -> None:
-        """Log the read values (:func:`~lightning_kd.step_monitor.log_reading`)."""
-        log_reading(self, reading, "train/loss", epoch_end)
 
     def on_train_epoch_end(self) -> None:
         """Read the epoch's records (raise for a NaN/Inf loss); the last losses go to ``callback_metrics``."""
@@ -254,8 +249,7 @@ class MutualLearningModule(HostBatchChecks, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """During a fit, raise for a NaN/Inf loss not yet read, before anything is written."""
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            self.read_monitor()
+        self.read_before_saving()
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """Every peer's accuracy and the ensemble's on one held-out batch, under ``stage/``."""
