@@ -37,6 +37,8 @@ from lightning_kd.losses import (
     SEEDTerm,
     SPTerm,
     StepOutputs,
+    TokenCrossEntropyTerm,
+    TokenDivergenceTerm,
     ValueRelationTerm,
     VIDTerm,
 )
@@ -94,6 +96,8 @@ __all__ = [
     "TeacherEnsemble",
     "TeacherOutputCache",
     "TemperatureAnnealing",
+    "TokenCrossEntropyTerm",
+    "TokenDivergenceTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "__version__",
