@@ -32,8 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["HeadRows", "LogitRows", "TargetRows", "chunked_token_mean", "checked_chunk_size"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "HeadRows",
+    "LogitRows",
+    "TargetRows",
+    "chunked_token_mean",
+    "checked_chunk_size",
+]
 
+#: positions per chunk unless a term or call says otherwise: at a 128k vocabulary one float32
+#: ``(256, V)`` tensor is 125 MiB, and the autograd graph of one chunk of the generalized JSD holds
+#: about fifteen of them (see benchmarks/results/lm_loss_memory.md).
+DEFAULT_CHUNK_SIZE = 256
 #: a per-token loss: ``(student_rows (C, V) float32, teacher rows or target ids (C, ...))`` -> ``(C,)``.
 TokenValues = Callable[[Tensor, Tensor], Tensor]
 
@@ -42,7 +53,7 @@ def checked_chunk_size(chunk_size: int) -> int:
     """``chunk_size`` as an int; a ``ValueError`` unless it is a whole number >= 1."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
-            f"chunk_size must be a whole number >= 1 (positions per chunk, e.g. 1024), got {chunk_size!r}."
+            f"chunk_size must be a whole number >= 1 (positions per chunk, e.g. 256), got {chunk_size!r}."
         )
     return chunk_size
 

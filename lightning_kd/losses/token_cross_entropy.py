@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._token_chunks import LogitRows, TargetRows, checked_chunk_size, chunked_token_mean
+from lightning_kd.losses._token_chunks import (
+    DEFAULT_CHUNK_SIZE,
+    LogitRows,
+    TargetRows,
+    checked_chunk_size,
+    chunked_token_mean,
+)
 from lightning_kd.losses.base import StepOutputs
 from lightning_kd.losses.token_divergence import TokenTerm, check_token_mask, head_rows
 from lightning_kd.precision import float32_math
@@ -45,7 +51,7 @@ def token_cross_entropy(
     targets: Tensor,
     mask: Tensor | None = None,
     path: str = "plain",
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """Mean next-token cross-entropy over the counted tokens (``mask``, and ``targets != -100``).
 
@@ -84,7 +90,7 @@ def token_cross_entropy_fused(
     targets: Tensor,
     mask: Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     r""":func:`token_cross_entropy` of the logits :math:`h W[:V]^\top + b[:V]`, chunk by chunk.
 
@@ -116,7 +122,11 @@ class TokenCrossEntropyTerm(TokenTerm):
     needs_teacher = False
 
     def __init__(
-        self, name: str = "token_ce", weight: float = 1.0, path: str = "plain", chunk_size: int = 1024
+        self,
+        name: str = "token_ce",
+        weight: float = 1.0,
+        path: str = "plain",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         super().__init__(name, weight, path, chunk_size)
 

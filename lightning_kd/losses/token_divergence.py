@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kd.losses._token_chunks import (
+    DEFAULT_CHUNK_SIZE,
     HeadRows,
     LogitRows,
     Rows,
@@ -229,7 +230,7 @@ def token_divergence_chunked(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """:func:`token_divergence`, ``chunk_size`` positions at a time, recomputed in backward.
 
@@ -293,7 +294,7 @@ def token_divergence_fused(
     temperature: float = 1.0,
     beta: float = 0.5,
     skew: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     r""":func:`token_divergence` of the logits :math:`h W^\top + b`, never forming the student's full logits.
 
@@ -386,7 +387,9 @@ class TokenTerm(LossTerm):
         chunk_size: positions per chunk of the chunked and fused paths.
     """
 
-    def __init__(self, name: str, weight: float = 1.0, path: str = "plain", chunk_size: int = 1024) -> None:
+    def __init__(
+        self, name: str, weight: float = 1.0, path: str = "plain", chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
         super().__init__(name, weight)
         self.path = checked_path(path)
         self.chunk_size = checked_chunk_size(chunk_size)
@@ -463,7 +466,7 @@ class TokenDivergenceTerm(TokenTerm):
         beta: float = 0.5,
         skew: float = 0.1,
         path: str = "plain",
-        chunk_size: int = 1024,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(name, weight, path, chunk_size)
         check_divergence_settings(divergence, temperature, beta, skew)
