@@ -39,12 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from memory import MIB, current_rss  # benchmarks/memory.py, beside this script
 
 from lightning_kd.losses._token_chunks import DEFAULT_CHUNK_SIZE
 from lightning_kd.losses.functional import token_divergence, token_divergence_chunked, token_divergence_fused
-
-sys.path.insert(0, str(Path(__file__).parent))
-from memory import MIB, current_rss  # noqa: E402  (benchmarks/memory.py, beside this script)
 
 RESULTS = Path(__file__).parent / "results" / "lm_loss_memory.md"
 PATHS = ("plain", "chunked", "fused", "liger")
