@@ -10,7 +10,8 @@ student and teacher each have last hidden states ``(2, 1024, 1024)`` and an LM h
 hidden states and head weight. Paths:
 
 - ``plain``: ``logits = hidden @ W.T`` (and the teacher's under ``no_grad``), then
-  ``token_divergence`` on the full ``(2, 1024, 128000)`` logits;
+  ``token_divergence`` on the full ``(2, 1024, 128000)`` logits (``--plain-tokens 256,512``: measured
+  at two smaller token counts and extrapolated linearly, where the machine lacks the memory);
 - ``chunked``: the same logits, then ``token_divergence_chunked`` (``--chunk-size`` positions at a time);
 - ``fused``: ``token_divergence_fused`` from the hidden states and both heads, no full logits;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``liger_kernel.chunked_loss``, pure torch:
@@ -188,11 +189,42 @@ def render(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, An
             lines.append(f"| {path} | {divergence} | left out: {row['left_out']} | | | |")
             continue
         plain = results[("plain", divergence)]["memory"]
+        memory, loss = f"{row['memory'] / MIB:.0f}", f"{row['loss']:.6f}"
+        if "note" in row:
+            memory += f" ({row['note']})"
+            loss += f" (at {row['loss_at']} tokens)"
         lines.append(
-            f"| {path} | {divergence} | {row['memory'] / MIB:.0f} | {row['memory'] / plain:.2f} "
-            f"| {row['seconds']:.2f} | {row['loss']:.6f} |"
+            f"| {path} | {divergence} | {memory} | {row['memory'] / plain:.2f} | {row['seconds']:.2f} "
+            f"| {loss} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def run_worker(
+    args: argparse.Namespace, argv: list[str] | None, path: str, divergence: str, tokens: int | None = None
+) -> dict[str, Any]:
+    """:func:`measure` in a fresh process (at ``tokens`` instead of ``--tokens`` if given)."""
+    passed = list(argv if argv is not None else sys.argv[1:])
+    if tokens is not None:
+        passed += ["--tokens", str(tokens)]  # the last --tokens wins
+    run = subprocess.run(
+        [sys.executable, __file__, *passed, "--worker", f"{path}:{divergence}"],
+        capture_output=True,
+        text=True,
+        timeout=args.timeout,
+    )
+    if run.returncode != 0:
+        sys.exit(f"{path}:{divergence} failed:\n{run.stderr[-3000:]}")
+    return {**json.loads(run.stdout.strip().splitlines()[-1]), "tokens": tokens or args.tokens}
+
+
+def extrapolated(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Memory and time at ``--tokens``, on the line through two runs at fewer tokens."""
+    (t1, a), (t2, b) = ((run["tokens"], run) for run in runs)
+    at = (args.tokens - t1) / (t2 - t1)
+    row = {key: a[key] + (b[key] - a[key]) * at for key in ("memory", "seconds")}
+    measured = ", ".join(f"{run['memory'] / MIB:.0f} at {run['tokens']}" for run in runs)
+    return {**row, "loss": b["loss"], "note": f"extrapolated from {measured} tokens", "loss_at": t2}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -208,6 +240,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--plain-tokens",
+        type=lambda text: [int(t) for t in text.split(",")],
+        help="two token counts, e.g. 256,512: run the plain rows at both and extrapolate memory and time "
+        "linearly to --tokens (the plain path's intermediates are (tokens, vocabulary)), on a machine "
+        "without the memory for the plain path at --tokens",
+    )
     parser.add_argument("--divergences", default="forward_kl,jsd")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per row's process")
@@ -228,17 +267,11 @@ def main(argv: list[str] | None = None) -> str:
         for path in args.paths.split(","):
             if args.quick:
                 results[(path, divergence)] = measure(args, path, divergence)
-                continue
-            passed = [a for a in (argv if argv is not None else sys.argv[1:])]
-            run = subprocess.run(
-                [sys.executable, __file__, *passed, "--worker", f"{path}:{divergence}"],
-                capture_output=True,
-                text=True,
-                timeout=args.timeout,
-            )
-            if run.returncode != 0:
-                sys.exit(f"{path}:{divergence} failed:\n{run.stderr[-3000:]}")
-            results[(path, divergence)] = json.loads(run.stdout.strip().splitlines()[-1])
+            elif path == "plain" and args.plain_tokens:
+                runs = [run_worker(args, argv, path, divergence, tokens) for tokens in args.plain_tokens]
+                results[(path, divergence)] = extrapolated(args, runs)
+            else:
+                results[(path, divergence)] = run_worker(args, argv, path, divergence)
             print(path, divergence, results[(path, divergence)], flush=True)
     table = render(args, results)
     print(table)
