@@ -193,10 +193,8 @@ def render(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, An
         if "note" in row:
             memory += f" ({row['note']})"
             loss += f" (at {row['loss_at']} tokens)"
-        lines.append(
-            f"| {path} | {divergence} | {memory} | {row['memory'] / plain:.2f} | {row['seconds']:.2f} "
-            f"| {loss} |"
-        )
+        ratio = f"{row['memory'] / plain:.2f}" if plain > 0 else "n/a"  # --quick: in one process
+        lines.append(f"| {path} | {divergence} | {memory} | {ratio} | {row['seconds']:.2f} | {loss} |")
     return "\n".join(lines) + "\n"
 
 
