@@ -38,6 +38,8 @@ from lightning_kd.losses import (
     SEEDTerm,
     SPTerm,
     StepOutputs,
+    TokenCrossEntropyTerm,
+    TokenDivergenceTerm,
     ValueRelationTerm,
     VIDTerm,
 )
@@ -96,6 +98,8 @@ __all__ = [
     "TeacherEnsemble",
     "TeacherOutputCache",
     "TemperatureAnnealing",
+    "TokenCrossEntropyTerm",
+    "TokenDivergenceTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "__version__",

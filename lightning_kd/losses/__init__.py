@@ -29,6 +29,8 @@ from lightning_kd.losses.reviewkd import ABF, ReviewKDTerm
 from lightning_kd.losses.rkd import RKDTerm
 from lightning_kd.losses.seed import SEEDTerm
 from lightning_kd.losses.sp import SPTerm
+from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
+from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.losses.transformer import AttentionMapTerm, HiddenStateTerm, ValueRelationTerm
 from lightning_kd.losses.vid import VIDTerm
 
@@ -65,6 +67,8 @@ __all__ = [
     "SEEDTerm",
     "SPTerm",
     "StepOutputs",
+    "TokenCrossEntropyTerm",
+    "TokenDivergenceTerm",
     "Translator",
     "ValueRelationTerm",
     "VIDTerm",

@@ -39,6 +39,12 @@ from lightning_kd.losses.reviewkd import hcl_loss
 from lightning_kd.losses.rkd import rkd_loss
 from lightning_kd.losses.seed import seed_loss
 from lightning_kd.losses.sp import sp_loss
+from lightning_kd.losses.token_cross_entropy import token_cross_entropy, token_cross_entropy_fused
+from lightning_kd.losses.token_divergence import (
+    token_divergence,
+    token_divergence_chunked,
+    token_divergence_fused,
+)
 from lightning_kd.losses.transformer import attention_kl_loss, hidden_state_loss, value_relation_loss
 from lightning_kd.losses.vid import vid_loss
 
@@ -81,6 +87,11 @@ __all__ = [
     "rkd_loss",
     "seed_loss",
     "sp_loss",
+    "token_cross_entropy",
+    "token_cross_entropy_fused",
+    "token_divergence",
+    "token_divergence_chunked",
+    "token_divergence_fused",
     "value_relation_loss",
     "vid_loss",
 ]
