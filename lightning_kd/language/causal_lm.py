@@ -24,6 +24,8 @@ from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.token_view import batch_labels, check_label_values, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size, shared_vocabulary
 from lightning_kd.losses.base import LossTerm, StepOutputs, TokenOutputs
+from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
+from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.model_io import call_model, logits_of
 from lightning_kd.module import DistillationModule
 from lightning_kd.module_setup import hparams_given_by_cli
@@ -39,8 +41,6 @@ def default_causal_lm_losses(teacher: nn.Module | None) -> list[LossTerm]:
     the labels' cross-entropy interpolated with the teacher's next-token distribution. Without a
     teacher: the cross-entropy alone (a baseline student).
     """
-    from lightning_kd.losses.token_divergence import TokenCrossEntropyTerm, TokenDivergenceTerm
-
     if teacher is None:
         return [TokenCrossEntropyTerm("ce", weight=1.0)]
     return [

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_kd import AttentionMapTerm, HiddenStateTerm
 from lightning_kd.cli import main
 from lightning_kd.language import CausalLMDistillationModule
-from lightning_kd.losses import LossTerm, StepOutputs
+from lightning_kd.losses import LossTerm, StepOutputs, TokenCrossEntropyTerm, TokenDivergenceTerm
 from tests.helpers import make_trainer
 from tests.language.helpers import (
     FusedTokenKL,
@@ -121,8 +121,12 @@ def test_a_student_without_teacher_trains_on_next_tokens() -> None:
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_fused_path_trains_as_the_plain_path_without_the_students_full_logits(build: Any) -> None:
     weights = []
-    for term in (TokenKL("kd"), FusedTokenKL("kd")):
-        module = distiller(build(16), build(32, seed=1), losses=[term])
+    for path in ("plain", "chunked", "fused"):
+        terms = [
+            TokenCrossEntropyTerm("ce", weight=0.5, path=path),
+            TokenDivergenceTerm("kd", weight=0.5, divergence="jsd", path=path, chunk_size=8),
+        ]
+        module = distiller(build(16), build(32, seed=1), losses=terms)
         heads: list[tuple[int, ...]] = []
         module.student.get_output_embeddings().register_forward_hook(
             lambda _, args, out, keep=heads.append: keep(args[0].shape)
@@ -131,12 +135,13 @@ def test_fused_path_trains_as_the_plain_path_without_the_students_full_logits(bu
             module, datamodule=RandomTokenData(samples=8)
         )
         weights.append(dict(module.student.named_parameters()))
-        if isinstance(term, FusedTokenKL):  # only the first batch's check ran the head: 1 sequence, 8 tokens
+        if path == "fused":  # only the first batch's check ran the head: 1 sequence, 8 tokens
             assert heads == [(1, 8, 16)]
         else:
             assert [shape[0] for shape in heads] == [4, 4]
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-6, msg=name)
+    for other in weights[1:]:
+        for name, value in weights[0].items():
+            torch.testing.assert_close(other[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 class ScaledGPT2(transformers.GPT2LMHeadModel):
@@ -295,10 +300,23 @@ def test_fits_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_default_objective_is_cross_entropy_and_forward_kl() -> None:
-    pytest.importorskip("lightning_kd.losses.token_divergence", reason="the token terms land with issue 16")
-    module = CausalLMDistillationModule(tiny_gpt2(16), tiny_gpt2(32, seed=1))
-    assert {name: term.weight for name, term in module.loss_terms.items()} == {"ce": 0.5, "kd": 0.5}
-    assert module.loss_terms["kd"].divergence == "forward_kl"
+    """The default loss on a batch equals 0.5 CE + 0.5 KL(teacher || student), token means in float64."""
+    student, teacher = tiny_gpt2(16), tiny_gpt2(32, seed=1)
+    module = CausalLMDistillationModule(student, teacher).eval()
+    batch = next(iter(token_loader(token_samples(6), batch_size=6)))
+    total, values = module.compute_loss(module.step_outputs(batch))
+    assert set(values) == {"ce", "kd"}
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        s = student(**inputs).logits[:, :-1].double().log_softmax(-1)
+        t = teacher(**inputs).logits[:, :-1].double().log_softmax(-1)
+    targets, attention = batch["labels"][:, 1:], batch["attention_mask"].bool()
+    counted = (targets != -100) & attention[:, 1:] & attention[:, :-1]
+    ce = -s.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[counted].mean()
+    kl = (t.exp() * (t - s)).sum(-1)[counted].mean()
+    assert float(values["ce"]) == pytest.approx(float(ce), rel=1e-5)
+    assert float(values["kd"]) == pytest.approx(float(kl), rel=1e-5)
+    assert float(total) == pytest.approx(float(0.5 * ce + 0.5 * kl), rel=1e-5)
 
 
 class SequenceClassifier(nn.Module):
