@@ -1,0 +1,63 @@
+"""Small GPT-2 language models built from a config (random weights, no download)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_kd.models.sentence_encoder import _transformers
+
+__all__ = ["GPT2_SIZES", "tiny_gpt2"]
+
+#: named sizes: layers, width and heads of the offline language-model example's teacher and student
+GPT2_SIZES: dict[str, dict[str, int]] = {
+    "teacher": {"n_layer": 4, "n_embd": 192, "n_head": 6},
+    "student": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+}
+
+
+def tiny_gpt2(
+    vocab_size: int,
+    size: str = "student",
+    n_positions: int = 256,
+    dropout: float = 0.0,
+    n_layer: int | None = None,
+    n_embd: int | None = None,
+    n_head: int | None = None,
+) -> Any:
+    """A freshly initialised ``transformers.GPT2LMHeadModel`` (Radford et al., 2019) of a named size.
+
+    ``size`` picks layers, width and heads from :data:`GPT2_SIZES` (``"teacher"``, ``"student"``);
+    ``n_layer`` / ``n_embd`` / ``n_head`` override them. The feed-forward width is ``4 * n_embd``
+    and the output head is tied to the token embedding, as in GPT-2. With ``vocab_size=4096`` the
+    teacher has 2.6M parameters and the student 0.37M (:func:`~lightning_kd.callbacks.report.
+    compression.count_parameters`).
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size (``len(tokenizer)``).
+        size: a key of :data:`GPT2_SIZES`.
+        n_positions: the longest sequence the model reads (at least the datamodule's ``block_size``).
+        dropout: the probability of the residual, embedding and attention dropout.
+        n_layer: transformer blocks (overrides ``size``).
+        n_embd: width (overrides ``size``); a multiple of ``n_head``.
+        n_head: attention heads (overrides ``size``).
+    """
+    if size not in GPT2_SIZES:
+        raise ValueError(
+            f"Unknown size {size!r}; pick one of {sorted(GPT2_SIZES)} or pass n_layer/n_embd/n_head."
+        )
+    shape = {**GPT2_SIZES[size]}
+    shape.update({k: v for k, v in {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head}.items() if v})
+    if shape["n_embd"] % shape["n_head"]:
+        raise ValueError(f"n_embd={shape['n_embd']} must be a multiple of n_head={shape['n_head']}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    transformers = _transformers()
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **shape,
+    )
+    return transformers.GPT2LMHeadModel(config)
