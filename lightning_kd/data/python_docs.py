@@ -56,12 +56,13 @@ def _pydoc_topics() -> Iterator[Document]:
 
 def _docstring_documents(folder: Path) -> Iterator[Document]:
     """The docstrings of the ``.py`` files under ``folder``, parsed with ``ast`` (nothing imported or run)."""
+    base = folder.parent if (folder / "__init__.py").is_file() else folder  # a package keeps its name
     for path in _source_files(folder):
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError, OSError, RecursionError):
             continue  # a file of another Python version or encoding: not text we can read
-        module = _module_name(path, folder)
+        module = _module_name(path, base)
         text = ast.get_docstring(tree, clean=True)
         if text:
             yield Document(module, text)

@@ -23,6 +23,8 @@ def tiny_gpt2(
     n_layer: int | None = None,
     n_embd: int | None = None,
     n_head: int | None = None,
+    eos_token_id: int = 0,
+    pad_token_id: int = 1,
 ) -> Any:
     """A freshly initialised ``transformers.GPT2LMHeadModel`` (Radford et al., 2019) of a named size.
 
@@ -40,6 +42,9 @@ def tiny_gpt2(
         n_layer: transformer blocks (overrides ``size``).
         n_embd: width (overrides ``size``); a multiple of ``n_head``.
         n_head: attention heads (overrides ``size``).
+        eos_token_id: the end-of-text id (also the start id, as in GPT-2); 0 in
+            :func:`~lightning_kd.data.bpe.trained_bpe_tokenizer`'s tokenizers.
+        pad_token_id: the padding id; 1 in those tokenizers.
     """
     if size not in GPT2_SIZES:
         raise ValueError(
@@ -58,6 +63,9 @@ def tiny_gpt2(
         resid_pdrop=dropout,
         embd_pdrop=dropout,
         attn_pdrop=dropout,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         **shape,
     )
     return transformers.GPT2LMHeadModel(config)
