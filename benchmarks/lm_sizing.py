@@ -23,6 +23,7 @@ import torch
 
 from lightning_kd.callbacks.report.compression import count_parameters
 from lightning_kd.data import PythonDocsText
+from lightning_kd.data.text import describe_corpus
 from lightning_kd.models import GPT2_SIZES, tiny_gpt2
 
 #: extra candidate sizes beyond GPT2_SIZES (layers, width, heads)
@@ -143,6 +144,11 @@ def main() -> None:
     data = PythonDocsText(block_size=args.block_size, batch_size=args.batch_size, cache_dir=args.cache_dir)
     data.setup("fit")
     if args.mode == "throughput":
+        print(
+            describe_corpus(data.documents),
+            f"vocabulary {data.vocab_size}, train blocks",
+            len(data.datasets["train"]),
+        )
         args.warmup_steps = 3
         throughput(args, data)
     else:

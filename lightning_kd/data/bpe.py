@@ -139,8 +139,14 @@ def _build(texts: Sequence[str], vocab_size: int, fingerprint: str, folder: Path
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train(texts, vocab_size), eos_token=END_OF_TEXT, pad_token=PAD
     )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as error:
+        raise OSError(
+            f"Cannot write the tokenizer cache in {folder.parent} ({error}); "
+            "pass cache_dir= a writable folder."
+        ) from error
     try:
         building.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as its parent
         tokenizer.save_pretrained(str(building))

@@ -191,7 +191,6 @@ class PythonDocsText(SplitsDataModule):
             name="python-docs-bpe",
             metadata={
                 "corpus": "pydoc topics + standard-library docstrings",
-                "python": platform.python_version(),
                 "train_documents": len(train_texts),
                 "train_characters": sum(map(len, train_texts)),
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import sysconfig
 from pathlib import Path
 
@@ -13,7 +14,7 @@ pytest.importorskip("transformers", reason="install the [transformers] extra")
 
 from lightning_kd.data import PythonDocsText, document_split, python_docs_corpus, trained_bpe_tokenizer  # noqa: E402
 from lightning_kd.data import bpe as bpe_module  # noqa: E402
-from lightning_kd.data.text import pack_blocks, prompt_response_rows  # noqa: E402
+from lightning_kd.data.text import describe_corpus, pack_blocks, prompt_response_rows  # noqa: E402
 
 #: a small real stdlib package, so tests read a few files instead of the whole standard library
 JSON_PACKAGE = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
@@ -117,6 +118,11 @@ def test_tokenizer_arguments_are_checked(tmp_path: Path) -> None:
         trained_bpe_tokenizer(TEXTS, vocab_size=257, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="at least one training text"):
         trained_bpe_tokenizer([], cache_dir=tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(
+        OSError, match="Cannot write the tokenizer cache in .*; pass cache_dir= a writable folder"
+    ):
+        trained_bpe_tokenizer(TEXTS, cache_dir=tmp_path / "a-file")
 
 
 def test_packed_blocks_keep_every_token_once_and_mask_only_the_padding() -> None:
@@ -162,6 +168,9 @@ def test_splits_are_disjoint_and_the_tokenizer_sees_only_training_text(blocks: P
     metadata = json.loads((folder / "fingerprint.json").read_text())
     assert metadata["train_documents"] == len(texts["train"])
     assert metadata["train_characters"] == sum(map(len, texts["train"]))
+    described = describe_corpus(blocks.documents)
+    assert described["val"] == {"documents": len(texts["val"]), "characters": sum(map(len, texts["val"]))}
+    assert described["python"] == metadata["python"] == platform.python_version()
 
 
 def test_packed_batches_hold_the_split_text_with_unshifted_labels(blocks: PythonDocsText) -> None:
