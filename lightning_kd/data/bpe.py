@@ -79,7 +79,10 @@ def _load(folder: Path, fingerprint: str) -> tuple[Any, str | None]:
             return None, f"its {_METADATA} names another fingerprint"
         if _sha256(folder / "tokenizer.json") != metadata.get("tokenizer_sha256"):
             return None, "tokenizer.json differs from the file that was written (corrupted or changed)"
-        return PreTrainedTokenizerFast.from_pretrained(str(folder)), None
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        if (tokenizer.eos_token, tokenizer.pad_token) != (END_OF_TEXT, PAD):
+            return None, f"it does not name {END_OF_TEXT} and {PAD} as its end-of-text and padding tokens"
+        return tokenizer, None
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as error:
         return None, f"it cannot be read ({type(error).__name__}: {error})"
 

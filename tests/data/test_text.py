@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sysconfig
 from pathlib import Path
 
@@ -96,8 +97,9 @@ def test_tokenizer_is_reused_and_rebuilt_when_the_fingerprint_changes(tmp_path: 
         (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "trunc'), "differs from the file"),
         (lambda f: (f / "fingerprint.json").unlink(), "cannot be read"),
         (lambda f: (f / "fingerprint.json").write_text('{"fingerprint": "0"}'), "names another fingerprint"),
+        (lambda f: (f / "tokenizer_config.json").unlink(), "does not name <|endoftext|> and <|pad|>"),
     ],
-    ids=["truncated-tokenizer", "partial-folder", "wrong-fingerprint"],
+    ids=["truncated-tokenizer", "partial-folder", "wrong-fingerprint", "no-config"],
 )
 def test_a_damaged_cached_tokenizer_is_rebuilt_identically_with_a_warning(
     tmp_path: Path, fault, reason
@@ -106,7 +108,7 @@ def test_a_damaged_cached_tokenizer_is_rebuilt_identically_with_a_warning(
     (folder,) = tmp_path.iterdir()
     good = (folder / "tokenizer.json").read_bytes()
     fault(folder)
-    with pytest.warns(UserWarning, match=f"Rebuilding the cached tokenizer in .*: .*{reason}"):
+    with pytest.warns(UserWarning, match=f"Rebuilding the cached tokenizer in .*: .*{re.escape(reason)}"):
         tokenizer = trained_bpe_tokenizer(TEXTS, vocab_size=300, cache_dir=tmp_path)
     assert (folder / "tokenizer.json").read_bytes() == good  # training is deterministic
     assert tokenizer.decode(tokenizer(TEXTS[2])["input_ids"]) == TEXTS[2]
