@@ -1,7 +1,8 @@
-"""Networks: small models for the embedded data, the CRD CIFAR models, timm by name, generators."""
+"""Networks: small models for the embedded data, the CRD CIFAR models, timm by name, generators, GPT-2."""
 
 from lightning_kd.models.cifar import CIFAR_MODELS, create_cifar_model
 from lightning_kd.models.generator import ConvGenerator1d, Generator
+from lightning_kd.models.gpt import GPT2_SIZES, tiny_gpt2
 from lightning_kd.models.layer_embedding import LayerEmbedding
 from lightning_kd.models.sentence_encoder import (
     SentenceEncoder,
@@ -14,6 +15,7 @@ from lightning_kd.models.timm_bridge import timm_model
 
 __all__ = [
     "CIFAR_MODELS",
+    "GPT2_SIZES",
     "MLP",
     "ConvGenerator1d",
     "ConvNet1d",
@@ -25,4 +27,5 @@ __all__ = [
     "small_bert_encoder",
     "student_from_teacher",
     "timm_model",
+    "tiny_gpt2",
 ]
