@@ -2,6 +2,7 @@
 
 from lightning_kd.language.causal_lm import CausalLMDistillationModule, default_causal_lm_losses
 from lightning_kd.language.completion import IGNORE_INDEX, CompletionOnlyCollator, completion_only_labels
+from lightning_kd.language.metrics import TokenPerplexity
 from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.vocabulary import shared_vocabulary
 
@@ -10,6 +11,7 @@ __all__ = [
     "CausalLMDistillationModule",
     "CompletionOnlyCollator",
     "TokenMeanGradients",
+    "TokenPerplexity",
     "completion_only_labels",
     "default_causal_lm_losses",
     "shared_vocabulary",

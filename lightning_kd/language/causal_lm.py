@@ -6,13 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
-from lightning_kd.language.completion import IGNORE_INDEX
 from lightning_kd.language.lm_head import (
     check_head_reproduces_logits,
     check_no_logit_transform,
@@ -20,6 +17,7 @@ from lightning_kd.language.lm_head import (
     last_hidden_state,
     output_head,
 )
+from lightning_kd.language.metrics import TokenPerplexity, token_cross_entropy_sum
 from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.token_view import batch_labels, check_label_values, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size, shared_vocabulary
@@ -95,9 +93,10 @@ class CausalLMDistillationModule(DistillationModule):
     (``tokenizer`` and ``teacher_tokenizer`` with different vocabularies) stop the run.
 
     Metrics: ``val|test/loss`` (the student's next-token cross-entropy, mean over counted tokens),
-    ``val|test/perplexity`` and ``val|test/teacher_perplexity`` (``torchmetrics.text.Perplexity`` over
-    the shared ids) and ``val|test/agreement`` (fraction of counted tokens where the student's and
-    the teacher's most likely next token agree).
+    ``val|test/perplexity`` and ``val|test/teacher_perplexity``
+    (:class:`~lightning_kd.language.TokenPerplexity` over the shared ids) and
+    ``val|test/agreement`` (fraction of counted tokens where the student's and the teacher's most
+    likely next token agree).
 
     Args:
         student: the causal LM being trained.
@@ -204,9 +203,9 @@ class CausalLMDistillationModule(DistillationModule):
         metrics: dict[str, nn.Module] = {}
         for stage in ("val", "test"):
             metrics[f"{stage}_loss"] = MeanMetric(nan_strategy="disable")
-            metrics[f"{stage}_perplexity"] = Perplexity(ignore_index=IGNORE_INDEX)
+            metrics[f"{stage}_perplexity"] = TokenPerplexity(nan_strategy="disable")
             if self.teacher is not None:
-                metrics[f"{stage}_teacher_perplexity"] = Perplexity(ignore_index=IGNORE_INDEX)
+                metrics[f"{stage}_teacher_perplexity"] = TokenPerplexity(nan_strategy="disable")
                 metrics[f"{stage}_agreement"] = MeanMetric(nan_strategy="disable")
         return nn.ModuleDict(metrics)
 
@@ -352,17 +351,16 @@ class CausalLMDistillationModule(DistillationModule):
         vocab = tokens.vocab_size
         student = self._logits(tokens, "student")[..., :vocab].float()
         counted = tokens.mask.sum()
-        cross_entropy = F.cross_entropy(
-            student.flatten(0, 1), tokens.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        self.metrics[f"{stage}_loss"].update(cross_entropy / counted.clamp_min(1), counted)
+        student_nll = token_cross_entropy_sum(student, tokens.targets) / counted.clamp_min(1)
+        self.metrics[f"{stage}_loss"].update(student_nll, counted)
         self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
-        self.metrics[f"{stage}_perplexity"].update(student, tokens.targets)
+        self.metrics[f"{stage}_perplexity"].update(student_nll, counted)
         self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
         if self.teacher is None:
             return
         teacher = self._logits(tokens, "teacher")[..., :vocab].float()
-        self.metrics[f"{stage}_teacher_perplexity"].update(teacher, tokens.targets)
+        teacher_nll = token_cross_entropy_sum(teacher, tokens.targets) / counted.clamp_min(1)
+        self.metrics[f"{stage}_teacher_perplexity"].update(teacher_nll, counted)
         self.log(f"{stage}/teacher_perplexity", self.metrics[f"{stage}_teacher_perplexity"])
         agreed = ((student.argmax(dim=-1) == teacher.argmax(dim=-1)) & tokens.mask).sum()
         self.metrics[f"{stage}_agreement"].update(agreed / counted.clamp_min(1), counted)

@@ -10,6 +10,7 @@ while a non-logging training step runs: from ``on_train_batch_start`` until the 
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,15 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationModule, FitNetTerm, KDTerm, TeacherOutputCache
+from lightning_kd import (
+    CausalLMDistillationModule,
+    DistillationModule,
+    FitNetTerm,
+    KDTerm,
+    TeacherOutputCache,
+    TokenCrossEntropyTerm,
+    TokenDivergenceTerm,
+)
 from lightning_kd.data import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.models.generator import Generator
@@ -34,8 +43,31 @@ from lightning_kd.paradigms import (
 )
 from tests.helpers import NUM_FEATURES, RandomDataModule, small_net
 
-#: torch functions that return a Python value computed from a tensor's data
-_READING_FUNCTIONS = {"equal", "allclose", "is_nonzero"}
+#: torch functions that return a Python value computed from a tensor's data, or a tensor whose
+#: shape depends on the data (on an accelerator the host waits to learn the size)
+_READING_FUNCTIONS = {
+    "equal",
+    "allclose",
+    "is_nonzero",
+    "unique",
+    "unique_consecutive",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "bincount",
+}
+
+
+def _boolean_index(func: Any, args: Any) -> bool:
+    """Whether ``func(args)`` indexes with a bool tensor (its result's size depends on the data)."""
+    if getattr(func, "__name__", "") != "__getitem__" or len(args) < 2:
+        return False
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    return any(isinstance(part, Tensor) and part.dtype == torch.bool for part in index)
+
+
+#: reads inside files under this path are the models' own (transformers' forward), not the step's
+_MODEL_CODE = f"{os.sep}transformers{os.sep}"
 
 
 class SyncRecorder:
@@ -46,8 +78,12 @@ class SyncRecorder:
 
     @classmethod
     def record(cls, what: str) -> None:
-        if cls.active:
-            cls.reads.append(f"{what}\n{''.join(traceback.format_stack(limit=12)[:-2])}")
+        if not cls.active:
+            return
+        stack = traceback.extract_stack()[:-2]
+        if any(_MODEL_CODE in frame.filename for frame in stack):
+            return  # the model's own forward (Hugging Face checks its padding mask): not the library's
+        cls.reads.append(f"{what}\n{''.join(traceback.format_list(stack[-10:]))}")
 
 
 class DeviceTensor(Tensor):
@@ -55,7 +91,7 @@ class DeviceTensor(Tensor):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in _READING_FUNCTIONS:
+        if getattr(func, "__name__", "") in _READING_FUNCTIONS or _boolean_index(func, args):
             SyncRecorder.record(f"torch.{func.__name__}")
         return super().__torch_function__(func, types, args, kwargs or {})
 
@@ -182,6 +218,26 @@ def _first_epoch_and_first_served_batch(epoch: int, batch_idx: int) -> bool:
     return epoch == 0 or (epoch == 1 and batch_idx == 0)
 
 
+def _causal_lm() -> tuple[pl.LightningModule, DataLoader]:
+    from tests.language.helpers import tiny_gpt2, token_loader, token_samples
+
+    module = CausalLMDistillationModule(tiny_gpt2(16), tiny_gpt2(32, seed=1))
+    return module, token_loader(token_samples(24), batch_size=4)
+
+
+def _causal_lm_fused() -> tuple[pl.LightningModule, DataLoader]:
+    from tests.language.helpers import tiny_gpt2, token_loader, token_samples
+
+    terms = [TokenCrossEntropyTerm("ce", path="fused"), TokenDivergenceTerm("kd", path="fused")]
+    module = CausalLMDistillationModule(tiny_gpt2(16), tiny_gpt2(32, seed=1), losses=terms)
+    return module, token_loader(token_samples(24), batch_size=4)
+
+
+def _first_batch(epoch: int, batch_idx: int) -> bool:
+    # the fused path compares head(hidden) with the models' logits once, on the first batch
+    return epoch == 0 and batch_idx == 0
+
+
 CASES = {
     "kd": (_kd, None),
     "fitnet-on-a-layer": (_fitnet, None),
@@ -189,6 +245,8 @@ CASES = {
     "mutual": (_mutual, None),
     "embedding": (_embedding, None),
     "data-free": (_data_free, None),
+    "causal-lm": (_causal_lm, None),
+    "causal-lm-fused": (_causal_lm_fused, _first_batch),
 }
 
 
@@ -280,7 +338,7 @@ class WatchValidationSteps(pl.Callback):
             SyncRecorder.active = False
 
 
-@pytest.mark.parametrize("case", ["kd", "fitnet-on-a-layer", "mutual", "embedding"])
+@pytest.mark.parametrize("case", ["kd", "fitnet-on-a-layer", "mutual", "embedding", "causal-lm"])
 def test_no_validation_step_reads_the_device(case: str, tmp_path: Path) -> None:
     module, loader = CASES[case][0]()
     module.transfer_batch_to_device = _on_device  # type: ignore[method-assign]
