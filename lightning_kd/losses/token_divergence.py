@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_kd.losses._token_chunks import (
     DEFAULT_CHUNK_SIZE,
+    ChunkValues,
     HeadRows,
     LogitRows,
     Rows,
@@ -54,6 +55,7 @@ __all__ = [
     "token_divergence_chunked",
     "token_divergence_fused",
     "token_values",
+    "token_values_and_grads",
 ]
 
 #: the divergences :func:`token_divergence` computes.
@@ -118,6 +120,86 @@ def token_values(
     if divergence == "skew_forward_kl":
         return _kl(log_p_t, _log_mixture(log_p_t, log_p_s, skew))
     return _kl(log_p_s, _log_mixture(log_p_s, log_p_t, skew))  # skew_reverse_kl
+
+
+def _kl_of_probs(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    r""":math:`\sum_v p_v (\log p_v - \log q_v)` over :math:`p_v > 0`, given ``p = exp(log_p)``."""
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+
+
+def _through_softmax(p: Tensor, grad_p: Tensor) -> Tensor:
+    r"""Gradient through :math:`p = \mathrm{softmax}(z)` w.r.t. z: :math:`p (g - \langle p, g \rangle)`.
+
+    ``grad_p`` is the gradient w.r.t. :math:`p` (any constant shift of it gives the same result); it is
+    overwritten.
+    """
+    grad_p.mul_(p)
+    return grad_p.sub_(p * grad_p.sum(dim=-1, keepdim=True))
+
+
+def token_values_and_grads(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    r""":func:`token_values` of ``(C, V)`` rows and their gradients w.r.t. the student's rows, in closed form.
+
+    Row :math:`i` of the gradient is :math:`\partial D_i / \partial s_i`. With :math:`p = p_S`,
+    :math:`q = p_T` at temperature :math:`\tau` and :math:`\partial D / \partial s = p (g - \langle p,
+    g \rangle) / \tau` for :math:`g = \partial D / \partial p`:
+
+    - ``forward_kl``: :math:`(p - q) / \tau`;
+    - ``reverse_kl``: :math:`p (\log p - \log q - \mathrm{KL}(p \| q)) / \tau`;
+    - ``jsd``, :math:`m = \beta q + (1 - \beta) p`: :math:`g = (1 - \beta)(\log p - \log m)`, so
+      :math:`(1 - \beta)\, p (\log p - \log m - \mathrm{KL}(p \| m)) / \tau`;
+    - ``tvd``: :math:`g = \tfrac12 \mathrm{sign}(p - q)`;
+    - ``skew_forward_kl``, :math:`m = \alpha q + (1 - \alpha) p`, :math:`r = p q / m`:
+      :math:`(1 - \alpha)(p \sum_v r_v - r) / \tau`;
+    - ``skew_reverse_kl``, :math:`m = \alpha p + (1 - \alpha) q`: :math:`g = \log p - \log m - \alpha p / m`.
+
+    Entries with :math:`p_v = 0` get 0. The mixtures are formed from the probabilities (not by
+    ``logsumexp`` as in :func:`token_values`): the values agree to rounding. Computed in the rows'
+    dtype (the chunked and fused paths pass float32); the teacher's rows get no gradient.
+    """
+    student_logits = student_logits if temperature == 1.0 else student_logits / temperature
+    teacher_logits = teacher_logits if temperature == 1.0 else teacher_logits / temperature
+    log_p = F.log_softmax(student_logits, dim=-1)
+    log_q = F.log_softmax(teacher_logits, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        divergence = divergence.removeprefix("skew_")
+    if divergence == "forward_kl":
+        return _kl_of_probs(q, log_q, log_p), (p - q).div_(temperature)
+    if divergence == "reverse_kl":
+        values = _kl_of_probs(p, log_p, log_q)
+        grad = torch.where(p > 0, log_p - log_q, 0.0).sub_(values[:, None]).mul_(p)
+        return values, grad.div_(temperature)
+    if divergence == "jsd":
+        log_m = torch.log(beta * q + (1 - beta) * p)
+        student_part = _kl_of_probs(p, log_p, log_m)
+        values = beta * _kl_of_probs(q, log_q, log_m) + (1 - beta) * student_part
+        grad = torch.where(p > 0, log_p - log_m, 0.0).sub_(student_part[:, None]).mul_(p)
+        return values, grad.mul_((1 - beta) / temperature)
+    if divergence == "tvd":
+        difference = p - q
+        values = 0.5 * difference.abs().sum(dim=-1)
+        return values, _through_softmax(p, difference.sign_()).mul_(0.5 / temperature)
+    if divergence == "skew_forward_kl":
+        m = skew * q + (1 - skew) * p
+        values = _kl_of_probs(q, log_q, torch.log(m))
+        r = torch.where(m > 0, p * q / m, 0.0)
+        grad = (p * r.sum(dim=-1, keepdim=True)).sub_(r)
+        return values, grad.mul_((1 - skew) / temperature)
+    m = skew * p + (1 - skew) * q  # skew_reverse_kl
+    log_m = torch.log(m)
+    values = _kl_of_probs(p, log_p, log_m)
+    grad_p = torch.where(p > 0, log_p - log_m - skew * p / m, 0.0)
+    return values, _through_softmax(p, grad_p).div_(temperature)
 
 
 def check_divergence_settings(divergence: str, temperature: float, beta: float, skew: float) -> None:
@@ -215,9 +297,14 @@ def token_divergence(
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def _values_fn(divergence: str, temperature: float, beta: float, skew: float):  # noqa: ANN202
-    def values(student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
-        return token_values(student_rows, teacher_rows, divergence, temperature, beta, skew)
+def _chunk_values(divergence: str, temperature: float, beta: float, skew: float) -> ChunkValues:
+    """The chunked and fused paths' per-chunk function: values, and their closed-form gradients if asked."""
+
+    def values(student_rows: Tensor, teacher_rows: Tensor, with_grads: bool) -> tuple[Tensor, Tensor | None]:
+        settings = (divergence, temperature, beta, skew)
+        if with_grads:
+            return token_values_and_grads(student_rows, teacher_rows, *settings)
+        return token_values(student_rows, teacher_rows, *settings), None
 
     return values
 
@@ -245,7 +332,7 @@ def token_divergence_chunked(
     check_token_mask(mask, positions, "student_logits")
     vocab_size = student_logits.shape[-1]
     return chunked_token_mean(
-        _values_fn(divergence, temperature, beta, skew),
+        _chunk_values(divergence, temperature, beta, skew),
         LogitRows(student_logits.reshape(-1, vocab_size), vocab_size),
         LogitRows(teacher_logits.detach().reshape(-1, vocab_size), vocab_size),
         _flat_mask(mask, positions, student_logits.device),
@@ -359,7 +446,7 @@ def token_divergence_fused(
         teacher = head_rows(teacher_hidden.detach(), teacher_weight.detach(), bias, vocab_size, "teacher")
     check_token_mask(mask, positions, "student_hidden")
     return chunked_token_mean(
-        _values_fn(divergence, temperature, beta, skew),
+        _chunk_values(divergence, temperature, beta, skew),
         student,
         teacher,
         _flat_mask(mask, positions, student_hidden.device),
