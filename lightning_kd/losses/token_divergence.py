@@ -20,9 +20,10 @@ the convention of LLM distillation):
   :math:`-\sum p_T \log m`, which is this KL plus the teacher's entropy: same gradient).
 
 Three paths compute the same per-token values (:func:`token_values`): the plain one on ``(N, L, V)``
-logits, :func:`token_divergence_chunked` (chunks of positions recomputed in backward) and
-:func:`token_divergence_fused` (logits formed chunk by chunk from the last hidden states and the LM
-heads, never the student's full logits); see :mod:`lightning_kd.losses._token_chunks`.
+logits, :func:`token_divergence_chunked` (chunks of positions) and :func:`token_divergence_fused`
+(logits formed chunk by chunk from the last hidden states and the LM heads, never the student's full
+logits); the last two compute each chunk's gradient in forward, in closed form
+(:func:`token_values_and_grads`); see :mod:`lightning_kd.losses._token_chunks`.
 """
 
 from __future__ import annotations
@@ -319,11 +320,13 @@ def token_divergence_chunked(
     skew: float = 0.1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
-    """:func:`token_divergence`, ``chunk_size`` positions at a time, recomputed in backward.
+    """:func:`token_divergence`, ``chunk_size`` positions at a time, the gradient computed in forward.
 
     Same value and gradient (up to float32 rounding); apart from the inputs and the student logits'
-    gradient, only one chunk's float32 ``(chunk_size, V)`` intermediates are alive at once (bf16
-    logits are cast chunk by chunk). The teacher's logits receive no gradient.
+    gradient (filled in forward, in the logits' dtype), only one chunk's float32 ``(chunk_size, V)``
+    intermediates are alive at once (bf16 logits are cast chunk by chunk). The teacher's logits
+    receive no gradient. One backward per call: no ``retain_graph`` second backward, no double
+    backward (both raise a ``RuntimeError``; see :mod:`lightning_kd.losses._token_chunks`).
     """
     check_divergence_settings(divergence, temperature, beta, skew)
     checked_chunk_size(chunk_size)
@@ -386,8 +389,11 @@ def token_divergence_fused(
     r""":func:`token_divergence` of the logits :math:`h W^\top + b`, never forming the student's full logits.
 
     The student's logits (and the teacher's, given its hidden states and head instead of logits) are
-    computed ``chunk_size`` positions at a time, in float32, and again in backward; gradients reach
-    ``student_hidden``, ``student_weight`` and ``student_bias`` (rows past ``vocab_size`` get 0).
+    computed once, ``chunk_size`` positions at a time, in float32, with each chunk's gradient, which
+    is carried into ``student_hidden``, ``student_weight`` and ``student_bias`` at once (rows past
+    ``vocab_size`` get 0; tensors that do not require grad get none; returned in their dtypes).
+    One backward per call: no ``retain_graph`` second backward, no double backward (both raise a
+    ``RuntimeError``).
 
     Args:
         student_hidden: ``(N, L, H_s)`` last hidden states.
@@ -468,7 +474,7 @@ class TokenTerm(LossTerm):
         name: key of the term.
         weight: factor in the total loss.
         path: ``"plain"`` (the ``(N, L, V)`` logits), ``"chunked"`` (the logits, ``chunk_size`` positions
-            at a time, recomputed in backward) or ``"fused"`` (from the last hidden states and the LM
+            at a time, gradients computed in forward) or ``"fused"`` (from the last hidden states and the LM
             heads: the causal-LM module then never forms the full logits; sets
             :attr:`~LossTerm.reads_hidden_states`).
         chunk_size: positions per chunk of the chunked and fused paths.
