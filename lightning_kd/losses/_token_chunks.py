@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -53,7 +52,8 @@ __all__ = [
 #: them (see benchmarks/results/lm_loss_memory.md).
 DEFAULT_CHUNK_SIZE = 256
 #: a per-token loss: ``(student_rows (C, V) float32, teacher rows or target ids (C, ...), with_grads)``
-#: -> ``(values (C,), d values_i / d student_rows_i (C, V) or None when not with_grads)``.
+#: -> ``(values (C,), d values_i / d student_rows_i (C, V) or None when not with_grads)``; it may
+#: overwrite the rows (a buffer that the next chunk's rows reuse) and return them as the gradient.
 ChunkValues = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
 _SPENT = (
     "The chunked and fused token losses compute their gradients in forward and hand them over once: "
@@ -82,13 +82,17 @@ class LogitRows:
         """The tensors the rows are computed from (what receives gradients)."""
         return (self.logits,)
 
-    def prepared(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """The detached logits (rows are cast chunk by chunk)."""
-        return (tensors[0].detach(),)
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """The detached logits and a float32 ``(chunk_size, vocab_size)`` buffer for the rows."""
+        logits = tensors[0].detach()
+        rows = logits.new_empty((min(chunk_size, logits.shape[0]), self.vocab_size), dtype=torch.float32)
+        return (logits, rows)
 
     def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
-        """The float32 rows of positions ``start:stop``."""
-        return prepared[0][start:stop, : self.vocab_size].float()
+        """The float32 rows of positions ``start:stop``, copied (cast) into the buffer."""
+        logits, rows = prepared
+        chunk = logits[start:stop, : self.vocab_size]
+        return rows[: chunk.shape[0]].copy_(chunk)
 
     def new_grads(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
         """The logits' gradient, in their dtype: every row is written; columns past ``vocab_size`` are 0."""
@@ -119,19 +123,24 @@ class HeadRows:
         """Hidden states, weight (and bias): what receives gradients."""
         return (self.hidden, self.weight) if self.bias is None else (self.hidden, self.weight, self.bias)
 
-    def prepared(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Hidden states, ``weight[:vocab_size]`` (and bias), detached, cast to float32 once per call."""
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """A float32 ``(chunk_size, vocab_size)`` buffer for the logits, and the head's inputs in float32.
+
+        Hidden states, ``weight[:vocab_size]`` (and bias), detached, cast once per call.
+        """
         hidden, weight, *bias = (t.detach() for t in tensors)
-        return (
-            hidden.float(),
-            weight[: self.vocab_size].float(),
-            *(b[: self.vocab_size].float() for b in bias),
-        )
+        rows = hidden.new_empty((min(chunk_size, hidden.shape[0]), self.vocab_size), dtype=torch.float32)
+        vocab = slice(0, self.vocab_size)
+        return (rows, hidden.float(), weight[vocab].float(), *(b[vocab].float() for b in bias))
 
     def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
-        """The float32 logits of positions ``start:stop``."""
-        hidden, weight, *bias = prepared
-        return F.linear(hidden[start:stop], weight, bias[0] if bias else None)
+        """The float32 logits of positions ``start:stop``, computed into the buffer."""
+        rows, hidden, weight, *bias = prepared
+        chunk = hidden[start:stop]
+        out = rows[: chunk.shape[0]]
+        if bias:
+            return torch.addmm(bias[0], chunk, weight.T, out=out)
+        return torch.mm(chunk, weight.T, out=out)
 
     def new_grads(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
         """Float32 gradients for the tensors that need one (the hidden states' rows are all written)."""
@@ -145,7 +154,7 @@ class HeadRows:
         self, prepared: tuple[Tensor, ...], grads: list[Tensor | None], start: int, stop: int, g: Tensor
     ) -> None:
         """Carry the logits' gradient ``g`` through ``s = h W^T + b``."""
-        hidden, weight = prepared[0], prepared[1]
+        hidden, weight = prepared[1], prepared[2]
         grad_hidden, grad_weight, *grad_bias = grads
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[start:stop])
@@ -165,7 +174,7 @@ class TargetRows:
         """The targets."""
         return (self.targets,)
 
-    def prepared(self, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
         """The targets, as they are."""
         return tensors
 
@@ -197,8 +206,8 @@ class _ChunkedMean(torch.autograd.Function):
         total = torch.zeros((), device=mask.device)
         grads = student.new_grads(student_tensors, needs) if any(needs) else None
         with torch.autocast(mask.device.type, enabled=False):
-            student_inputs = student.prepared(student_tensors)
-            teacher_inputs = teacher.prepared(tuple(t.detach() for t in teacher.tensors()))
+            student_inputs = student.prepared(student_tensors, chunk_size)
+            teacher_inputs = teacher.prepared(tuple(t.detach() for t in teacher.tensors()), chunk_size)
             for start in range(0, mask.shape[0], chunk_size):
                 stop = start + chunk_size
                 chunk, g = values(

@@ -36,14 +36,16 @@ def _cross_entropy_values(student_logits: Tensor, targets: Tensor) -> Tensor:
 def cross_entropy_values_and_grads(student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     r"""``-log softmax(s)[y]`` per ``(M, V)`` row, its gradient :math:`\mathrm{softmax}(s) - e_y`.
 
-    Both are 0 in rows whose target is -100. Computed in the logits' dtype (the chunked and fused
-    paths pass float32).
+    Both are 0 in rows whose target is -100. **Overwrites the logits** (with the gradient, which is
+    returned; the chunked and fused paths pass fresh float32 rows). Computed in the logits' dtype.
     """
-    log_p = F.log_softmax(student_logits, dim=-1)
     counted = targets != -100
     ids = torch.where(counted, targets, 0)[:, None]
-    values = torch.where(counted, -log_p.gather(1, ids)[:, 0], 0.0)
-    grad = log_p.exp_().scatter_add_(1, ids, torch.full_like(ids, -1, dtype=log_p.dtype))
+    rows = student_logits.sub_(student_logits.amax(dim=-1, keepdim=True))
+    picked = rows.gather(1, ids)[:, 0]
+    sums = rows.exp_().sum(dim=-1, keepdim=True)
+    values = torch.where(counted, sums[:, 0].log() - picked, 0.0)
+    grad = rows.div_(sums).scatter_add_(1, ids, torch.full_like(ids, -1, dtype=rows.dtype))
     return values, grad.mul_(counted[:, None])
 
 

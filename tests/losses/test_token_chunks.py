@@ -139,7 +139,7 @@ def test_cross_entropy_closed_form_gradient_equals_autograd_in_float64() -> None
     s = student.clone().requires_grad_(True)
     expected_values = nn.functional.cross_entropy(s, targets, reduction="none", ignore_index=-100)
     (expected,) = torch.autograd.grad(expected_values.sum(), s)
-    values, grads = cross_entropy_values_and_grads(student, targets)
+    values, grads = cross_entropy_values_and_grads(student.clone(), targets)  # it overwrites the logits
     assert torch.allclose(values, expected_values.detach(), rtol=1e-12, atol=0.0)
     assert torch.allclose(grads, expected, rtol=1e-12, atol=1e-16)
     assert torch.equal(grads[2], torch.zeros(V, dtype=torch.float64))  # no target: no gradient
@@ -201,6 +201,22 @@ def test_a_second_backward_or_a_double_backward_is_refused_with_the_fix() -> Non
     targets = torch.zeros(N, L, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"do not support double backward \(create_graph=True\)"):
         torch.autograd.grad(token_cross_entropy_fused(*parts, targets), parts, create_graph=True)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_chunked_path_leaves_the_logits_as_they_were_and_keeps_a_nan(divergence: str) -> None:
+    logits, teacher = randn(N, L, V, seed=42).requires_grad_(True), randn(N, L, V, seed=43)
+    before = (logits.detach().clone(), teacher.clone())
+    loss = token_divergence_chunked(logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    torch.autograd.grad(loss, logits)
+    assert torch.equal(logits.detach(), before[0]) and torch.equal(teacher, before[1])  # rows are copies
+    nan_logits = before[0].clone()
+    nan_logits[0, 1, 2] = float("nan")  # a counted position
+    nan_logits.requires_grad_(True)
+    plain = token_divergence(nan_logits, teacher, MASK, divergence, **SETTINGS)
+    chunked = token_divergence_chunked(nan_logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    assert plain.isnan() and chunked.isnan()
+    assert torch.autograd.grad(chunked, nan_logits)[0][0, 1].isnan().all()
 
 
 def test_without_grad_mode_only_the_value_is_computed() -> None:
