@@ -26,8 +26,8 @@ set size then (so the head weights'
 gradients, 500 MiB, count in every path); on CUDA ``max_memory_allocated()`` minus
 ``memory_allocated()`` at the same point. Time: the mean of the steps after the first, wall clock and
 CPU time of the process (``time.process_time``, less affected by other work on a shared machine). The
-loss values are printed so the paths can be seen to agree. Writes benchmarks/results/lm_loss_memory.md (``--out``
-to change; ``--quick`` runs tiny sizes in this process and writes nothing).
+loss values are printed so the paths can be seen to agree. Writes benchmarks/results/lm_loss_memory.md
+(``--out`` to change; ``--quick`` runs tiny sizes in this process and writes nothing).
 """
 
 from __future__ import annotations
