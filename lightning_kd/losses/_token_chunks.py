@@ -18,8 +18,9 @@ tensors need gradients, each chunk's gradient with it (no autograd graph, nothin
 So the float32 intermediates alive at once are those of one chunk, ``(chunk_size, V)``; the fused
 path never forms the student's ``(N L, V)`` logits at all, and computes each head's logits once
 (the idea of Liger-Kernel's fused linear losses, Hsu et al., "Liger Kernel: Efficient Triton
-Kernels for LLM Training", 2024). Every position is computed (uncounted ones get weight 0), so the
-number of chunks follows from the shapes and no count is read from the device. Rows are cast to
+Kernels for LLM Training", 2024). Every position is computed (uncounted ones get weight 0, and
+their gradient rows are zeroed, so non-finite logits there change nothing), so the number of chunks
+follows from the shapes and no count is read from the device. Rows are cast to
 float32 and the math runs with autocast off; the head's matmuls too run in float32; gradients are
 returned in the inputs' dtypes.
 
@@ -216,8 +217,9 @@ class _ChunkedMean(torch.autograd.Function):
                     grads is not None,
                 )
                 total += torch.where(mask[start:stop], chunk, 0.0).sum()
-                if grads is not None:
-                    student.add_grad(student_inputs, grads, start, stop, g.mul_(weights[start:stop, None]))
+                if grads is not None:  # uncounted rows add nothing, even non-finite ones (padding)
+                    g = g.masked_fill_(~mask[start:stop, None], 0.0).mul_(weights[start:stop, None])
+                    student.add_grad(student_inputs, grads, start, stop, g)
         if grads is not None:
             ctx.grads = [
                 None if g is None else g.to(t.dtype) for g, t in zip(grads, student_tensors, strict=True)

@@ -204,7 +204,9 @@ def test_a_second_backward_or_a_double_backward_is_refused_with_the_fix() -> Non
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_chunked_path_leaves_the_logits_as_they_were_and_keeps_a_nan(divergence: str) -> None:
+def test_chunked_path_leaves_the_logits_as_they_were_keeps_a_counted_nan_and_ignores_a_padded_one(
+    divergence: str,
+) -> None:
     logits, teacher = randn(N, L, V, seed=42).requires_grad_(True), randn(N, L, V, seed=43)
     before = (logits.detach().clone(), teacher.clone())
     loss = token_divergence_chunked(logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
@@ -217,6 +219,14 @@ def test_chunked_path_leaves_the_logits_as_they_were_and_keeps_a_nan(divergence:
     chunked = token_divergence_chunked(nan_logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
     assert plain.isnan() and chunked.isnan()
     assert torch.autograd.grad(chunked, nan_logits)[0][0, 1].isnan().all()
+    padded = before[0].clone()
+    padded[0, 2] = float("nan")  # an uncounted position: its NaN changes nothing on the chunked path
+    padded.requires_grad_(True)
+    chunked = token_divergence_chunked(padded, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    (got,) = torch.autograd.grad(chunked, padded)
+    expected = token_divergence(before[0].requires_grad_(True), teacher, MASK, divergence, **SETTINGS)
+    assert chunked.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert rel_err(got, torch.autograd.grad(expected, before[0])[0]) <= 1e-5
 
 
 def test_without_grad_mode_only_the_value_is_computed() -> None:
