@@ -18,11 +18,11 @@ tensors need gradients, each chunk's gradient with it (no autograd graph, nothin
 So the float32 intermediates alive at once are those of one chunk, ``(chunk_size, V)``; the fused
 path never forms the student's ``(N L, V)`` logits at all, and computes each head's logits once
 (the idea of Liger-Kernel's fused linear losses, Hsu et al., "Liger Kernel: Efficient Triton
-Kernels for LLM Training", 2024). Every position is computed (uncounted ones get weight 0, and
-their gradient rows are zeroed, so non-finite logits there change nothing), so the number of chunks
-follows from the shapes and no count is read from the device. Rows are cast to
-float32 and the math runs with autocast off; the head's matmuls too run in float32; gradients are
-returned in the inputs' dtypes.
+Kernels for LLM Training", 2024). Every position is computed (an uncounted one gets weight 0 and its
+gradient row is zeroed: non-finite logits there change nothing), so the number of chunks follows
+from the shapes and no count is read from the device. Rows are cast to float32 and the math runs
+with autocast off; the head's matmuls too run in float32; gradients are returned in the inputs'
+dtypes.
 
 The gradients are handed over once: a second backward through the same loss (``retain_graph=True``)
 and double backward (``create_graph=True``) raise a ``RuntimeError``; use the plain path for those.
