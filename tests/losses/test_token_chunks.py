@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -229,11 +231,17 @@ def test_chunked_path_leaves_the_logits_as_they_were_keeps_a_counted_nan_and_ign
     assert rel_err(got, torch.autograd.grad(expected, before[0])[0]) <= 1e-5
 
 
-def test_without_grad_mode_only_the_value_is_computed() -> None:
+def test_without_grad_mode_only_the_value_is_computed(monkeypatch: pytest.MonkeyPatch) -> None:
     parts, teacher = student_parts(), randn(N, L, V, seed=41)
     with_grad = token_divergence_fused(
         *parts, teacher_logits=teacher, mask=MASK, divergence="skew_forward_kl"
     )
+
+    def no_gradients(*args: object) -> None:
+        raise AssertionError("gradients computed without grad mode")
+
+    module = importlib.import_module("lightning_kd.losses.token_divergence")
+    monkeypatch.setattr(module, "token_values_and_grads", no_gradients)
     with torch.no_grad():
         without = token_divergence_fused(
             *parts, teacher_logits=teacher, mask=MASK, divergence="skew_forward_kl"
