@@ -24,9 +24,10 @@ Each (path, divergence) runs in a fresh process. On the CPU the memory of a step
 set size (``VmHWM``, reset by ``/proc/self/clear_refs`` once the inputs are built) minus the resident
 set size then (so the head weights'
 gradients, 500 MiB, count in every path); on CUDA ``max_memory_allocated()`` minus
-``memory_allocated()`` at the same point. Time: the mean of the steps after the first. The loss values
-are printed so the paths can be seen to agree. Writes benchmarks/results/lm_loss_memory.md (``--out``
-to change; ``--quick`` runs tiny sizes in this process and writes nothing).
+``memory_allocated()`` at the same point. Time: the mean of the steps after the first, wall clock and
+CPU time of the process (``time.process_time``, less affected by other work on a shared machine). The
+loss values are printed so the paths can be seen to agree. Writes benchmarks/results/lm_loss_memory.md
+(``--out`` to change; ``--quick`` runs tiny sizes in this process and writes nothing).
 """
 
 from __future__ import annotations
@@ -153,17 +154,23 @@ def measure(args: argparse.Namespace, path: str, divergence: str) -> dict[str, A
     else:
         reset_peak_rss()  # building the inputs (randn, then scaled) peaked above what they hold
         start = current_rss()
-    times, value = [], float("nan")
+    times, cpu_times, value = [], [], float("nan")
     for _ in range(args.steps):
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         value = step(args, path, divergence, x, liger)  # .item() synchronises
         times.append(time.perf_counter() - began)
+        cpu_times.append(time.process_time() - cpu_began)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = peak_rss()
-    timed = times[1:] or times
-    return {"memory": peak - start, "seconds": sum(timed) / len(timed), "loss": value}
+    timed, cpu_timed = times[1:] or times, cpu_times[1:] or cpu_times
+    return {
+        "memory": peak - start,
+        "seconds": sum(timed) / len(timed),
+        "cpu_seconds": sum(cpu_timed) / len(cpu_timed),
+        "loss": value,
+    }
 
 
 def render(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any]]) -> str:
@@ -181,12 +188,12 @@ def render(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, An
         f"One float32 (tokens, vocabulary) tensor: {args.tokens * args.vocab * 4 / MIB:.0f} MiB; one head "
         f"weight (and its gradient): {args.vocab * args.hidden * 4 / MIB:.0f} MiB.",
         "",
-        "| path | divergence | memory (MiB) | / plain | s per step | loss |",
-        "|---|---|---|---|---|---|",
+        "| path | divergence | memory (MiB) | / plain | s per step | CPU s per step | loss |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (path, divergence), row in results.items():
         if "left_out" in row:
-            lines.append(f"| {path} | {divergence} | left out: {row['left_out']} | | | |")
+            lines.append(f"| {path} | {divergence} | left out: {row['left_out']} | | | | |")
             continue
         plain = results[("plain", divergence)]["memory"]
         memory, loss = f"{row['memory'] / MIB:.0f}", f"{row['loss']:.6f}"
@@ -194,7 +201,8 @@ def render(args: argparse.Namespace, results: dict[tuple[str, str], dict[str, An
             memory += f" ({row['note']})"
             loss += f" (at {row['loss_at']} tokens)"
         ratio = f"{row['memory'] / plain:.2f}" if plain > 0 else "n/a"  # --quick: in one process
-        lines.append(f"| {path} | {divergence} | {memory} | {ratio} | {row['seconds']:.2f} | {loss} |")
+        times = f"{row['seconds']:.2f} | {row['cpu_seconds']:.2f}"
+        lines.append(f"| {path} | {divergence} | {memory} | {ratio} | {times} | {loss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +228,7 @@ def extrapolated(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[s
     """Memory and time at ``--tokens``, on the line through two runs at fewer tokens."""
     (t1, a), (t2, b) = ((run["tokens"], run) for run in runs)
     at = (args.tokens - t1) / (t2 - t1)
-    row = {key: a[key] + (b[key] - a[key]) * at for key in ("memory", "seconds")}
+    row = {key: a[key] + (b[key] - a[key]) * at for key in ("memory", "seconds", "cpu_seconds")}
     measured = ", ".join(f"{run['memory'] / MIB:.0f} at {run['tokens']}" for run in runs)
     return {**row, "loss": b["loss"], "note": f"extrapolated from {measured} tokens", "loss_at": t2}
 

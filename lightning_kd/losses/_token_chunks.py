@@ -1,25 +1,32 @@
-r"""Token losses over chunks of positions, recomputed in backward: the chunked and fused LM-head paths.
+r"""Token losses over chunks of positions, their gradients computed in forward: the chunked and fused paths.
 
 A token-level loss is the mean over counted positions of a per-token value
 :math:`\ell(s_i, \cdot)` of the student's logits row :math:`s_i` (and the teacher's row, or the
 target id). At a vocabulary of 128k, the float32 ``(N L, V)`` logits, their softmaxes and the
 saved intermediates of autograd dominate a step's memory. :func:`chunked_token_mean` evaluates
-the same per-token function over ``chunk_size`` positions at a time:
+the same per-token function over ``chunk_size`` positions at a time, and, when the student's
+tensors need gradients, each chunk's gradient with it (no autograd graph, nothing recomputed):
 
-- forward, under ``no_grad``: the rows of one chunk, their values, summed; nothing is saved but
-  the inputs;
-- backward: each chunk again, its rows' gradient by autograd through the same per-token
-  function, written into the inputs' gradient (the logits'), or, when the student's rows are
-  computed from its last hidden states :math:`h` and LM head :math:`(W, b)` (the fused path,
-  :class:`HeadRows`), carried through :math:`s = h W^\top + b` by hand:
-  :math:`\partial h = g W`, :math:`\partial W \mathrel{+}= g^\top h`, :math:`\partial b \mathrel{+}= \sum g`.
+- forward: the rows of one chunk, their values and, in closed form, the values' gradient :math:`g`
+  w.r.t. the rows, weighted by :math:`\mathrm{mask}_i / |M|` (the count stays on the device); :math:`g`
+  is written into the logits' gradient or, when the student's rows are computed from its last
+  hidden states :math:`h` and LM head :math:`(W, b)` (the fused path, :class:`HeadRows`), carried
+  through :math:`s = h W^\top + b` at once: :math:`\partial h = g W`,
+  :math:`\partial W \mathrel{+}= g^\top h`, :math:`\partial b \mathrel{+}= \sum g`;
+- backward: those gradients, scaled in place by the incoming gradient and handed over.
 
 So the float32 intermediates alive at once are those of one chunk, ``(chunk_size, V)``; the fused
-path never forms the student's ``(N L, V)`` logits at all (the idea of Liger-Kernel's fused
-linear losses, Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training", 2024).
-Every position is computed (uncounted ones are zeroed after their value), so the number of
-chunks follows from the shapes and no count is read from the device. Rows are cast to float32
-and the math runs with autocast off; the head's matmul too runs in float32.
+path never forms the student's ``(N L, V)`` logits at all, and computes each head's logits once
+(the idea of Liger-Kernel's fused linear losses, Hsu et al., "Liger Kernel: Efficient Triton
+Kernels for LLM Training", 2024). Every position is computed (an uncounted one gets weight 0 and its
+gradient row is zeroed: non-finite logits there change nothing), so the number of chunks follows
+from the shapes and no count is read from the device. Rows are cast to float32 and the math runs
+with autocast off; the head's matmuls too run in float32; gradients are returned in the inputs'
+dtypes.
+
+The gradients are handed over once: a second backward through the same loss (``retain_graph=True``)
+and double backward (``create_graph=True``) raise a ``RuntimeError``; use the plain path for those.
+Without grad mode (evaluation), or when no student tensor requires grad, only the values are computed.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "ChunkValues",
     "HeadRows",
     "LogitRows",
     "TargetRows",
@@ -42,11 +49,18 @@ __all__ = [
 ]
 
 #: positions per chunk unless a term or call says otherwise: at a 128k vocabulary one float32
-#: ``(256, V)`` tensor is 125 MiB, and the autograd graph of one chunk of the generalized JSD holds
-#: about fifteen of them (see benchmarks/results/lm_loss_memory.md).
+#: ``(256, V)`` tensor is 125 MiB, and a chunk's closed-form values and gradient hold a handful of
+#: them (see benchmarks/results/lm_loss_memory.md).
 DEFAULT_CHUNK_SIZE = 256
-#: a per-token loss: ``(student_rows (C, V) float32, teacher rows or target ids (C, ...))`` -> ``(C,)``.
-TokenValues = Callable[[Tensor, Tensor], Tensor]
+#: a per-token loss: ``(student_rows (C, V) float32, teacher rows or target ids (C, ...), with_grads)``
+#: -> ``(values (C,), d values_i / d student_rows_i (C, V) or None when not with_grads)``; it may
+#: overwrite the rows (a buffer that the next chunk's rows reuse) and return them as the gradient.
+ChunkValues = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
+_SPENT = (
+    "The chunked and fused token losses compute their gradients in forward and hand them over once: "
+    "this is a second backward through the same loss (retain_graph=True). Compute the loss again, or "
+    "use path='plain', to differentiate it twice."
+)
 
 
 def checked_chunk_size(chunk_size: int) -> int:
@@ -69,18 +83,28 @@ class LogitRows:
         """The tensors the rows are computed from (what receives gradients)."""
         return (self.logits,)
 
-    def rows(self, tensors: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
-        """The float32 rows of positions ``start:stop``."""
-        return tensors[0][start:stop, : self.vocab_size].float()
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """The detached logits and a float32 ``(chunk_size, vocab_size)`` buffer for the rows."""
+        logits = tensors[0].detach()
+        rows = logits.new_empty((min(chunk_size, logits.shape[0]), self.vocab_size), dtype=torch.float32)
+        return (logits, rows)
 
-    def zero_grads(self, tensors: tuple[Tensor, ...]) -> list[Tensor]:
-        """Zero gradients for ``tensors``."""
-        return [torch.zeros_like(tensors[0])]
+    def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
+        """The float32 rows of positions ``start:stop``, copied (cast) into the buffer."""
+        logits, rows = prepared
+        chunk = logits[start:stop, : self.vocab_size]
+        return rows[: chunk.shape[0]].copy_(chunk)
+
+    def new_grads(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
+        """The logits' gradient, in their dtype: every row is written; columns past ``vocab_size`` are 0."""
+        grad = torch.empty_like(tensors[0])
+        grad[:, self.vocab_size :] = 0
+        return [grad]
 
     def add_grad(
-        self, tensors: tuple[Tensor, ...], grads: list[Tensor], start: int, stop: int, g: Tensor
+        self, prepared: tuple[Tensor, ...], grads: list[Tensor | None], start: int, stop: int, g: Tensor
     ) -> None:
-        """Write the rows' gradient ``g`` into the logits' gradient."""
+        """Write the rows' gradient ``g`` into the logits' gradient (cast once to their dtype)."""
         grads[0][start:stop, : self.vocab_size] = g
 
 
@@ -100,26 +124,45 @@ class HeadRows:
         """Hidden states, weight (and bias): what receives gradients."""
         return (self.hidden, self.weight) if self.bias is None else (self.hidden, self.weight, self.bias)
 
-    def rows(self, tensors: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
-        """The float32 logits of positions ``start:stop``."""
-        hidden, weight, *bias = tensors
-        vocab_bias = bias[0][: self.vocab_size].float() if bias else None
-        return F.linear(hidden[start:stop].float(), weight[: self.vocab_size].float(), vocab_bias)
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """A float32 ``(chunk_size, vocab_size)`` buffer for the logits, and the head's inputs in float32.
 
-    def zero_grads(self, tensors: tuple[Tensor, ...]) -> list[Tensor]:
-        """Zero float32 gradients for hidden states, weight (and bias)."""
-        return [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
+        Hidden states, ``weight[:vocab_size]`` (and bias), detached, cast once per call.
+        """
+        hidden, weight, *bias = (t.detach() for t in tensors)
+        rows = hidden.new_empty((min(chunk_size, hidden.shape[0]), self.vocab_size), dtype=torch.float32)
+        vocab = slice(0, self.vocab_size)
+        return (rows, hidden.float(), weight[vocab].float(), *(b[vocab].float() for b in bias))
+
+    def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
+        """The float32 logits of positions ``start:stop``, computed into the buffer."""
+        rows, hidden, weight, *bias = prepared
+        chunk = hidden[start:stop]
+        out = rows[: chunk.shape[0]]
+        if bias:
+            return torch.addmm(bias[0], chunk, weight.T, out=out)
+        return torch.mm(chunk, weight.T, out=out)
+
+    def new_grads(self, tensors: tuple[Tensor, ...], needs: tuple[bool, ...]) -> list[Tensor | None]:
+        """Float32 gradients for the tensors that need one (the hidden states' rows are all written)."""
+        hidden, *parameters = tensors
+        grads: list[Tensor | None] = [torch.empty_like(hidden, dtype=torch.float32) if needs[0] else None]
+        for tensor, need in zip(parameters, needs[1:], strict=True):
+            grads.append(torch.zeros_like(tensor, dtype=torch.float32) if need else None)
+        return grads
 
     def add_grad(
-        self, tensors: tuple[Tensor, ...], grads: list[Tensor], start: int, stop: int, g: Tensor
+        self, prepared: tuple[Tensor, ...], grads: list[Tensor | None], start: int, stop: int, g: Tensor
     ) -> None:
         """Carry the logits' gradient ``g`` through ``s = h W^T + b``."""
-        hidden, weight = tensors[0], tensors[1]
-        vocab_weight = weight[: self.vocab_size].float()
-        grads[0][start:stop] = g @ vocab_weight
-        grads[1][: self.vocab_size].addmm_(g.T, hidden[start:stop].float())
-        if len(grads) == 3:
-            grads[2][: self.vocab_size] += g.sum(dim=0)
+        hidden, weight = prepared[1], prepared[2]
+        grad_hidden, grad_weight, *grad_bias = grads
+        if grad_hidden is not None:
+            torch.mm(g, weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            grad_weight[: self.vocab_size].addmm_(g.T, hidden[start:stop])
+        if grad_bias and grad_bias[0] is not None:
+            grad_bias[0][: self.vocab_size] += g.sum(dim=0)
 
 
 @dataclass(frozen=True)
@@ -132,9 +175,13 @@ class TargetRows:
         """The targets."""
         return (self.targets,)
 
-    def rows(self, tensors: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """The targets, as they are."""
+        return tensors
+
+    def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
         """The ids of positions ``start:stop``."""
-        return tensors[0][start:stop]
+        return prepared[0][start:stop]
 
 
 Rows = Any  # LogitRows | HeadRows | TargetRows
@@ -146,55 +193,63 @@ class _ChunkedMean(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        values: TokenValues,
+        values: ChunkValues,
         student: Rows,
         teacher: Rows,
         mask: Tensor,
         chunk_size: int,
+        grad_enabled: bool,
         *student_tensors: Tensor,
     ) -> Tensor:
-        device_type = mask.device.type
+        needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[6:])
         count = mask.sum().clamp_min(1)
-        teacher_tensors = tuple(t.detach() for t in teacher.tensors())
+        weights = mask / count  # mask_i / |M|, on the device
         total = torch.zeros((), device=mask.device)
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        grads = student.new_grads(student_tensors, needs) if any(needs) else None
+        with torch.autocast(mask.device.type, enabled=False):
+            student_inputs = student.prepared(student_tensors, chunk_size)
+            teacher_inputs = teacher.prepared(tuple(t.detach() for t in teacher.tensors()), chunk_size)
             for start in range(0, mask.shape[0], chunk_size):
                 stop = start + chunk_size
-                chunk = values(
-                    student.rows(student_tensors, start, stop), teacher.rows(teacher_tensors, start, stop)
+                chunk, g = values(
+                    student.rows(student_inputs, start, stop),
+                    teacher.rows(teacher_inputs, start, stop),
+                    grads is not None,
                 )
                 total += torch.where(mask[start:stop], chunk, 0.0).sum()
-        ctx.values, ctx.student, ctx.teacher, ctx.chunk_size = values, student, teacher, chunk_size
-        ctx.teacher_tensors = teacher_tensors
-        ctx.save_for_backward(mask, count, *student_tensors)
+                if grads is not None:  # uncounted rows add nothing, even non-finite ones (padding)
+                    g = g.masked_fill_(~mask[start:stop, None], 0.0).mul_(weights[start:stop, None])
+                    student.add_grad(student_inputs, grads, start, stop, g)
+        if grads is not None:
+            ctx.grads = [
+                None if g is None else g.to(t.dtype) for g, t in zip(grads, student_tensors, strict=True)
+            ]
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        mask, count, *student_tensors = ctx.saved_tensors
-        student_tensors = tuple(t.detach() for t in student_tensors)
-        student, teacher = ctx.student, ctx.teacher
-        scale = grad_output.float() / count
-        grads = student.zero_grads(student_tensors)
-        with torch.autocast(mask.device.type, enabled=False):
-            for start in range(0, mask.shape[0], ctx.chunk_size):
-                stop = start + ctx.chunk_size
-                rows = student.rows(student_tensors, start, stop).detach().requires_grad_(True)
-                teacher_rows = teacher.rows(ctx.teacher_tensors, start, stop)
-                with torch.enable_grad():
-                    chunk = torch.where(mask[start:stop], ctx.values(rows, teacher_rows), 0.0)
-                    (g,) = torch.autograd.grad(chunk.sum(), rows)
-                student.add_grad(student_tensors, grads, start, stop, g * scale)
-        grads = [g.to(t.dtype) for g, t in zip(grads, student_tensors, strict=True)]
-        return (None, None, None, None, None, *grads)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "The chunked and fused token losses do not support double backward (create_graph=True): "
+                "their gradients are computed in forward, without a graph. Use path='plain'."
+            )
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(_SPENT)
+        ctx.grads = None  # handed over: the engine may take the tensors as the .grad of leaves
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_output)
+        return (None,) * 6 + tuple(grads)
 
 
 def chunked_token_mean(
-    values: TokenValues, student: Rows, teacher: Rows, mask: Tensor, chunk_size: int
+    values: ChunkValues, student: Rows, teacher: Rows, mask: Tensor, chunk_size: int
 ) -> Tensor:
     """Mean of ``values(student rows, teacher rows)`` over the positions where the flat ``mask`` is True.
 
-    Computed ``chunk_size`` positions at a time and recomputed in backward (see the module
-    docstring); 0, connected to the graph, when no position counts.
+    Computed ``chunk_size`` positions at a time, the gradients with it (see the module docstring);
+    0, connected to the graph, when no position counts.
     """
-    return _ChunkedMean.apply(values, student, teacher, mask, chunk_size, *student.tensors())
+    grad_enabled = torch.is_grad_enabled()
+    return _ChunkedMean.apply(values, student, teacher, mask, chunk_size, grad_enabled, *student.tensors())

@@ -33,6 +33,29 @@ def _cross_entropy_values(student_logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(student_logits, targets, reduction="none", ignore_index=-100)
 
 
+def cross_entropy_values_and_grads(student_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``-log softmax(s)[y]`` per ``(M, V)`` row, its gradient :math:`\mathrm{softmax}(s) - e_y`.
+
+    Both are 0 in rows whose target is -100. **Overwrites the logits** (with the gradient, which is
+    returned; the chunked and fused paths pass fresh float32 rows). Computed in the logits' dtype.
+    """
+    counted = targets != -100
+    ids = torch.where(counted, targets, 0)[:, None]
+    rows = student_logits.sub_(student_logits.amax(dim=-1, keepdim=True))
+    picked = rows.gather(1, ids)[:, 0]
+    sums = rows.exp_().sum(dim=-1, keepdim=True)
+    values = torch.where(counted, sums[:, 0].log() - picked, 0.0)
+    grad = rows.div_(sums).scatter_add_(1, ids, torch.full_like(ids, -1, dtype=rows.dtype))
+    return values, grad.mul_(counted[:, None])
+
+
+def _chunk_values(student_rows: Tensor, targets: Tensor, with_grads: bool) -> tuple[Tensor, Tensor | None]:
+    """Per-chunk function (a :data:`~lightning_kd.losses._token_chunks.ChunkValues`)."""
+    if with_grads:
+        return cross_entropy_values_and_grads(student_rows, targets)
+    return _cross_entropy_values(student_rows, targets), None
+
+
 def _checked_targets(targets: Tensor, mask: Tensor | None, positions: tuple[int, ...]) -> Tensor:
     """Flat targets, -100 wherever ``mask`` is False; ``ValueError`` for a wrong shape or dtype."""
     if tuple(targets.shape) != positions or targets.is_floating_point() or targets.dtype == torch.bool:
@@ -59,7 +82,8 @@ def token_cross_entropy(
         student_logits: ``(N, L, V)``.
         targets: ``(N, L)`` next-token ids, -100 where the token does not count.
         mask: ``(N, L)`` bool; ``None``: every position with a target counts.
-        path: ``"plain"`` or ``"chunked"`` (``chunk_size`` positions at a time, recomputed in backward).
+        path: ``"plain"`` or ``"chunked"`` (``chunk_size`` positions at a time, their gradient
+            computed in forward).
         chunk_size: positions per chunk.
 
     Returns:
@@ -78,7 +102,7 @@ def token_cross_entropy(
     if path == "chunked":
         chunk_size = checked_chunk_size(chunk_size)
         return chunked_token_mean(
-            _cross_entropy_values, LogitRows(rows, vocab_size), TargetRows(flat), counted, chunk_size
+            _chunk_values, LogitRows(rows, vocab_size), TargetRows(flat), counted, chunk_size
         )
     return _cross_entropy_values(rows, flat).sum() / counted.sum().clamp_min(1)
 
@@ -101,7 +125,7 @@ def token_cross_entropy_fused(
     vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
     student = head_rows(student_hidden, student_weight, student_bias, vocab_size, "student")
     flat = _checked_targets(targets, mask, tuple(student_hidden.shape[:-1]))
-    return chunked_token_mean(_cross_entropy_values, student, TargetRows(flat), flat != -100, chunk_size)
+    return chunked_token_mean(_chunk_values, student, TargetRows(flat), flat != -100, chunk_size)
 
 
 class TokenCrossEntropyTerm(TokenTerm):

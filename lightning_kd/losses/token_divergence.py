@@ -20,9 +20,10 @@ the convention of LLM distillation):
   :math:`-\sum p_T \log m`, which is this KL plus the teacher's entropy: same gradient).
 
 Three paths compute the same per-token values (:func:`token_values`): the plain one on ``(N, L, V)``
-logits, :func:`token_divergence_chunked` (chunks of positions recomputed in backward) and
-:func:`token_divergence_fused` (logits formed chunk by chunk from the last hidden states and the LM
-heads, never the student's full logits); see :mod:`lightning_kd.losses._token_chunks`.
+logits, :func:`token_divergence_chunked` (chunks of positions) and :func:`token_divergence_fused`
+(logits formed chunk by chunk from the last hidden states and the LM heads, never the student's full
+logits); the last two compute each chunk's gradient in forward, in closed form
+(:func:`token_values_and_grads`); see :mod:`lightning_kd.losses._token_chunks`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from lightning_kd.losses._token_chunks import (
     DEFAULT_CHUNK_SIZE,
+    ChunkValues,
     HeadRows,
     LogitRows,
     Rows,
@@ -54,6 +56,7 @@ __all__ = [
     "token_divergence_chunked",
     "token_divergence_fused",
     "token_values",
+    "token_values_and_grads",
 ]
 
 #: the divergences :func:`token_divergence` computes.
@@ -118,6 +121,106 @@ def token_values(
     if divergence == "skew_forward_kl":
         return _kl(log_p_t, _log_mixture(log_p_t, log_p_s, skew))
     return _kl(log_p_s, _log_mixture(log_p_s, log_p_t, skew))  # skew_reverse_kl
+
+
+def _softmaxes_(rows: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``log_softmax(rows / T)``, written over ``rows``, and ``softmax(rows / T)`` (one new tensor)."""
+    if temperature != 1.0:
+        rows.div_(temperature)
+    rows.sub_(rows.amax(dim=-1, keepdim=True))
+    probs = rows.exp()
+    sums = probs.sum(dim=-1, keepdim=True)
+    return rows.sub_(sums.log()), probs.div_(sums)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\sum_v a_v b_v` per row, as a batched matmul (no ``(C, V)`` product is formed)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).flatten()
+
+
+def _masked_sum_(log_ratio: Tensor, p: Tensor) -> Tensor:
+    r""":math:`\sum_v p_v \cdot` ``log_ratio`` over :math:`p_v \neq 0` (NaN stays), in place."""
+    return log_ratio.mul_(p).masked_fill_(p == 0, 0.0).sum(dim=-1)
+
+
+def _scaled(t: Tensor, factor: float) -> Tensor:
+    """``t * factor``, in place (no pass over ``t`` when the factor is 1)."""
+    return t if factor == 1.0 else t.mul_(factor)
+
+
+def _through_softmax(p: Tensor, grad_p: Tensor) -> Tensor:
+    r"""Gradient through :math:`p = \mathrm{softmax}(z)` w.r.t. z: :math:`p (g - \langle p, g \rangle)`.
+
+    ``grad_p`` is the gradient w.r.t. :math:`p` (any constant shift of it gives the same result); it is
+    overwritten.
+    """
+    grad_p.mul_(p)
+    return grad_p.addcmul_(p, grad_p.sum(dim=-1, keepdim=True), value=-1.0)
+
+
+def token_values_and_grads(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    r""":func:`token_values` of ``(C, V)`` rows and their gradients w.r.t. the student's rows, in closed form.
+
+    **Overwrites both rows** (they are scratch: the chunked and fused paths pass fresh float32 rows;
+    pass copies to keep yours). Row :math:`i` of the gradient is :math:`\partial D_i / \partial s_i`.
+    With :math:`p = p_S`, :math:`q = p_T` at temperature :math:`\tau` and :math:`g = \partial D / \partial p`,
+    :math:`\partial D / \partial s = p (g - \langle p, g \rangle) / \tau`:
+
+    - ``forward_kl``: :math:`(p - q) / \tau`;
+    - ``reverse_kl``: :math:`p (\log p - \log q - \mathrm{KL}(p \| q)) / \tau`;
+    - ``jsd``, :math:`m = \beta q + (1 - \beta) p`: :math:`g = (1 - \beta)(\log p - \log m)`, so
+      :math:`(1 - \beta)\, p (\log p - \log m - \mathrm{KL}(p \| m)) / \tau`;
+    - ``tvd``: :math:`g = \tfrac12 \mathrm{sign}(p - q)`;
+    - ``skew_forward_kl``, :math:`m = \alpha q + (1 - \alpha) p`, :math:`r = p q / m`:
+      :math:`(1 - \alpha)(p \sum_v r_v - r) / \tau`;
+    - ``skew_reverse_kl``, :math:`m = \alpha p + (1 - \alpha) q`: :math:`g = \log p - \log m - \alpha p / m`.
+
+    Entries with :math:`p_v = 0` get 0. The mixtures are formed from the probabilities (not by
+    ``logsumexp`` as in :func:`token_values`): the values agree to rounding. Computed in the rows'
+    dtype, mostly in place (on the CPU every new ``(C, V)`` tensor costs more than the arithmetic on it).
+    """
+    log_p, p = _softmaxes_(student_logits, temperature)
+    log_q, q = _softmaxes_(teacher_logits, temperature)
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        divergence = divergence.removeprefix("skew_")
+    scale = 1.0 / temperature
+    if divergence == "forward_kl":
+        return _masked_sum_(log_q.sub_(log_p), q), _scaled(p.sub_(q), scale)
+    if divergence == "tvd":
+        difference = torch.sub(p, q, out=q)
+        values = 0.5 * torch.linalg.vector_norm(difference, 1, dim=-1)
+        return values, _scaled(_through_softmax(p, difference.sign_()), 0.5 * scale)
+    if divergence == "skew_forward_kl":
+        m = torch.lerp(p, q, skew)
+        values = _masked_sum_(log_q.sub_(torch.log(m)), q)
+        r = torch.mul(p, q, out=q).div_(m).masked_fill_(m == 0, 0.0)  # p q / m
+        total = r.sum(dim=-1, keepdim=True)
+        return values, _scaled(r.neg_().addcmul_(p, total), (1 - skew) * scale)
+    if divergence == "reverse_kl":
+        log_m, factor = log_q, scale
+    elif divergence == "jsd":
+        log_m, factor = torch.lerp(p, q, beta).log_(), (1 - beta) * scale
+        teacher_part = _masked_sum_(log_q.sub_(log_m), q)
+    else:  # skew_reverse_kl
+        m = torch.lerp(q, p, skew)
+        log_m, factor = torch.log(m), scale
+    log_ratio = log_p.sub_(log_m).masked_fill_(p == 0, 0.0)  # log p - log m, 0 where p = 0
+    student_part = _row_dot(p, log_ratio)
+    if divergence == "skew_reverse_kl":
+        grad_p = log_ratio.sub_(torch.div(p, m, out=m), alpha=skew).masked_fill_(p == 0, 0.0)
+        return student_part, _scaled(_through_softmax(p, grad_p), factor)
+    grad = log_ratio.sub_(student_part[:, None]).mul_(p)
+    values = student_part if divergence == "reverse_kl" else beta * teacher_part + (1 - beta) * student_part
+    return values, _scaled(grad, factor)
 
 
 def check_divergence_settings(divergence: str, temperature: float, beta: float, skew: float) -> None:
@@ -215,9 +318,14 @@ def token_divergence(
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def _values_fn(divergence: str, temperature: float, beta: float, skew: float):  # noqa: ANN202
-    def values(student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
-        return token_values(student_rows, teacher_rows, divergence, temperature, beta, skew)
+def _chunk_values(divergence: str, temperature: float, beta: float, skew: float) -> ChunkValues:
+    """The chunked and fused paths' per-chunk function: values, and their closed-form gradients if asked."""
+
+    def values(student_rows: Tensor, teacher_rows: Tensor, with_grads: bool) -> tuple[Tensor, Tensor | None]:
+        settings = (divergence, temperature, beta, skew)
+        if with_grads:
+            return token_values_and_grads(student_rows, teacher_rows, *settings)
+        return token_values(student_rows, teacher_rows, *settings), None
 
     return values
 
@@ -232,11 +340,13 @@ def token_divergence_chunked(
     skew: float = 0.1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
-    """:func:`token_divergence`, ``chunk_size`` positions at a time, recomputed in backward.
+    """:func:`token_divergence`, ``chunk_size`` positions at a time, the gradient computed in forward.
 
     Same value and gradient (up to float32 rounding); apart from the inputs and the student logits'
-    gradient, only one chunk's float32 ``(chunk_size, V)`` intermediates are alive at once (bf16
-    logits are cast chunk by chunk). The teacher's logits receive no gradient.
+    gradient (filled in forward, in the logits' dtype), only one chunk's float32 ``(chunk_size, V)``
+    intermediates are alive at once (bf16 logits are cast chunk by chunk). The teacher's logits
+    receive no gradient. One backward per call: no ``retain_graph`` second backward, no double
+    backward (both raise a ``RuntimeError``; see :mod:`lightning_kd.losses._token_chunks`).
     """
     check_divergence_settings(divergence, temperature, beta, skew)
     checked_chunk_size(chunk_size)
@@ -245,7 +355,7 @@ def token_divergence_chunked(
     check_token_mask(mask, positions, "student_logits")
     vocab_size = student_logits.shape[-1]
     return chunked_token_mean(
-        _values_fn(divergence, temperature, beta, skew),
+        _chunk_values(divergence, temperature, beta, skew),
         LogitRows(student_logits.reshape(-1, vocab_size), vocab_size),
         LogitRows(teacher_logits.detach().reshape(-1, vocab_size), vocab_size),
         _flat_mask(mask, positions, student_logits.device),
@@ -299,8 +409,11 @@ def token_divergence_fused(
     r""":func:`token_divergence` of the logits :math:`h W^\top + b`, never forming the student's full logits.
 
     The student's logits (and the teacher's, given its hidden states and head instead of logits) are
-    computed ``chunk_size`` positions at a time, in float32, and again in backward; gradients reach
-    ``student_hidden``, ``student_weight`` and ``student_bias`` (rows past ``vocab_size`` get 0).
+    computed once, ``chunk_size`` positions at a time, in float32, with each chunk's gradient, which
+    is carried into ``student_hidden``, ``student_weight`` and ``student_bias`` at once (rows past
+    ``vocab_size`` get 0; tensors that do not require grad get none; returned in their dtypes).
+    One backward per call: no ``retain_graph`` second backward, no double backward (both raise a
+    ``RuntimeError``).
 
     Args:
         student_hidden: ``(N, L, H_s)`` last hidden states.
@@ -359,7 +472,7 @@ def token_divergence_fused(
         teacher = head_rows(teacher_hidden.detach(), teacher_weight.detach(), bias, vocab_size, "teacher")
     check_token_mask(mask, positions, "student_hidden")
     return chunked_token_mean(
-        _values_fn(divergence, temperature, beta, skew),
+        _chunk_values(divergence, temperature, beta, skew),
         student,
         teacher,
         _flat_mask(mask, positions, student_hidden.device),
@@ -381,7 +494,7 @@ class TokenTerm(LossTerm):
         name: key of the term.
         weight: factor in the total loss.
         path: ``"plain"`` (the ``(N, L, V)`` logits), ``"chunked"`` (the logits, ``chunk_size`` positions
-            at a time, recomputed in backward) or ``"fused"`` (from the last hidden states and the LM
+            at a time, gradients computed in forward) or ``"fused"`` (from the last hidden states and the LM
             heads: the causal-LM module then never forms the full logits; sets
             :attr:`~LossTerm.reads_hidden_states`).
         chunk_size: positions per chunk of the chunked and fused paths.

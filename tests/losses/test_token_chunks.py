@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ from lightning_kd.losses.functional import (
     token_divergence_chunked,
     token_divergence_fused,
 )
+from lightning_kd.losses.token_cross_entropy import cross_entropy_values_and_grads
 from lightning_kd.losses.token_divergence import DIVERGENCES
 
 N, L, H, HT, V = 2, 5, 6, 4, 11
@@ -130,6 +133,120 @@ def test_cross_entropy_paths_equal_torch_cross_entropy() -> None:
         assert loss.item() == pytest.approx(expected_value.item(), rel=1e-6)
         for got, want in zip(torch.autograd.grad(loss, parts, retain_graph=True), expected, strict=True):
             assert rel_err(got, want) <= 1e-5
+
+
+def test_cross_entropy_closed_form_gradient_equals_autograd_in_float64() -> None:
+    student = randn(6, V, seed=30, scale=3.0).double()
+    targets = torch.tensor([0, 10, -100, 4, 4, -100])
+    s = student.clone().requires_grad_(True)
+    expected_values = nn.functional.cross_entropy(s, targets, reduction="none", ignore_index=-100)
+    (expected,) = torch.autograd.grad(expected_values.sum(), s)
+    values, grads = cross_entropy_values_and_grads(student.clone(), targets)  # it overwrites the logits
+    assert torch.allclose(values, expected_values.detach(), rtol=1e-12, atol=0.0)
+    assert torch.allclose(grads, expected, rtol=1e-12, atol=1e-16)
+    assert torch.equal(grads[2], torch.zeros(V, dtype=torch.float64))  # no target: no gradient
+
+
+def test_fused_path_keeps_bf16_hidden_states_and_head_and_their_gradients_in_bf16() -> None:
+    parts = [
+        randn(N, L, H, seed=31).bfloat16(),
+        randn(V, H, seed=32).bfloat16(),
+        randn(V, seed=33).bfloat16(),
+    ]
+    parts = [t.requires_grad_(True) for t in parts]
+    teacher = randn(N, L, V, seed=34).bfloat16()
+    fused = token_divergence_fused(*parts, teacher_logits=teacher, mask=MASK, divergence="jsd", chunk_size=4)
+    got = torch.autograd.grad(fused, parts)
+    exact = [t.detach().float().requires_grad_(True) for t in parts]  # the bf16 values, in float32
+    plain = token_divergence(exact[0] @ exact[1].T + exact[2], teacher.float(), MASK, "jsd")
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for g, want in zip(got, torch.autograd.grad(plain, exact), strict=True):
+        assert g.dtype == torch.bfloat16
+        assert rel_err(g.float(), want) <= 2**-8  # the float32 gradient, rounded once to bf16
+
+
+def test_fused_gradients_follow_the_outer_gradient_and_skip_frozen_and_teacher_tensors() -> None:
+    hidden, weight = randn(N, L, H, seed=35).requires_grad_(True), randn(V, H, seed=36)  # a frozen head
+    t_hidden, t_weight = randn(N, L, HT, seed=37).requires_grad_(True), randn(V, HT, seed=38)
+    teacher = t_hidden.detach() @ t_weight.T
+    plain = token_divergence(hidden @ weight.T, teacher, MASK, "reverse_kl", **SETTINGS)
+    (expected,) = torch.autograd.grad(plain, hidden)
+    fused = token_divergence_fused(
+        hidden,
+        weight,
+        teacher_hidden=t_hidden,
+        teacher_weight=t_weight,
+        mask=MASK,
+        divergence="reverse_kl",
+        chunk_size=3,
+        **SETTINGS,
+    )
+    (2.5 * fused + hidden.sum()).backward()  # scaled, and beside another use of the hidden states
+    assert rel_err(hidden.grad, 2.5 * expected + 1.0) <= 1e-5
+    assert t_hidden.grad is None and weight.grad is None
+
+
+def test_a_second_backward_or_a_double_backward_is_refused_with_the_fix() -> None:
+    logits, teacher = randn(N, L, V, seed=39).requires_grad_(True), randn(N, L, V, seed=40)
+    (expected,) = torch.autograd.grad(token_divergence(logits, teacher, MASK, "tvd"), logits)
+    loss = token_divergence_chunked(logits, teacher, MASK, "tvd", chunk_size=3)
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    assert rel_err(first, expected) <= 1e-5  # the first backward is served
+    with pytest.raises(RuntimeError) as error:
+        torch.autograd.grad(loss, logits)
+    assert str(error.value) == (
+        "The chunked and fused token losses compute their gradients in forward and hand them over once: "
+        "this is a second backward through the same loss (retain_graph=True). Compute the loss again, or "
+        "use path='plain', to differentiate it twice."
+    )
+    parts = student_parts()
+    targets = torch.zeros(N, L, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"do not support double backward \(create_graph=True\)"):
+        torch.autograd.grad(token_cross_entropy_fused(*parts, targets), parts, create_graph=True)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_chunked_path_leaves_the_logits_as_they_were_keeps_a_counted_nan_and_ignores_a_padded_one(
+    divergence: str,
+) -> None:
+    logits, teacher = randn(N, L, V, seed=42).requires_grad_(True), randn(N, L, V, seed=43)
+    before = (logits.detach().clone(), teacher.clone())
+    loss = token_divergence_chunked(logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    torch.autograd.grad(loss, logits)
+    assert torch.equal(logits.detach(), before[0]) and torch.equal(teacher, before[1])  # rows are copies
+    nan_logits = before[0].clone()
+    nan_logits[0, 1, 2] = float("nan")  # a counted position
+    nan_logits.requires_grad_(True)
+    plain = token_divergence(nan_logits, teacher, MASK, divergence, **SETTINGS)
+    chunked = token_divergence_chunked(nan_logits, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    assert plain.isnan() and chunked.isnan()
+    assert torch.autograd.grad(chunked, nan_logits)[0][0, 1].isnan().all()
+    padded = before[0].clone()
+    padded[0, 2] = float("nan")  # an uncounted position: its NaN changes nothing on the chunked path
+    padded.requires_grad_(True)
+    chunked = token_divergence_chunked(padded, teacher, MASK, divergence, chunk_size=3, **SETTINGS)
+    (got,) = torch.autograd.grad(chunked, padded)
+    expected = token_divergence(before[0].requires_grad_(True), teacher, MASK, divergence, **SETTINGS)
+    assert chunked.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert rel_err(got, torch.autograd.grad(expected, before[0])[0]) <= 1e-5
+
+
+def test_without_grad_mode_only_the_value_is_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    parts, teacher = student_parts(), randn(N, L, V, seed=41)
+    with_grad = token_divergence_fused(
+        *parts, teacher_logits=teacher, mask=MASK, divergence="skew_forward_kl"
+    )
+
+    def no_gradients(*args: object) -> None:
+        raise AssertionError("gradients computed without grad mode")
+
+    module = importlib.import_module("lightning_kd.losses.token_divergence")
+    monkeypatch.setattr(module, "token_values_and_grads", no_gradients)
+    with torch.no_grad():
+        without = token_divergence_fused(
+            *parts, teacher_logits=teacher, mask=MASK, divergence="skew_forward_kl"
+        )
+    assert without.grad_fn is None and without.item() == pytest.approx(with_grad.item(), rel=1e-6)
 
 
 def test_path_arguments_are_checked() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_kd.losses.functional import token_divergence
-from lightning_kd.losses.token_divergence import DIVERGENCES
+from lightning_kd.losses.token_divergence import DIVERGENCES, token_values, token_values_and_grads
 
 
 def np_log_softmax(row: np.ndarray, temperature: float) -> np.ndarray:
@@ -253,3 +253,27 @@ def test_different_vocabularies_are_refused_naming_both_sizes() -> None:
         ValueError, match=r"student_logits has shape \(2, 4, 9\) but teacher_logits has shape"
     ):
         token_divergence(logits(0), logits(1, shape=(2, 3, 9)))
+
+
+# ---- the closed-form gradients of the chunked and fused paths
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(("temperature", "beta", "skew"), [(1.7, 0.3, 0.2), (1.0, 0.0, 0.0), (0.6, 1.0, 0.7)])
+def test_closed_form_gradients_equal_autograd_in_float64(
+    divergence: str, temperature: float, beta: float, skew: float
+) -> None:
+    student, teacher = logits(20, (6, 9)).double(), logits(21, (6, 9)).double()
+    student[0, 3] = teacher[0, 3] = -math.inf  # a masked vocabulary entry, in both
+    student[1, :4] = teacher[1, :4] = -math.inf
+    student[2, 0] = student[3, 0] = 40.0  # a near one-hot student row (probabilities down to ~1e-20)
+    s = student.clone().requires_grad_(True)
+    settings = (divergence, temperature, beta, skew)
+    expected_values = token_values.__wrapped__(s, teacher, *settings)  # without the float32 cast
+    (expected,) = torch.autograd.grad(expected_values.sum(), s)
+    copies = (student.clone(), teacher.clone())
+    values, grads = token_values_and_grads(*copies, *settings)  # it overwrites the rows it is given
+    assert values.dtype == grads.dtype == torch.float64
+    assert torch.allclose(values, expected_values.detach(), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(grads, expected, rtol=1e-10, atol=1e-14)
+    assert torch.equal(grads[0, 3], torch.zeros((), dtype=torch.float64))  # p = 0: no gradient
