@@ -1,0 +1,58 @@
+"""benchmarks/lm_distillation.py: a --quick run trains every model, pairs the runs of a seed, reuses records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_distillation.py"
+
+
+def load_script(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lm_distillation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_pairs_the_runs_of_a_seed_and_reports_their_gains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = load_script(monkeypatch)
+    results = script.RESULTS.read_text() if script.RESULTS.exists() else None
+    args = ["--quick", "--out-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    text = script.main(args)
+    assert (script.RESULTS.read_text() if script.RESULTS.exists() else None) == results  # --quick writes none
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs/records").glob("*.json")}
+    assert set(records) == {"teacher", "seed0-alone", "seed0-forward_kl", "seed0-jsd"}
+    teacher, alone = records["teacher"], records["seed0-alone"]
+    assert teacher["steps"] == 3 and alone["steps"] == 3 and teacher["teacher_checkpoint"] is None
+    assert teacher["parameters"] == 30_176 and alone["parameters"] == 12_016  # (1, 32, 2) and (1, 16, 2)
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+    for divergence in ("forward_kl", "jsd"):
+        kd = records[f"seed0-{divergence}"]
+        # paired: the same student start and the same batches as the student alone, the trained teacher
+        assert kd["start_weights"] == alone["start_weights"] and kd["first_batch"] == alone["first_batch"]
+        assert kd["teacher_checkpoint"] == teacher["checkpoint"] and kd["steps"] == 3
+        assert kd["teacher_test_perplexity"] == pytest.approx(teacher["test_perplexity"], rel=1e-5)
+        gain = alone["test_perplexity"] - kd["test_perplexity"]
+        assert rows[divergence][0].strip() == f"{gain:+.2f}"
+        assert (
+            rows[f"student, 0.5 CE + 0.5 {divergence}"][2].strip()
+            == f"{kd['test_perplexity']:.2f} (one seed)"
+        )
+    assert rows["teacher (CE)"][2].strip() == f"{teacher['test_perplexity']:.2f}"
+    # a second run reuses the records of the same settings instead of training again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs/records").glob("*.json")}
+    assert script.main(args).split("Load average")[0] == text.split("Load average")[0]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
