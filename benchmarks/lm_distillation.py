@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -259,7 +258,8 @@ def table(
     alone = {seed: r for (seed, divergence), r in by_run.items() if divergence is None}
     teacher_ppl = sorted({round(r["teacher_test_perplexity"], 4) for r in records if r["kind"] == "kd"})
     lines = [
-        "| model | parameters | runs (seeds) | test perplexity | train tokens/s (CPU) | vs alone | CPU min / run |",
+        "| model | parameters | runs (seeds) | test perplexity | train tokens/s (CPU) | vs alone "
+        "| CPU min / run |",
         "|---|---|---|---|---|---|---|",
     ]
     if teacher is not None:
@@ -280,7 +280,8 @@ def table(
         rate = statistics.mean(r["tokens_per_cpu_s"] for r in runs)
         label = "student alone (CE)" if divergence is None else f"student, 0.5 CE + 0.5 {divergence}"
         lines.append(
-            f"| {label} | {runs[0]['parameters']:,} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
+            f"| {label} | {runs[0]['parameters']:,} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}"
+            ") "
             f"| {_mean_std([r['test_perplexity'] for r in runs])} | {rate:,.0f} "
             f"| {rate / alone_rate:.2f}x | {statistics.mean(r['cpu_s'] for r in runs) / 60:.1f} |"
             if alone_rate
@@ -290,7 +291,8 @@ def table(
     seeds = sorted(alone)
     lines += [
         "",
-        "Paired gain in test perplexity (student alone minus distilled student, same seed: same start and batches):",
+        "Paired gain in test perplexity (student alone minus distilled student; within a seed both start "
+        "from the same weights and read the same batches):",
         "",
         "| divergence | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
         "|---|" + "---|" * (len(seeds) + 1),
@@ -374,16 +376,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     load_end = os.getloadavg()
     text = "\n".join(
         [
-            "# Offline language-model distillation: GPT-2 teacher -> 7x smaller student, each token divergence",
+            "# Offline language-model distillation: a GPT-2 teacher, a 7x smaller student, each divergence",
             "",
             "```bash",
             "OMP_NUM_THREADS=1 python benchmarks/lm_distillation.py "
             + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
             "```",
             "",
-            f"Machine: {machine()}. Load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at "
-            f"the end; {args.processes} run(s) in parallel, one thread each; {(time.time() - wall_start) / 60:.0f} "
-            "wall minutes.",
+            f"Machine: {machine()}. Load average (1 min) {load_start[0]:.2f} at the start, "
+            f"{load_end[0]:.2f} at the end; {args.processes} run(s) in parallel, one thread each; "
+            f"{(time.time() - wall_start) / 60:.0f} wall minutes.",
             f"Versions: {versions()}.",
             f"Corpus: {json.dumps(describe_corpus(text_data(settings, args.cache_dir).documents))}.",
             f"Settings: {json.dumps(dataclasses.asdict(settings))}; teacher checkpoint {checkpoint}.",

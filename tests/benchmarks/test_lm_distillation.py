@@ -1,4 +1,4 @@
-"""benchmarks/lm_distillation.py: a --quick run trains every model, pairs the runs of a seed, reuses records."""
+"""benchmarks/lm_distillation.py: a --quick run trains every model, pairs a seed's runs, reuses records."""
 
 from __future__ import annotations
 
