@@ -208,7 +208,7 @@ def train_run(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),  # the same batches in the same order for a seed
     )
-    cpu, wall = time.process_time(), time.time()
+    load_start, cpu, wall = os.getloadavg()[0], time.process_time(), time.time()
     trainer.fit(module, train_dataloaders=loader)
     cpu, wall = time.process_time() - cpu, time.time() - wall
     tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
@@ -221,6 +221,7 @@ def train_run(
         "tokens": counter.tokens,
         "cpu_s": cpu,
         "wall_s": wall,
+        "load": [load_start, os.getloadavg()[0]],
         "tokens_per_cpu_s": counter.tokens / cpu,
         "test_perplexity": tested["test/perplexity"],
         "teacher_test_perplexity": tested.get("test/teacher_perplexity"),
@@ -311,6 +312,48 @@ def table(
     return "\n".join(lines)
 
 
+def train_all(
+    args: argparse.Namespace, settings: Settings, seeds: Sequence[int], divergences: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
+    """Train (or reuse) the teacher, then every student run; ``--processes`` at a time."""
+    run = functools.partial(train_run, settings, args.out_dir, args.cache_dir)
+    pool = multiprocessing.get_context("spawn").Pool(args.processes) if args.processes > 1 else None
+    call = pool.apply_async if pool else (lambda f, a: _Done(f(*a)))
+    try:
+        # phase 1: the teacher and the students alone (they need no teacher) side by side
+        teacher_job = call(run, ("teacher", 0)) if args.teacher is None else None
+        alone_jobs = [call(run, ("alone", seed)) for seed in seeds]
+        teacher = teacher_job.get() if teacher_job else None
+        checkpoint = str(Path(args.teacher).resolve()) if args.teacher else teacher["checkpoint"]
+        # phase 2: the distilled students, seed by seed (an interrupted run still has whole seeds)
+        kd_jobs = [call(run, ("kd", seed, d, checkpoint)) for seed in seeds for d in divergences]
+        return [job.get() for job in alone_jobs + kd_jobs], teacher, checkpoint
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+
+
+def finished_records(
+    out_dir: Path, settings: Settings, seeds: Sequence[int], divergences: Sequence[str]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
+    """The records of ``settings`` in ``out_dir`` for these seeds and divergences (``--report``)."""
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    found = [json.loads(p.read_text()) for p in sorted((out_dir / "records").glob("*.json"))]
+    found = [r for r in found if r["settings"] == wanted]
+    teacher = next((r for r in found if r["kind"] == "teacher"), None)
+    records = [
+        r
+        for r in found
+        if r["kind"] != "teacher" and r["seed"] in seeds and r["divergence"] in (None, *divergences)
+    ]
+    if not records:
+        raise SystemExit(f"No records of these settings in {out_dir / 'records'}: nothing to report.")
+    checkpoints = {r["teacher_checkpoint"] for r in records if r["kind"] == "kd"}
+    checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints))
+    return records, teacher, checkpoint
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -341,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     parser.add_argument("--processes", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--out-dir", default="runs/lm_distillation")
+    parser.add_argument("--report", action="store_true", help="train nothing: tabulate the records there are")
     parser.add_argument(
         "--cache-dir", default=None, help="the tokenizer cache (default ~/.cache/lightning_kd)"
     )
@@ -354,26 +398,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     divergences = args.divergences or (["forward_kl", "jsd"] if args.quick else list(DIVERGENCES))
     results = Path(args.results) if args.results else (None if args.quick else RESULTS)
-    load_start, wall_start = os.getloadavg(), time.time()
-    run = functools.partial(train_run, settings, args.out_dir, args.cache_dir)
-
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(args.processes) if args.processes > 1 else None
-    call = pool.apply_async if pool else (lambda f, a: _Done(f(*a)))
-    try:
-        # phase 1: the teacher and the students alone (they need no teacher) side by side
-        teacher_job = call(run, ("teacher", 0)) if args.teacher is None else None
-        alone_jobs = [call(run, ("alone", seed)) for seed in seeds]
-        teacher = teacher_job.get() if teacher_job else None
-        checkpoint = str(Path(args.teacher).resolve()) if args.teacher else teacher["checkpoint"]
-        # phase 2: the distilled students, seed by seed (a partial run still has whole seeds)
-        kd_jobs = [call(run, ("kd", seed, d, checkpoint)) for seed in seeds for d in divergences]
-        records = [job.get() for job in alone_jobs + kd_jobs]
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    load_end = os.getloadavg()
+    if args.report:
+        records, teacher, checkpoint = finished_records(Path(args.out_dir), settings, seeds, divergences)
+    else:
+        records, teacher, checkpoint = train_all(args, settings, seeds, divergences)
+    loads = [load for r in [*records, *([teacher] if teacher else [])] for load in r["load"]]
+    cpu_minutes = sum(r["cpu_s"] for r in [*records, *([teacher] if teacher else [])]) / 60
     text = "\n".join(
         [
             "# Offline language-model distillation: a GPT-2 teacher, a 7x smaller student, each divergence",
@@ -383,9 +413,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
             "```",
             "",
-            f"Machine: {machine()}. Load average (1 min) {load_start[0]:.2f} at the start, "
-            f"{load_end[0]:.2f} at the end; {args.processes} run(s) in parallel, one thread each; "
-            f"{(time.time() - wall_start) / 60:.0f} wall minutes.",
+            f"Machine: {machine()}. Load average (1 min) at the starts and ends of the runs: "
+            f"{min(loads):.2f} to {max(loads):.2f}; {args.processes} run(s) in parallel, one thread each; "
+            f"{cpu_minutes:.0f} CPU-minutes of training in all.",
             f"Versions: {versions()}.",
             f"Corpus: {json.dumps(describe_corpus(text_data(settings, args.cache_dir).documents))}.",
             f"Settings: {json.dumps(dataclasses.asdict(settings))}; teacher checkpoint {checkpoint}.",
