@@ -323,7 +323,7 @@ def train_all(
         # phase 1: the teacher and the students alone (they need no teacher) side by side
         teacher_job = call(run, ("teacher", 0)) if args.teacher is None else None
         alone_jobs = [call(run, ("alone", seed)) for seed in seeds]
-        teacher = teacher_job.get() if teacher_job else None
+        teacher = teacher_job.get() if teacher_job else reused_teacher(args.teacher)
         checkpoint = str(Path(args.teacher).resolve()) if args.teacher else teacher["checkpoint"]
         # phase 2: the distilled students, seed by seed (an interrupted run still has whole seeds)
         kd_jobs = [call(run, ("kd", seed, d, checkpoint)) for seed in seeds for d in divergences]
@@ -334,6 +334,16 @@ def train_all(
             pool.join()
 
 
+def reused_teacher(path: str) -> dict[str, Any] | None:
+    """The record of a teacher trained by this benchmark (``records/teacher.json`` beside it), if any."""
+    record = Path(path).resolve().parent / "records" / "teacher.json"
+    if record.is_file():
+        teacher = json.loads(record.read_text())
+        if teacher["checkpoint"] == str(Path(path).resolve()):
+            return teacher
+    return None
+
+
 def finished_records(
     out_dir: Path, settings: Settings, seeds: Sequence[int], divergences: Sequence[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
@@ -342,6 +352,9 @@ def finished_records(
     found = [json.loads(p.read_text()) for p in sorted((out_dir / "records").glob("*.json"))]
     found = [r for r in found if r["settings"] == wanted]
     teacher = next((r for r in found if r["kind"] == "teacher"), None)
+    checkpoints = {r["teacher_checkpoint"] for r in found if r["kind"] == "kd"}
+    if teacher is None and len(checkpoints) == 1:
+        teacher = reused_teacher(next(iter(checkpoints)))
     records = [
         r
         for r in found
@@ -349,7 +362,6 @@ def finished_records(
     ]
     if not records:
         raise SystemExit(f"No records of these settings in {out_dir / 'records'}: nothing to report.")
-    checkpoints = {r["teacher_checkpoint"] for r in records if r["kind"] == "kd"}
     checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints))
     return records, teacher, checkpoint
 

@@ -58,3 +58,12 @@ def test_quick_run_pairs_the_runs_of_a_seed_and_reports_their_gains(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # --report tabulates the records there are, training nothing
     assert script.main([*args, "--report"]).split("\n", 5)[5] == text.split("\n", 5)[5]
+    # --teacher reuses a trained teacher (and its record, for the table) instead of training one
+    reuse = ["--quick", "--out-dir", str(tmp_path / "reuse"), "--cache-dir", str(tmp_path / "cache")]
+    reused = script.main([*reuse, "--teacher", teacher["checkpoint"], "--divergences", "jsd", "--steps", "2"])
+    assert {p.stem for p in (tmp_path / "reuse/records").glob("*.json")} == {"seed0-alone", "seed0-jsd"}
+    kd = json.loads((tmp_path / "reuse/records/seed0-jsd.json").read_text())
+    assert kd["teacher_checkpoint"] == teacher["checkpoint"] and kd["steps"] == 2
+    assert [line for line in reused.splitlines() if line.startswith("| teacher")] == [
+        line for line in text.splitlines() if line.startswith("| teacher")
+    ]
