@@ -388,7 +388,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps, 1 seed, 2 divergences")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--divergences", nargs="+", choices=DIVERGENCES, default=None)
+    parser.add_argument(
+        "--divergences",
+        nargs="*",
+        choices=DIVERGENCES,
+        default=None,
+        help="none given: the students alone only",
+    )
     parser.add_argument("--steps", type=int, default=None, help="student steps (default 400)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 750)")
     parser.add_argument(
@@ -408,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     overrides = {"steps": args.steps, "teacher_steps": args.teacher_steps}
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    divergences = args.divergences or (["forward_kl", "jsd"] if args.quick else list(DIVERGENCES))
+    if args.divergences is not None:
+        divergences = args.divergences
+    else:
+        divergences = ["forward_kl", "jsd"] if args.quick else list(DIVERGENCES)
     results = Path(args.results) if args.results else (None if args.quick else RESULTS)
     if args.report:
         records, teacher, checkpoint = finished_records(Path(args.out_dir), settings, seeds, divergences)
