@@ -68,7 +68,7 @@ class Settings:
     lr: float = 2e-3
     weight_decay: float = 0.01
     teacher_steps: int = 750
-    steps: int = 400
+    steps: int = 200
     ce_weight: float = 0.5
     kd_weight: float = 0.5
     temperature: float = 1.0
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         default=None,
         help="none given: the students alone only",
     )
-    parser.add_argument("--steps", type=int, default=None, help="student steps (default 400)")
+    parser.add_argument("--steps", type=int, default=None, help="student steps (default 200)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 750)")
     parser.add_argument(
         "--teacher", default=None, help="reuse this teacher checkpoint instead of training one"
