@@ -139,6 +139,19 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+#: settings the teacher's training does not read: a teacher record is reused when only these differ
+STUDENT_ONLY = ("student_shape", "steps", "ce_weight", "kd_weight", "temperature")
+
+
+def same_settings(record: dict[str, Any], settings: Settings) -> bool:
+    """Whether ``record`` was trained with ``settings`` (for a teacher: the settings it reads)."""
+    ignored = STUDENT_ONLY if record["kind"] == "teacher" else ()
+    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
+    return {k: v for k, v in record["settings"].items() if k not in ignored} == {
+        k: v for k, v in wanted.items() if k not in ignored
+    }
+
+
 def run_name(seed: int, divergence: str | None) -> str:
     return f"seed{seed}-{divergence or 'alone'}"
 
@@ -160,7 +173,7 @@ def train_run(
     settings_dict = dataclasses.asdict(settings)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record["settings"] == json.loads(json.dumps(settings_dict)) and (
+        if same_settings(record, settings) and (
             kind == "teacher" or record["teacher_checkpoint"] == teacher_checkpoint
         ):
             return record
@@ -348,9 +361,8 @@ def finished_records(
     out_dir: Path, settings: Settings, seeds: Sequence[int], divergences: Sequence[str]
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
     """The records of ``settings`` in ``out_dir`` for these seeds and divergences (``--report``)."""
-    wanted = json.loads(json.dumps(dataclasses.asdict(settings)))
     found = [json.loads(p.read_text()) for p in sorted((out_dir / "records").glob("*.json"))]
-    found = [r for r in found if r["settings"] == wanted]
+    found = [r for r in found if same_settings(r, settings)]
     teacher = next((r for r in found if r["kind"] == "teacher"), None)
     checkpoints = {r["teacher_checkpoint"] for r in found if r["kind"] == "kd"}
     if teacher is None and len(checkpoints) == 1:

@@ -58,6 +58,12 @@ def test_quick_run_pairs_the_runs_of_a_seed_and_reports_their_gains(
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # --report tabulates the records there are, training nothing
     assert script.main([*args, "--report"]).split("\n", 5)[5] == text.split("\n", 5)[5]
+    # a teacher record is reused when only the students' settings change
+    other_steps, other_lr = (
+        script.dataclasses.replace(script.QUICK, **c) for c in ({"steps": 2}, {"lr": 1e-3})
+    )
+    assert script.same_settings(teacher, other_steps) and not script.same_settings(alone, other_steps)
+    assert not script.same_settings(teacher, other_lr)
     # --teacher reuses a trained teacher (and its record, for the table) instead of training one
     reuse = ["--quick", "--out-dir", str(tmp_path / "reuse"), "--cache-dir", str(tmp_path / "cache")]
     reused = script.main([*reuse, "--teacher", teacher["checkpoint"], "--divergences", "jsd", "--steps", "2"])
