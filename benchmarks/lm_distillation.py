@@ -435,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         records, teacher, checkpoint = finished_records(Path(args.out_dir), settings, seeds, divergences)
     else:
         records, teacher, checkpoint = train_all(args, settings, seeds, divergences)
+    how = (
+        "tabulated from earlier runs' records; " if args.report else f"{args.processes} run(s) in parallel, "
+    )
+    how += "one thread each; "
     loads = [load for r in [*records, *([teacher] if teacher else [])] for load in r["load"]]
     cpu_minutes = sum(r["cpu_s"] for r in [*records, *([teacher] if teacher else [])]) / 60
     text = "\n".join(
@@ -447,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             "```",
             "",
             f"Machine: {machine()}. Load average (1 min) at the starts and ends of the runs: "
-            f"{min(loads):.2f} to {max(loads):.2f}; {args.processes} run(s) in parallel, one thread each; "
+            f"{min(loads):.2f} to {max(loads):.2f}; {how}"
             f"{cpu_minutes:.0f} CPU-minutes of training in all.",
             f"Versions: {versions()}.",
             f"Corpus: {json.dumps(describe_corpus(text_data(settings, args.cache_dir).documents))}.",
