@@ -11,26 +11,21 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kd.batch_checks import (
     check_logits,
     check_separate,
     class_indices,
     class_targets,
-    explain_forward_error,
     probabilities_message,
     probability_rows,
 )
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
-from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
+from lightning_kd.diagnosis import CheckFinite, non_finite_loss_error
 from lightning_kd.host_checks import HostBatchChecks
 from lightning_kd.losses import CrossEntropyTerm, KDTerm, LossTerm, StepOutputs
 from lightning_kd.losses.base import weighted_total
@@ -38,32 +33,27 @@ from lightning_kd.model_io import (
     BatchKey,
     InputKey,
     call_model,
-    infer_num_classes,
     logits_of,
     select,
 )
+from lightning_kd.module_checkpoints import TeacherCheckpointRecords
+from lightning_kd.module_faults import ExplainedFaults
+from lightning_kd.module_metrics import ClassificationMetrics
 from lightning_kd.module_setup import (
     check_equal_training_batches,
+    check_training_data,
     compile_options,
     configure_optimization,
-    first_batch,
     hparams_given_by_cli,
 )
-from lightning_kd.resume import (
-    FROZEN_TEACHER_KEY,
-    check_same_architecture,
-    check_same_teacher,
-    teacher_record,
-)
+from lightning_kd.module_terms import LossTermSetup
 from lightning_kd.step_monitor import (
     MonitorReadings,
-    Reading,
     StepMonitor,
     checked_finite_setting,
     logs_this_step,
 )
 from lightning_kd.teachers.cache import TeacherOutputCache
-from lightning_kd.teachers.ensemble import TeacherEnsemble
 from lightning_kd.teachers.fingerprints import teacher_fingerprint
 from lightning_kd.teachers.roles import TeacherRole, teacher_role
 
@@ -88,7 +78,15 @@ def default_losses(teacher: nn.Module | None, role: TeacherRole) -> list[LossTer
     ]
 
 
-class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
+class DistillationModule(
+    HostBatchChecks,
+    ExplainedFaults,
+    MonitorReadings,
+    ClassificationMetrics,
+    LossTermSetup,
+    TeacherCheckpointRecords,
+    pl.LightningModule,
+):
     """Train a ``student`` with a weighted sum of loss terms, taught by an optional ``teacher``.
 
     ``DistillationModule(student, teacher)`` is Hinton KD with the CRD benchmark's defaults
@@ -234,27 +232,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
         self.num_classes = num_classes
         self.metrics = self.build_metrics()
 
-    def build_metrics(self) -> nn.ModuleDict:
-        """The torchmetrics objects of the run (sets ``num_classes`` when it was not given)."""
-        if self.num_classes is None:
-            self.num_classes = self._infer_num_classes()
-        if self.num_classes < 2:
-            raise ValueError(
-                f"num_classes={self.num_classes}: classification needs at least 2 classes. For a binary task "
-                "give the models 2 outputs (e.g. nn.Linear(features, 2)) and use labels 0/1."
-            )
-
-        def accuracy() -> MulticlassAccuracy:
-            return MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-
-        names = ["val_acc", "test_acc"]  # train/acc: counted by the StepMonitor
-        if self.teacher is not None:
-            names += ["val_teacher_acc", "test_teacher_acc", "val_agreement", "test_agreement"]
-        if isinstance(self.teacher, TeacherEnsemble):
-            members = range(len(self.teacher))
-            names += [f"{stage}_teacher{i}_acc" for stage in ("val", "test") for i in members]
-        return nn.ModuleDict({name: accuracy() for name in names})
-
     @staticmethod
     def prediction_of(output: Any) -> Tensor:
         """The tensor the loss terms read as ``student_logits`` / ``teacher_logits``: the logits."""
@@ -271,22 +248,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
         """Whether a teacher is present and gets no gradients (frozen or EMA): eval mode, ``no_grad``."""
         return self.teacher is not None and not self.teacher_role.receives_gradients
 
-    def _check_terms(self, terms: list[LossTerm]) -> None:
-        if not terms:
-            raise ValueError("`losses` is empty: give at least one loss term.")
-        names = [term.name for term in terms]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(
-                f"Loss term names must be unique; repeated: {duplicates}. Set `name=` on each term."
-            )
-        if self.teacher is None:
-            needing = [t.name for t in terms if t.needs_teacher]
-            if needing:
-                raise ValueError(f"Loss terms {needing} need a teacher, but teacher is None.")
-        else:
-            self.teacher_role.check_terms(terms)
-
     def _ddp_ignored(self) -> list[str]:
         """Names DDP neither broadcasts nor all-reduces.
 
@@ -302,19 +263,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
             if term.synchronizes_own_buffers:
                 names += [f"loss_terms.{term_name}.{n}" for n, _ in term.named_buffers()]
         return names
-
-    def _infer_num_classes(self) -> int:
-        student_classes = infer_num_classes(self.student)
-        teacher_classes = infer_num_classes(self.teacher) if self.teacher is not None else None
-        if student_classes and teacher_classes and student_classes != teacher_classes:
-            raise ValueError(
-                f"The student predicts {student_classes} classes but the teacher {teacher_classes}. "
-                "Build both with the same num_classes (or pass num_classes= if the inference is wrong)."
-            )
-        found = student_classes or teacher_classes
-        if found is None:
-            raise ValueError("Cannot infer the number of classes from the models; pass num_classes=.")
-        return found
 
     # ----------------------------------------------------------------- model plumbing
     def on_fit_start(self) -> None:
@@ -358,31 +306,8 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
             self.teacher_role.on_train_end(self)
 
     def on_fit_end(self) -> None:
-        """Fail loudly when the training set is empty (Lightning only logs "No training batches")."""
-        if self.trainer.num_training_batches != 0:
-            return
-        loaders = self.trainer.train_dataloader
-        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        source = (
-            f"{type(self.trainer.datamodule).__name__}.train_dataloader()"
-            if self.trainer.datamodule is not None
-            else "the train_dataloaders given to Trainer.fit"
-        )
-        for loader in loaders:
-            if not isinstance(loader, DataLoader) or not hasattr(loader.dataset, "__len__"):
-                continue
-            samples = len(loader.dataset)
-            if samples == 0:
-                raise ValueError(
-                    f"The training split is empty: {source} has a dataset of 0 samples, so nothing was "
-                    "trained. Check the datamodule's data path and split sizes (e.g. train_samples)."
-                )
-            if loader.drop_last and loader.batch_size and samples < loader.batch_size:
-                raise ValueError(
-                    f"The training split gives no batch: {source} has {samples} samples, fewer than "
-                    f"batch_size={loader.batch_size} with drop_last=True. Lower the batch size or add data."
-                )
+        """Fail loudly when the fit had no training batch (``module_setup.check_training_data``)."""
+        check_training_data(self.trainer)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train/eval mode; a frozen or EMA teacher stays in eval mode regardless."""
@@ -423,14 +348,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
         if self.teacher is None:
             return None
         return self.teacher_role.forward(self.teacher, inputs)
-
-    def _declared_hooks(self) -> FeatureHooks | None:
-        """FeatureHooks for exactly the layers that the loss terms declare (None if none)."""
-        student_layers = [layer for term in self.loss_terms.values() for layer in term.student_layers]
-        teacher_layers = [layer for term in self.loss_terms.values() for layer in term.teacher_layers]
-        if not (student_layers or teacher_layers):
-            return None
-        return FeatureHooks(student_layers, teacher_layers)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Hook exactly the layers that the loss terms declare; in a fit, follow a resumed run's length.
@@ -474,52 +391,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
                 "input of the student, or call `module.build_terms(batch)` first."
             )
 
-    def probe_batch(self, stage: str) -> Any:
-        """One batch to size the loss terms' adapters on: the first of the ``stage`` call's data, or ``None``.
-
-        The data may come from a datamodule, dataloaders passed to the Trainer call, or the
-        module's own ``*_dataloader`` methods (:func:`~lightning_kd.module_setup.first_batch`).
-        """
-        return first_batch(self.trainer, stage)
-
-    def build_terms(self, batch: Any = None, *, inputs: Any = None) -> None:
-        """Size every term that ``needs_build`` on one forward (eval mode, no gradients).
-
-        Runs in :meth:`setup`; call it yourself before ``load_state_dict`` outside a Trainer.
-
-        Args:
-            batch: a batch as the dataloader gives it.
-            inputs: instead of a batch, the student's input alone (e.g. ``example_input_array``);
-                the teacher reads the same input.
-        """
-        if (batch is None) == (inputs is None):
-            raise ValueError(
-                "build_terms needs either `batch` (a dataloader batch) or `inputs` (a student input)."
-            )
-        pending = [term for term in self.loss_terms.values() if term.needs_build]
-        if not pending:
-            return
-        attached_here = self.feature_hooks is None or not self.feature_hooks.attached
-        if attached_here:
-            self.feature_hooks = self._declared_hooks()
-            if self.feature_hooks is not None:
-                self.feature_hooks.attach(self)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                outputs = self.step_outputs(batch) if inputs is None else self.outputs_of(inputs, None, None)
-                for term in pending:
-                    term.bind(self.student, self.teacher, self.loss_terms)
-                    term.build(outputs)
-            self._ddp_params_and_buffers_to_ignore = self._ddp_ignored()
-        finally:
-            self.train(was_training)
-            if self.feature_hooks is not None and attached_here:
-                self.feature_hooks.detach()
-            elif self.feature_hooks is not None:
-                self.feature_hooks.clear()
-
     # ----------------------------------------------------------------- steps
     def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:
         """Run the teacher, then the student, and gather what the loss terms read.
@@ -536,17 +407,7 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
         self, inputs: Any, targets: Tensor | None, batch: Any, teacher_output: Any = None
     ) -> StepOutputs:
         """:meth:`step_outputs` of an unpacked batch: teacher (unless ``teacher_output``), then student."""
-        teacher_features = None
-        try:
-            if teacher_output is None and self.teacher is not None:
-                if self.training:  # the role may serve it from elsewhere (a cache)
-                    teacher_output, teacher_features = self.teacher_role.training_outputs(self, batch, inputs)
-                else:
-                    teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
-            student_output = call_model(self.student, inputs)
-        except (RuntimeError, ValueError) as error:
-            self.raise_explained(error, batch, inputs)
-            raise
+        teacher_output, teacher_features, student_output = self.call_models(batch, inputs, teacher_output)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
         return StepOutputs(
             student_logits=self.prediction_of(student_output),
@@ -558,6 +419,39 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
             teacher_output=teacher_output,
             student_output=student_output,
         )
+
+    def call_models(
+        self, batch: Any, inputs: Any, teacher_output: Any = None
+    ) -> tuple[Any, dict[str, Tensor] | None, Any]:
+        """Teacher (unless ``teacher_output`` is given), then student: ``(teacher, features, student)``.
+
+        ``teacher_features`` are the teacher's hooked features when they come from elsewhere (a
+        cache), else ``None``. A forward that fails because of its inputs is re-raised naming the
+        fix (:meth:`raise_explained`).
+        """
+        teacher_features = None
+        try:
+            if teacher_output is None and self.teacher is not None:
+                teacher_output, teacher_features = self.call_teacher(batch, inputs)
+            student_output = self.call_student(inputs)
+        except (RuntimeError, ValueError) as error:
+            self.raise_explained(error, batch, inputs)
+            raise
+        return teacher_output, teacher_features, student_output
+
+    def call_teacher(self, batch: Any, inputs: Any) -> tuple[Any, dict[str, Tensor] | None]:
+        """The teacher's output on ``batch`` and, when they come from elsewhere (a cache), its features.
+
+        In training the teacher's role provides them (a cached teacher serves stored outputs);
+        held-out batches run :meth:`teacher_forward`.
+        """
+        if self.training:
+            return self.teacher_role.training_outputs(self, batch, inputs)
+        return self.teacher_forward(self.teacher_inputs(batch, inputs)), None
+
+    def call_student(self, inputs: Any) -> Any:
+        """The student's output on ``inputs``."""
+        return call_model(self.student, inputs)
 
     def compute_loss(self, outputs: StepOutputs) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total and each term's unweighted value.
@@ -578,74 +472,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
         if self.check_finite and not self.training:  # a held-out batch: read at the loop's epoch end
             self.held_out_monitor.record(self.held_out_monitor.last_step + 1, {**values, "total": total})
         return total, values
-
-    def read_held_out_monitor(self, stage: str) -> None:
-        """Raise for a NaN/Inf loss of a held-out batch of this ``stage`` loop (read once, at its end)."""
-        reading = self.held_out_monitor.read()
-        self.held_out_monitor.reset()
-        if reading.first_bad is not None:
-            terms = {name: value for name, value in reading.bad_values.items() if name != "total"}
-            where = f"{stage} batch {reading.first_bad} (of the loop at training step {self.global_step})"
-            cause = self.non_finite_cause(None)
-            raise non_finite_loss_error("terms", self.global_step, terms, cause, where=where)
-
-    def on_validation_epoch_end(self) -> None:
-        """Raise for a NaN/Inf held-out loss (:meth:`read_held_out_monitor`)."""
-        self.read_held_out_monitor("validation")
-
-    def on_test_epoch_end(self) -> None:
-        """Raise for a NaN/Inf held-out loss (:meth:`read_held_out_monitor`)."""
-        self.read_held_out_monitor("test")
-
-    def non_finite_error(self, reading: Reading, outputs: StepOutputs | None = None) -> FloatingPointError:
-        """The error for the non-finite loss ``reading`` found, diagnosed on ``outputs`` (or the state)."""
-        assert reading.first_bad is not None
-        terms = {name: reading.bad_values[f"train/loss_{name}"] for name in self.loss_terms}
-        outputs = outputs if reading.first_bad == reading.last_step else None  # else: the state now
-        cause = self.non_finite_cause(outputs)
-        return non_finite_loss_error("terms", reading.first_bad, terms, cause, found_at=reading.last_step)
-
-    def non_finite_cause(self, outputs: StepOutputs | None) -> str:
-        """What made the step's loss NaN/Inf, and its fix.
-
-        See :func:`~lightning_kd.diagnosis.non_finite_cause`; call it wherever non-finiteness is
-        detected. Without ``outputs`` (found after the step), only the settings and weights are read.
-        """
-        settings = {}
-        for name, term in self.loss_terms.items():
-            settings[f"weight of loss term {name!r}"] = term.weight
-            temperature = getattr(term, "temperature", None)
-            if isinstance(temperature, float | int | Tensor) and torch.as_tensor(temperature).numel() == 1:
-                settings[f"temperature of loss term {name!r}"] = float(temperature)
-        trained = ["student"] if self.teacher_is_frozen else ["student", "teacher"]
-        if outputs is None:
-            return non_finite_cause(
-                None,
-                {"student": self.student, "teacher": self.teacher},
-                {},
-                settings=settings,
-                trained=trained,
-            )
-        return non_finite_cause(
-            outputs.batch,
-            {"student": self.student, "teacher": self.teacher},
-            {"student": outputs.student_logits, "teacher": outputs.teacher_logits},
-            settings=settings,
-            trained=trained,
-            samples=int(outputs.student_logits.shape[0]) if outputs.student_logits.ndim else None,
-        )
-
-    def raise_explained(self, error: Exception, batch: Any, inputs: Any) -> None:
-        """Re-raise a forward's ``error`` naming the fix when its inputs caused it.
-
-        See :func:`~lightning_kd.batch_checks.explain_forward_error`.
-        """
-        calls = [("student", self.student, inputs)]
-        if self.teacher is not None:
-            calls.append(("teacher", self.teacher, self.teacher_inputs(batch, inputs)))
-        explained = explain_forward_error(error, calls)
-        if explained is not None:
-            raise explained from error
 
     def check_first_outputs(self, outputs: StepOutputs) -> None:
         """At the first batch: logits of shape ``(N, num_classes)``; warn on probabilities given as logits.
@@ -695,35 +521,6 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
             self.log_reading(self.read_monitor(outputs))
         return total
 
-    def evaluate(self, batch: Any, stage: str) -> None:
-        """Student (and teacher) accuracy and their agreement on one held-out batch, under ``stage/``."""
-        inputs, targets = self.unpack_batch(batch)
-        if targets is not None:  # the values were checked before the transfer (check_batch)
-            targets = class_targets(targets, self.num_classes, stage, read_values=False)
-        try:
-            student_logits = logits_of(call_model(self.student, inputs))
-            teacher_output = self.teacher_forward(self.teacher_inputs(batch, inputs))
-        except (RuntimeError, ValueError) as error:
-            self.raise_explained(error, batch, inputs)
-            raise
-        teacher_logits = logits_of(teacher_output) if teacher_output is not None else None
-        check_logits(student_logits, "student", self.num_classes)
-        if targets is not None:
-            self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), targets), sync_dist=True)
-            targets = class_indices(targets)
-            self.metrics[f"{stage}_acc"](student_logits, targets)
-            self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], prog_bar=True)
-        if teacher_logits is not None:
-            if targets is not None:
-                self.metrics[f"{stage}_teacher_acc"](teacher_logits, targets)
-                self.log(f"{stage}/teacher_acc", self.metrics[f"{stage}_teacher_acc"])
-            self.metrics[f"{stage}_agreement"](student_logits, teacher_logits.argmax(dim=-1))
-            self.log(f"{stage}/agreement", self.metrics[f"{stage}_agreement"])
-        if isinstance(self.teacher, TeacherEnsemble) and targets is not None:
-            for i, member_logits in enumerate(teacher_output["members"]):
-                self.metrics[f"{stage}_teacher{i}_acc"](member_logits, targets)
-                self.log(f"{stage}/teacher{i}_acc", self.metrics[f"{stage}_teacher{i}_acc"])
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Student (and teacher) accuracy and their agreement (labels checked in :meth:`check_batch`)."""
         self.check_if_unchecked(batch, "validation")
@@ -765,60 +562,3 @@ class DistillationModule(HostBatchChecks, MonitorReadings, pl.LightningModule):
             self.lr_scheduler_interval,
             self.cosine_decay,
         )
-
-    # ----------------------------------------------------------------- checkpoints
-    @property
-    def _teacher_left_out(self) -> bool:
-        """Whether checkpoints leave the teacher's weights out (a frozen teacher without ``save_teacher``)."""
-        return self.teacher is not None and not self.teacher_role.in_checkpoint(self.save_teacher)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked.
-
-        During a fit, a loss found non-finite since the last reading (``check_finite=True``) raises
-        here, before anything is written: the previous checkpoint stays as it was.
-
-        A teacher left out is recorded by its fingerprint (SHA-256 of its weights, taken once per
-        fit in :meth:`setup`) and its file, so that a resumed fit can tell whether it has the same one.
-        """
-        self.read_before_saving()  # no NaN weights saved
-        hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
-            hparams["teacher_checkpoint"] = self.teacher_checkpoint
-        if not self._teacher_left_out:
-            return
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = type(state)(
-            (k, v) for k, v in state.items() if not k.startswith("teacher.")
-        )
-        if self.frozen_teacher_fingerprint is not None:
-            checkpoint[FROZEN_TEACHER_KEY] = teacher_record(
-                self.frozen_teacher_fingerprint, self.teacher_checkpoint
-            )
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Give a checkpoint without the frozen teacher the teacher this module was built with.
-
-        A fit resumed from it must have the teacher the checkpoint was trained with (same
-        fingerprint), and every checkpoint must hold this module's student architecture: both
-        are refused with an error that names the difference. Terms whose adapters are not built
-        yet (outside a Trainer) are built on ``example_input_array`` if set; otherwise their saved
-        adapters are skipped with a warning (inference does not use them).
-        """
-        state = checkpoint["state_dict"]
-        if self.teacher_is_frozen and not any(k.startswith("teacher.") for k in state):
-            check_same_teacher(self, checkpoint.get(FROZEN_TEACHER_KEY))
-            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        unbuilt = [name for name, term in self.loss_terms.items() if term.needs_build]
-        if unbuilt and self.example_input_array is not None:
-            self.build_terms(inputs=self.example_input_array)
-        elif unbuilt:
-            prefixes = tuple(f"loss_terms.{name}." for name in unbuilt)
-            for key in [k for k in state if k.startswith(prefixes)]:
-                del state[key]
-            rank_zero_warn(
-                f"Adapters of loss terms {unbuilt} were not restored: they are built on a probe batch. "
-                "Set `example_input_array` to a student input (or call `build_terms(batch)`) before loading "
-                "to restore them."
-            )
-        check_same_architecture(self, state)

@@ -11,10 +11,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
 __all__ = [
     "CosineToZeroLR",
     "check_equal_training_batches",
+    "check_training_data",
     "compile_options",
     "configure_optimization",
     "default_optimizer",
@@ -187,6 +189,37 @@ def check_equal_training_batches(trainer: pl.Trainer) -> None:
         "IterableDataset "
         "(or limit_train_batches to the smallest count)."
     )
+
+
+def check_training_data(trainer: pl.Trainer) -> None:
+    """Fail loudly when the fit had no training batch (Lightning only logs "No training batches").
+
+    Names the cause: an empty dataset, or fewer samples than one batch with ``drop_last=True``.
+    """
+    if trainer.num_training_batches != 0:
+        return
+    loaders = trainer.train_dataloader
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    source = (
+        f"{type(trainer.datamodule).__name__}.train_dataloader()"
+        if trainer.datamodule is not None
+        else "the train_dataloaders given to Trainer.fit"
+    )
+    for loader in loaders:
+        if not isinstance(loader, DataLoader) or not hasattr(loader.dataset, "__len__"):
+            continue
+        samples = len(loader.dataset)
+        if samples == 0:
+            raise ValueError(
+                f"The training split is empty: {source} has a dataset of 0 samples, so nothing was "
+                "trained. Check the datamodule's data path and split sizes (e.g. train_samples)."
+            )
+        if loader.drop_last and loader.batch_size and samples < loader.batch_size:
+            raise ValueError(
+                f"The training split gives no batch: {source} has {samples} samples, fewer than "
+                f"batch_size={loader.batch_size} with drop_last=True. Lower the batch size or add data."
+            )
 
 
 def first_batch(trainer: pl.Trainer, stage: str) -> Any | None:

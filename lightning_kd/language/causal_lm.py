@@ -223,11 +223,20 @@ class CausalLMDistillationModule(DistillationModule):
             check_label_values(labels, self.vocab_size, stage)
 
     # ----------------------------------------------------------------- steps
-    def _run(self, model: nn.Module, inputs: Any, fused: bool, teacher: bool) -> Any:
-        module, call_inputs = hidden_state_call(model, inputs) if fused else (model, inputs)
+    def _run(self, model: nn.Module, inputs: Any, teacher: bool) -> Any:
+        """A model's output: its last hidden states on the fused path (no logits formed), else its logits."""
+        module, call_inputs = hidden_state_call(model, inputs) if self.fused_terms else (model, inputs)
         if teacher:
             return self.teacher_role.forward(module, call_inputs)
         return call_model(module, call_inputs)
+
+    def call_teacher(self, batch: Any, inputs: Any) -> tuple[Any, None]:
+        """The teacher's output (last hidden states on the fused path); the teacher always runs."""
+        return self._run(self.teacher, self.teacher_inputs(batch, inputs), teacher=True), None
+
+    def call_student(self, inputs: Any) -> Any:
+        """The student's output (last hidden states on the fused path)."""
+        return self._run(self.student, inputs, teacher=False)
 
     def _shared_vocabulary(self, student_size: int, teacher_size: int | None) -> int:
         if self.vocab_size is None:  # models without get_output_embeddings: known from the first logits
@@ -247,18 +256,9 @@ class CausalLMDistillationModule(DistillationModule):
         inputs, _ = self.unpack_batch(batch)
         labels, attention_mask = batch_labels(batch, self.labels_key, self.attention_mask_key)
         mask, targets = shifted_targets(labels, attention_mask)
-        fused = bool(self.fused_terms)
-        try:
-            if teacher_output is None and self.teacher is not None:
-                teacher_output = self._run(
-                    self.teacher, self.teacher_inputs(batch, inputs), fused, teacher=True
-                )
-            student_output = self._run(self.student, inputs, fused, teacher=False)
-        except (RuntimeError, ValueError) as error:
-            self.raise_explained(error, batch, inputs)
-            raise
+        teacher_output, _, student_output = self.call_models(batch, inputs, teacher_output)
         tokens = self._token_outputs(
-            student_output, teacher_output, fused, mask, targets, tuple(labels.shape)
+            student_output, teacher_output, bool(self.fused_terms), mask, targets, tuple(labels.shape)
         )
         if self.training:
             self.token_mean.count(tokens.mask)
