@@ -4,9 +4,10 @@
     python benchmarks/memory.py --device cuda --batch-size 128 --precision bf16-mixed
     python benchmarks/memory.py --quick                              # a smoke run
 
-Same setting as benchmarks/overhead.py: ``resnet8x4`` student, ``resnet32x4`` teacher, 100
-classes, 32x32 random inputs, SGD with momentum, ``DistillationModule`` under ``lightning.Trainer``
-(logger, progress bar, checkpointing, validation off) for ``--steps`` steps. Variants:
+The pair of the mid workload of benchmarks/step_overhead.py: ``resnet8x4`` student, ``resnet32x4``
+teacher, 100 classes, 32x32 random inputs, SGD with momentum, ``DistillationModule`` under
+``lightning.Trainer`` (logger, progress bar, checkpointing, validation off) for ``--steps`` steps.
+Variants:
 
 - ``student``: ``DistillationModule(student)``, cross-entropy only (no teacher is built).
 - ``kd``: ``DistillationModule(student, teacher)``: frozen teacher, forward under ``no_grad``.
