@@ -19,8 +19,7 @@ DistillKit's (Arcee AI, ``distillkit.compression``); this layout, its basis and 
 this package's. Decoding renormalises the :math:`k` values and the tail to sum to 1 and spreads the
 tail over the other :math:`V - k` ids: uniformly (``log_prior=None``, the maximum-entropy choice), or in
 proportion to a prior :math:`q` (:math:`\hat p_v = \tau q_v / \sum_{u \notin \text{top-}k} q_u`; the
-store's prior is the mean tail mass of each id over the stored tokens, the :math:`q` that minimises the
-expected forward KL of the reconstruction among fixed tail shapes).
+store's prior is each id's mean share of the tail over the stored positions where it is in the tail).
 """
 
 from __future__ import annotations
@@ -162,10 +161,11 @@ class TopKCodec:
     # ----------------------------------------------------------------- encode
     @torch.no_grad()
     def encode(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(P, V)`` logits -> ``(P, row_bytes)`` uint8 rows and the ``(V,)`` float64 tail mass per id.
+        r"""``(P, V)`` logits -> ``(P, row_bytes)`` uint8 rows and ``(2, V)`` float64 tail statistics.
 
-        The second result is :math:`\sum_{\text{positions}} p_v [v \notin \text{top-}k]`, summed
-        into the store's tail prior.
+        The statistics are, per id :math:`v`, :math:`\sum_t p_t(v) / \tau_t` and
+        :math:`\sum_t 1` over the positions :math:`t` where :math:`v` is in the tail, summed into the
+        store's tail prior (their ratio: the mean share of the tail that :math:`v` takes when it is there).
         """
         log_p = F.log_softmax(logits.float(), dim=-1)
         top, ids = log_p.topk(self.k, dim=-1)
@@ -175,7 +175,9 @@ class TopKCodec:
             if self.k < self.vocab_size
             else torch.full_like(top[:, 0], -math.inf)
         )
-        tail_sums = rest.exp().double().sum(0)
+        in_tail = torch.isfinite(rest)
+        shares = (rest - log_tail.unsqueeze(1)).exp().double().where(in_tail, 0.0)
+        tail_sums = torch.stack([shares.sum(0), in_tail.double().sum(0)])
         y = top.clamp_min(LOG_PROB_FLOOR)
         basis = _log_rank_basis(self.k, self.degree + 1).to(y.device)
         coefficients = (y @ basis).to(torch.float16).float()
