@@ -105,8 +105,8 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         fused = [term.name for term in losses if term.reads_hidden_states]
         if fused:
             raise ValueError(
-                f"Loss terms {fused} take the fused LM-head path, which needs the teacher's hidden states and "
-                "head; a stored teacher has neither. Use path='chunked' (the same memory profile for the "
+                f"Loss terms {fused} take the fused LM-head path, which needs the teacher's hidden states "
+                "and head; a stored teacher has neither. Use path='chunked' (the same memory profile for the "
                 "student's loss) or 'plain'."
             )
         opened = TopKTokenStore(store, tokenizer)
@@ -127,7 +127,9 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
     def build_metrics(self) -> nn.ModuleDict:
         """The student's loss and perplexity (no teacher metrics: the store covers the training data)."""
         metrics = super().build_metrics()
-        return nn.ModuleDict({k: v for k, v in metrics.items() if "teacher" not in k and "agreement" not in k})
+        return nn.ModuleDict(
+            {k: v for k, v in metrics.items() if "teacher" not in k and "agreement" not in k}
+        )
 
     def check_batch(self, batch: Any, stage: str) -> None:
         """The parent's checks; a training batch also gets its blocks' stored rows (read on the host)."""
@@ -137,8 +139,8 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         if not isinstance(batch, dict) or self.index_key not in batch:
             raise KeyError(
                 f"A training batch for the token store must be a dict with the blocks' indices at "
-                f"{self.index_key!r}: wrap the training dataset in lightning_kd.data.WithIndex (dict items get "
-                "'index'), or set index_key."
+                f"{self.index_key!r}: wrap the training dataset in lightning_kd.data.WithIndex (dict items "
+                "get 'index'), or set index_key."
             )
         ids = batch["input_ids"]
         rows = self.store.rows(batch[self.index_key], ids, batch.get(self.attention_mask_key or ""))

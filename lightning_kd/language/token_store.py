@@ -1,11 +1,11 @@
-"""TopKTokenStore: a causal-LM teacher's top-k next-token log-probabilities, computed once, on disk.
+r"""TopKTokenStore: a causal-LM teacher's top-k next-token log-probabilities, computed once, on disk.
 
 :func:`fill_token_store` runs the teacher over a dataset of token blocks (dict items with
 ``input_ids`` and ``attention_mask`` of one length ``L``, e.g.
 :class:`~lightning_kd.data.text.PythonDocsText`'s training split) and writes, for each of a block's
 ``L - 1`` predicting positions (position ``t`` predicts token ``t + 1``), one
 :class:`~lightning_kd.language.token_codec.TopKCodec` row: the ``k`` largest log-probabilities
-(polynomial fit + quantised residuals), their ids at :math:`\\lceil \\log_2 V \\rceil` bits and the
+(polynomial fit + quantised residuals), their ids at :math:`\lceil \log_2 V \rceil` bits and the
 tail mass. :class:`TopKTokenStore` reads them back, memory-mapped, for
 :class:`~lightning_kd.language.stored_teacher.TokenStoreDistillationModule`.
 
@@ -79,7 +79,7 @@ def _signatures(inputs: dict[str, Tensor]) -> Tensor:
 
 
 class TopKTokenStore:
-    """A finished top-k store, opened for reading (see the module docstring; build it with :func:`fill_token_store`).
+    """A finished top-k store, opened for reading (the module docstring says what it holds).
 
     Args:
         directory: the store's folder.
@@ -111,7 +111,10 @@ class TopKTokenStore:
                 f"The token store in {self.directory} is incomplete ({done} of {total} shards written; its "
                 "fill was interrupted): run the same fill again to finish it, it resumes."
             )
-        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.meta["fingerprint"]["tokenizer"]:
+        if (
+            tokenizer is not None
+            and tokenizer_fingerprint(tokenizer) != self.meta["fingerprint"]["tokenizer"]
+        ):
             raise ValueError(
                 f"The token store in {self.directory} was built with another tokenizer than the one given "
                 "(their vocabularies differ): its token ids would mean other tokens. Rebuild the store with "
@@ -165,9 +168,10 @@ class TopKTokenStore:
     @property
     def size_bytes(self) -> int:
         """Bytes of the store's files on disk (their lengths)."""
-        return sum(path.stat().st_size for path in self.directory.glob("shard-*.npy")) + (
-            self.directory / "meta.json"
-        ).stat().st_size
+        return (
+            sum(path.stat().st_size for path in self.directory.glob("shard-*.npy"))
+            + (self.directory / "meta.json").stat().st_size
+        )
 
     def rows(self, indices: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The stored ``(N, L - 1, row_bytes)`` uint8 rows of the blocks at ``indices`` (host tensors).
@@ -301,7 +305,9 @@ def fill_token_store(
     if len(dataset) == 0:
         raise ValueError("The dataset is empty: there is nothing to store.")
     if blocks_per_shard < 1 or batch_size < 1:
-        raise ValueError(f"blocks_per_shard and batch_size must be >= 1, got {blocks_per_shard}, {batch_size}.")
+        raise ValueError(
+            f"blocks_per_shard and batch_size must be >= 1, got {blocks_per_shard}, {batch_size}."
+        )
     first = dataset[0]
     if not isinstance(first, dict) or "input_ids" not in first:
         raise ValueError(
@@ -352,7 +358,9 @@ def fill_token_store(
         for shard in range(num_shards):
             if str(shard) in meta["shards"]:
                 continue
-            meta["shards"][str(shard)] = _fill_shard(directory, shard, meta, codec, logits_of_blocks, batch_size)
+            meta["shards"][str(shard)] = _fill_shard(
+                directory, shard, meta, codec, logits_of_blocks, batch_size
+            )
             meta["complete"] = len(meta["shards"]) == num_shards
             _write_meta(directory, meta)
             if on_shard is not None:
@@ -394,12 +402,15 @@ def _resumable_shards(directory: Path, meta: dict[str, Any], overwrite: bool) ->
 
 def _check_space(directory: Path, meta: dict[str, Any], codec: TopKCodec) -> None:
     missing = meta["num_shards"] - len(meta["shards"])
-    per_shard = meta["blocks_per_shard"] * ((meta["block_size"] - 1) * codec.row_bytes + 8) + 16 * codec.vocab_size
+    per_shard = (
+        meta["blocks_per_shard"] * ((meta["block_size"] - 1) * codec.row_bytes + 8) + 16 * codec.vocab_size
+    )
     needed, free = missing * (per_shard + 128 * len(_FILES)), shutil.disk_usage(directory).free
     if needed > free:
         raise OSError(
             errno.ENOSPC,
-            f"The token store needs {needed:,} more bytes in {directory} but its filesystem has {free:,} free. "
+            f"The token store needs {needed:,} more bytes in {directory} but its filesystem has {free:,} "
+            "free. "
             "Give it another directory, or store less per token (a smaller k, fewer residual_bits).",
         )
 
