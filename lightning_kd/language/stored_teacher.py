@@ -13,6 +13,7 @@ from lightning_kd.language.causal_lm import CausalLMDistillationModule
 from lightning_kd.language.metrics import token_cross_entropy_sum
 from lightning_kd.language.token_store import TopKTokenStore
 from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
+from lightning_kd.language.vocabulary import output_vocabulary_size
 from lightning_kd.losses.base import LossTerm
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
@@ -110,14 +111,14 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
                 "student's loss) or 'plain'."
             )
         opened = TopKTokenStore(store, tokenizer)
-        super().__init__(student, StoredTeacher(opened, tail), losses=losses, tokenizer=tokenizer, **kwargs)
-        self.store_path, self.index_key = str(store), index_key
-        student_size = self.vocab_size
+        student_size = output_vocabulary_size(student)
         if student_size is not None and student_size != opened.codec.vocab_size:
             raise ValueError(
                 f"The student predicts {student_size} token ids but the store holds a teacher of "
                 f"{opened.codec.vocab_size}: train a student of the store's vocabulary."
             )
+        super().__init__(student, StoredTeacher(opened, tail), losses=losses, tokenizer=tokenizer, **kwargs)
+        self.store_path, self.index_key = str(store), index_key
 
     @property
     def store(self) -> TopKTokenStore:

@@ -101,7 +101,7 @@ class TopKCodec:
         residual_bits: ``(bits, ranks)`` groups of quantised residuals, rank 1 first (bits 1 to 16);
             groups past rank ``k`` are cut.
         degree: degree of the polynomial fit of the sorted log-probabilities (``degree + 1``
-            float16 coefficients).
+            float16 coefficients; at most ``k - 1``).
     """
 
     vocab_size: int
@@ -118,8 +118,8 @@ class TopKCodec:
                 f"k must be between 1 and the vocabulary size {self.vocab_size} (log-probabilities kept per "
                 f"token), got {self.k}."
             )
-        if not 0 <= self.degree < min(self.k, 8):
-            raise ValueError(f"degree must be in [0, min(k, 8)), got {self.degree} with k={self.k}.")
+        if not 0 <= self.degree < 8:
+            raise ValueError(f"degree must be in [0, 8), got {self.degree}.")
         groups, left = [], self.k
         for bits, ranks in self.residual_bits:
             if not (1 <= int(bits) <= 16 and int(ranks) >= 1):
@@ -133,6 +133,11 @@ class TopKCodec:
         object.__setattr__(self, "groups", tuple(groups))
 
     @property
+    def terms(self) -> int:
+        """Coefficients of the polynomial fit: ``min(degree, k - 1) + 1``."""
+        return min(self.degree, self.k - 1) + 1
+
+    @property
     def id_bits(self) -> int:
         r"""Bits per stored id: :math:`\lceil \log_2 V \rceil`."""
         return max(1, math.ceil(math.log2(self.vocab_size)))
@@ -141,7 +146,7 @@ class TopKCodec:
     def widths(self) -> list[int]:
         """Bit widths of a row's fields: ids, residuals, then the float16 coefficients, steps and tail."""
         residuals = [bits for bits, ranks in self.groups for _ in range(ranks)]
-        halves = self.degree + 1 + len(self.groups) + 1
+        halves = self.terms + len(self.groups) + 1
         return [self.id_bits] * self.k + residuals + [16] * halves
 
     @property
@@ -179,7 +184,7 @@ class TopKCodec:
         shares = (rest - log_tail.unsqueeze(1)).exp().double().where(in_tail, 0.0)
         tail_sums = torch.stack([shares.sum(0), in_tail.double().sum(0)])
         y = top.clamp_min(LOG_PROB_FLOOR)
-        basis = _log_rank_basis(self.k, self.degree + 1).to(y.device)
+        basis = _log_rank_basis(self.k, self.terms).to(y.device)
         coefficients = (y @ basis).to(torch.float16).float()
         residual = y - coefficients @ basis.T
         quantised, steps, start = [], [], 0
@@ -203,7 +208,7 @@ class TopKCodec:
         residual_count = sum(ranks for _, ranks in self.groups)
         q = fields[..., self.k : self.k + residual_count]
         halves = _from_half_bits(fields[..., self.k + residual_count :])
-        terms = self.degree + 1
+        terms = self.terms
         basis = _log_rank_basis(self.k, terms).to(rows.device)
         y = halves[..., :terms] @ basis.T
         parts, start = [], 0
