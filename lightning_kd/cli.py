@@ -14,6 +14,7 @@ from typing import Any
 
 import jsonargparse
 import lightning.pytorch as pl
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, OptimizerCallable
@@ -30,6 +31,7 @@ __all__ = [
     "DistillationCLI",
     "DistillationHelpFormatter",
     "build_chain_parser",
+    "cache_tokens_command",
     "chain_main",
     "run_chain_command",
     "check_checkpoint_file",
@@ -434,12 +436,97 @@ def recipes_command(args: Sequence[str]) -> None:
         print(f"  {name}")
 
 
+def cache_tokens_command(args: Sequence[str]) -> None:
+    """``lightning-kd cache-tokens``: fill a top-k token store from a recipe's teacher and training data.
+
+    The recipe (a name or a YAML file) gives ``model.init_args.teacher`` (and its
+    ``teacher_checkpoint``) and ``data``; see :func:`~lightning_kd.language.fill_token_store`.
+    """
+    import yaml
+    from torch import nn
+
+    from lightning_kd.language.token_codec import DEFAULT_RESIDUAL_BITS
+    from lightning_kd.language.token_store import fill_token_store
+    from lightning_kd.teachers.loading import load_weights
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-kd cache-tokens",
+        description="Run a causal-LM teacher once over the training data and store its top-k next-token "
+        "log-probabilities (compressed, sharded, verified; resumable). Train from the store with "
+        "lightning_kd.language.TokenStoreDistillationModule.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="a recipe with a teacher and data (e.g. python_docs/kd)"
+    )
+    parser.add_argument("--directory", required=True, help="the store's folder")
+    parser.add_argument("--teacher-checkpoint", help="the teacher's weights (default: the recipe's)")
+    parser.add_argument("--k", type=int, default=128, help="log-probabilities kept per token (default 128)")
+    parser.add_argument(
+        "--residual-bits",
+        default=",".join(f"{bits}x{ranks}" for bits, ranks in DEFAULT_RESIDUAL_BITS),
+        help="quantised residual groups BITSxRANKS, rank 1 first (default %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per teacher call")
+    parser.add_argument("--blocks-per-shard", type=int, default=64, help="blocks per shard")
+    parser.add_argument("--device", default=None, help="where the teacher runs (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild a store of another teacher or data")
+    options = parser.parse_args(list(args))
+    try:
+        groups = [
+            tuple(int(x) for x in group.split("x")) for group in options.residual_bits.split(",") if group
+        ]
+    except ValueError:
+        parser.exit(
+            2, f"lightning-kd cache-tokens: --residual-bits {options.residual_bits!r} is not BITSxRANKS,...\n"
+        )
+    recipe = yaml.safe_load(Path(resolve_config(options.config)).read_text())
+    model = (recipe.get("model") or {}).get("init_args") or {}
+    if "teacher" not in model or "data" not in recipe:
+        parser.exit(
+            2, f"lightning-kd cache-tokens: {options.config} names no model.init_args.teacher or data.\n"
+        )
+    checkpoint = options.teacher_checkpoint or model.get("teacher_checkpoint")
+    builder = ArgumentParser()
+    builder.add_argument("--teacher", type=nn.Module)
+    builder.add_argument("--data", type=LightningDataModule)
+    instantiate = getattr(builder, "instantiate", None) or builder.instantiate_classes
+    built = instantiate(builder.parse_object({"teacher": model["teacher"], "data": recipe["data"]}))
+    if checkpoint is not None:
+        load_weights(built.teacher, checkpoint)
+    data = built.data
+    data.setup("fit")
+    dataset = getattr(data, "datasets", {}).get("train") or data.train_dataloader().dataset
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    store = fill_token_store(
+        built.teacher.to(device),
+        dataset,
+        options.directory,
+        k=options.k,
+        residual_bits=groups,
+        tokenizer=getattr(data, "tokenizer", None),
+        batch_size=options.batch_size,
+        blocks_per_shard=options.blocks_per_shard,
+        device=device,
+        overwrite=options.overwrite,
+        on_shard=lambda shard, total: print(f"shard {shard + 1}/{total} written", flush=True),
+    )
+    print(
+        f"Stored {store.num_blocks} blocks x {store.block_size - 1} positions in {options.directory}: "
+        f"{store.size_bytes:,} bytes, {store.bytes_per_token:.1f} bytes per token (k={options.k}, "
+        f"V={store.codec.vocab_size}), {time.perf_counter() - started:.0f} s."
+    )
+
+
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE`` or ``lightning-kd recipes``."""
+    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE``, ``recipes`` or ``cache-tokens``."""
     silence_unactionable_warnings()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv[:1] == ["recipes"]:
         recipes_command(argv[1:])
+        return
+    if isinstance(argv, list | tuple) and argv[:1] == ["cache-tokens"]:
+        cache_tokens_command(argv[1:])
         return
     DistillationCLI(args=args)
 

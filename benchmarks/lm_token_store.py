@@ -1,0 +1,185 @@
+"""The top-k token store on the offline LM example: size, bytes per token, KL error, fill and step time.
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/lm_token_store.py --out benchmarks/results/lm_token_store.md
+
+The teacher is ``tiny_gpt2(V, "teacher")`` on ``PythonDocsText`` (blocks of 128, V = 4096), loaded from
+``--teacher-checkpoint`` or, without one, trained here for ``--teacher-steps`` steps (a weaker teacher
+than the example's 15-minute one: its distributions are flatter, so top-k truncation loses more).
+The store covers ``--blocks`` training blocks. KL error: per counted token, KL(p_teacher || p_stored)
+in float64 against the full teacher distribution; "top-k exact" is the same truncation without
+quantisation (exact log-probabilities, uniform tail), so the difference is the codec's own error.
+V = 128k: rows of random logits (the format's size does not depend on the values). Times are CPU
+process times, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from lightning_kd.data import WithIndex
+from lightning_kd.data.text import PythonDocsText
+from lightning_kd.language import (
+    CausalLMDistillationModule,
+    TokenStoreDistillationModule,
+    TopKCodec,
+    fill_token_store,
+)
+from lightning_kd.models.gpt import tiny_gpt2
+from lightning_kd.teachers.loading import load_weights
+
+COMPACT = ((6, 8), (2, 32))  # fits 300 bytes at V = 128k, k = 128
+
+
+def kl64(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    log_p, log_q = log_p.double(), log_q.double()
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def exact_top_k(log_p: torch.Tensor, k: int) -> torch.Tensor:
+    top, ids = log_p.topk(k, dim=-1)
+    tail = (1 - top.exp().sum(-1)).clamp_min(1e-300)
+    out = (tail / (log_p.shape[-1] - k)).log().unsqueeze(-1).expand_as(log_p).clone()
+    return out.scatter_(-1, ids, top)
+
+
+def train_teacher(data: PythonDocsText, steps: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3)
+    loader = DataLoader(data.datasets["train"], batch_size=16, shuffle=True)
+    done = 0
+    while done < steps:
+        for batch in loader:
+            loss = teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    return teacher.eval()
+
+
+def step_time(module: torch.nn.Module, loader: DataLoader, steps: int) -> float:
+    """CPU seconds per training step (forward, loss, backward, optimizer) after one warm-up step."""
+    optimizer = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
+    module.train()
+    module.teacher.eval()
+    times = []
+    for index, batch in enumerate(loader):
+        if index > steps:
+            break
+        start = time.process_time()
+        module.check_batch(batch, "training")
+        outputs = module.step_outputs(batch)
+        loss, _ = module.compute_loss(outputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if index:
+            times.append(time.process_time() - start)
+    return sum(times) / len(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--teacher-checkpoint", default=None)
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--blocks", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = PythonDocsText(block_size=128, vocab_size=4096, batch_size=8)
+    data.setup("fit")
+    started = time.process_time()
+    if args.teacher_checkpoint:
+        teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128)
+        load_weights(teacher, args.teacher_checkpoint)
+        origin = f"loaded from {args.teacher_checkpoint}"
+    else:
+        teacher = train_teacher(data, args.teacher_steps)
+        seconds = time.process_time() - started
+        origin = f"trained here for {args.teacher_steps} steps of 16 blocks ({seconds:.0f} CPU s)"
+    teacher.eval()
+    blocks = Subset(data.datasets["train"], range(args.blocks))
+    ids = torch.stack([blocks[i]["input_ids"] for i in range(len(blocks))])
+    mask = torch.stack([blocks[i]["attention_mask"] for i in range(len(blocks))])
+    labels = torch.stack([blocks[i]["labels"] for i in range(len(blocks))])
+    with torch.no_grad():
+        full = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.double(), -1)[:, :-1]
+    counted = (labels[:, 1:] != -100) & mask[:, 1:].bool() & mask[:, :-1].bool()
+    nll = -full.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[counted].mean()
+    lines = [
+        "# The top-k token store (benchmarks/lm_token_store.py)",
+        "",
+        f"Teacher: tiny_gpt2(4096, 'teacher'), {origin}; perplexity on the stored blocks "
+        f"{float(nll.exp()):.1f}. Store: {args.blocks} training blocks of PythonDocsText (block 128, "
+        f"{int(counted.sum())} counted tokens). CPU process times, one thread; load average "
+        f"{os.getloadavg()[0]:.1f} at the start.",
+        "",
+        "## V = 4096 (the example)",
+        "",
+        "| k | bytes/token (row) | bytes/token (files) | KL error, prior tail: mean / p99 / max "
+        "| uniform tail: mean | top-k exact (uniform): mean | fill s/1k tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    stores = {}
+    root = Path(tempfile.mkdtemp())
+    for k in (8, 32, 128):
+        start = time.process_time()
+        store = fill_token_store(
+            teacher, blocks, root / f"k{k}", k=k, tokenizer=data.tokenizer, batch_size=8, blocks_per_shard=16
+        )
+        fill = time.process_time() - start
+        stores[k] = store
+        rows = store.rows(torch.arange(len(blocks)), ids, mask)
+        prior = kl64(full, store.codec.decode(rows, store.log_prior))[counted]
+        uniform = kl64(full, store.codec.decode(rows))[counted]
+        exact = kl64(full, exact_top_k(full, k))[counted]
+        lines.append(
+            f"| {k} | {store.codec.row_bytes} | {store.bytes_per_token:.1f} | {prior.mean():.2e} / "
+            f"{prior.quantile(0.99):.2e} / {prior.max():.2e} | {uniform.mean():.2e} | {exact.mean():.2e} | "
+            f"{1000 * fill / (len(blocks) * 127):.3f} |"
+        )
+        print(lines[-1], flush=True)
+    lines += ["", "## V = 128k (131072), random logits N(0, 3^2), 256 positions", "",
+              "| k | residual bits | bytes/token (row) | KL - top-k exact KL (the codec's error), mean |",
+              "|---|---|---|---|"]  # fmt: skip
+    torch.manual_seed(0)
+    logits = torch.randn(256, 131072) * 3
+    log_p = torch.log_softmax(logits.double(), -1)
+    for k, bits in ((8, None), (32, None), (128, None), (128, COMPACT)):
+        codec = TopKCodec(131072, k) if bits is None else TopKCodec(131072, k, bits)
+        decoded = codec.decode(codec.encode(logits)[0])
+        extra = (kl64(log_p, decoded) - kl64(log_p, exact_top_k(log_p, k))).mean()
+        name = "default 8x4,6x12,4x32,2x80" if bits is None else "compact 6x8,2x32"
+        lines.append(f"| {k} | {name} | {codec.row_bytes} | {extra:.2e} |")
+        print(lines[-1], flush=True)
+    loader = DataLoader(WithIndex(blocks), batch_size=8)
+    student = tiny_gpt2(data.vocab_size, "student", n_positions=128)
+    live = CausalLMDistillationModule(student, teacher, cosine_decay=False)
+    from_store = TokenStoreDistillationModule(
+        tiny_gpt2(data.vocab_size, "student", n_positions=128), root / "k128"
+    )
+    live_s = step_time(live, loader, args.steps)
+    store_s = step_time(from_store, loader, args.steps)
+    lines += ["", "## Time per training step (batch 8 x 128, tiny_gpt2 'student', CE + forward KL)", "",
+              "| teacher | CPU s / step |", "|---|---|",
+              f"| live (in memory) | {live_s:.3f} |", f"| store, k = 128 | {store_s:.3f} |"]  # fmt: skip
+    print("\n".join(lines[-4:]))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

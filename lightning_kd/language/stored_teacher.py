@@ -1,0 +1,175 @@
+"""TokenStoreDistillationModule: causal-LM distillation from a top-k token store, no teacher in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kd.language.causal_lm import CausalLMDistillationModule
+from lightning_kd.language.metrics import token_cross_entropy_sum
+from lightning_kd.language.token_store import TopKTokenStore
+from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
+from lightning_kd.language.vocabulary import output_vocabulary_size
+from lightning_kd.losses.base import LossTerm
+from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
+from lightning_kd.losses.token_divergence import TokenDivergenceTerm
+from lightning_kd.model_io import call_model, logits_of
+
+__all__ = ["StoredTeacher", "TokenStoreDistillationModule"]
+
+#: the batch key under which the stored rows of a training batch travel to the device
+ROWS_KEY = "teacher_topk_rows"
+
+
+class StoredTeacher(nn.Module):
+    """Stands in for the teacher: ``(N, L - 1, row_bytes)`` stored rows -> ``(N, L, V)`` log-probabilities.
+
+    The rows are decoded on their device (:meth:`TopKCodec.decode
+    <lightning_kd.language.token_codec.TopKCodec.decode>`); the last position, which predicts nothing,
+    is 0. It has no parameters; the tail prior is a non-persistent buffer.
+
+    Args:
+        store: the opened store.
+        tail: ``"prior"`` (the tail mass spread as the store's tail prior) or ``"uniform"``.
+    """
+
+    def __init__(self, store: TopKTokenStore, tail: Literal["prior", "uniform"] = "prior") -> None:
+        super().__init__()
+        if tail not in ("prior", "uniform"):
+            raise ValueError(f"tail must be 'prior' or 'uniform', got {tail!r}.")
+        self.store, self.tail = store, tail
+        self.register_buffer("log_prior", store.log_prior.clone(), persistent=False)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        """The reconstructed log-probabilities of every position (see the class docstring)."""
+        codec = self.store.codec
+        out = torch.zeros((rows.shape[0], rows.shape[1] + 1, codec.vocab_size), device=rows.device)
+        codec.decode(rows, self.log_prior if self.tail == "prior" else None, out=out[:, :-1])
+        return out
+
+    def extra_repr(self) -> str:
+        """The store and the tail rule."""
+        return f"{self.store!r}, tail={self.tail!r}"
+
+
+class TokenStoreDistillationModule(CausalLMDistillationModule):
+    """:class:`~lightning_kd.language.CausalLMDistillationModule` whose teacher is read from a top-k store.
+
+    The store (:func:`~lightning_kd.language.fill_token_store`, or ``lightning-kd cache-tokens``) was
+    filled from the training dataset; batches must carry each block's position in it
+    (:class:`~lightning_kd.data.WithIndex` on the dict items: ``batch[index_key]``). Before each
+    training batch moves to the device its rows are read from the memory map (shards CRC-checked
+    at first read, each block's inputs against its stored signature) and added to the batch; the
+    step decodes them on the device into the teacher's ``(N, L - 1, V)`` log-probabilities (no host
+    read), which every divergence of :class:`~lightning_kd.losses.TokenDivergenceTerm` reads on the
+    plain and chunked paths. The fused path needs the teacher's head and is refused.
+
+    Validation and test report the student's loss and perplexity (the store holds the training
+    data's teacher only).
+
+    Args:
+        student: the causal LM being trained.
+        store: the store's directory.
+        losses: default: next-token cross-entropy 0.5 + forward KL 0.5 (as
+            :func:`~lightning_kd.language.default_causal_lm_losses`).
+        tail: how the tail mass is spread over the ids outside the top k (:class:`StoredTeacher`).
+        index_key: the batch key of the block index.
+        tokenizer: the student's tokenizer; when given, it must be the store's.
+        **kwargs: the other arguments of :class:`~lightning_kd.language.CausalLMDistillationModule`
+            (not ``teacher`` or ``teacher_mode``).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        store: str | Path,
+        losses: Sequence[LossTerm] | None = None,
+        tail: Literal["prior", "uniform"] = "prior",
+        index_key: str = "index",
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        for name in ("teacher", "teacher_mode", "teacher_checkpoint", "teacher_tokenizer"):
+            if name in kwargs:
+                raise ValueError(
+                    f"TokenStoreDistillationModule takes no {name}: the teacher is the store. Remove it."
+                )
+        if losses is None:
+            losses = [
+                TokenCrossEntropyTerm("ce", weight=0.5),
+                TokenDivergenceTerm("kd", weight=0.5, divergence="forward_kl"),
+            ]
+        fused = [term.name for term in losses if term.reads_hidden_states]
+        if fused:
+            raise ValueError(
+                f"Loss terms {fused} take the fused LM-head path, which needs the teacher's hidden states "
+                "and head; a stored teacher has neither. Use path='chunked' (the same memory profile for the "
+                "student's loss) or 'plain'."
+            )
+        opened = TopKTokenStore(store, tokenizer)
+        student_size = output_vocabulary_size(student)
+        if student_size is not None and student_size != opened.codec.vocab_size:
+            raise ValueError(
+                f"The student predicts {student_size} token ids but the store holds a teacher of "
+                f"{opened.codec.vocab_size}: train a student of the store's vocabulary."
+            )
+        super().__init__(student, StoredTeacher(opened, tail), losses=losses, tokenizer=tokenizer, **kwargs)
+        self.store_path, self.index_key = str(store), index_key
+
+    @property
+    def store(self) -> TopKTokenStore:
+        """The opened store."""
+        return self.teacher.store
+
+    def build_metrics(self) -> nn.ModuleDict:
+        """The student's loss and perplexity (no teacher metrics: the store covers the training data)."""
+        metrics = super().build_metrics()
+        return nn.ModuleDict(
+            {k: v for k, v in metrics.items() if "teacher" not in k and "agreement" not in k}
+        )
+
+    def check_batch(self, batch: Any, stage: str) -> None:
+        """The parent's checks; a training batch also gets its blocks' stored rows (read on the host)."""
+        super().check_batch(batch, stage)
+        if stage != "training":
+            return
+        if not isinstance(batch, dict) or self.index_key not in batch:
+            raise KeyError(
+                f"A training batch for the token store must be a dict with the blocks' indices at "
+                f"{self.index_key!r}: wrap the training dataset in lightning_kd.data.WithIndex (dict items "
+                "get 'index'), or set index_key."
+            )
+        ids = batch["input_ids"]
+        rows = self.store.rows(batch[self.index_key], ids, batch.get(self.attention_mask_key or ""))
+        batch[ROWS_KEY] = rows if ids.device.type == "cpu" else rows.to(ids.device)
+
+    def teacher_inputs(self, batch: Any, inputs: Any) -> Any:
+        """The batch's stored rows (added by :meth:`check_batch`)."""
+        if ROWS_KEY not in batch:
+            raise RuntimeError(
+                "This batch has no stored teacher rows: only training batches are read from the token store "
+                "(they get them in on_before_batch_transfer)."
+            )
+        return batch[ROWS_KEY]
+
+    def evaluate(self, batch: Any, stage: str) -> None:
+        """The student's next-token cross-entropy and perplexity over the batch's counted tokens."""
+        inputs, _ = self.unpack_batch(batch)
+        labels, attention_mask = batch_labels(batch, self.labels_key, self.attention_mask_key)
+        mask, targets = shifted_targets(labels, attention_mask)
+        student = shifted(logits_of(call_model(self.student, inputs))).float()
+        counted = mask.sum()
+        nll = token_cross_entropy_sum(student, targets) / counted.clamp_min(1)
+        self.metrics[f"{stage}_loss"].update(nll, counted)
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
+        self.metrics[f"{stage}_perplexity"].update(nll, counted)
+        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+
+    def on_fit_end(self) -> None:
+        """The parent's end of fit; the store's shared lock is released."""
+        super().on_fit_end()
+        self.store.release()
