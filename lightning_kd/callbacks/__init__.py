@@ -1,7 +1,8 @@
 """Ingredient 3 of distillation (how it unfolds over training) and its plumbing.
 
 - How it unfolds: :class:`TemperatureAnnealing`, :class:`LossWeightSchedule`,
-  :class:`ReversalStrengthSchedule` (CTKD's curriculum; all :class:`ScheduledValue`), :class:`DistillationStages`, :class:`ReproducibleOrder`.
+  :class:`ReversalStrengthSchedule` (CTKD's curriculum; all :class:`ScheduledValue`),
+  :class:`DistillationStages`, :class:`ReproducibleOrder`.
 - Plumbing: :class:`FeatureHooks` (the layers the loss terms read) and
   :class:`QuantizationAwareTraining` (its ``torch.ao`` functions are in :mod:`lightning_kd.quantization`).
 - Reports of what distillation did: the :mod:`lightning_kd.callbacks.report` subpackage,

@@ -1,4 +1,4 @@
-"""CTKD's curriculum: the strength of the temperature's gradient reversal, from 0 to 1 over the first epochs."""
+"""CTKD's curriculum: the strength of the temperature's gradient reversal, 0 -> 1 over the first epochs."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class ReversalStrengthSchedule(ScheduledValue):
         if term is None or not hasattr(term, "strength"):
             ctkd_terms = [name for name, t in loss_terms.items() if hasattr(t, "strength")]
             raise ValueError(
-                f"ReversalStrengthSchedule: no CTKD term named {self.term!r} (a term with a reversal strength); "
-                f"CTKD terms: {ctkd_terms}, all terms: {list(loss_terms)}."
+                f"ReversalStrengthSchedule: no CTKD term named {self.term!r} (a term with a reversal "
+                f"strength); CTKD terms: {ctkd_terms}, all terms: {list(loss_terms)}."
             )
         term.strength = value

@@ -58,7 +58,9 @@ class TwoViews(Dataset):
         TypeError: (when an item is read) the item is not an ``(x, y)`` pair.
     """
 
-    def __init__(self, dataset: Dataset, weak: Callable[[Any], Any] | None, strong: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, dataset: Dataset, weak: Callable[[Any], Any] | None, strong: Callable[[Any], Any]
+    ) -> None:
         self.dataset = dataset
         self.weak = weak
         self.strong = strong
@@ -69,10 +71,10 @@ class TwoViews(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any, Any]:
         item = self.dataset[index]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
+            entries = f" with {len(item)} entries" if isinstance(item, (tuple, list)) else ""
             raise TypeError(
                 f"TwoViews needs a dataset of (input, label) pairs, got an item of type {type(item).__name__}"
-                f"{f' with {len(item)} entries' if isinstance(item, (tuple, list)) else ''}; an indexed dataset "
-                "(WithIndex, return_index=True) cannot be combined with two views."
+                f"{entries}; an indexed dataset (WithIndex, return_index=True) cannot have two views."
             )
         x, y = item
         return (self.weak(x) if self.weak is not None else x), self.strong(x), y
@@ -156,7 +158,9 @@ class CIFAR100TwoViewDataModule(CIFAR100DataModule):
         strong_magnitude: int = 10,
     ) -> None:
         if not 0 <= strong_magnitude <= 30:
-            raise ValueError(f"strong_magnitude must be in [0, 30] (RandAugment's bins), got {strong_magnitude}.")
+            raise ValueError(
+                f"strong_magnitude must be in [0, 30] (RandAugment's bins), got {strong_magnitude}."
+            )
         super().__init__(data_dir, batch_size, num_workers, download, augment=True, return_index=False)
         self.strong_magnitude = strong_magnitude
 
@@ -217,7 +221,9 @@ class MNIST1DTwoViewDataModule(MNIST1DDataModule):
         strong_noise: float = 0.2,
     ) -> None:
         self.strong = SignalShiftNoise(strong_shift, strong_noise)
-        super().__init__(train_samples, test_samples, val_samples, batch_size, num_workers, seed, return_index=False)
+        super().__init__(
+            train_samples, test_samples, val_samples, batch_size, num_workers, seed, return_index=False
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """The MNIST-1D splits, the training split serving two views of each signal."""

@@ -96,16 +96,17 @@ class InstanceTemperature(nn.Module):
 
 
 class CTKDTerm(LossTerm):
-    """Curriculum temperature (Li et al., AAAI 2023): a logit term at a temperature learned adversarially.
+    r"""Curriculum temperature (Li et al., AAAI 2023): a logit term at a temperature learned adversarially.
 
-    Wraps a term that has ``loss_at_temperature(outputs, temperature)`` (:class:`~lightning_kd.KDTerm`,
-    :class:`~lightning_kd.DKDTerm`, their ``standardize`` variants) and computes it at the learned
-    temperature :func:`ctkd_temperature` instead of the wrapped term's own ``temperature`` (the
-    wrapped term's ``weight`` is not used: this term's is). ``temperature="global"`` learns one
-    temperature (the authors' ``Global_T``, :math:`\\theta` initialised to 1, i.e. :math:`\\tau \\approx 15.6`);
+    Wraps a term that has ``loss_at_temperature(outputs, temperature)``
+    (:class:`~lightning_kd.KDTerm`, :class:`~lightning_kd.DKDTerm`, their ``standardize`` variants)
+    and computes it at the learned temperature :func:`ctkd_temperature` instead of the wrapped
+    term's own ``temperature`` (the wrapped term's ``weight`` is not used: this term's is).
+    ``temperature="global"`` learns one temperature (the authors' ``Global_T``, :math:`\theta`
+    initialised to 1, i.e. :math:`\tau \approx 15.6`);
     ``"instance"`` one per sample from :class:`InstanceTemperature`, built on the probe batch. The
     temperature's parameters train with the student's optimizer (the authors' SGD holds both);
-    ``strength`` (:math:`\\lambda`) is set by :class:`~lightning_kd.callbacks.ReversalStrengthSchedule`.
+    ``strength`` (:math:`\lambda`) is set by :class:`~lightning_kd.callbacks.ReversalStrengthSchedule`.
     The temperature of the last step is kept (detached) in :attr:`last_temperature`.
 
     Args:
@@ -115,7 +116,7 @@ class CTKDTerm(LossTerm):
         temperature: ``"global"`` or ``"instance"``.
         t_min: the lowest temperature (the authors' ``t_start``: 1).
         t_range: the width of the range (the authors' ``t_end``: 20).
-        strength: the reversal strength :math:`\\lambda` to start with (0: the curriculum's start).
+        strength: the reversal strength :math:`\lambda` to start with (0: the curriculum's start).
         top_k: for ``"instance"``: classes read per sample (default: all).
         hidden: for ``"instance"``: the hidden width.
 
@@ -142,10 +143,13 @@ class CTKDTerm(LossTerm):
         if not callable(getattr(term, "loss_at_temperature", None)):
             raise TypeError(
                 f"CTKDTerm {name!r} wraps a term that it computes at a learned temperature, but "
-                f"{type(term).__name__} has no loss_at_temperature(outputs, temperature); wrap KDTerm or DKDTerm."
+                f"{type(term).__name__} has no loss_at_temperature(outputs, temperature); wrap KDTerm or "
+                "DKDTerm."
             )
         if temperature not in ("global", "instance"):
-            raise ValueError(f"CTKDTerm {name!r}: temperature must be 'global' or 'instance', got {temperature!r}.")
+            raise ValueError(
+                f"CTKDTerm {name!r}: temperature must be 'global' or 'instance', got {temperature!r}."
+            )
         _check_positive("t_min", t_min)
         _check_positive("t_range", t_range)
         self.term = term
@@ -161,7 +165,7 @@ class CTKDTerm(LossTerm):
 
     @property
     def strength(self) -> float:
-        """The gradient reversal's strength :math:`\\lambda` (>= 0)."""
+        r"""The gradient reversal's strength :math:`\lambda` (>= 0)."""
         return self._strength
 
     @strength.setter
@@ -197,10 +201,12 @@ class CTKDTerm(LossTerm):
         if self.needs_build:
             num_classes = outputs.student_logits.shape[-1]
             top_k = num_classes if self.top_k is None else min(self.top_k, num_classes)
-            self.instance_temperature = InstanceTemperature(top_k, self.hidden).to(outputs.student_logits.device)
+            self.instance_temperature = InstanceTemperature(top_k, self.hidden).to(
+                outputs.student_logits.device
+            )
 
     def learned_temperature(self, outputs: StepOutputs) -> Tensor:
-        """This step's learned temperature: ``(1,)`` global, or ``(N,)`` one per row of logits."""
+        """The learned temperature of this step: ``(1,)`` global, or ``(N,)`` one per row of logits."""
         if self.mode == "global":
             raw = self.global_temperature
         else:
@@ -209,12 +215,14 @@ class CTKDTerm(LossTerm):
         return ctkd_temperature(raw, self.strength, self.t_min, self.t_range)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
-        """The wrapped term's loss at the learned temperature."""
+        """The wrapped term's loss, at the learned temperature."""
         temperature = self.learned_temperature(outputs)
         self.last_temperature = temperature.detach()
         return self.term.loss_at_temperature(outputs, temperature)
 
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
-        settings = f"temperature={self.mode!r}, t_min={self.t_min}, t_range={self.t_range}, strength={self.strength}"
+        settings = (
+            f"temperature={self.mode!r}, t_min={self.t_min}, t_range={self.t_range}, strength={self.strength}"
+        )
         return f"{super().extra_repr()}, {settings}"

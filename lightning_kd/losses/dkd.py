@@ -132,7 +132,10 @@ def dkd_loss(
     _check_num_classes(student_logits, 2, "for DKD (it splits the target class from the others)")
     _check_targets(student_logits, target)
     if standardize:
-        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
+        student_logits, teacher_logits = (
+            standardize_logits(student_logits),
+            standardize_logits(teacher_logits),
+        )
     num_classes = student_logits.shape[-1]
     target = target.reshape(-1).long()
     student_logits = student_logits.reshape(-1, num_classes)
@@ -189,11 +192,11 @@ class DKDTerm(LossTerm):
         self.standardize = bool(standardize)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
-        """``dkd_loss(student_logits, teacher_logits.detach(), targets, alpha, beta, temperature, standardize)``."""
+        """``dkd_loss(student_logits, teacher_logits.detach(), targets, ...)`` with the term's settings."""
         return self.loss_at_temperature(outputs, self.temperature)
 
     def loss_at_temperature(self, outputs: StepOutputs, temperature: float | Tensor) -> Tensor:
-        """The term's loss at ``temperature`` (a learned tensor one from :class:`~lightning_kd.losses.CTKDTerm`)."""
+        """The term's loss at ``temperature``: a float, or a learned tensor (CTKD)."""
         targets = self.required_targets(outputs, why=" (DKD) to split the target class from the others")
         return dkd_loss(
             outputs.student_logits,

@@ -84,7 +84,10 @@ def kd_loss(
     # a learned temperature is > 0 by construction (CTKD's sigmoid); only the shapes are checked
     _check_logit_pair(student_logits, teacher_logits, 1.0 if learned else temperature)
     if standardize:
-        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
+        student_logits, teacher_logits = (
+            standardize_logits(student_logits),
+            standardize_logits(teacher_logits),
+        )
     num_classes = student_logits.shape[-1]
     student_logits = student_logits.reshape(-1, num_classes)
     teacher_logits = teacher_logits.reshape(-1, num_classes)
@@ -133,7 +136,7 @@ class KDTerm(LossTerm):
         return self.loss_at_temperature(outputs, self.temperature)
 
     def loss_at_temperature(self, outputs: StepOutputs, temperature: float | Tensor) -> Tensor:
-        """The term's loss at ``temperature`` (a learned tensor one from :class:`~lightning_kd.losses.CTKDTerm`)."""
+        """The term's loss at ``temperature``: a float, or a learned tensor (CTKD)."""
         return kd_loss(
             outputs.student_logits,
             self.detached_teacher_logits(outputs),

@@ -1,4 +1,4 @@
-r"""Multi-level logit distillation (MLKD): instance-, batch- and class-level alignment at several temperatures.
+r"""Multi-level logit distillation (MLKD): instance-, batch- and class-level alignment at many temperatures.
 
 Jin, Wang, Lin, "Multi-Level Logit Distillation", CVPR 2023. With :math:`P = \mathrm{softmax}(Z / T)`
 the ``(N, C)`` predictions of a batch at temperature :math:`T`:
@@ -146,11 +146,18 @@ def mlkd_loss(
     Raises:
         ValueError: shapes differ, no temperature, a temperature <= 0, or ``percentile`` outside [0, 100].
     """
-    for name, student, teacher in (("weak", student_weak, teacher_weak), ("strong", student_strong, teacher_strong)):
+    for name, student, teacher in (
+        ("weak", student_weak, teacher_weak),
+        ("strong", student_strong, teacher_strong),
+    ):
         _check_logit_pair(student, teacher, 1.0)
         if student.ndim != 2:
-            raise ValueError(f"MLKD needs (N, C) logits, got {name} views' logits of shape {tuple(student.shape)}.")
-    _check_same_shape("student_weak", student_weak, "student_strong", student_strong, "Both views hold the same samples.")
+            raise ValueError(
+                f"MLKD needs (N, C) logits, got {name} views' logits of shape {tuple(student.shape)}."
+            )
+    _check_same_shape(
+        "student_weak", student_weak, "student_strong", student_strong, "Both views hold the same samples."
+    )
     _check_num_classes(student_weak, 2, "for MLKD")
     temperatures = _checked_temperatures(temperatures)
     if not 0.0 <= percentile <= 100.0:
@@ -167,7 +174,9 @@ def mlkd_loss(
         if strong_sum_as_authors and index >= 3:
             strong_sum = strong_sum + kd_weak
         else:
-            strong_sum = strong_sum + kd_loss(student_strong, teacher_strong, temperature, standardize=standardize)
+            strong_sum = strong_sum + kd_loss(
+                student_strong, teacher_strong, temperature, standardize=standardize
+            )
         class_sum = class_sum + class_correlation_loss(student_weak, teacher_weak, temperature)
     return sample_share * weak_sum + strong_sum + class_share * class_sum
 
@@ -246,5 +255,7 @@ class MLKDTerm(LossTerm):
 
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
-        settings = f"temperatures={self.temperatures}, percentile={self.percentile}, standardize={self.standardize}"
+        settings = (
+            f"temperatures={self.temperatures}, percentile={self.percentile}, standardize={self.standardize}"
+        )
         return f"{super().extra_repr()}, {settings}, strong_sum_as_authors={self.strong_sum_as_authors}"

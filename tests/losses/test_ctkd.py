@@ -11,10 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from lightning_kd import CrossEntropyTerm, CTKDTerm, DKDTerm, KDTerm, ReversalStrengthSchedule
+from lightning_kd import (
+    CrossEntropyTerm,
+    CTKDTerm,
+    DistillationModule,
+    DKDTerm,
+    KDTerm,
+    ReversalStrengthSchedule,
+)
 from lightning_kd.losses.base import StepOutputs
 from lightning_kd.losses.functional import ctkd_temperature, dkd_loss, gradient_reversal, kd_loss
-from tests.helpers import np_softmax
+from tests.helpers import RandomDataModule, make_trainer, np_softmax, small_net
 
 
 # --- the authors' code, transcribed literally (float64), from zhengli97/CTKD: models/temp_global.py
@@ -70,7 +77,11 @@ class DistillKL(nn.Module):
     def forward(self, y_s, y_t, temp):
         T = temp
         KD_loss = 0
-        KD_loss += nn.KLDivLoss(reduction="batchmean")(F.log_softmax(y_s / T, dim=1), F.softmax(y_t / T, dim=1)) * T * T
+        KD_loss += (
+            nn.KLDivLoss(reduction="batchmean")(F.log_softmax(y_s / T, dim=1), F.softmax(y_t / T, dim=1))
+            * T
+            * T
+        )
         return KD_loss
 
 
@@ -150,13 +161,20 @@ def test_instance_temperature_gives_one_temperature_per_sample_and_trains_advers
     assert term.needs_build
     term.build(outputs)
     temperature = term.learned_temperature(outputs)
-    assert temperature.shape == (8,) and torch.allclose(temperature, torch.full((8,), 11.0))  # zero-initialised
+    assert temperature.shape == (8,) and torch.allclose(
+        temperature, torch.full((8,), 11.0)
+    )  # zero-initialised
     term(outputs).backward()
     bias = term.instance_temperature.net[-1].bias
     # d loss / d bias without reversal, in float64 from the per-row formula: reversed here
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     t = 1 + 20 * torch.sigmoid(b.expand(8))
-    rows = F.kl_div(F.log_softmax(student / t[:, None], -1), F.log_softmax(teacher / t[:, None], -1), reduction="none", log_target=True).sum(-1)
+    rows = F.kl_div(
+        F.log_softmax(student / t[:, None], -1),
+        F.log_softmax(teacher / t[:, None], -1),
+        reduction="none",
+        log_target=True,
+    ).sum(-1)
     (rows * t**2).mean().backward()
     assert bias.grad.item() == pytest.approx(-b.grad.item(), rel=1e-4)
 
@@ -181,3 +199,24 @@ def test_curriculum_names_the_missing_term() -> None:
         ReversalStrengthSchedule().apply(module, 0.5)
     with pytest.raises(ValueError, match="start must be >= 0"):
         ReversalStrengthSchedule(start=-0.1)
+
+
+def _fit_ctkd(end: float) -> CTKDTerm:
+    term = CTKDTerm(KDTerm(), "ctkd", weight=0.9)
+    module = DistillationModule(
+        small_net(),
+        small_net(hidden=32),
+        losses=[CrossEntropyTerm("ce", weight=0.1), term],
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+    )
+    schedule = ReversalStrengthSchedule("ctkd", end=end, interval="step", total=4)
+    make_trainer(max_steps=4, callbacks=[schedule]).fit(module, RandomDataModule(n=64, batch_size=16))
+    assert "loss_terms.ctkd.global_temperature" in module.state_dict()
+    return term
+
+
+def test_fit_trains_the_temperature_only_through_the_curriculums_reversal() -> None:
+    term = _fit_ctkd(end=1.0)
+    assert term.strength == pytest.approx(0.5 * (1 - math.cos(math.pi * 3 / 4)))  # set before the 4th step
+    assert term.global_temperature.item() != 1.0  # in the optimizer, moved by the reversed gradient
+    assert _fit_ctkd(end=0.0).global_temperature.item() == 1.0  # strength 0: no gradient reaches it

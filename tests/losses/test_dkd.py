@@ -180,7 +180,11 @@ def _ls_dkd_loss(logits_student_in, logits_teacher_in, target, alpha, beta, temp
     tckd_loss = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature**2) / target.shape[0]
     pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
     log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
-    nckd_loss = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * (temperature**2) / target.shape[0]
+    nckd_loss = (
+        F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum")
+        * (temperature**2)
+        / target.shape[0]
+    )
     return alpha * tckd_loss + beta * nckd_loss
 
 
@@ -192,7 +196,15 @@ def test_dkd_equals_the_logit_standardization_authors_code(standardize: bool) ->
     target = torch.randint(0, 9, (6,), generator=generator)
     # the authors' DKD+LS setting: alpha 1*9, beta 8*9, base temperature 2 (tools/train.py)
     expected = _ls_dkd_loss(student, teacher, target, 9.0, 72.0, 2.0, standardize)
-    got = dkd_loss(student.float(), teacher.float(), target, alpha=9.0, beta=72.0, temperature=2.0, standardize=standardize)
+    got = dkd_loss(
+        student.float(),
+        teacher.float(),
+        target,
+        alpha=9.0,
+        beta=72.0,
+        temperature=2.0,
+        standardize=standardize,
+    )
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -202,7 +214,9 @@ def test_dkd_standardized_is_invariant_to_each_models_logit_scale_and_shift() ->
     plain = dkd_loss(student, teacher, target, temperature=2.0, standardize=True)
     moved = dkd_loss(3 * student + 1, 0.5 * teacher - 2, target, temperature=2.0, standardize=True)
     assert moved.item() == pytest.approx(plain.item(), rel=1e-5)
-    assert dkd_loss(3 * student + 1, 0.5 * teacher - 2, target, temperature=2.0).item() != pytest.approx(plain.item(), rel=1e-2)
+    assert dkd_loss(3 * student + 1, 0.5 * teacher - 2, target, temperature=2.0).item() != pytest.approx(
+        plain.item(), rel=1e-2
+    )
 
 
 def test_dkd_learned_temperature_per_row_matches_float_temperature_rows() -> None:
@@ -210,7 +224,16 @@ def test_dkd_learned_temperature_per_row_matches_float_temperature_rows() -> Non
     target = torch.tensor([0, 1, 2])
     temperatures = torch.tensor([1.0, 2.0, 5.0])
     got = dkd_loss(student, teacher, target, temperature=temperatures)
-    rows = [dkd_loss(student[i : i + 1], teacher[i : i + 1], target[i : i + 1], temperature=float(t)) for i, t in enumerate(temperatures)]
-    expected = sum(reference_dkd(np.array(STUDENT)[i : i + 1], np.array(TEACHER)[i : i + 1], [g], 1.0, 8.0, float(t)) for i, (g, t) in enumerate(zip([0, 1, 2], temperatures, strict=True))) / 3
+    rows = [
+        dkd_loss(student[i : i + 1], teacher[i : i + 1], target[i : i + 1], temperature=float(t))
+        for i, t in enumerate(temperatures)
+    ]
+    expected = (
+        sum(
+            reference_dkd(np.array(STUDENT)[i : i + 1], np.array(TEACHER)[i : i + 1], [g], 1.0, 8.0, float(t))
+            for i, (g, t) in enumerate(zip([0, 1, 2], temperatures, strict=True))
+        )
+        / 3
+    )
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert got.item() == pytest.approx(sum(r.item() for r in rows) / 3, rel=1e-5)

@@ -65,7 +65,12 @@ def bc_loss(logits_student, logits_teacher, temperature, reduce=True):
 
 
 def authors_forward_train_losses(
-    logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong, temperature, logit_stand
+    logits_student_weak,
+    logits_teacher_weak,
+    logits_student_strong,
+    logits_teacher_strong,
+    temperature,
+    logit_stand,
 ):
     """MLKD.forward_train from the line ``pred_teacher_weak = ...`` to ``losses_dict``, kd weight 1."""
     kd_loss_weight = 1.0
@@ -91,9 +96,12 @@ def authors_forward_train_losses(
         + kd_loss_weight * kd_loss(w, tw, 6.0, logit_stand=logit_stand)
     )
     loss_cc_weak = sum(
-        kd_loss_weight * ((cc_loss(w, tw, t) * class_conf_mask).mean()) for t in (temperature, 3.0, 5.0, 2.0, 6.0)
+        kd_loss_weight * ((cc_loss(w, tw, t) * class_conf_mask).mean())
+        for t in (temperature, 3.0, 5.0, 2.0, 6.0)
     )
-    loss_bc_weak = sum(kd_loss_weight * ((bc_loss(w, tw, t) * mask).mean()) for t in (temperature, 3.0, 5.0, 2.0, 6.0))
+    loss_bc_weak = sum(
+        kd_loss_weight * ((bc_loss(w, tw, t) * mask).mean()) for t in (temperature, 3.0, 5.0, 2.0, 6.0)
+    )
     return {"loss_kd": loss_kd_weak + loss_kd_strong, "loss_cc": loss_cc_weak, "loss_bc": loss_bc_weak}
 
 
@@ -107,13 +115,20 @@ def views(n: int = 7, c: int = 10, seed: int = 0) -> list[torch.Tensor]:
 def test_mlkd_equals_the_authors_code(n: int, standardize: bool, base: float) -> None:
     logits = views(n=n, seed=n)
     expected = sum(authors_forward_train_losses(*logits, temperature=base, logit_stand=standardize).values())
-    got = mlkd_loss(*(x.float() for x in logits), temperatures=(base, 3.0, 5.0, 2.0, 6.0), standardize=standardize)
+    got = mlkd_loss(
+        *(x.float() for x in logits), temperatures=(base, 3.0, 5.0, 2.0, 6.0), standardize=standardize
+    )
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def np_kd(s: np.ndarray, t: np.ndarray, temperature: float) -> float:
-    kls = [np.sum(pt * np.log(pt / ps)) for ps, pt in ((np_softmax(a / temperature), np_softmax(b / temperature)) for a, b in zip(s, t, strict=True))]
+    kls = [
+        np.sum(pt * np.log(pt / ps))
+        for ps, pt in (
+            (np_softmax(a / temperature), np_softmax(b / temperature)) for a, b in zip(s, t, strict=True)
+        )
+    ]
     return temperature**2 * float(np.mean(kls))
 
 
@@ -176,7 +191,9 @@ def test_term_splits_the_two_view_batch_into_weak_then_strong_rows() -> None:
 def test_term_refuses_a_batch_that_is_not_two_views() -> None:
     logits = views(n=4, c=5)
     plain = (torch.zeros(8, 1), torch.zeros(8, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"needs two-view training batches .* got a tuple\. Use a two-view datamodule"):
+    with pytest.raises(
+        ValueError, match=r"needs two-view training batches .* got a tuple\. Use a two-view datamodule"
+    ):
         MLKDTerm()(two_view_outputs(plain, logits))
 
 
