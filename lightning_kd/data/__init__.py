@@ -10,21 +10,33 @@ from lightning_kd.data.python_docs import Document, document_split, python_docs_
 from lightning_kd.data.sentences import DocstringSentencesDataModule
 from lightning_kd.data.splits import SplitsDataModule
 from lightning_kd.data.text import PythonDocsText, TokenBlocks
+from lightning_kd.data.two_views import (
+    CIFAR100TwoViewDataModule,
+    MNIST1DTwoViewDataModule,
+    TwoViewBatch,
+    TwoViews,
+    collate_two_views,
+)
 from lightning_kd.data.unlabelled import InputsOnly, UnlabelledDataModule
 
 __all__ = [
     "CIFAR100DataModule",
+    "CIFAR100TwoViewDataModule",
     "DocstringSentencesDataModule",
     "Document",
     "InputsOnly",
     "LatentNoiseDataModule",
     "MNIST1DDataModule",
+    "MNIST1DTwoViewDataModule",
     "MNISTPrivilegedDataModule",
     "PythonDocsText",
     "SplitsDataModule",
     "TokenBlocks",
+    "TwoViewBatch",
+    "TwoViews",
     "UnlabelledDataModule",
     "WithIndex",
+    "collate_two_views",
     "document_split",
     "generate_mnist1d",
     "python_docs_corpus",

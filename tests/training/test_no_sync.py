@@ -26,14 +26,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import (
     CausalLMDistillationModule,
+    CrossEntropyTerm,
+    CTKDTerm,
     DistillationModule,
+    DKDTerm,
     FitNetTerm,
     KDTerm,
+    MLKDTerm,
     TeacherOutputCache,
     TokenCrossEntropyTerm,
     TokenDivergenceTerm,
 )
-from lightning_kd.data import WithIndex
+from lightning_kd.data import TwoViews, WithIndex, collate_two_views
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.models.generator import Generator
 from lightning_kd.paradigms import (
@@ -193,6 +197,18 @@ def _fitnet() -> tuple[pl.LightningModule, DataLoader]:
     return DistillationModule(small_net(), small_net(hidden=32), losses=terms), _loader()
 
 
+def _mlkd_ctkd() -> tuple[pl.LightningModule, DataLoader]:
+    terms = [
+        CrossEntropyTerm("ce", weight=0.2),
+        MLKDTerm("mlkd", weight=0.9, standardize=True),
+        CTKDTerm(DKDTerm(standardize=True), "ctkd", temperature="instance", strength=0.5),
+    ]
+    two_views = TwoViews(TensorDataset(*_data()), None, lambda x: x + 0.1 * torch.randn_like(x))
+    return DistillationModule(small_net(), small_net(hidden=32), losses=terms), DataLoader(
+        two_views, batch_size=16, collate_fn=collate_two_views
+    )
+
+
 def _cached() -> tuple[pl.LightningModule, DataLoader]:
     module = DistillationModule(small_net(), small_net(hidden=32), teacher_cache=TeacherOutputCache())
     return module, _loader(indexed=True)
@@ -241,6 +257,7 @@ def _first_batch(epoch: int, batch_idx: int) -> bool:
 CASES = {
     "kd": (_kd, None),
     "fitnet-on-a-layer": (_fitnet, None),
+    "mlkd-and-ctkd": (_mlkd_ctkd, None),
     "teacher-cache": (_cached, _first_epoch_and_first_served_batch),
     "mutual": (_mutual, None),
     "embedding": (_embedding, None),
