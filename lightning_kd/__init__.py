@@ -8,7 +8,7 @@ from lightning_kd.callbacks import (
     Stage,
     TemperatureAnnealing,
 )
-from lightning_kd.language import CausalLMDistillationModule
+from lightning_kd.language import CausalLMDistillationModule, CrossTokenizerDistillationModule
 from lightning_kd.losses import (
     ABTerm,
     AttentionMapTerm,
@@ -40,6 +40,7 @@ from lightning_kd.losses import (
     StepOutputs,
     TokenCrossEntropyTerm,
     TokenDivergenceTerm,
+    ULDTerm,
     ValueRelationTerm,
     VIDTerm,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "BYOTTerm",
     "CCTerm",
     "CausalLMDistillationModule",
+    "CrossTokenizerDistillationModule",
     "CRDTerm",
     "CrossEntropyTerm",
     "DISTTerm",
@@ -100,6 +102,7 @@ __all__ = [
     "TemperatureAnnealing",
     "TokenCrossEntropyTerm",
     "TokenDivergenceTerm",
+    "ULDTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "__version__",
