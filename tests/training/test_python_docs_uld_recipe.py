@@ -73,3 +73,12 @@ def test_uld_recipe_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert restored.teacher.lm_head.weight.shape == (TEACHER_VOCAB, 32)
     assert restored.student.lm_head.weight.shape == (512, 16)
     assert torch.isfinite(restored.student.lm_head.weight).all()
+
+
+def test_one_vocabulary_for_both_models_is_refused() -> None:
+    from lightning_kd.data import PythonDocsCrossTokenizerText
+
+    with pytest.raises(
+        ValueError, match=r"teacher_vocab_size=512 equals vocab_size: both models would share one"
+    ):
+        PythonDocsCrossTokenizerText(vocab_size=512, teacher_vocab_size=512)
