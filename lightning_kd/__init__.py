@@ -9,7 +9,7 @@ from lightning_kd.callbacks import (
     Stage,
     TemperatureAnnealing,
 )
-from lightning_kd.language import CausalLMDistillationModule
+from lightning_kd.language import CausalLMDistillationModule, CrossTokenizerDistillationModule
 from lightning_kd.losses import (
     ABTerm,
     AttentionMapTerm,
@@ -43,6 +43,7 @@ from lightning_kd.losses import (
     StepOutputs,
     TokenCrossEntropyTerm,
     TokenDivergenceTerm,
+    ULDTerm,
     ValueRelationTerm,
     VIDTerm,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "BYOTTerm",
     "CCTerm",
     "CausalLMDistillationModule",
+    "CrossTokenizerDistillationModule",
     "CRDTerm",
     "CrossEntropyTerm",
     "CTKDTerm",
@@ -106,6 +108,7 @@ __all__ = [
     "TemperatureAnnealing",
     "TokenCrossEntropyTerm",
     "TokenDivergenceTerm",
+    "ULDTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "__version__",

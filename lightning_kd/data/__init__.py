@@ -2,6 +2,7 @@
 
 from lightning_kd.data.bpe import trained_bpe_tokenizer
 from lightning_kd.data.cifar100 import CIFAR100DataModule
+from lightning_kd.data.cross_tokenizer_text import PythonDocsCrossTokenizerText
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
@@ -29,6 +30,7 @@ __all__ = [
     "MNIST1DDataModule",
     "MNIST1DTwoViewDataModule",
     "MNISTPrivilegedDataModule",
+    "PythonDocsCrossTokenizerText",
     "PythonDocsText",
     "SplitsDataModule",
     "TokenBlocks",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_kd.data.cifar100 import CIFAR100_MEAN, CIFAR100_STD, CIFAR100DataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule
+from lightning_kd.model_io import TwoViewBatch
 
 __all__ = [
     "CIFAR100TwoViewDataModule",
@@ -32,18 +33,6 @@ __all__ = [
     "TwoViews",
     "collate_two_views",
 ]
-
-
-class TwoViewBatch(NamedTuple):
-    """A training batch of two views: rows ``[:N]`` the weak views, rows ``[N:]`` the strong views.
-
-    Attributes:
-        inputs: ``(2N, ...)``: the ``N`` weak views, then the ``N`` strong views of the same samples.
-        targets: ``(2N,)``: the labels, twice.
-    """
-
-    inputs: Tensor
-    targets: Tensor
 
 
 class TwoViews(Dataset):

@@ -185,7 +185,7 @@ class CausalLMDistillationModule(DistillationModule):
         student_size = output_vocabulary_size(self.student)
         teacher_size = output_vocabulary_size(self.teacher) if self.teacher is not None else None
         if student_size is not None and (self.teacher is None or teacher_size is not None):
-            self.vocab_size = shared_vocabulary(student_size, teacher_size, tokenizer, teacher_tokenizer)
+            self.vocab_size = self.shared_vocabulary_size(student_size, teacher_size)
 
     # ----------------------------------------------------------------- which path the terms take
     @property
@@ -238,11 +238,16 @@ class CausalLMDistillationModule(DistillationModule):
         """The student's output (last hidden states on the fused path)."""
         return self._run(self.student, inputs, teacher=False)
 
+    def shared_vocabulary_size(self, student_size: int, teacher_size: int | None) -> int:
+        """``TokenOutputs.vocab_size`` by :func:`~lightning_kd.language.shared_vocabulary`'s rule.
+
+        A subclass with another rule (a teacher of another tokenizer) overrides it.
+        """
+        return shared_vocabulary(student_size, teacher_size, self.tokenizer, self.teacher_tokenizer)
+
     def _shared_vocabulary(self, student_size: int, teacher_size: int | None) -> int:
         if self.vocab_size is None:  # models without get_output_embeddings: known from the first logits
-            self.vocab_size = shared_vocabulary(
-                student_size, teacher_size, self.tokenizer, self.teacher_tokenizer
-            )
+            self.vocab_size = self.shared_vocabulary_size(student_size, teacher_size)
         return self.vocab_size
 
     def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:

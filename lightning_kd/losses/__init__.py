@@ -34,12 +34,14 @@ from lightning_kd.losses.sp import SPTerm
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.losses.transformer import AttentionMapTerm, HiddenStateTerm, ValueRelationTerm
+from lightning_kd.losses.uld import AlignedTokenOutputs, ULDTerm
 from lightning_kd.losses.vid import VIDTerm
 
 __all__ = [
     "ABF",
     "ABTerm",
     "ATTerm",
+    "AlignedTokenOutputs",
     "AttentionMapTerm",
     "BYOTTerm",
     "CCTerm",
@@ -75,6 +77,7 @@ __all__ = [
     "TokenCrossEntropyTerm",
     "TokenDivergenceTerm",
     "Translator",
+    "ULDTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "functional",

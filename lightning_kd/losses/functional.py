@@ -48,6 +48,7 @@ from lightning_kd.losses.token_divergence import (
     token_divergence_fused,
 )
 from lightning_kd.losses.transformer import attention_kl_loss, hidden_state_loss, value_relation_loss
+from lightning_kd.losses.uld import uld_loss
 from lightning_kd.losses.vid import vid_loss
 
 #: names that left this module, and the module that holds each now (imported on first access:
@@ -99,6 +100,7 @@ __all__ = [
     "token_divergence",
     "token_divergence_chunked",
     "token_divergence_fused",
+    "uld_loss",
     "value_relation_loss",
     "vid_loss",
 ]

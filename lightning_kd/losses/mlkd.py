@@ -23,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_kd.data.two_views import TwoViewBatch
 from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_same_shape
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.losses.kd import kd_loss
+from lightning_kd.model_io import TwoViewBatch
 from lightning_kd.precision import float32_math
 
 __all__ = [
@@ -192,7 +192,7 @@ class MLKDTerm(LossTerm):
     """Multi-level logit distillation (Jin et al., CVPR 2023) on two-view batches.
 
     See :func:`lightning_kd.losses.functional.mlkd_loss`. The training batches must be
-    :class:`~lightning_kd.data.two_views.TwoViewBatch` es (weak rows, then strong rows; e.g. from
+    :class:`~lightning_kd.model_io.TwoViewBatch` es (weak rows, then strong rows; e.g. from
     :class:`~lightning_kd.data.CIFAR100TwoViewDataModule`): the term splits the step's logits
     into the two views, and refuses any other batch (a plain batch split in halves would train on
     without error but on the wrong pairs). The teacher's logits are detached.

@@ -249,6 +249,16 @@ def _causal_lm_fused() -> tuple[pl.LightningModule, DataLoader]:
     return module, token_loader(token_samples(24), batch_size=4)
 
 
+def _cross_tokenizer() -> tuple[pl.LightningModule, DataLoader]:
+    from lightning_kd import CrossTokenizerDistillationModule
+    from tests.language.cross_tokenizer_setup import cross_loader, student_tokenizer, teacher_tokenizer
+    from tests.language.helpers import tiny_gpt2
+
+    student = tiny_gpt2(16, vocab=len(student_tokenizer()), pad_token_id=0)
+    teacher = tiny_gpt2(16, vocab=len(teacher_tokenizer()), seed=1, pad_token_id=0)
+    return CrossTokenizerDistillationModule(student, teacher), cross_loader(24, batch_size=4)
+
+
 def _first_batch(epoch: int, batch_idx: int) -> bool:
     # the fused path compares head(hidden) with the models' logits once, on the first batch
     return epoch == 0 and batch_idx == 0
@@ -264,6 +274,7 @@ CASES = {
     "data-free": (_data_free, None),
     "causal-lm": (_causal_lm, None),
     "causal-lm-fused": (_causal_lm_fused, _first_batch),
+    "cross-tokenizer": (_cross_tokenizer, None),
 }
 
 
