@@ -8,7 +8,7 @@ from lightning_kd.callbacks import (
     Stage,
     TemperatureAnnealing,
 )
-from lightning_kd.language import CausalLMDistillationModule
+from lightning_kd.language import CausalLMDistillationModule, OnPolicyDistillationModule
 from lightning_kd.losses import (
     ABTerm,
     AttentionMapTerm,
@@ -87,6 +87,7 @@ __all__ = [
     "MutualLearningModule",
     "NSTTerm",
     "OFDTerm",
+    "OnPolicyDistillationModule",
     "ParaphraserTerm",
     "PKTTerm",
     "ReviewKDTerm",

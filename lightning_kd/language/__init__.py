@@ -1,8 +1,10 @@
-"""Distilling causal language models: the module, completion-only labels, token-mean gradients."""
+"""Distilling causal language models: the modules (supervised, on-policy), completion-only labels, token means."""
 
 from lightning_kd.language.causal_lm import CausalLMDistillationModule, default_causal_lm_losses
 from lightning_kd.language.completion import IGNORE_INDEX, CompletionOnlyCollator, completion_only_labels
+from lightning_kd.language.generation import GenerationSettings
 from lightning_kd.language.metrics import TokenPerplexity
+from lightning_kd.language.on_policy import OnPolicyDistillationModule
 from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.vocabulary import shared_vocabulary
 
@@ -10,6 +12,8 @@ __all__ = [
     "IGNORE_INDEX",
     "CausalLMDistillationModule",
     "CompletionOnlyCollator",
+    "GenerationSettings",
+    "OnPolicyDistillationModule",
     "TokenMeanGradients",
     "TokenPerplexity",
     "completion_only_labels",
