@@ -233,6 +233,19 @@ def _causal_lm_fused() -> tuple[pl.LightningModule, DataLoader]:
     return module, token_loader(token_samples(24), batch_size=4)
 
 
+def _causal_lm_on_policy() -> tuple[pl.LightningModule, DataLoader]:
+    # generation waits for the device inside transformers' generate (whether every row has ended):
+    # those reads are the model code's, exempted above; the rest of the step must read nothing
+    from lightning_kd.language import OnPolicyDistillationModule
+    from tests.language.helpers import tiny_gpt2
+    from tests.language.test_on_policy import prompt_loader
+
+    module = OnPolicyDistillationModule(
+        tiny_gpt2(16), tiny_gpt2(32, seed=1), lmbda=0.5, max_new_tokens=4, seed=0
+    )
+    return module, prompt_loader(rows=24)
+
+
 def _first_batch(epoch: int, batch_idx: int) -> bool:
     # the fused path compares head(hidden) with the models' logits once, on the first batch
     return epoch == 0 and batch_idx == 0
@@ -247,6 +260,7 @@ CASES = {
     "data-free": (_data_free, None),
     "causal-lm": (_causal_lm, None),
     "causal-lm-fused": (_causal_lm_fused, _first_batch),
+    "causal-lm-on-policy": (_causal_lm_on_policy, None),
 }
 
 
