@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+import torch
 import lightning.pytorch as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -434,12 +435,39 @@ def recipes_command(args: Sequence[str]) -> None:
         print(f"  {name}")
 
 
+def generate_command(args: Sequence[str]) -> None:
+    """``lightning-kd generate --config RECIPE``: only the generation pass of a recipe's datamodule.
+
+    For sequence-level KD (:class:`~lightning_kd.language.SequenceKDData`): the teacher's completions
+    are written (or a killed pass resumed) without training; the same overrides as ``fit`` apply.
+    """
+    if not args or args[0] in ("-h", "--help"):
+        print(
+            "usage: lightning-kd generate --config RECIPE [overrides]\n\nRun the generation pass of RECIPE's "
+            "datamodule (e.g. python_docs/seqkd: the teacher's completions) without training; a killed pass "
+            "resumes. The device: CUDA if available, else the CPU."
+        )
+        return
+    cli = DistillationCLI(args=list(args), run=False)
+    generate = getattr(cli.datamodule, "generate", None)
+    if not callable(generate):
+        raise SystemExit(
+            f"lightning-kd generate: the recipe's datamodule ({type(cli.datamodule).__name__}) has no generation "
+            "pass; use a recipe whose data is lightning_kd.language.SequenceKDData (e.g. python_docs/seqkd)."
+        )
+    completions = generate("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{len(completions)} completions in {cli.datamodule.output_dir}")
+
+
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE`` or ``lightning-kd recipes``."""
+    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE``, ``recipes`` or ``generate``."""
     silence_unactionable_warnings()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv[:1] == ["recipes"]:
         recipes_command(argv[1:])
+        return
+    if isinstance(argv, list | tuple) and argv[:1] == ["generate"]:
+        generate_command(argv[1:])
         return
     DistillationCLI(args=args)
 

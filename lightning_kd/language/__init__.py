@@ -1,10 +1,11 @@
-"""Distilling causal language models: the modules (supervised, on-policy), completion-only labels, token means."""
+"""Distilling causal language models: supervised, on-policy and sequence-level; completion-only labels."""
 
 from lightning_kd.language.causal_lm import CausalLMDistillationModule, default_causal_lm_losses
 from lightning_kd.language.completion import IGNORE_INDEX, CompletionOnlyCollator, completion_only_labels
 from lightning_kd.language.generation import GenerationSettings
 from lightning_kd.language.metrics import TokenPerplexity
 from lightning_kd.language.on_policy import OnPolicyDistillationModule
+from lightning_kd.language.sequence_kd import SequenceKDData, generate_teacher_completions
 from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.vocabulary import shared_vocabulary
 
@@ -14,9 +15,11 @@ __all__ = [
     "CompletionOnlyCollator",
     "GenerationSettings",
     "OnPolicyDistillationModule",
+    "SequenceKDData",
     "TokenMeanGradients",
     "TokenPerplexity",
     "completion_only_labels",
     "default_causal_lm_losses",
+    "generate_teacher_completions",
     "shared_vocabulary",
 ]
