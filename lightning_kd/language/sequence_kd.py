@@ -269,6 +269,7 @@ class SequenceKDData(pl.LightningDataModule):
         seed: the base seed of the batches' sampling.
         generation_batch_size: prompts per generated batch.
         batch_size: training rows per batch; ``None``: ``text.batch_size``.
+        max_prompts: complete only the first training rows (small runs); ``None``: every row.
     """
 
     def __init__(
@@ -284,8 +285,12 @@ class SequenceKDData(pl.LightningDataModule):
         seed: int = 0,
         generation_batch_size: int = 32,
         batch_size: int | None = None,
+        max_prompts: int | None = None,
     ) -> None:
         super().__init__()
+        if max_prompts is not None and max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1 or None (every training row), got {max_prompts}.")
+        self.max_prompts = max_prompts
         self.text = text
         self.teacher = teacher
         self.output_dir = Path(output_dir)
@@ -302,9 +307,10 @@ class SequenceKDData(pl.LightningDataModule):
         self.text.setup("fit")
         collator = self.text.prompt_collator
         rows = self.text.datasets["train"]
+        count = len(rows) if self.max_prompts is None else min(self.max_prompts, len(rows))
         prompts: list[Tensor] = []
-        for start in range(0, len(rows), 256):
-            batch = collator([rows[i] for i in range(start, min(start + 256, len(rows)))])
+        for start in range(0, count, 256):
+            batch = collator([rows[i] for i in range(start, min(start + 256, count))])
             for ids, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"], strict=True):
                 prompts.append(ids[mask.bool()])
         return prompts, int(collator.pad_token_id)
@@ -326,7 +332,7 @@ class SequenceKDData(pl.LightningDataModule):
         """
         self._load_teacher()
         if device is None:
-            trainer = self._trainer
+            trainer = self.trainer
             device = trainer.strategy.root_device if trainer is not None else "cpu"
         prompts, pad = self.prompts()
         return generate_teacher_completions(
