@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
-import torch
 import lightning.pytorch as pl
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, OptimizerCallable
@@ -452,8 +452,9 @@ def generate_command(args: Sequence[str]) -> None:
     generate = getattr(cli.datamodule, "generate", None)
     if not callable(generate):
         raise SystemExit(
-            f"lightning-kd generate: the recipe's datamodule ({type(cli.datamodule).__name__}) has no generation "
-            "pass; use a recipe whose data is lightning_kd.language.SequenceKDData (e.g. python_docs/seqkd)."
+            f"lightning-kd generate: the recipe's datamodule ({type(cli.datamodule).__name__}) has no "
+            "generation pass; use a recipe whose data is lightning_kd.language.SequenceKDData "
+            "(e.g. python_docs/seqkd)."
         )
     completions = generate("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{len(completions)} completions in {cli.datamodule.output_dir}")

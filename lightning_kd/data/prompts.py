@@ -38,7 +38,7 @@ def left_padded(rows: Sequence[Tensor], pad_token_id: int) -> tuple[Tensor, Tens
 
 
 class PromptCollator:
-    """A ``collate_fn``: the causal-LM batch plus its prompts, ``prompt_input_ids`` / ``prompt_attention_mask``.
+    """A ``collate_fn``: a causal-LM batch with its prompts (``prompt_input_ids``, ``prompt_attention_mask``).
 
     Samples are dicts of 1-D tensors ``input_ids``, ``attention_mask`` and ``labels`` (unshifted,
     -100 where nothing is learned; e.g. :class:`~lightning_kd.data.TokenBlocks` rows), right-padded
@@ -87,8 +87,8 @@ class PromptCollator:
         if len(empty):
             row = int(empty[0])
             raise ValueError(
-                f"Row {row} has no prompt token (its first real token is already learned): give each row a prompt "
-                "(labels -100 on it) or set prompt_length."
+                f"Row {row} has no prompt token (its first real token is already learned): give each row a "
+                "prompt (labels -100 on it) or set prompt_length."
             )
         positions = torch.arange(real.shape[1])
         batch["labels"] = batch["labels"].masked_fill(positions[None, :] < prompts[:, None], _IGNORE)
@@ -98,7 +98,7 @@ class PromptCollator:
 
 
 class PythonDocsPrompts(PythonDocsText):
-    """:class:`~lightning_kd.data.PythonDocsText` whose training batches carry prompts (:class:`PromptCollator`).
+    """:class:`~lightning_kd.data.PythonDocsText` with prompts in its training batches (PromptCollator).
 
     Training rows are cut into a prompt (their first ``prompt_length`` tokens; ``None``: the
     ``"Topic: ..."`` line of ``format="prompt_response"``) and a continuation, the only tokens
@@ -121,7 +121,8 @@ class PythonDocsPrompts(PythonDocsText):
         super().__init__(format=format, **kwargs)
         if prompt_length is not None and prompt_length >= self.block_size:
             raise ValueError(
-                f"prompt_length={prompt_length} leaves no continuation in block_size={self.block_size}: lower it."
+                f"prompt_length={prompt_length} leaves no continuation in block_size={self.block_size}: "
+                "lower it."
             )
         self.prompt_length = prompt_length
 

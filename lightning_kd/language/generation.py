@@ -69,14 +69,14 @@ class GenerationSettings:
 
 
 def derived_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed from ``seed`` and ``keys`` (e.g. the step and the process rank): SHA-256, not ``hash()``."""
+    """A 63-bit seed from ``seed`` and ``keys`` (e.g. the step, the rank): SHA-256, not ``hash()``."""
     text = "/".join(str(part) for part in (seed, *keys))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 @contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block under ``torch.manual_seed(seed)``; the global random state (CPU and ``device``) is restored."""
+    """Run the block under ``torch.manual_seed(seed)``; the global random state (CPU, ``device``) is kept."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(seed)
@@ -87,8 +87,9 @@ def check_can_generate(model: nn.Module, role: str) -> None:
     """Refuse a model without Hugging Face's ``generate`` (and its end-of-sequence id), naming the fix."""
     if not callable(getattr(model, "generate", None)) or getattr(model, "generation_config", None) is None:
         raise TypeError(
-            f"The {role} ({type(model).__name__}) has no Hugging Face `generate`: on-policy and sequence-level "
-            "distillation sample completions with it. Use a transformers causal LM (AutoModelForCausalLM, "
+            f"The {role} ({type(model).__name__}) has no Hugging Face `generate`: on-policy and "
+            "sequence-level distillation sample completions with it. Use a transformers causal LM "
+            "(AutoModelForCausalLM, "
             "or a model deriving from transformers.GenerationMixin)."
         )
     if end_of_sequence_id(model) is None:
@@ -119,8 +120,8 @@ def check_context(model: nn.Module, role: str, prompt_width: int, settings: Gene
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     if positions is not None and prompt_width + settings.max_new_tokens > positions:
         raise ValueError(
-            f"Prompts of {prompt_width} tokens + max_new_tokens={settings.max_new_tokens} exceed the {role}'s "
-            f"{positions} positions: lower max_new_tokens or shorten the prompts (prompt_length)."
+            f"Prompts of {prompt_width} tokens + max_new_tokens={settings.max_new_tokens} exceed the "
+            f"{role}'s {positions} positions: lower max_new_tokens or shorten the prompts (prompt_length)."
         )
 
 

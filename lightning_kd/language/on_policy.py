@@ -36,7 +36,7 @@ __all__ = ["OnPolicyDistillationModule", "on_policy_batch"]
 
 
 def on_policy_batch(seed: int, index: int, lmbda: float) -> bool:
-    """Whether training batch ``index`` (counted over the whole fit) is on-policy: a draw from ``(seed, index)``.
+    """Whether training batch ``index`` (counted over the fit) is on-policy: a draw from ``(seed, index)``.
 
     A host computation (SHA-256 of seed and index): the same on every process and after a resume,
     and no device value is read. About a fraction ``lmbda`` of the batches are on-policy.
@@ -118,8 +118,9 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
             alone = [name for name, term in self.loss_terms.items() if not term.needs_teacher]
             if alone:
                 raise ValueError(
-                    f"Loss terms {alone} do not read the teacher: on an on-policy batch their targets would be the "
-                    "student's own samples. Use teacher terms only (e.g. TokenDivergenceTerm), or lmbda=0."
+                    f"Loss terms {alone} do not read the teacher: on an on-policy batch their targets "
+                    "would be the student's own samples. Use teacher terms only (e.g. TokenDivergenceTerm), "
+                    "or lmbda=0."
                 )
         self.lmbda = float(lmbda)
         self.generation = GenerationSettings(max_new_tokens, temperature, top_p)
@@ -136,12 +137,13 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def prompts(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """``(prompt ids, prompt mask)`` of a training batch, checked (shapes only), or an error naming the fix."""
+        """``(prompt ids, prompt mask)`` of a training batch (shapes checked), or an error naming the fix."""
         missing = [key for key in (self.prompt_key, self.prompt_mask_key) if key not in batch]
         if missing:
             raise KeyError(
                 f"An on-policy batch needs the prompts under {missing} (left-padded), but the batch has keys "
-                f"{list(batch)}: collate with lightning_kd.data.PromptCollator, or set prompt_key/prompt_mask_key."
+                f"{list(batch)}: collate with lightning_kd.data.PromptCollator, or set prompt_key and "
+                "prompt_mask_key."
             )
         ids, mask = batch[self.prompt_key], batch[self.prompt_mask_key]
         if ids.ndim != 2 or ids.shape != mask.shape:
@@ -152,7 +154,7 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
         return ids, mask
 
     def generated_batch(self, batch: Mapping[str, Any], index: int) -> dict[str, Tensor]:
-        """The student's completions of ``batch``'s prompts as a causal-LM batch (labels: generated tokens)."""
+        """The student's completions of ``batch``'s prompts as a causal-LM batch (labels: the generated)."""
         ids, mask = self.prompts(batch)
         check_context(self.student, "student", ids.shape[1], self.generation)
         seed = derived_seed(self.draw_seed, "generate", index, self.global_rank)
@@ -166,7 +168,7 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
         return completion_batch(sequences, mask, eos, eos if pad is None else int(pad))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """On an on-policy batch (:func:`on_policy_batch`) the parent's step runs on the student's completions."""
+        """On an on-policy batch (:func:`on_policy_batch`), the parent's step on the student's completions."""
         index = self.trainer.fit_loop.epoch_loop.total_batch_idx
         if self.lmbda > 0 and on_policy_batch(self.draw_seed, index, self.lmbda):
             batch = self.generated_batch(batch, index)
@@ -176,7 +178,7 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
         return loss
 
     def _log_timing(self) -> None:
-        """Log the host seconds of generation and of training since the previous logging step (host tensors)."""
+        """Log the host seconds of generation and of the steps since the previous logging step."""
         now = time.perf_counter()
         timing = self._timing
         self.log("train/generation_seconds", torch.tensor(timing["generation"]))

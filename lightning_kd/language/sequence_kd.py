@@ -108,7 +108,7 @@ def completions_identity(
     batch_size: int,
     fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What identifies a folder of completions: teacher, prompts, generation settings, seed, batch size, extras."""
+    """What identifies a folder of completions: teacher, prompts, generation settings, seed, batch size."""
     return {
         "teacher": teacher_fingerprint(teacher),
         "prompts": prompts_fingerprint(prompts),
@@ -119,7 +119,7 @@ def completions_identity(
 
 
 def _checked_manifest(directory: Path, fingerprint: dict[str, Any], create: bool) -> None:
-    """Refuse a folder whose manifest names other completions; write the manifest of a new one (``create``)."""
+    """Refuse a folder whose manifest names other completions; write a new one's manifest (``create``)."""
     path = directory / MANIFEST
     if not path.is_file():
         if not create:
@@ -240,8 +240,9 @@ def read_teacher_completions(directory: str | Path, identity: dict[str, Any]) ->
     completions = [row for path in batches for row in _read_shard(path)]
     if len(completions) != count:
         raise ValueError(
-            f"{directory} holds {len(completions)} completions for {count} prompts: the generation pass did not "
-            "finish. Run it again (`lightning-kd generate --config RECIPE`); it resumes where it stopped."
+            f"{directory} holds {len(completions)} completions for {count} prompts: the generation pass "
+            "did not finish. Run it again (`lightning-kd generate --config RECIPE`); it resumes where it "
+            "stopped."
         )
     return completions
 
@@ -261,7 +262,7 @@ class SequenceKDData(pl.LightningDataModule):
             datamodule with ``tokenizer``, ``datasets["train"]`` and a ``prompt_collator``).
         teacher: the teacher causal LM.
         output_dir: the folder of the teacher's completions.
-        teacher_checkpoint: a checkpoint of the teacher (e.g. a teacher run's ``latest.ckpt``); ``None``: as given.
+        teacher_checkpoint: the teacher's checkpoint (e.g. a teacher run's ``latest.ckpt``); ``None``: as given.
         max_new_tokens: the most tokens per completion.
         do_sample: ``False``: greedy decoding (Kim & Rush's beam search with one beam); ``True``: sampling.
         temperature: sampling temperature (with ``do_sample``).
@@ -352,7 +353,7 @@ class SequenceKDData(pl.LightningDataModule):
         self.generate()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the completions written by :meth:`prepare_data` (fingerprint checked); build the training rows."""
+        """Read the completions of :meth:`prepare_data` (fingerprint checked); build the training rows."""
         self.text.setup(stage)
         if self.samples:
             return
