@@ -262,7 +262,7 @@ class SequenceKDData(pl.LightningDataModule):
             datamodule with ``tokenizer``, ``datasets["train"]`` and a ``prompt_collator``).
         teacher: the teacher causal LM.
         output_dir: the folder of the teacher's completions.
-        teacher_checkpoint: the teacher's checkpoint (e.g. a teacher run's ``latest.ckpt``); ``None``: as given.
+        teacher_checkpoint: the teacher's checkpoint (e.g. a teacher run's ``latest.ckpt``); ``None``: as is.
         max_new_tokens: the most tokens per completion.
         do_sample: ``False``: greedy decoding (Kim & Rush's beam search with one beam); ``True``: sampling.
         temperature: sampling temperature (with ``do_sample``).

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from lightning_kd.data import PromptCollator
 from lightning_kd.data.text import pack_blocks
-from lightning_kd.language import CausalLMDistillationModule, OnPolicyDistillationModule
+from lightning_kd.language import CausalLMDistillationModule, GenerationSettings, OnPolicyDistillationModule
 from lightning_kd.language.generation import completion_batch, generate_completions
 from lightning_kd.language.on_policy import on_policy_batch
 from lightning_kd.losses import TokenCrossEntropyTerm, TokenDivergenceTerm
@@ -111,36 +111,24 @@ def test_the_generated_batch_counts_exactly_the_generated_tokens_up_to_the_first
 def test_greedy_completions_are_the_students_argmax_at_exactly_the_counted_positions() -> None:
     student = tiny_gpt2(16, seed=3)
     batch = next(iter(prompt_loader()))
-    sequences = generate_completions(
-        student, batch["prompt_input_ids"], batch["prompt_attention_mask"], on_policy(1).generation, seed=0
-    )
-    generated = completion_batch(sequences, batch["prompt_attention_mask"], EOS, PAD)
+    prompts, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    with torch.no_grad():  # the end: row 0's most likely next token, so that row ends at once
+        eos = int(student(input_ids=prompts[:1]).logits[0, -1].argmax())
+    student.generation_config.eos_token_id = eos
+    sequences = generate_completions(student, prompts, prompt_mask, GenerationSettings(6, do_sample=False), 0)
+    generated = completion_batch(sequences, prompt_mask, eos, PAD)
     with torch.no_grad():
         logits = student(input_ids=generated["input_ids"], attention_mask=generated["attention_mask"]).logits
     counted = generated["labels"][:, 1:] != X
-    # sampled, so check the alignment on a greedy run instead: the argmax of each counted position
-    greedy = generate_completions(
-        student,
-        batch["prompt_input_ids"],
-        batch["prompt_attention_mask"],
-        type(on_policy(1).generation)(max_new_tokens=6, do_sample=False),
-        seed=0,
-    )
-    greedy_batch = completion_batch(greedy, batch["prompt_attention_mask"], EOS, PAD)
-    with torch.no_grad():
-        greedy_logits = student(**{k: greedy_batch[k] for k in ("input_ids", "attention_mask")}).logits
-    greedy_counted = greedy_batch["labels"][:, 1:] != X
-    targets = greedy_batch["labels"][:, 1:]
-    assert torch.equal(greedy_logits[:, :-1].argmax(-1)[greedy_counted], targets[greedy_counted])
+    # each counted position predicts the generated token after it: greedy, that is the student's argmax
+    assert torch.equal(logits[:, :-1].argmax(-1)[counted], generated["labels"][:, 1:][counted])
+    lengths = []
     for i in range(len(sequences)):  # counted: from the first generated token to the first EOS
-        tokens = sequences[i, batch["prompt_input_ids"].shape[1] :].tolist()
-        expected = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
-        assert int(counted[i].sum()) == expected
-        assert (
-            int(generated["attention_mask"][i].sum())
-            == int(batch["prompt_attention_mask"][i].sum()) + expected
-        )
-    assert logits.shape[:2] == generated["input_ids"].shape
+        tokens = sequences[i, prompts.shape[1] :].tolist()
+        lengths.append(tokens.index(eos) + 1 if eos in tokens else len(tokens))
+        start = int(prompt_mask[i].sum()) - 1  # the last prompt token predicts the first generated one
+        assert counted[i].nonzero().flatten().tolist() == list(range(start, start + lengths[i]))
+    assert lengths[0] == 1 and max(lengths) == 6
 
 
 def test_on_policy_draws_are_a_fraction_lmbda_from_seed_and_index() -> None:
@@ -178,7 +166,7 @@ def test_same_seed_gives_identical_generations_and_weights() -> None:
     other = fit(on_policy(1.0), seed=4)
     assert any(
         not torch.equal(a["input_ids"], b["input_ids"])
-        for (_, a), (_, b) in zip(first.batches, other.batches)
+        for (_, a), (_, b) in zip(first.batches, other.batches, strict=True)
     )
 
 
@@ -186,9 +174,11 @@ def test_lmbda_zero_is_supervised_kd_exactly() -> None:
     terms = [TokenDivergenceTerm("kd", divergence="jsd")]
     gkd = on_policy(0.0, losses=terms)
     supervised = CausalLMDistillationModule(
-        tiny_gpt2(16, pad_token_id=PAD), tiny_gpt2(32, seed=1), losses=[TokenDivergenceTerm("kd", divergence="jsd")],
+        tiny_gpt2(16, pad_token_id=PAD),
+        tiny_gpt2(32, seed=1),
+        losses=[TokenDivergenceTerm("kd", divergence="jsd")],
         cosine_decay=False,
-    )  # fmt: skip
+    )
     assert fit(gkd).batches == []
     fit(supervised)
     for (name, a), b in zip(
@@ -239,6 +229,6 @@ def test_bad_batches_stop_with_the_fix() -> None:
     with pytest.raises(KeyError, match="collate with lightning_kd.data.PromptCollator"):
         module.prompts({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
     long = on_policy(1.0, losses=[TokenDivergenceTerm("kd")])
-    long.generation = type(long.generation)(max_new_tokens=40)
+    long.generation = GenerationSettings(max_new_tokens=40)
     with pytest.raises(ValueError, match="exceed the student's 32 positions: lower max_new_tokens"):
         long.generated_batch(batch, 0)
