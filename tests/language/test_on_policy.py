@@ -68,28 +68,6 @@ def fit(module: pl.LightningModule, steps: int = 3, seed: int = 0, **kwargs: Any
     return keep
 
 
-def test_the_collator_cuts_prompts_and_pads_them_on_the_left() -> None:
-    samples = [
-        {"input_ids": torch.tensor([5, 6, 7, 8, 9]), "attention_mask": torch.tensor([1, 1, 1, 1, 1])},
-        {"input_ids": torch.tensor([2, 3, 4, 1, 1]), "attention_mask": torch.tensor([1, 1, 1, 0, 0])},
-    ]
-    for sample in samples:
-        sample["labels"] = sample["input_ids"].masked_fill(sample["attention_mask"] == 0, X)
-    batch = PromptCollator(PAD, prompt_length=3)(samples)
-    assert batch["prompt_input_ids"].tolist() == [[5, 6, 7], [1, 2, 3]]  # row 2 keeps one continuation token
-    assert batch["prompt_attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
-    assert batch["labels"].tolist() == [[X, X, X, 8, 9], [X, X, 4, X, X]]
-    # prompt_length=None: the prompt is what the labels leave out (prompt/response rows)
-    samples[0]["labels"] = torch.tensor([X, X, 7, 8, 9])
-    samples[1]["labels"] = torch.tensor([X, 3, 4, X, X])
-    batch = PromptCollator(PAD)(samples)
-    assert batch["prompt_input_ids"].tolist() == [[5, 6], [1, 2]]
-    assert batch["labels"].tolist() == [[X, X, 7, 8, 9], [X, 3, 4, X, X]]
-    samples[1]["labels"] = torch.tensor([2, 3, 4, X, X])
-    with pytest.raises(ValueError, match="Row 1 has no prompt token"):
-        PromptCollator(PAD)(samples)
-
-
 def test_the_generated_batch_counts_exactly_the_generated_tokens_up_to_the_first_eos() -> None:
     # prompts (left-padded, width 3) + 4 generated tokens; row 0 ends at its 2nd token, row 1 never
     sequences = torch.tensor([[9, 5, 6, 7, 0, 1, 1], [1, 1, 5, 7, 8, 9, 6], [1, 4, 5, 0, 3, 0, 2]])
