@@ -98,5 +98,7 @@ def test_seqkd_recipe_generates_once_then_trains_on_the_completions(
 def test_generate_names_the_recipes_that_have_a_generation_pass(capsys: pytest.CaptureFixture[str]) -> None:
     main(["generate", "--help"])
     assert "usage: lightning-kd generate --config RECIPE" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"\(PythonDocsText\) has no generation pass; use a recipe whose data"):
+    with pytest.raises(
+        SystemExit, match=r"\(PythonDocsText\) has no generation pass; use a recipe whose data"
+    ):
         main(["generate", "--config", str(CONFIGS / "baseline.yaml")])
