@@ -32,6 +32,7 @@ __all__ = [
     "completion_batch",
     "derived_seed",
     "generate_completions",
+    "pad_token_id",
     "seeded",
 ]
 
@@ -107,11 +108,16 @@ def end_of_sequence_id(model: nn.Module) -> int | None:
     return None if eos is None else int(eos)
 
 
-def _pad_id(model: nn.Module, eos: int) -> int:
+def pad_token_id(model: nn.Module) -> int:
+    """The padding id of the model's generation config (or config); without one, its end-of-sequence id."""
+    eos = end_of_sequence_id(model)
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = getattr(model.config, "pad_token_id", None)
-    return eos if pad is None else int(pad[0] if isinstance(pad, list | tuple) else pad)
+    if pad is None:
+        assert eos is not None  # check_can_generate
+        return eos
+    return int(pad[0] if isinstance(pad, list | tuple) else pad)
 
 
 def check_context(model: nn.Module, role: str, prompt_width: int, settings: GenerationSettings) -> None:
@@ -156,9 +162,9 @@ def generate_completions(
                 do_sample=settings.do_sample,
                 temperature=settings.temperature if settings.do_sample else None,
                 top_p=settings.top_p if settings.do_sample else None,
-                top_k=None,
+                top_k=0,  # no top-k cut, whatever the model's generation config says
                 eos_token_id=eos,
-                pad_token_id=_pad_id(model, eos),
+                pad_token_id=pad_token_id(model),
             )
     finally:
         model.train(was_training)

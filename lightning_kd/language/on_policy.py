@@ -27,6 +27,7 @@ from lightning_kd.language.generation import (
     derived_seed,
     end_of_sequence_id,
     generate_completions,
+    pad_token_id,
 )
 from lightning_kd.losses.base import LossTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
@@ -164,8 +165,12 @@ class OnPolicyDistillationModule(CausalLMDistillationModule):
         self._timing["batches"] += 1
         eos = end_of_sequence_id(self.student)
         assert eos is not None  # check_can_generate
-        pad = self.student.generation_config.pad_token_id
-        return completion_batch(sequences, mask, eos, eos if pad is None else int(pad))
+        return completion_batch(sequences, mask, eos, pad_token_id(self.student))
+
+    def on_train_start(self) -> None:
+        """Start the host clock of ``train/step_seconds``."""
+        super().on_train_start()
+        self._timing = {"generation": 0.0, "batches": 0, "since": time.perf_counter()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """On an on-policy batch (:func:`on_policy_batch`), the parent's step on the student's completions."""
