@@ -5,16 +5,22 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from lightning_kd.language import GenerationSettings, generate_teacher_completions
+from lightning_kd.data import PromptCollator
+from lightning_kd.data.text import pack_blocks
+from lightning_kd.language import GenerationSettings, SequenceKDData, generate_teacher_completions
 from lightning_kd.language.sequence_kd import completions_identity, read_teacher_completions
 from tests.language.helpers import tiny_gpt2
 
 EOS, PAD = 0, 1
+X = -100
 SETTINGS = GenerationSettings(max_new_tokens=5, temperature=1.0, top_p=0.9, do_sample=True)
 
 
@@ -132,3 +138,43 @@ def test_reading_before_any_pass_names_the_command(tmp_path: Path) -> None:
         FileNotFoundError, match=r"run the generation pass \(`lightning-kd generate --config RECIPE`"
     ):
         read_teacher_completions(tmp_path, identity)
+
+
+class Text(pl.LightningDataModule):
+    """Prompts (the first 4 tokens of 8 random blocks) and held-out rows, as PythonDocsPrompts has them."""
+
+    batch_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        documents = [torch.randint(2, 48, (9,), generator=generator).tolist() for _ in range(8)]
+        self.datasets = {"train": pack_blocks(documents, 10, EOS, PAD)}
+        self.tokenizer = SimpleNamespace(pad_token_id=PAD, get_vocab=lambda: {str(i): i for i in range(48)})
+        self.prompt_collator = PromptCollator(PAD, prompt_length=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["train"], batch_size=4)
+
+
+def test_the_datamodule_serves_prompt_and_completion_with_labels_on_the_completion(tmp_path: Path) -> None:
+    data = SequenceKDData(
+        Text(), tiny_gpt2(32, seed=1), str(tmp_path), max_new_tokens=5, generation_batch_size=3
+    )
+    data.prepare_data()
+    data.setup("fit")
+    rows = data.text.datasets["train"]
+    completions = read_teacher_completions(
+        tmp_path,
+        completions_identity(data.teacher, data.prompts()[0], data.settings, 0, 3, data.extra_fingerprint),
+    )
+    assert len(data.samples) == len(rows) == len(completions) == 8
+    for sample, row, completion in zip(data.samples, rows, completions, strict=True):
+        assert sample["input_ids"].tolist() == row["input_ids"][:4].tolist() + completion
+        assert sample["prompt_length"] == 4
+    batch = next(
+        iter(DataLoader(data.samples[:4], batch_size=4, collate_fn=data.train_dataloader().collate_fn))
+    )
+    for i, completion in enumerate(completions[:4]):
+        padding = batch["labels"].shape[1] - 4 - len(completion)
+        assert batch["labels"][i].tolist() == [X] * 4 + completion + [X] * padding
