@@ -9,7 +9,11 @@ from lightning_kd.callbacks import (
     Stage,
     TemperatureAnnealing,
 )
-from lightning_kd.language import CausalLMDistillationModule, CrossTokenizerDistillationModule
+from lightning_kd.language import (
+    CausalLMDistillationModule,
+    CrossTokenizerDistillationModule,
+    OnPolicyDistillationModule,
+)
 from lightning_kd.losses import (
     ABTerm,
     AttentionMapTerm,
@@ -94,6 +98,7 @@ __all__ = [
     "MutualLearningModule",
     "NSTTerm",
     "OFDTerm",
+    "OnPolicyDistillationModule",
     "ParaphraserTerm",
     "PKTTerm",
     "ReversalStrengthSchedule",

@@ -7,6 +7,7 @@ from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
+from lightning_kd.data.prompts import PromptCollator, PythonDocsPrompts
 from lightning_kd.data.python_docs import Document, document_split, python_docs_corpus
 from lightning_kd.data.sentences import DocstringSentencesDataModule
 from lightning_kd.data.splits import SplitsDataModule
@@ -31,6 +32,8 @@ __all__ = [
     "MNIST1DTwoViewDataModule",
     "MNISTPrivilegedDataModule",
     "PythonDocsCrossTokenizerText",
+    "PromptCollator",
+    "PythonDocsPrompts",
     "PythonDocsText",
     "SplitsDataModule",
     "TokenBlocks",

@@ -259,6 +259,19 @@ def _cross_tokenizer() -> tuple[pl.LightningModule, DataLoader]:
     return CrossTokenizerDistillationModule(student, teacher), cross_loader(24, batch_size=4)
 
 
+def _causal_lm_on_policy() -> tuple[pl.LightningModule, DataLoader]:
+    # generation waits for the device inside transformers' generate (whether every row has ended):
+    # those reads are the model code's, exempted above; the rest of the step must read nothing
+    from lightning_kd.language import OnPolicyDistillationModule
+    from tests.language.helpers import tiny_gpt2
+    from tests.language.test_on_policy import prompt_loader
+
+    module = OnPolicyDistillationModule(
+        tiny_gpt2(16), tiny_gpt2(32, seed=1), lmbda=0.5, max_new_tokens=4, seed=0
+    )
+    return module, prompt_loader(rows=24)
+
+
 def _first_batch(epoch: int, batch_idx: int) -> bool:
     # the fused path compares head(hidden) with the models' logits once, on the first batch
     return epoch == 0 and batch_idx == 0
@@ -275,6 +288,7 @@ CASES = {
     "causal-lm": (_causal_lm, None),
     "causal-lm-fused": (_causal_lm_fused, _first_batch),
     "cross-tokenizer": (_cross_tokenizer, None),
+    "causal-lm-on-policy": (_causal_lm_on_policy, None),
 }
 
 
