@@ -265,6 +265,16 @@ class CausalLMDistillationModule(DistillationModule):
         tokens = self._token_outputs(
             student_output, teacher_output, bool(self.fused_terms), mask, targets, tuple(labels.shape)
         )
+        return self.token_step_outputs(batch, tokens, teacher_output, student_output)
+
+    def token_step_outputs(
+        self, batch: Any, tokens: TokenOutputs, teacher_output: Any, student_output: Any
+    ) -> StepOutputs:
+        """The step's outputs around its token view; a training step counts its tokens (token-mean gradients).
+
+        ``student_logits`` / ``teacher_logits`` are the token view's logits, or its hidden states
+        where no logits were formed (the fused path).
+        """
         if self.training:
             self.token_mean.count(tokens.mask)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}

@@ -274,20 +274,7 @@ class CrossTokenizerDistillationModule(CausalLMDistillationModule):
             teacher_logits=gathered,
             aligned=mask & (partners != NO_PARTNER),
         )
-        if self.training:
-            self.token_mean.count(tokens.mask)
-        features = self.feature_hooks.features if self.feature_hooks is not None else {}
-        return StepOutputs(
-            student_logits=student,
-            targets=None,
-            teacher_logits=gathered,
-            student_features=features.get("student", {}),
-            teacher_features=features.get("teacher", {}),
-            batch=batch,
-            teacher_output=teacher_output,
-            student_output=student_output,
-            tokens=tokens,
-        )
+        return self.token_step_outputs(batch, tokens, teacher_output, student_output)
 
     def evaluate(self, batch: Any, stage: str) -> None:
         """Student CE and perplexity, the teacher's perplexity on its tokens, the aligned fraction."""
