@@ -365,12 +365,7 @@ class CausalLMDistillationModule(DistillationModule):
         assert tokens is not None
         vocab = tokens.vocab_size
         student = self._logits(tokens, "student")[..., :vocab].float()
-        counted = tokens.mask.sum()
-        student_nll = token_cross_entropy_sum(student, tokens.targets) / counted.clamp_min(1)
-        self.metrics[f"{stage}_loss"].update(student_nll, counted)
-        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
-        self.metrics[f"{stage}_perplexity"].update(student_nll, counted)
-        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        counted = self.log_student_perplexity(student, tokens.targets, tokens.mask, stage)
         if self.teacher is None:
             return
         teacher = self._logits(tokens, "teacher")[..., :vocab].float()
@@ -380,6 +375,20 @@ class CausalLMDistillationModule(DistillationModule):
         agreed = ((student.argmax(dim=-1) == teacher.argmax(dim=-1)) & tokens.mask).sum()
         self.metrics[f"{stage}_agreement"].update(agreed / counted.clamp_min(1), counted)
         self.log(f"{stage}/agreement", self.metrics[f"{stage}_agreement"])
+
+    def log_student_perplexity(self, logits: Tensor, targets: Tensor, mask: Tensor, stage: str) -> Tensor:
+        """Log the student's ``stage/loss`` (token-weighted NLL) and ``stage/perplexity``; return the count.
+
+        ``logits``, ``targets``, ``mask``: the shifted ``(N, L - 1, V)`` logits, the next-token ids
+        and the tokens that count.
+        """
+        counted = mask.sum()
+        nll = token_cross_entropy_sum(logits, targets) / counted.clamp_min(1)
+        self.metrics[f"{stage}_loss"].update(nll, counted)
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
+        self.metrics[f"{stage}_perplexity"].update(nll, counted)
+        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        return counted
 
     @staticmethod
     def _logits(tokens: TokenOutputs, role: Literal["student", "teacher"]) -> Tensor:

@@ -281,13 +281,8 @@ class CrossTokenizerDistillationModule(CausalLMDistillationModule):
         outputs = self.step_outputs(batch)
         tokens = outputs.tokens
         assert isinstance(tokens, AlignedTokenOutputs) and tokens.aligned is not None
-        student = tokens.student_logits[..., : tokens.vocab_size].float()
-        counted = tokens.mask.sum()
-        student_nll = token_cross_entropy_sum(student, tokens.targets) / counted.clamp_min(1)
-        self.metrics[f"{stage}_loss"].update(student_nll, counted)
-        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
-        self.metrics[f"{stage}_perplexity"].update(student_nll, counted)
-        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        student = tokens.student_logits[..., : tokens.vocab_size]
+        counted = self.log_student_perplexity(student, tokens.targets, tokens.mask, stage)
         teacher_ids, teacher_mask = self._teacher_tokens(batch)
         teacher_mask_counted, teacher_targets = shifted_targets(
             teacher_ids.masked_fill(~teacher_mask.bool(), IGNORE_INDEX), teacher_mask
