@@ -31,7 +31,6 @@ from lightning_kd import DistillationModule  # noqa: E402
 from lightning_kd.callbacks import (  # noqa: E402
     DistillationStages,
     LossWeightSchedule,  # noqa: E402
-    ReproducibleOrder,  # noqa: E402
     Stage,
     TemperatureAnnealing,  # noqa: E402
 )
@@ -137,7 +136,7 @@ def fit(
             n=SAMPLES, batch_size=BATCH
         )
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, every_n_epochs=1)
-        callbacks = [ReproducibleOrder(seed=SEED), checkpoint, *_callbacks(scenario)]
+        callbacks = [checkpoint, *_callbacks(scenario)]
         if kill_at_step is not None:
             callbacks.append(StopAtStep(kill_at_step, out_dir / "step.txt"))
         trainer = pl.Trainer(
