@@ -1,9 +1,10 @@
-"""ExactResume: a fit resumed from any checkpoint, mid-epoch too, repeats the uninterrupted run bit for bit."""
+"""ExactResume: a fit resumed from any checkpoint, mid-epoch too, repeats the uninterrupted run."""
 
 from __future__ import annotations
 
 import os
 import random
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +22,14 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
-    get_worker_info,
 )
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
-__all__ = ["ExactResume", "SeededFetches", "default_exact_resume", "resumable_loader"]
+from lightning_kd.step_monitor import StepMonitor
+
+__all__ = ["EpochShuffle", "ExactResume", "SeededFetches", "default_exact_resume", "resumable_loader"]
 
 # the streams of random numbers a seed is derived for (the first word after the run's seed)
 _STEP, _FETCH, _ORDER = 0, 1, 2
@@ -53,12 +55,13 @@ class SeededFetches(Dataset):
 
     Before a loader reads a batch (``__getitems__``, in the process that reads it: a worker or the
     main process), the global torch, NumPy and ``random`` generators are seeded from ``(seed, rank,
-    epoch, worker, fetches)``, where ``fetches`` counts the batches this copy of the dataset has
-    read. The count and the epoch are the dataset's ``state_dict``, which a
-    :class:`~torchdata.stateful_dataloader.StatefulDataLoader` saves per worker with its own
-    state: a resumed loader reads its next batch with the random numbers of the uninterrupted run,
-    so ordinary random transforms (torchvision's, NumPy's) repeat bit for bit. Items read one by
-    one (``dataset[i]``, as a cache's fingerprint does) are read as the wrapped dataset gives them.
+    epoch, the batch's indices)``: ordinary random transforms (torchvision's, NumPy's) give a batch
+    the same random numbers whichever process reads it and however often its loader was restarted,
+    so a resumed run repeats them bit for bit (two batches of the same indices in one epoch, which
+    only a sampler with replacement makes, get the same numbers). The epoch lives in shared memory,
+    so that worker processes, persistent ones too, read the epoch the main process sets. Items read
+    one by one (``dataset[i]``, as a cache's fingerprint does) are read as the wrapped dataset gives
+    them; other attributes are the wrapped dataset's.
 
     Args:
         dataset: the map-style dataset to read.
@@ -73,8 +76,16 @@ class SeededFetches(Dataset):
         self.dataset = dataset
         self.seed = seed
         self.rank = rank
-        self.epoch = 0
-        self.fetches = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose batches are read."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -84,32 +95,50 @@ class SeededFetches(Dataset):
 
     def __getitems__(self, indices: list[Any]) -> list[Any]:
         """The items of one batch, read under generators seeded for this batch."""
-        worker = get_worker_info()
-        seed_global_generators(
-            self.seed, _FETCH, self.rank, self.epoch, 0 if worker is None else worker.id + 1, self.fetches
+        words = (
+            indices
+            if all(isinstance(i, int) and i >= 0 for i in indices)
+            else [zlib.crc32(repr(indices).encode())]
         )
-        self.fetches += 1
+        seed_global_generators(self.seed, _FETCH, self.rank, self.epoch, *words)
         read_batch = getattr(self.dataset, "__getitems__", None)
         return list(read_batch(indices)) if read_batch is not None else [self.dataset[i] for i in indices]
 
     def __getattr__(self, name: str) -> Any:
-        """Other attributes are the wrapped dataset's (``classes``, ``transform``, ...)."""
-        if name == "dataset":  # not set yet (unpickling)
+        """Other attributes (``classes``, ``transform``, ``state_dict``...) are the wrapped dataset's."""
+        if name in ("dataset", "_epoch") or name.startswith("__"):  # not set yet (unpickling), or special
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The batches read and the epoch (and the wrapped dataset's state, if it has one)."""
-        state: dict[str, Any] = {"epoch": self.epoch, "fetches": self.fetches}
-        if isinstance(self.dataset, _Stateful):
-            state["dataset"] = self.dataset.state_dict()
-        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go on counting from a saved state."""
-        self.epoch, self.fetches = state["epoch"], state["fetches"]
-        if "dataset" in state and isinstance(self.dataset, _Stateful):
-            self.dataset.load_state_dict(state["dataset"])
+class EpochShuffle(Sampler[int]):
+    """A random permutation of the dataset drawn from ``(seed, rank, epoch)`` alone.
+
+    As a ``DistributedSampler``, the order of an epoch depends on nothing but its number (Lightning
+    calls ``set_epoch`` at every epoch start), not on how many times a loader was iterated: a
+    resumed loader fast-forwards the same permutation. The permutation is drawn at the first item.
+
+    Args:
+        data_source: the dataset (its length).
+        seed: the run's seed.
+        rank: the process's rank.
+        epoch: the first epoch.
+    """
+
+    def __init__(self, data_source: Any, seed: int, rank: int = 0, epoch: int = 0) -> None:
+        self.data_source = data_source
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose permutation the next iteration gives."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(derived_seeds(self.seed, _ORDER, self.rank, self.epoch)[0])
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> tuple[Any, str | None]:
@@ -118,9 +147,9 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
     A ``torch.utils.data.DataLoader`` over a map-style dataset with a random, sequential or
     distributed sampler becomes a :class:`~torchdata.stateful_dataloader.StatefulDataLoader`
     with the same batch size, workers, collate function and options, over :class:`SeededFetches`
-    of its dataset; a ``RandomSampler`` becomes torchdata's (with the same generator, else one
-    seeded from ``(seed, rank, epoch)``), whose state is its generator and position. A loader
-    that already has a state (``state_dict`` / ``load_state_dict``) is returned as it is.
+    of its dataset; a ``RandomSampler`` (without replacement) becomes an :class:`EpochShuffle` (seeded
+    from its generator's seed, if it has one, else from ``seed``). A loader that already has a state
+    (``state_dict`` / ``load_state_dict``) is returned as it is.
 
     Returns:
         the loader to train on, and ``None`` or the reason it is not resumed exactly (what to change).
@@ -129,7 +158,8 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
         return loader, None
     if type(loader) is not DataLoader:
         return loader, (
-            f"it is a {type(loader).__name__}, not a torch DataLoader, and has no state_dict/load_state_dict. "
+            f"it is a {type(loader).__name__}, not a torch DataLoader, and has no "
+            "state_dict/load_state_dict. "
             "Return a torch.utils.data.DataLoader (it is rebuilt as a torchdata StatefulDataLoader), or a "
             "loader with state_dict/load_state_dict (its position in the epoch and its random state)"
         )
@@ -171,21 +201,27 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
                 "use batch_size with shuffle=True"
             )
         return StatefulDataLoader(wrapped, batch_sampler=batch_sampler, **common), None
-    if type(sampler) is RandomSampler:
-        generator = sampler.generator
-        if generator is None:
-            generator = torch.Generator().manual_seed(derived_seeds(seed, _ORDER, rank, epoch)[0])
-        sampler = StatefulRandomSampler(wrapped, sampler.replacement, sampler._num_samples, generator)
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        if sampler.generator is not None:
+            seed = sampler.generator.initial_seed()
+        sampler = EpochShuffle(wrapped, seed, rank, epoch)
     elif type(sampler) is SequentialSampler:
         sampler = SequentialSampler(wrapped)
     elif not isinstance(sampler, (DistributedSampler, _Stateful)):
+        kind = f"a {type(sampler).__name__}"
+        if type(sampler) is RandomSampler:
+            kind = "a RandomSampler with replacement or num_samples"
         return loader, (
-            f"its sampler, a {type(sampler).__name__}, has no state_dict/load_state_dict. Give it "
+            f"its sampler, {kind}, has no state_dict/load_state_dict. Give it "
             "state_dict/load_state_dict (its position in the epoch and its random state), or use "
             "shuffle=True (a DistributedSampler is resumed too)"
         )
     return StatefulDataLoader(
-        wrapped, batch_size=batch_sampler.batch_size, drop_last=batch_sampler.drop_last, sampler=sampler, **common
+        wrapped,
+        batch_size=batch_sampler.batch_size,
+        drop_last=batch_sampler.drop_last,
+        sampler=sampler,
+        **common,
     ), None
 
 
@@ -238,6 +274,9 @@ class ExactResume(Callback):
         self._pending_states: list[dict[str, Any]] | None = None
         self._after_last_batch = False
         self._warned: set[str] = set()
+        self._trainer: pl.Trainer | None = None
+        self._monitor: StepMonitor | None = None
+        self._pending_counts: list[list[int]] | None = None
 
     @property
     def run_seed(self) -> int:
@@ -256,6 +295,9 @@ class ExactResume(Callback):
             seed = int(trainer.strategy.broadcast(seed))  # the processes of an unseeded run agree
         self._run_seed = seed
         self._datasets, self._pending_states, self._after_last_batch = [], None, False
+        self._trainer, self._pending_counts = trainer, None
+        monitor = getattr(pl_module, "monitor", None)
+        self._monitor = monitor if isinstance(monitor, StepMonitor) else None
         source = trainer.fit_loop._data_source
         request = source.dataloader
         if getattr(request, "_exact_resume", None) is self:
@@ -269,7 +311,9 @@ class ExactResume(Callback):
         source.dataloader = resumable  # the fit loop's one door to the training loaders
 
     def _resumable(self, trainer: pl.Trainer, loaders: Any, describe: str) -> CombinedLoader:
-        combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, "max_size_cycle")
+        combined = (
+            loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, "max_size_cycle")
+        )
         names = _loader_names(combined)
         rebuilt = []
         self._datasets = []
@@ -278,9 +322,9 @@ class ExactResume(Callback):
             if problem is not None and name not in self._warned:
                 self._warned.add(name)
                 rank_zero_warn(
-                    f"The training loader{name} of {describe} is not resumed exactly: {problem}. Until then a "
-                    "run resumed from a checkpoint (mid-epoch above all) sees other batches or random numbers "
-                    "than the uninterrupted run."
+                    f"The training loader{name} of {describe} is not resumed exactly: {problem}. Until "
+                    "then a run resumed from a checkpoint (mid-epoch above all) sees other batches or random "
+                    "numbers than the uninterrupted run."
                 )
             if isinstance(getattr(new, "dataset", None), SeededFetches):
                 new.dataset.epoch = trainer.current_epoch
@@ -304,7 +348,9 @@ class ExactResume(Callback):
         batches = fit_loop.get("epoch_loop.batch_progress", {})
         current = batches.get("current", {})
         # written after an epoch's last batch, before the epoch ended: Lightning starts the next epoch
-        self._after_last_batch = bool(batches.get("is_last_batch")) and current.get("ready") == current.get("processed")
+        self._after_last_batch = bool(batches.get("is_last_batch")) and current.get("ready") == current.get(
+            "processed"
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Load the saved loaders' states and start the resumed epoch's batches from them."""
@@ -329,7 +375,12 @@ class ExactResume(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Seed the global generators for this batch."""
+        """Seed the global generators for this batch (after a resume: restore the epoch's counts first)."""
+        if self._pending_counts is not None and self._monitor is not None:
+            correct, seen = self._pending_counts[trainer.global_rank]
+            self._monitor.correct = torch.tensor(correct, device=pl_module.device)
+            self._monitor.seen = seen
+        self._pending_counts = None
         seed_global_generators(self.run_seed, _STEP, trainer.global_rank, trainer.current_epoch, batch_idx)
 
     def _stamp_epoch(self, trainer: pl.Trainer) -> None:
@@ -337,11 +388,26 @@ class ExactResume(Callback):
             dataset.epoch = trainer.current_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's seed."""
-        return {} if self._run_seed is None else {"seed": self._run_seed}
+        """The run's seed and, in a fit, every process's count of correct predictions in the epoch so far.
+
+        The counts (read from the module's :class:`~lightning_kd.step_monitor.StepMonitor`, gathered
+        from every process) make the epoch's ``train/acc`` of a run resumed mid-epoch the uninterrupted
+        run's.
+        """
+        if self._run_seed is None:
+            return {}
+        state: dict[str, Any] = {"seed": self._run_seed}
+        trainer, monitor = self._trainer, self._monitor
+        if trainer is not None and monitor is not None and trainer.state.fn == "fit":
+            device = trainer.strategy.root_device
+            correct = monitor.correct if monitor.correct is not None else torch.zeros((), dtype=torch.long)
+            counts = torch.stack([correct.to(device), torch.tensor(monitor.seen, device=device)])
+            gathered = trainer.strategy.all_gather(counts).reshape(-1, 2)  # one row per process
+            state["epoch_counts"] = gathered.tolist()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take the checkpoint's seed; refuse another one passed explicitly."""
+        """Take the checkpoint's seed (refuse another one passed explicitly) and the epoch's counts."""
         saved = state_dict.get("seed")
         if saved is None:
             return
@@ -351,6 +417,9 @@ class ExactResume(Callback):
                 f"checkpoint's seed ({saved}), or none, to continue the same sequence of batches."
             )
         self._run_seed = saved
+        counts = state_dict.get("epoch_counts")
+        world = self._trainer.world_size if self._trainer is not None else 1
+        self._pending_counts = counts if counts is not None and len(counts) == world else None
 
 
 def _set_sampler_epoch(loader: Any, epoch: int) -> None:

@@ -18,32 +18,17 @@ import torch
 from lightning_kd.checkpoint_io import AtomicCheckpointIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from kill_resume import SCENARIOS, fit  # noqa: E402
+from kill_resume import SCENARIOS, fit, run_and_kill  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
 KILL_AT_STEP = 8  # the 2nd of 3 steps in epoch 2; last.ckpt holds the end of epoch 1 (step 6)
 
 
 def _run_and_kill(out_dir: Path, scenario: str, kill_at_step: int = KILL_AT_STEP) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(SCRIPT), str(out_dir), scenario, "--kill-at-step", str(kill_at_step)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    marker = out_dir / "step.txt"
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(
-                f"the run ended before step {kill_at_step}:\n{process.stdout.read().decode()}"
-            )
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("the run did not reach the kill step in 120 s")
-        time.sleep(0.05)
-    time.sleep(0.05)  # the marker is written before the sleep: let the write finish
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
-    process.stdout.close()
-    assert marker.read_text().split() == [str(kill_at_step), str(kill_at_step // 3)]  # 3 steps per epoch
+    assert run_and_kill(out_dir, scenario, kill_at_step) == (
+        kill_at_step,
+        kill_at_step // 3,
+    )  # 3 steps per epoch
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
