@@ -355,6 +355,8 @@ class ExactResume(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Load the saved loaders' states and start the resumed epoch's batches from them."""
         states, self._pending_states = self._pending_states, None
+        if self._after_last_batch:  # the counts are those of the epoch that ended: the next starts at 0
+            self._pending_counts = None
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
         if not states or combined is None:
