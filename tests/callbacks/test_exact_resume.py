@@ -58,7 +58,9 @@ def test_a_batch_is_read_under_generators_seeded_by_epoch_and_indices_in_any_wor
         assert problem is None
         return list(rebuilt)
 
-    assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2), strict=True))  # workers do not matter
+    assert all(
+        torch.equal(a, b) for a, b in zip(batches(0), batches(2), strict=True)
+    )  # workers do not matter
 
 
 def test_fingerprints_of_the_training_set_look_through_the_wrapper() -> None:

@@ -201,9 +201,7 @@ def fit(
         module = _module(scenario, out_dir, dropout=augment)
         datamodule = ResumeDataModule(scenario in ("crd", "cache"), augment, workers)
         every = dict(every_n_train_steps=1, save_top_k=0) if every_step else dict(every_n_epochs=1)
-        checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, **every
-        )
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, **every)
         recorder = RecordMetrics()
         callbacks = [checkpoint, recorder, *_callbacks(scenario)]
         if kill_at_step is not None:
