@@ -33,14 +33,15 @@ def _run_and_kill(out_dir: Path, scenario: str, kill_at_step: int = KILL_AT_STEP
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path: Path, scenario: str) -> None:
-    reference = fit(tmp_path / "full", scenario)
+    flags = dict(workers=2, augment=True) if scenario in WORKERS_AND_AUGMENTATION else {}
+    reference = fit(tmp_path / "full", scenario, **flags)
 
     killed = tmp_path / "killed"
     killed.mkdir()
     _run_and_kill(killed, scenario)
     last = torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 6 and last["epoch"] == 1  # the end of epoch 1, not the killed step
-    resumed = fit(killed, scenario, resume=True)
+    resumed = fit(killed, scenario, resume=True, **flags)
 
     assert resumed["global_step"] == reference["global_step"] == 12
     assert resumed["state"].keys() == reference["state"].keys()
