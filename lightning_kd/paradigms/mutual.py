@@ -285,8 +285,11 @@ class MutualLearningModule(HostBatchChecks, MonitorReadings, pl.LightningModule)
         return logits_of(self.peers[0](inputs))
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """In a fit, follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)
-        and resume exactly (:class:`~lightning_kd.callbacks.exact_resume.ExactResume`)."""
+        """In a fit, follow a resumed run's length and resume exactly.
+
+        :class:`~lightning_kd.callbacks.run_length.RunLength` and
+        :class:`~lightning_kd.callbacks.exact_resume.ExactResume`, given to fits only.
+        """
         fitting = self._trainer is None or self._trainer.state.fn == "fit"
         return [RunLength(), *default_exact_resume(self._trainer)] if fitting else []
 

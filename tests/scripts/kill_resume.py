@@ -8,8 +8,8 @@ Run by tests/training/test_resume_after_kill.py and tests/training/test_exact_re
 and saves the final state, the optimizer state and every step's logged metrics to ``OUT/final.pt``
 (``OUT/final-rank<r>.pt`` under ``--devices 2``, 2-process gloo DDP). ``--every-step`` writes
 ``last.ckpt`` after every optimizer step (mid-epoch checkpoints), ``--workers N`` reads the data in N
-worker processes (``--reload``: new loaders every epoch), ``--augment`` adds random transforms (torch, NumPy and ``random``) to the training
-data and dropout to the student. ``--ckpt-dir DIR`` puts
+worker processes (``--reload``: new loaders every epoch), ``--augment`` adds random transforms
+(torch, NumPy and ``random``) to the training data and dropout to the student. ``--ckpt-dir DIR`` puts
 the checkpoints in ``DIR`` instead. With the environment variable ``KILL_RESUME_SLOW_COMMIT=FILE``,
 the commit of each ``last.ckpt`` that replaces an earlier one (the new file written and synced,
 ``os.replace`` not yet done) writes ``FILE`` and waits, so the test can SIGKILL it there. The test

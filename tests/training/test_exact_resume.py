@@ -137,9 +137,9 @@ def _dataset() -> TensorDataset:
         ),
         (
             lambda: DataLoader(_dataset(), batch_size=8, sampler=WeightedRandomSampler([1.0] * 32, 32)),
-            r"is not resumed exactly: its sampler, a WeightedRandomSampler, has no state_dict/load_state_dict\. "
-            r"Give it state_dict/load_state_dict \(its position in the epoch and its random state\), or use "
-            r"shuffle=True",
+            r"is not resumed exactly: its sampler, a WeightedRandomSampler, has no "
+            r"state_dict/load_state_dict\. Give it state_dict/load_state_dict \(its position in the epoch "
+            r"and its random state\), or use shuffle=True",
         ),
     ],
     ids=["iterable dataset", "sampler"],
