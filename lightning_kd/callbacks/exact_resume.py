@@ -43,9 +43,15 @@ def derived_seeds(*words: int) -> tuple[int, int]:
 
 
 def seed_global_generators(*words: int) -> None:
-    """Seed the global torch (CPU and CUDA), NumPy and ``random`` generators from ``words``."""
+    """Seed the global torch (CPU and CUDA), NumPy and ``random`` generators from ``words``.
+
+    The CPU generator and, once CUDA is initialised, the CUDA ones (``torch.manual_seed`` also
+    visits every other backend: about 90 us a call against 15 us for all of this).
+    """
     torch_seed, numpy_seed = derived_seeds(*words)
-    torch.manual_seed(torch_seed)
+    torch.default_generator.manual_seed(torch_seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(torch_seed)
     np.random.seed(numpy_seed)
     random.seed(torch_seed)
 
@@ -357,6 +363,9 @@ class ExactResume(Callback):
         states, self._pending_states = self._pending_states, None
         if self._after_last_batch:  # the counts are those of the epoch that ended: the next starts at 0
             self._pending_counts = None
+            # Lightning starts the next epoch as a restarted one, without its on_train_epoch_start hooks
+            # (a stage change, an epoch-interval schedule): let it start as an ordinary epoch
+            trainer.fit_loop.reset_restart_stage()
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
         if not states or combined is None:
