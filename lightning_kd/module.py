@@ -22,6 +22,7 @@ from lightning_kd.batch_checks import (
     probabilities_message,
     probability_rows,
 )
+from lightning_kd.callbacks.exact_resume import default_exact_resume
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
@@ -350,15 +351,16 @@ class DistillationModule(
         return self.teacher_role.forward(self.teacher, inputs)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Hook exactly the layers that the loss terms declare; in a fit, follow a resumed run's length.
+        """Hook exactly the layers that the loss terms declare; in a fit, resume exactly, at its length.
 
-        :class:`~lightning_kd.callbacks.run_length.RunLength` is given to fits only, so a
+        :class:`~lightning_kd.callbacks.run_length.RunLength` and
+        :class:`~lightning_kd.callbacks.exact_resume.ExactResume` are given to fits only, so a
         ``trainer.test`` after a fit does not replace the fit's.
         """
         self.feature_hooks = self._declared_hooks()
         hooks = [self.feature_hooks] if self.feature_hooks is not None else []
         fitting = self._trainer is None or self._trainer.state.fn == "fit"
-        return [*hooks, RunLength()] if fitting else hooks
+        return [*hooks, RunLength(), *default_exact_resume(self._trainer)] if fitting else hooks
 
     def setup(self, stage: str) -> None:
         """Build the loss terms' adapters (before the optimizer exists and any strategy wraps the model).

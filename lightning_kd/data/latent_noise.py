@@ -16,7 +16,8 @@ class LatentNoise(IterableDataset):
     """``batches`` batches of standard Gaussian noise ``(batch_size, latent_dim)`` per pass.
 
     Every pass (epoch) draws fresh noise from a generator seeded with ``(seed, rank, pass)``,
-    so runs are reproducible and DDP processes draw different noise.
+    so runs are reproducible and DDP processes draw different noise. Its ``state_dict`` (the pass
+    and the batches given in it) lets a ``StatefulDataLoader`` resume in the middle of a pass.
 
     Args:
         latent_dim: size of one noise vector.
@@ -36,16 +37,37 @@ class LatentNoise(IterableDataset):
         self.batches = batches
         self.seed = seed
         self.rank = rank
-        self.passes = 0
+        self.passes = 0  # passes started
+        self.position = 0  # batches given in the current pass
+        self._resume_at: int | None = None
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, self.passes)) % 2**63)
-        self.passes += 1
-        for _ in range(self.batches):
-            yield torch.randn(self.batch_size, self.latent_dim, generator=generator)
+        if self._resume_at is not None:  # the pass a loaded state was in, from where it was
+            index, start, self._resume_at = self.passes - 1, self._resume_at, None
+        else:
+            index, start = self.passes, 0
+            self.passes, self.position = self.passes + 1, 0
+        return self._pass(index, start)
+
+    def _pass(self, index: int, start: int) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, index)) % 2**63)
+        for batch in range(self.batches):
+            noise = torch.randn(self.batch_size, self.latent_dim, generator=generator)
+            if batch >= start:
+                self.position = batch + 1
+                yield noise
+
+    def state_dict(self) -> dict[str, int]:
+        """The passes started and the batches given in the current one."""
+        return {"passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iteration goes on with the saved pass, after its given batches."""
+        self.passes, self.position = state["passes"], state["position"]
+        self._resume_at = self.position if self.passes > 0 else None
 
 
 class LatentNoiseDataModule(pl.LightningDataModule):

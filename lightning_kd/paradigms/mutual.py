@@ -21,6 +21,7 @@ from lightning_kd.batch_checks import (
     probabilities_message,
     probability_rows,
 )
+from lightning_kd.callbacks.exact_resume import default_exact_resume
 from lightning_kd.callbacks.run_length import RunLength
 from lightning_kd.checkpoint_io import use_atomic_checkpoint_io
 from lightning_kd.diagnosis import CheckFinite, non_finite_cause, non_finite_loss_error
@@ -284,8 +285,13 @@ class MutualLearningModule(HostBatchChecks, MonitorReadings, pl.LightningModule)
         return logits_of(self.peers[0](inputs))
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """In a fit, follow a resumed run's length (:class:`~lightning_kd.callbacks.run_length.RunLength`)."""
-        return [RunLength()] if self._trainer is None or self._trainer.state.fn == "fit" else []
+        """In a fit, follow a resumed run's length and resume exactly.
+
+        :class:`~lightning_kd.callbacks.run_length.RunLength` and
+        :class:`~lightning_kd.callbacks.exact_resume.ExactResume`, given to fits only.
+        """
+        fitting = self._trainer is None or self._trainer.state.fn == "fit"
+        return [RunLength(), *default_exact_resume(self._trainer)] if fitting else []
 
     def on_train_start(self) -> None:
         """Check that the DDP processes have equal numbers of training batches; start the step records."""

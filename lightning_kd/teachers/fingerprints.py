@@ -50,10 +50,16 @@ def _hash_item(item: Any, digest: Any) -> None:
 
 
 def _transforms(dataset: Any) -> str:
-    """``repr`` of every ``transform`` / ``transforms`` attribute along a chain of wrapped datasets."""
+    """``repr`` of every ``transform`` / ``transforms`` attribute along a chain of wrapped datasets.
+
+    A wrapper that changes no item (``fingerprint_transparent``, e.g. exact resume's) is skipped.
+    """
     found, seen = [], set()
     while dataset is not None and id(dataset) not in seen:
         seen.add(id(dataset))
+        if getattr(type(dataset), "fingerprint_transparent", False):
+            dataset = dataset.dataset
+            continue
         found.append(type(dataset).__qualname__)
         for name in ("transform", "transforms", "target_transform"):
             if getattr(dataset, name, None) is not None:

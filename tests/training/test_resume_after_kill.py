@@ -18,44 +18,33 @@ import torch
 from lightning_kd.checkpoint_io import AtomicCheckpointIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from kill_resume import SCENARIOS, fit  # noqa: E402
+from kill_resume import SCENARIOS, fit, run_and_kill  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
 KILL_AT_STEP = 8  # the 2nd of 3 steps in epoch 2; last.ckpt holds the end of epoch 1 (step 6)
 
 
+#: scenarios run with 2 loader workers and random transforms (and dropout in the student)
+WORKERS_AND_AUGMENTATION = {"ema"}
+
+
 def _run_and_kill(out_dir: Path, scenario: str, kill_at_step: int = KILL_AT_STEP) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(SCRIPT), str(out_dir), scenario, "--kill-at-step", str(kill_at_step)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    marker = out_dir / "step.txt"
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        if process.poll() is not None:
-            raise AssertionError(
-                f"the run ended before step {kill_at_step}:\n{process.stdout.read().decode()}"
-            )
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("the run did not reach the kill step in 120 s")
-        time.sleep(0.05)
-    time.sleep(0.05)  # the marker is written before the sleep: let the write finish
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
-    process.stdout.close()
-    assert marker.read_text().split() == [str(kill_at_step), str(kill_at_step // 3)]  # 3 steps per epoch
+    options = ["--workers", "2", "--augment"] if scenario in WORKERS_AND_AUGMENTATION else []
+    killed_at = run_and_kill(out_dir, scenario, kill_at_step, *options)
+    assert killed_at == (kill_at_step, kill_at_step // 3)  # 3 steps per epoch
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path: Path, scenario: str) -> None:
-    reference = fit(tmp_path / "full", scenario)
+    flags = dict(workers=2, augment=True) if scenario in WORKERS_AND_AUGMENTATION else {}
+    reference = fit(tmp_path / "full", scenario, **flags)
 
     killed = tmp_path / "killed"
     killed.mkdir()
     _run_and_kill(killed, scenario)
     last = torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 6 and last["epoch"] == 1  # the end of epoch 1, not the killed step
-    resumed = fit(killed, scenario, resume=True)
+    resumed = fit(killed, scenario, resume=True, **flags)
 
     assert resumed["global_step"] == reference["global_step"] == 12
     assert resumed["state"].keys() == reference["state"].keys()
