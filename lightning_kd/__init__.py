@@ -2,6 +2,7 @@
 
 from lightning_kd.callbacks import (
     DistillationStages,
+    ExactResume,
     FeatureHooks,
     LossWeightSchedule,
     QuantizationAwareTraining,
@@ -80,6 +81,7 @@ __all__ = [
     "DataFreeDistillationModule",
     "DistillationModule",
     "DistillationStages",
+    "ExactResume",
     "EmbeddingDistillationModule",
     "EmbeddingMatchTerm",
     "FeatureHooks",

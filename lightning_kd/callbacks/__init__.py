@@ -2,13 +2,16 @@
 
 - How it unfolds: :class:`TemperatureAnnealing`, :class:`LossWeightSchedule`,
   :class:`ReversalStrengthSchedule` (CTKD's curriculum; all :class:`ScheduledValue`),
-  :class:`DistillationStages`, :class:`ReproducibleOrder`.
+  :class:`DistillationStages`.
+- Exact resume: :class:`ExactResume` (installed by every training module; :class:`ReproducibleOrder`
+  is its deprecated former name).
 - Plumbing: :class:`FeatureHooks` (the layers the loss terms read) and
   :class:`QuantizationAwareTraining` (its ``torch.ao`` functions are in :mod:`lightning_kd.quantization`).
 - Reports of what distillation did: the :mod:`lightning_kd.callbacks.report` subpackage,
   whose callbacks are re-exported here.
 """
 
+from lightning_kd.callbacks.exact_resume import ExactResume
 from lightning_kd.callbacks.feature_hooks import FeatureHooks
 from lightning_kd.callbacks.loss_weights import LossWeightSchedule
 from lightning_kd.callbacks.quantization import QuantizationAwareTraining
@@ -42,6 +45,7 @@ __all__ = [
     "CompressionReport",
     "DistillationReport",
     "DistillationStages",
+    "ExactResume",
     "FeatureHooks",
     "KNNProbe",
     "LossWeightSchedule",
