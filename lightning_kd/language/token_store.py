@@ -55,6 +55,11 @@ FORMAT_VERSION = 1
 #: the tail prior is mixed with this share of the uniform distribution, so no id gets probability 0
 PRIOR_FLOOR = 1e-4
 _FILES = ("rows", "signatures", "tail")
+#: what the directory lock's refusal calls the store, and how a run gets its own directory
+_LOCK_WORDS = (
+    "top-k token store",
+    "fill_token_store(directory=...) or lightning-kd cache-tokens --directory",
+)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -120,7 +125,9 @@ class TopKTokenStore:
                 "(their vocabularies differ): its token ids would mean other tokens. Rebuild the store with "
                 "this tokenizer, or train with the store's."
             )
-        self._lock = CacheDirectoryLock.shared(self.directory, os.access(self.directory, os.W_OK))
+        self._lock = CacheDirectoryLock.shared(
+            self.directory, os.access(self.directory, os.W_OK), *_LOCK_WORDS
+        )
         if self._lock is not None:
             self._lock.owner = self
         self.codec = TopKCodec(**self.meta["codec"])
@@ -349,7 +356,7 @@ def fill_token_store(
         "complete": False,
     }
     directory.mkdir(parents=True, exist_ok=True)
-    lock = CacheDirectoryLock.shared(directory, True)
+    lock = CacheDirectoryLock.shared(directory, True, *_LOCK_WORDS)
     assert lock is not None
     try:
         lock.make_exclusive()
