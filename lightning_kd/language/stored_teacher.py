@@ -14,7 +14,8 @@ from lightning_kd.language.metrics import token_cross_entropy_sum
 from lightning_kd.language.token_store import TopKTokenStore
 from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size
-from lightning_kd.losses.base import LossTerm
+from lightning_kd.losses._token_chunks import DecodedRows
+from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.model_io import call_model, logits_of
@@ -48,8 +49,16 @@ class StoredTeacher(nn.Module):
         """The reconstructed log-probabilities of every position (see the class docstring)."""
         codec = self.store.codec
         out = torch.zeros((rows.shape[0], rows.shape[1] + 1, codec.vocab_size), device=rows.device)
-        codec.decode(rows, self.log_prior if self.tail == "prior" else None, out=out[:, :-1])
+        self.decode_into(rows, out[:, :-1])
         return out
+
+    def decode_into(self, rows: Tensor, out: Tensor) -> Tensor:
+        """``(..., row_bytes)`` stored rows -> their ``(..., V)`` log-probabilities, written into ``out``."""
+        return self.store.codec.decode(rows, self.log_prior if self.tail == "prior" else None, out=out)
+
+    def decoded_rows(self, rows: Tensor) -> DecodedRows:
+        """``(N, L - 1, row_bytes)`` stored rows as the chunked path's teacher, decoded chunk by chunk."""
+        return DecodedRows(rows.reshape(-1, rows.shape[-1]), self.decode_into, self.store.codec.vocab_size)
 
     def extra_repr(self) -> str:
         """The store and the tail rule."""
@@ -64,9 +73,12 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
     (:class:`~lightning_kd.data.WithIndex` on the dict items: ``batch[index_key]``). Before each
     training batch moves to the device its rows are read from the memory map (shards CRC-checked
     at first read, each block's inputs against its stored signature) and added to the batch; the
-    step decodes them on the device into the teacher's ``(N, L - 1, V)`` log-probabilities (no host
-    read), which every divergence of :class:`~lightning_kd.losses.TokenDivergenceTerm` reads on the
-    plain and chunked paths. The fused path needs the teacher's head and is refused.
+    step decodes them on the device (no host read). When every term that reads the teacher is a
+    :class:`~lightning_kd.losses.TokenDivergenceTerm` on the chunked path (the cross-entropy reads
+    only the labels), each chunk of positions is decoded inside the loss and the teacher's
+    ``(N, L - 1, V)`` float32 tensor is never formed (:attr:`decodes_by_chunk`); otherwise the rows are
+    decoded into it once and every divergence reads it, on the plain and chunked paths. The fused
+    path needs the teacher's head and is refused.
 
     Validation and test report the student's loss and perplexity (the store holds the training
     data's teacher only).
@@ -124,6 +136,34 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
     def store(self) -> TopKTokenStore:
         """The opened store."""
         return self.teacher.store
+
+    @property
+    def decodes_by_chunk(self) -> bool:
+        """Whether the loss decodes the stored rows chunk by chunk: every teacher-reading term is chunked."""
+        return all(
+            isinstance(term, TokenCrossEntropyTerm)
+            or (isinstance(term, TokenDivergenceTerm) and term.path == "chunked")
+            for term in self.loss_terms.values()
+        )
+
+    def call_teacher(self, batch: Any, inputs: Any) -> tuple[Any, None]:
+        """The stored rows decoded into ``(N, L, V)``; ``None`` when the loss decodes them by chunk."""
+        if self.decodes_by_chunk:
+            return None, None
+        return super().call_teacher(batch, inputs)
+
+    def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:
+        """The parent's; with :attr:`decodes_by_chunk`, the tokens carry the packed rows (``teacher_rows``).
+
+        ``teacher_output`` is then the batch's ``(N, L - 1, row_bytes)`` stored rows.
+        """
+        outputs = super().step_outputs(batch, teacher_output)
+        if outputs.teacher_output is None and self.decodes_by_chunk:
+            assert outputs.tokens is not None
+            rows = self.teacher_inputs(batch, None)
+            outputs.teacher_output = rows
+            outputs.tokens.teacher_rows = self.teacher.decoded_rows(rows)
+        return outputs
 
     def build_metrics(self) -> nn.ModuleDict:
         """The student's loss and perplexity (no teacher metrics: the store covers the training data)."""

@@ -25,8 +25,11 @@ from lightning_kd.language import (
     TopKTokenStore,
     fill_token_store,
 )
+from lightning_kd.language.stored_teacher import StoredTeacher
 from lightning_kd.language.token_codec import pack_fields, unpack_fields
 from lightning_kd.losses import TokenCrossEntropyTerm, TokenDivergenceTerm
+from lightning_kd.losses._token_chunks import DecodedRows
+from lightning_kd.losses.token_divergence import token_divergence, token_divergence_chunked
 from tests.language.helpers import VOCAB, tiny_gpt2
 
 LENGTH = 8
@@ -277,6 +280,61 @@ def test_a_fit_from_the_store_with_k_equal_to_v_is_the_fit_with_the_live_teacher
     assert stored_losses == pytest.approx(live_losses, abs=1e-5)
     for a, b in zip(live.student.parameters(), stored.student.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_the_chunked_loss_decodes_stored_rows_chunk_by_chunk_with_the_full_decodes_values(
+    tmp_path: Path, divergence: str
+) -> None:
+    data = blocks()
+    store = fill_token_store(tiny_gpt2(seed=2), data, tmp_path, k=5)
+    teacher = StoredTeacher(store)
+    ids = data.input_ids[:3]
+    rows = store.rows(torch.arange(3), ids, torch.ones_like(ids))
+    decoded = []
+    rows_of = teacher.decoded_rows(rows)
+    chunks = DecodedRows(
+        rows_of.packed, lambda packed, out: decoded.append(len(packed)) or rows_of.decode(packed, out), VOCAB
+    )
+    student = torch.randn(3, LENGTH - 1, VOCAB, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, LENGTH - 1, generator=torch.Generator().manual_seed(0)) < 0.7
+    by_chunk = token_divergence_chunked(student.float(), chunks, mask, divergence=divergence, chunk_size=5)
+    (grad,) = torch.autograd.grad(by_chunk, student)
+    assert decoded == [5, 5, 5, 5, 1]  # 21 positions, chunks of 5: one chunk decoded at a time
+    # float64, from the formula, on the full decode
+    log_t = teacher(rows)[:, :-1].double()
+    log_s = torch.log_softmax(student, -1)
+    if divergence == "forward_kl":
+        values = (log_t.exp() * (log_t - log_s)).sum(-1)
+    else:  # beta = 0.5: 0.5 KL(t || m) + 0.5 KL(s || m)
+        log_m = torch.log(0.5 * log_t.exp() + 0.5 * log_s.exp())
+        values = 0.5 * (log_t.exp() * (log_t - log_m)).sum(-1) + 0.5 * (log_s.exp() * (log_s - log_m)).sum(-1)
+    expected = values[mask].sum() / mask.sum()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert float(by_chunk.detach()) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+    assert torch.all(grad[~mask] == 0)
+    with pytest.raises(ValueError, match="hold 21 positions of 48 token ids but the student's logits 14"):
+        token_divergence_chunked(student[:2].float().detach(), chunks, chunk_size=5)
+
+
+def test_the_module_decodes_by_chunk_only_when_every_teacher_term_is_chunked(tmp_path: Path) -> None:
+    data = blocks()
+    fill_token_store(tiny_gpt2(seed=2), data, tmp_path, k=5)
+    chunked = [TokenCrossEntropyTerm("ce"), TokenDivergenceTerm("kd", path="chunked", chunk_size=8)]
+    plain = [*chunked, TokenDivergenceTerm("plain_kd")]
+    batch = next(iter(DataLoader(WithIndex(data), batch_size=4)))
+    for terms, by_chunk in ((chunked, True), (plain, False)):
+        module = TokenStoreDistillationModule(tiny_gpt2(hidden=8), tmp_path, losses=terms)
+        module.check_batch(batch, "training")
+        tokens = module.step_outputs(batch).tokens
+        assert module.decodes_by_chunk is by_chunk
+        assert (tokens.teacher_logits is None) is by_chunk and (tokens.teacher_rows is None) is not by_chunk
+        if by_chunk:
+            full = module.teacher(batch["teacher_topk_rows"])[:, :-1]
+            loss = module.loss_terms["kd"](module.step_outputs(batch))
+            expected = token_divergence(tokens.student_logits.detach(), full, tokens.mask)
+            assert float(loss) == pytest.approx(float(expected), rel=1e-4)  # float32 sums
 
 
 def test_the_module_refuses_a_fused_term_and_batches_without_an_index(tmp_path: Path) -> None:
