@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +20,18 @@ from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.model_io import call_model, logits_of
+from lightning_kd.module import DistillationModule
 
 __all__ = ["StoredTeacher", "TokenStoreDistillationModule"]
 
+#: the parent's teacher arguments, refused unless left at these defaults
+_TEACHER_DEFAULTS = {
+    "teacher": None,
+    "teacher_mode": "frozen",
+    "teacher_checkpoint": None,
+    "teacher_tokenizer": None,
+}
+_DISTILLATION_TARGET_KEY = inspect.signature(DistillationModule.__init__).parameters["target_key"].default
 #: the batch key under which the stored rows of a training batch travel to the device
 ROWS_KEY = "teacher_topk_rows"
 
@@ -105,8 +115,11 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        for name in ("teacher", "teacher_mode", "teacher_checkpoint", "teacher_tokenizer"):
-            if name in kwargs:
+        # the command line fills in the parents' defaults: only other values are refused
+        if kwargs.get("target_key") == _DISTILLATION_TARGET_KEY:
+            del kwargs["target_key"]  # DistillationModule's; a causal LM reads labels_key
+        for name, default in _TEACHER_DEFAULTS.items():
+            if kwargs.pop(name, default) != default:
                 raise ValueError(
                     f"TokenStoreDistillationModule takes no {name}: the teacher is the store. Remove it."
                 )

@@ -344,6 +344,12 @@ def test_the_module_refuses_a_fused_term_and_batches_without_an_index(tmp_path: 
         TokenStoreDistillationModule(tiny_gpt2(), tmp_path, losses=[TokenDivergenceTerm("kd", path="fused")])
     with pytest.raises(ValueError, match="student predicts 40 token ids but the store holds a teacher of 48"):
         TokenStoreDistillationModule(tiny_gpt2(vocab=40), tmp_path)
+    with pytest.raises(ValueError, match="takes no teacher: the teacher is the store"):
+        TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher=tiny_gpt2())
+    with pytest.raises(ValueError, match="takes no teacher_mode"):
+        TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher_mode="ema")
+    # the defaults the command line fills in are accepted
+    TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher=None, teacher_mode="frozen", target_key=1)
     module = TokenStoreDistillationModule(tiny_gpt2(hidden=8), tmp_path)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(KeyError, match="WithIndex"):
