@@ -67,8 +67,8 @@ def test_kd_store_recipe_trains_from_a_store_filled_by_cache_tokens(
         "--model.init_args.student.init_args.config.init_args.vocab_size=512",
         "--model.init_args.student.init_args.config.init_args.n_positions=32",
     ]
-    main(["fit", "--config", str(CONFIGS / "kd_store.yaml"), *small(cache), "--data.init_args.max_documents=12",
-          *student, f"--model.init_args.store={store}"])  # fmt: skip
+    main(["fit", "--config", str(CONFIGS / "kd_store.yaml"), *small(cache),
+          "--data.init_args.max_documents=12", *student, f"--model.init_args.store={store}"])  # fmt: skip
     header = (tmp_path / "runs/python_docs/kd_store/version_0/metrics.csv").read_text().splitlines()[0]
     for column in ("train/loss_ce", "train/loss_kd", "val/perplexity"):
         assert column in header, column
