@@ -15,7 +15,9 @@ process times, one thread.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +31,11 @@ from lightning_kd.language import (
     CausalLMDistillationModule,
     TokenStoreDistillationModule,
     TopKCodec,
+    TopKTokenStore,
     fill_token_store,
 )
+from lightning_kd.language.stored_teacher import StoredTeacher
+from lightning_kd.losses.token_divergence import token_divergence, token_divergence_chunked
 from lightning_kd.models.gpt import tiny_gpt2
 from lightning_kd.teachers.loading import load_weights
 
@@ -90,6 +95,60 @@ def step_time(module: torch.nn.Module, loader: DataLoader, steps: int) -> float:
     return sum(times) / len(times)
 
 
+#: the decode-memory variants: (path, whether the teacher's (N, L - 1, V) tensor is decoded in full)
+DECODES = {
+    "plain, full decode": ("plain", True),
+    "chunked, full decode": ("chunked", True),
+    "chunked, per-chunk decode": ("chunked", False),
+}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _loss_peak(directory: str, variant: str, blocks: dict[str, torch.Tensor], results: object) -> None:
+    """In a fresh process: the peak RSS added by one KD loss's forward and backward (MiB)."""
+    torch.set_num_threads(1)
+    path, full = DECODES[variant]
+    store = TopKTokenStore(directory)
+    teacher = StoredTeacher(store)
+    ids = blocks["input_ids"]
+    rows = store.rows(torch.arange(len(ids)), ids, blocks["attention_mask"], blocks["labels"])
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(*rows.shape[:2], store.codec.vocab_size, generator=generator).requires_grad_()
+    counted = torch.ones(rows.shape[:2], dtype=torch.bool)
+    before = _peak_rss_mib()  # the inputs (student logits, stored rows) are allocated, nothing freed yet
+    started = time.process_time()
+    if full:
+        decoded = teacher(rows)[:, :-1]
+        loss = (token_divergence if path == "plain" else token_divergence_chunked)(student, decoded, counted)
+    else:
+        loss = token_divergence_chunked(student, teacher.decoded_rows(rows), counted)
+    loss.backward()
+    results.put((variant, _peak_rss_mib() - before, time.process_time() - started, float(loss)))
+
+
+def decode_memory(directory: str | Path, blocks: dict[str, torch.Tensor]) -> list[str]:
+    """Peak memory of the forward-KL loss from the store, full decode vs per-chunk decode (table rows).
+
+    Each variant runs in its own process (RSS peaks are per process; tensors this large are
+    mmap-allocated, so RSS follows the live tensors). The student's ``(N, L - 1, V)`` float32 logits
+    and the stored rows exist before and are not counted; their gradient (the same size) is.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    rows = []
+    for variant in DECODES:
+        process = context.Process(target=_loss_peak, args=(str(directory), variant, blocks, results))
+        process.start()
+        name, peak, seconds, loss = results.get(timeout=600)
+        process.join()
+        rows.append(f"| {name} | {peak:.0f} | {seconds:.2f} | {loss:.6f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--teacher-checkpoint", default=None)
@@ -97,10 +156,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the decode-memory table: a k = 128 store of --blocks blocks (at least 32) of an untrained "
+        "teacher (memory does not depend on the values)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = PythonDocsText(block_size=128, vocab_size=4096, batch_size=8)
     data.setup("fit")
+    if args.memory_only:
+        memory_only(data, args.blocks)
+        return
     started = time.process_time()
     if args.teacher_checkpoint:
         teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128)
@@ -142,7 +210,7 @@ def main() -> None:
         )
         fill = time.process_time() - start
         stores[k] = store
-        rows = store.rows(torch.arange(len(blocks)), ids, mask)
+        rows = store.rows(torch.arange(len(blocks)), ids, mask, labels)
         prior = kl64(full, store.codec.decode(rows, store.log_prior))[counted]
         uniform = kl64(full, store.codec.decode(rows))[counted]
         exact = kl64(full, exact_top_k(full, k))[counted]
@@ -173,12 +241,38 @@ def main() -> None:
     )
     live_s = step_time(live, loader, args.steps)
     store_s = step_time(from_store, loader, args.steps)
+    first = {"input_ids": ids[:32], "attention_mask": mask[:32], "labels": labels[:32]}
+    lines += ["", *MEMORY_HEADER, *decode_memory(root / "k128", first)]
     lines += ["", "## Time per training step (batch 8 x 128, tiny_gpt2 'student', CE + forward KL)", "",
               "| teacher | CPU s / step |", "|---|---|",
               f"| live (in memory) | {live_s:.3f} |", f"| store, k = 128 | {store_s:.3f} |"]  # fmt: skip
     print("\n".join(lines[-4:]))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+MEMORY_HEADER = [
+    "## Peak memory of the forward-KL loss from the store (batch 32 x 128, V = 4096, k = 128)",
+    "",
+    "Peak RSS added by the loss's forward and backward (one process each; the student's logits and the",
+    "stored rows exist before). Full decode: the (32, 127, 4096) float32 teacher tensor (63.5 MiB).",
+    "",
+    "| loss | peak MiB | CPU s | loss value |",
+    "|---|---|---|---|",
+]
+
+
+def memory_only(data: PythonDocsText, blocks: int) -> None:
+    """The decode-memory table alone, from an untrained teacher's k = 128 store."""
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128).eval()
+    subset = Subset(data.datasets["train"], range(max(blocks, 32)))
+    directory = Path(tempfile.mkdtemp()) / "k128"
+    fill_token_store(teacher, subset, directory, k=128, batch_size=8, blocks_per_shard=16)
+    first = {key: torch.stack([subset[i][key] for i in range(32)]) for key in subset[0]}
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print("\n".join(MEMORY_HEADER))
+    decode_memory(directory, first)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,12 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
                 "get 'index'), or set index_key."
             )
         ids = batch["input_ids"]
-        rows = self.store.rows(batch[self.index_key], ids, batch.get(self.attention_mask_key or ""))
+        rows = self.store.rows(
+            batch[self.index_key],
+            ids,
+            batch.get(self.attention_mask_key or ""),
+            batch.get(self.labels_key or ""),
+        )
         batch[ROWS_KEY] = rows if ids.device.type == "cpu" else rows.to(ids.device)
 
     def teacher_inputs(self, batch: Any, inputs: Any) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -35,10 +36,17 @@ from tests.language.helpers import VOCAB, tiny_gpt2
 LENGTH = 8
 
 
-def blocks(count: int = 12, vocab: int = VOCAB, seed: int = 0) -> TokenBlocks:
+def blocks(count: int = 12, vocab: int = VOCAB, seed: int = 0, completion: bool = False) -> TokenBlocks:
+    """Random blocks; ``completion``: block i has a prompt of 1 + i % 3 tokens and i % 4 padding tokens."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (count, LENGTH), generator=generator)
-    return TokenBlocks(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    attention, learned = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    if completion:
+        for row in range(count):
+            learned[row, : 1 + row % 3] = False
+            attention[row, LENGTH - row % 4 :] = 0
+        ids = ids.masked_fill(attention == 0, 1)
+    return TokenBlocks(ids, attention, learned)
 
 
 def kl64(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -113,7 +121,7 @@ def test_the_tail_prior_recovers_a_shared_tail_shape(tmp_path: Path) -> None:
     store = fill_token_store(teacher, data, tmp_path, k=3, blocks_per_shard=5)
     ids = data.input_ids[:4]
     log_p = torch.log_softmax(teacher(ids).double(), -1)[:, :-1]
-    rows = store.rows(torch.arange(4), ids, torch.ones_like(ids))
+    rows = store.rows(torch.arange(4), ids, torch.ones_like(ids), data.labels[:4])
     prior = store.codec.decode(rows, store.log_prior)
     uniform = store.codec.decode(rows)
     assert kl64(log_p, prior).max() < 1e-3
@@ -156,9 +164,32 @@ def test_another_tokenizer_or_other_inputs_are_refused_at_read(tmp_path: Path) -
     changed = data.input_ids[[3]].clone()
     changed[0, 2] += 1
     with pytest.raises(RuntimeError, match="input of block 3 is not the one"):
-        store.rows(torch.tensor([3]), changed, torch.ones_like(changed))
+        store.rows(torch.tensor([3]), changed, torch.ones_like(changed), changed)
     with pytest.raises(IndexError, match="holds 12 blocks but a batch has index 12"):
-        store.rows(torch.tensor([12]), changed, torch.ones_like(changed))
+        store.rows(torch.tensor([12]), changed, torch.ones_like(changed), changed)
+
+
+def test_only_the_counted_positions_are_stored(tmp_path: Path) -> None:
+    data, teacher = blocks(completion=True), tiny_gpt2(seed=2)
+    store = fill_token_store(teacher, data, tmp_path, k=6, blocks_per_shard=5)
+    labels, attention = data.labels, data.attention_mask
+    counted = (labels[:, 1:] != -100) & (attention[:, 1:] == 1) & (attention[:, :-1] == 1)
+    assert store.positions == int(counted.sum()) < 12 * (LENGTH - 1)
+    stored = sum(np.load(path).shape[0] for path in sorted(tmp_path.glob("shard-*.rows.npy")))
+    assert stored == int(counted.sum())
+    rows = store.rows(torch.arange(12), data.input_ids, attention, labels)
+    assert torch.all(rows[~counted] == 0) and torch.all(rows[counted].amax(-1) > 0)
+    expected = torch.log_softmax(teacher(input_ids=data.input_ids, attention_mask=attention).logits, -1)
+    top, ids = expected[:, :-1][counted].topk(6, dim=-1)
+    decoded = store.codec.decode(rows[counted])
+    assert torch.equal(decoded.topk(6, dim=-1).indices.sort(-1).values, ids.sort(-1).values)
+    assert (decoded.gather(-1, ids) - top)[:, :4].abs().max() < 0.02  # the 8-bit ranks
+    other = labels[[5]].clone()
+    other[0, 3] = -100  # one more token left out: another block
+    with pytest.raises(RuntimeError, match="input of block 5 is not the one"):
+        store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]], other)
+    with pytest.raises(ValueError, match="filled from blocks with labels: give the batch's labels"):
+        store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]])
 
 
 def test_a_flipped_byte_is_an_error_naming_the_shard(tmp_path: Path) -> None:
@@ -170,9 +201,9 @@ def test_a_flipped_byte_is_an_error_naming_the_shard(tmp_path: Path) -> None:
     path.write_bytes(bytes(content))
     store = TopKTokenStore(tmp_path)
     ones = torch.ones(2, LENGTH, dtype=torch.long)
-    store.rows(torch.tensor([0, 4]), data.input_ids[[0, 4]], ones)  # shard 0 is intact
+    store.rows(torch.tensor([0, 4]), data.input_ids[[0, 4]], ones, data.labels[[0, 4]])  # shard 0: intact
     with pytest.raises(RuntimeError, match=r"damaged: shard-00001\.rows\.npy \(shard 1\)"):
-        store.rows(torch.tensor([0, 6]), data.input_ids[[0, 6]], ones)
+        store.rows(torch.tensor([0, 6]), data.input_ids[[0, 6]], ones, data.labels[[0, 6]])
     tail = tmp_path / "shard-00002.tail.npy"
     tail.write_bytes(tail.read_bytes()[:-8])
     with pytest.raises(RuntimeError, match=r"damaged: shard-00002\.tail\.npy"):
@@ -260,7 +291,7 @@ def fit(module: pl.LightningModule, data: TokenBlocks, steps: int = 3) -> list[f
 def test_a_fit_from_the_store_with_k_equal_to_v_is_the_fit_with_the_live_teacher(
     tmp_path: Path, path: str
 ) -> None:
-    data, teacher = blocks(), tiny_gpt2(seed=3)
+    data, teacher = blocks(completion=True), tiny_gpt2(seed=3)  # prompts and padding: not stored
     fill_token_store(teacher, data, tmp_path, k=VOCAB, residual_bits=((16, VOCAB),))
 
     def terms() -> list:
@@ -290,7 +321,7 @@ def test_the_chunked_loss_decodes_stored_rows_chunk_by_chunk_with_the_full_decod
     store = fill_token_store(tiny_gpt2(seed=2), data, tmp_path, k=5)
     teacher = StoredTeacher(store)
     ids = data.input_ids[:3]
-    rows = store.rows(torch.arange(3), ids, torch.ones_like(ids))
+    rows = store.rows(torch.arange(3), ids, torch.ones_like(ids), ids)
     decoded = []
     rows_of = teacher.decoded_rows(rows)
     chunks = DecodedRows(
@@ -399,6 +430,6 @@ def test_cache_tokens_command_fills_a_store_from_a_recipe(tmp_path: Path, capsys
     store = TopKTokenStore(tmp_path / "s")
     ids = blocks(6).input_ids
     expected = torch.log_softmax(teacher(input_ids=ids).logits.double(), -1)[:, :-1]
-    decoded = store.codec.decode(store.rows(torch.arange(6), ids, torch.ones_like(ids)))
+    decoded = store.codec.decode(store.rows(torch.arange(6), ids, torch.ones_like(ids), ids))
     top, index = expected.topk(8, dim=-1)
     assert (decoded.gather(-1, index).double() - top)[..., :4].abs().max() < 0.02
