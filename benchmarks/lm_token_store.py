@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -103,8 +102,17 @@ DECODES = {
 }
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last reset) of this process, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the peak RSS (``VmHWM``) to the current RSS (``clear_refs`` 5, Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _loss_peak(directory: str, variant: str, blocks: dict[str, torch.Tensor], results: object) -> None:
@@ -118,7 +126,8 @@ def _loss_peak(directory: str, variant: str, blocks: dict[str, torch.Tensor], re
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(*rows.shape[:2], store.codec.vocab_size, generator=generator).requires_grad_()
     counted = torch.ones(rows.shape[:2], dtype=torch.bool)
-    before = _peak_rss_mib()  # the inputs (student logits, stored rows) are allocated, nothing freed yet
+    _reset_peak_rss()
+    before = _status_mib("VmRSS")  # the inputs (student logits, stored rows) are allocated
     started = time.process_time()
     if full:
         decoded = teacher(rows)[:, :-1]
@@ -126,14 +135,14 @@ def _loss_peak(directory: str, variant: str, blocks: dict[str, torch.Tensor], re
     else:
         loss = token_divergence_chunked(student, teacher.decoded_rows(rows), counted)
     loss.backward()
-    results.put((variant, _peak_rss_mib() - before, time.process_time() - started, float(loss)))
+    results.put((variant, _status_mib("VmHWM") - before, time.process_time() - started, float(loss.detach())))
 
 
 def decode_memory(directory: str | Path, blocks: dict[str, torch.Tensor]) -> list[str]:
     """Peak memory of the forward-KL loss from the store, full decode vs per-chunk decode (table rows).
 
-    Each variant runs in its own process (RSS peaks are per process; tensors this large are
-    mmap-allocated, so RSS follows the live tensors). The student's ``(N, L - 1, V)`` float32 logits
+    Each variant runs in its own process, its peak RSS reset just before the loss (tensors this
+    large are mmap-allocated, so RSS follows the live tensors). The student's ``(N, L - 1, V)`` float32 logits
     and the stored rows exist before and are not counted; their gradient (the same size) is.
     """
     context = multiprocessing.get_context("spawn")
@@ -142,8 +151,10 @@ def decode_memory(directory: str | Path, blocks: dict[str, torch.Tensor]) -> lis
     for variant in DECODES:
         process = context.Process(target=_loss_peak, args=(str(directory), variant, blocks, results))
         process.start()
-        name, peak, seconds, loss = results.get(timeout=600)
         process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"The memory run of {variant!r} failed (exit code {process.exitcode}).")
+        name, peak, seconds, loss = results.get(timeout=10)
         rows.append(f"| {name} | {peak:.0f} | {seconds:.2f} | {loss:.6f} |")
         print(rows[-1], flush=True)
     return rows
@@ -254,8 +265,9 @@ def main() -> None:
 MEMORY_HEADER = [
     "## Peak memory of the forward-KL loss from the store (batch 32 x 128, V = 4096, k = 128)",
     "",
-    "Peak RSS added by the loss's forward and backward (one process each; the student's logits and the",
-    "stored rows exist before). Full decode: the (32, 127, 4096) float32 teacher tensor (63.5 MiB).",
+    "Peak RSS above the RSS before the loss, over its forward and backward (one process each; the",
+    "student's logits and the stored rows exist before; the logits' gradient, 63.5 MiB, is counted).",
+    "Full decode: the (32, 127, 4096) float32 teacher tensor (63.5 MiB) is formed first.",
     "",
     "| loss | peak MiB | CPU s | loss value |",
     "|---|---|---|---|",
