@@ -120,7 +120,8 @@ class TopKTokenStore:
         if self.meta.get("format") != FORMAT_VERSION:
             raise RuntimeError(
                 f"The token store in {self.directory} has format {self.meta.get('format')}, this version "
-                f"reads {FORMAT_VERSION}: rebuild it (fill_token_store(..., overwrite=True))."
+                f"reads {FORMAT_VERSION}: rebuild it (fill_token_store(..., overwrite=True), or "
+                "lightning-kd cache-tokens --overwrite)."
             )
         if not self.meta["complete"]:
             done, total = len(self.meta["shards"]), self.meta["num_shards"]

@@ -190,6 +190,10 @@ def test_only_the_counted_positions_are_stored(tmp_path: Path) -> None:
         store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]], other)
     with pytest.raises(ValueError, match="filled from blocks with labels: give the batch's labels"):
         store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": 1}))  # every position stored
+    with pytest.raises(RuntimeError, match="has format 1, this version reads 2: rebuild it .* --overwrite"):
+        TopKTokenStore(tmp_path)
 
 
 def test_a_flipped_byte_is_an_error_naming_the_shard(tmp_path: Path) -> None:
