@@ -349,6 +349,12 @@ def test_the_chunked_loss_decodes_stored_rows_chunk_by_chunk_with_the_full_decod
     assert float(by_chunk.detach()) == pytest.approx(float(expected), rel=1e-5)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
     assert torch.all(grad[~mask] == 0)
+    # the same as the chunked path on the full decode, which forms the (N, L - 1, V) tensor
+    logits = student.detach().float().requires_grad_()
+    full = token_divergence_chunked(logits, log_t.float(), mask, divergence=divergence, chunk_size=5)
+    full.backward()
+    assert float(full) == pytest.approx(float(by_chunk.detach()), rel=1e-6)
+    torch.testing.assert_close(grad.float(), logits.grad, atol=1e-7, rtol=1e-5)
     with pytest.raises(ValueError, match="hold 21 positions of 48 token ids but the student's logits 14"):
         token_divergence_chunked(student[:2].float().detach(), chunks, chunk_size=5)
 
