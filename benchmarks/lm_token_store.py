@@ -253,7 +253,7 @@ def main() -> None:
     live_s = step_time(live, loader, args.steps)
     store_s = step_time(from_store, loader, args.steps)
     first = {"input_ids": ids[:32], "attention_mask": mask[:32], "labels": labels[:32]}
-    lines += ["", *MEMORY_HEADER, *decode_memory(root / "k128", first)]
+    lines += ["", *memory_header(len(first["input_ids"])), *decode_memory(root / "k128", first)]
     lines += ["", "## Time per training step (batch 8 x 128, tiny_gpt2 'student', CE + forward KL)", "",
               "| teacher | CPU s / step |", "|---|---|",
               f"| live (in memory) | {live_s:.3f} |", f"| store, k = 128 | {store_s:.3f} |"]  # fmt: skip
@@ -262,16 +262,20 @@ def main() -> None:
         Path(args.out).write_text("\n".join(lines) + "\n")
 
 
-MEMORY_HEADER = [
-    "## Peak memory of the forward-KL loss from the store (batch 32 x 128, V = 4096, k = 128)",
-    "",
-    "Peak RSS above the RSS before the loss, over its forward and backward (one process each; the",
-    "student's logits and the stored rows exist before; the logits' gradient, 63.5 MiB, is counted).",
-    "Full decode: the (32, 127, 4096) float32 teacher tensor (63.5 MiB) is formed first.",
-    "",
-    "| loss | peak MiB | CPU s | loss value |",
-    "|---|---|---|---|",
-]
+def memory_header(blocks: int) -> list[str]:
+    """The decode-memory table's title, explanation and header, for a batch of ``blocks`` blocks."""
+    mib = blocks * 127 * 4096 * 4 / 2**20
+    return [
+        f"## Peak memory of the forward-KL loss from the store (batch {blocks} x 128, V = 4096, k = 128)",
+        "",
+        "Peak RSS above the RSS before the loss, over its forward and backward (one process each; the",
+        f"student's logits and the stored rows exist before; the logits' gradient, {mib:.1f} MiB, is",
+        f"counted). Full decode: the ({blocks}, 127, 4096) float32 teacher tensor ({mib:.1f} MiB) is formed",
+        "first.",
+        "",
+        "| loss | peak MiB | CPU s | loss value |",
+        "|---|---|---|---|",
+    ]
 
 
 def memory_only(data: PythonDocsText, blocks: int) -> None:
@@ -283,7 +287,7 @@ def memory_only(data: PythonDocsText, blocks: int) -> None:
     fill_token_store(teacher, subset, directory, k=128, batch_size=8, blocks_per_shard=16)
     first = {key: torch.stack([subset[i][key] for i in range(32)]) for key in subset[0]}
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print("\n".join(MEMORY_HEADER))
+    print("\n".join(memory_header(32)))
     decode_memory(directory, first)
 
 
