@@ -45,6 +45,16 @@ def test_kd_store_is_kd_with_the_teacher_read_from_the_store() -> None:
     assert store == kd
 
 
+def test_kd_store_without_a_store_names_the_command_that_fills_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"No top-k token store in runs/python_docs/store-k128 .*cache-tokens"
+    ):
+        main(["fit", "--config", str(CONFIGS / "kd_store.yaml")])
+
+
 def test_kd_store_recipe_trains_from_a_store_filled_by_cache_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
