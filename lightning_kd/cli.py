@@ -518,8 +518,36 @@ def cache_tokens_command(args: Sequence[str]) -> None:
     )
 
 
+def generate_command(args: Sequence[str]) -> None:
+    """``lightning-kd generate --config RECIPE``: only the generation pass of a recipe's datamodule.
+
+    For sequence-level KD (:class:`~lightning_kd.language.SequenceKDData`): the teacher's completions
+    are written (or a killed pass resumed) without training; the same overrides as ``fit`` apply.
+    """
+    if not args or args[0] in ("-h", "--help"):
+        print(
+            "usage: lightning-kd generate --config RECIPE [overrides]\n\nRun the generation pass of RECIPE's "
+            "datamodule (e.g. python_docs/seqkd: the teacher's completions) without training; a killed pass "
+            "resumes. The device: CUDA if available, else the CPU."
+        )
+        return
+    cli = DistillationCLI(args=list(args), run=False)
+    generate = getattr(cli.datamodule, "generate", None)
+    if not callable(generate):
+        raise SystemExit(
+            f"lightning-kd generate: the recipe's datamodule ({type(cli.datamodule).__name__}) has no "
+            "generation pass; use a recipe whose data is lightning_kd.language.SequenceKDData "
+            "(e.g. python_docs/seqkd)."
+        )
+    completions = generate("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{len(completions)} completions in {cli.datamodule.output_dir}")
+
+
 def main(args: ArgsType = None) -> None:
-    """Run ``lightning-kd {fit,validate,test,predict} --config RECIPE``, ``recipes`` or ``cache-tokens``."""
+    """Run ``lightning-kd fit|validate|test|predict --config RECIPE`` or another command.
+
+    The others: ``recipes``, ``cache-tokens`` and ``generate`` (``lightning-kd NAME --help``).
+    """
     silence_unactionable_warnings()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and argv[:1] == ["recipes"]:
@@ -527,6 +555,9 @@ def main(args: ArgsType = None) -> None:
         return
     if isinstance(argv, list | tuple) and argv[:1] == ["cache-tokens"]:
         cache_tokens_command(argv[1:])
+        return
+    if isinstance(argv, list | tuple) and argv[:1] == ["generate"]:
+        generate_command(argv[1:])
         return
     DistillationCLI(args=args)
 

@@ -1,14 +1,14 @@
 """Reading batches and calling models: the bottom layer every part of the package shares.
 
-Selecting inputs and targets from a batch, calling a model on them (keyword inputs for
-mapping batches), finding the logits in its output, inferring its class count, and naming the
-entries of a batch that hold NaN or Inf.
+The two-view batch layout (:class:`TwoViewBatch`, read by MLKD); selecting inputs and targets
+from a batch, calling a model on them (keyword inputs for mapping batches), finding the logits in
+its output, inferring its class count, and naming the entries of a batch that hold NaN or Inf.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -17,12 +17,26 @@ from torch import Tensor, nn
 __all__ = [
     "BatchKey",
     "InputKey",
+    "TwoViewBatch",
     "call_model",
     "infer_num_classes",
     "logits_of",
     "non_finite_entries",
     "select",
 ]
+
+
+class TwoViewBatch(NamedTuple):
+    """A training batch of two views: rows ``[:N]`` the weak views, rows ``[N:]`` the strong views.
+
+    Attributes:
+        inputs: ``(2N, ...)``: the ``N`` weak views, then the ``N`` strong views of the same samples.
+        targets: ``(2N,)``: the labels, twice.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+
 
 BatchKey = int | str
 #: where a model's inputs are in a batch: a key or index, several keys of a mapping batch (passed to

@@ -1,7 +1,8 @@
 """Ingredient 3 of distillation (how it unfolds over training) and its plumbing.
 
-- How it unfolds: :class:`TemperatureAnnealing`, :class:`LossWeightSchedule` (both
-  :class:`ScheduledValue`), :class:`DistillationStages`, :class:`ReproducibleOrder`.
+- How it unfolds: :class:`TemperatureAnnealing`, :class:`LossWeightSchedule`,
+  :class:`ReversalStrengthSchedule` (CTKD's curriculum; all :class:`ScheduledValue`),
+  :class:`DistillationStages`, :class:`ReproducibleOrder`.
 - Plumbing: :class:`FeatureHooks` (the layers the loss terms read) and
   :class:`QuantizationAwareTraining` (its ``torch.ao`` functions are in :mod:`lightning_kd.quantization`).
 - Reports of what distillation did: the :mod:`lightning_kd.callbacks.report` subpackage,
@@ -21,6 +22,7 @@ from lightning_kd.callbacks.report import (
     TemperatureEntropyReport,
 )
 from lightning_kd.callbacks.reproducible_order import ReproducibleOrder
+from lightning_kd.callbacks.reversal_strength import ReversalStrengthSchedule
 from lightning_kd.callbacks.scheduled_value import ScheduledValue, schedule_value
 from lightning_kd.callbacks.stages import DistillationStages, Stage
 from lightning_kd.callbacks.temperature import TemperatureAnnealing
@@ -45,6 +47,7 @@ __all__ = [
     "LossWeightSchedule",
     "QuantizationAwareTraining",
     "ReproducibleOrder",
+    "ReversalStrengthSchedule",
     "ScheduledValue",
     "Stage",
     "TemperatureAnnealing",

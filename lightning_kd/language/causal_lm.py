@@ -185,7 +185,7 @@ class CausalLMDistillationModule(DistillationModule):
         student_size = output_vocabulary_size(self.student)
         teacher_size = output_vocabulary_size(self.teacher) if self.teacher is not None else None
         if student_size is not None and (self.teacher is None or teacher_size is not None):
-            self.vocab_size = shared_vocabulary(student_size, teacher_size, tokenizer, teacher_tokenizer)
+            self.vocab_size = self.shared_vocabulary_size(student_size, teacher_size)
 
     # ----------------------------------------------------------------- which path the terms take
     @property
@@ -238,11 +238,16 @@ class CausalLMDistillationModule(DistillationModule):
         """The student's output (last hidden states on the fused path)."""
         return self._run(self.student, inputs, teacher=False)
 
+    def shared_vocabulary_size(self, student_size: int, teacher_size: int | None) -> int:
+        """``TokenOutputs.vocab_size`` by :func:`~lightning_kd.language.shared_vocabulary`'s rule.
+
+        A subclass with another rule (a teacher of another tokenizer) overrides it.
+        """
+        return shared_vocabulary(student_size, teacher_size, self.tokenizer, self.teacher_tokenizer)
+
     def _shared_vocabulary(self, student_size: int, teacher_size: int | None) -> int:
         if self.vocab_size is None:  # models without get_output_embeddings: known from the first logits
-            self.vocab_size = shared_vocabulary(
-                student_size, teacher_size, self.tokenizer, self.teacher_tokenizer
-            )
+            self.vocab_size = self.shared_vocabulary_size(student_size, teacher_size)
         return self.vocab_size
 
     def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:
@@ -260,6 +265,16 @@ class CausalLMDistillationModule(DistillationModule):
         tokens = self._token_outputs(
             student_output, teacher_output, bool(self.fused_terms), mask, targets, tuple(labels.shape)
         )
+        return self.token_step_outputs(batch, tokens, teacher_output, student_output)
+
+    def token_step_outputs(
+        self, batch: Any, tokens: TokenOutputs, teacher_output: Any, student_output: Any
+    ) -> StepOutputs:
+        """The step's outputs around its token view; a training step counts its tokens (token-mean gradients).
+
+        ``student_logits`` / ``teacher_logits`` are the token view's logits, or its hidden states
+        where no logits were formed (the fused path).
+        """
         if self.training:
             self.token_mean.count(tokens.mask)
         features = self.feature_hooks.features if self.feature_hooks is not None else {}
@@ -350,12 +365,7 @@ class CausalLMDistillationModule(DistillationModule):
         assert tokens is not None
         vocab = tokens.vocab_size
         student = self._logits(tokens, "student")[..., :vocab].float()
-        counted = tokens.mask.sum()
-        student_nll = token_cross_entropy_sum(student, tokens.targets) / counted.clamp_min(1)
-        self.metrics[f"{stage}_loss"].update(student_nll, counted)
-        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
-        self.metrics[f"{stage}_perplexity"].update(student_nll, counted)
-        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        counted = self.log_student_perplexity(student, tokens.targets, tokens.mask, stage)
         if self.teacher is None:
             return
         teacher = self._logits(tokens, "teacher")[..., :vocab].float()
@@ -365,6 +375,20 @@ class CausalLMDistillationModule(DistillationModule):
         agreed = ((student.argmax(dim=-1) == teacher.argmax(dim=-1)) & tokens.mask).sum()
         self.metrics[f"{stage}_agreement"].update(agreed / counted.clamp_min(1), counted)
         self.log(f"{stage}/agreement", self.metrics[f"{stage}_agreement"])
+
+    def log_student_perplexity(self, logits: Tensor, targets: Tensor, mask: Tensor, stage: str) -> Tensor:
+        """Log the student's ``stage/loss`` (token-weighted NLL) and ``stage/perplexity``; return the count.
+
+        ``logits``, ``targets``, ``mask``: the shifted ``(N, L - 1, V)`` logits, the next-token ids
+        and the tokens that count.
+        """
+        counted = mask.sum()
+        nll = token_cross_entropy_sum(logits, targets) / counted.clamp_min(1)
+        self.metrics[f"{stage}_loss"].update(nll, counted)
+        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
+        self.metrics[f"{stage}_perplexity"].update(nll, counted)
+        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        return counted
 
     @staticmethod
     def _logits(tokens: TokenOutputs, role: Literal["student", "teacher"]) -> Tensor:

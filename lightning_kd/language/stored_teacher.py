@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.language.causal_lm import CausalLMDistillationModule
-from lightning_kd.language.metrics import token_cross_entropy_sum
 from lightning_kd.language.token_store import TopKTokenStore
 from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size
@@ -219,13 +218,8 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         inputs, _ = self.unpack_batch(batch)
         labels, attention_mask = batch_labels(batch, self.labels_key, self.attention_mask_key)
         mask, targets = shifted_targets(labels, attention_mask)
-        student = shifted(logits_of(call_model(self.student, inputs))).float()
-        counted = mask.sum()
-        nll = token_cross_entropy_sum(student, targets) / counted.clamp_min(1)
-        self.metrics[f"{stage}_loss"].update(nll, counted)
-        self.log(f"{stage}/loss", self.metrics[f"{stage}_loss"])
-        self.metrics[f"{stage}_perplexity"].update(nll, counted)
-        self.log(f"{stage}/perplexity", self.metrics[f"{stage}_perplexity"], prog_bar=True)
+        student = shifted(logits_of(call_model(self.student, inputs)))
+        self.log_student_perplexity(student, targets, mask, stage)
 
     def on_fit_end(self) -> None:
         """The parent's end of fit; the store's shared lock is released."""

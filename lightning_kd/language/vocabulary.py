@@ -11,6 +11,10 @@ produced by it. The rule (:func:`shared_vocabulary`):
    smaller one; then the models are compared on the ids ``[0, smaller)`` with a warning naming
    both sizes. Without a tokenizer the module cannot tell padding from another tokenizer, so the
    run stops and the message names both sizes and the fix.
+
+A teacher of another tokenizer is distilled by
+:class:`~lightning_kd.language.CrossTokenizerDistillationModule` with terms that need no shared
+ids (:class:`~lightning_kd.ULDTerm`); the messages above name it.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ def shared_vocabulary(
             f"{tokenizer_name(teacher_tokenizer)} differ (student {student_size}, teacher {teacher_size} "
             "output ids): token-level distillation compares the models id by id, so both need one "
             "tokenizer. Distil from a teacher of the student's tokenizer (or train the student with the "
-            "teacher's)."
+            "teacher's), or across tokenizers with CrossTokenizerDistillationModule and a ULDTerm "
+            "(Universal Logit Distillation; batches from CrossTokenizerCollator)."
         )
     known = tokenizer if tokenizer is not None else teacher_tokenizer
     sizes = f"student {student_size}" + ("" if teacher_size is None else f", teacher {teacher_size}")
@@ -93,7 +98,8 @@ def shared_vocabulary(
             f"The student predicts {student_size} token ids but the teacher {teacher_size}. If both use one "
             "tokenizer and one output embedding is padded, pass it as tokenizer= (its length must fit into "
             f"{smaller}) and the models are compared on the shared ids; models of different tokenizers "
-            "cannot be distilled token by token."
+            "cannot be distilled token by token. For a teacher of another tokenizer use "
+            "CrossTokenizerDistillationModule with a ULDTerm (batches from CrossTokenizerCollator)."
         )
     warnings.warn(
         f"The student predicts {student_size} token ids and the teacher {teacher_size}: the tokenizer "

@@ -13,6 +13,7 @@ from lightning_kd.losses.byot import BYOTTerm
 from lightning_kd.losses.cc import CCTerm
 from lightning_kd.losses.crd import ContrastMemory, CRDTerm
 from lightning_kd.losses.cross_entropy import CrossEntropyTerm
+from lightning_kd.losses.ctkd import CTKDTerm, InstanceTemperature
 from lightning_kd.losses.dist import DISTTerm
 from lightning_kd.losses.dkd import DKDTerm
 from lightning_kd.losses.embedding import EmbeddingMatchTerm
@@ -21,6 +22,7 @@ from lightning_kd.losses.fsp import FSPTerm
 from lightning_kd.losses.ft import FTTerm, Paraphraser, ParaphraserTerm, Translator
 from lightning_kd.losses.kd import KDTerm
 from lightning_kd.losses.lupi import GeneralizedDistillationTerm
+from lightning_kd.losses.mlkd import MLKDTerm
 from lightning_kd.losses.multi_teacher import MultiTeacherKDTerm
 from lightning_kd.losses.nst import NSTTerm
 from lightning_kd.losses.ofd import OFDTerm, margin_from_batchnorm
@@ -32,18 +34,21 @@ from lightning_kd.losses.sp import SPTerm
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.losses.transformer import AttentionMapTerm, HiddenStateTerm, ValueRelationTerm
+from lightning_kd.losses.uld import AlignedTokenOutputs, ULDTerm
 from lightning_kd.losses.vid import VIDTerm
 
 __all__ = [
     "ABF",
     "ABTerm",
     "ATTerm",
+    "AlignedTokenOutputs",
     "AttentionMapTerm",
     "BYOTTerm",
     "CCTerm",
     "ContrastMemory",
     "CRDTerm",
     "CrossEntropyTerm",
+    "CTKDTerm",
     "DISTTerm",
     "DKDTerm",
     "EmbeddingMatchTerm",
@@ -51,11 +56,13 @@ __all__ = [
     "FTTerm",
     "FSPTerm",
     "HiddenStateTerm",
+    "InstanceTemperature",
     "GeneralizedDistillationTerm",
     "KDTerm",
     "LayerListTerm",
     "LayerPairTerm",
     "LossTerm",
+    "MLKDTerm",
     "MultiTeacherKDTerm",
     "NSTTerm",
     "OFDTerm",
@@ -70,6 +77,7 @@ __all__ = [
     "TokenCrossEntropyTerm",
     "TokenDivergenceTerm",
     "Translator",
+    "ULDTerm",
     "ValueRelationTerm",
     "VIDTerm",
     "functional",

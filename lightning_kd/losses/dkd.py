@@ -16,6 +16,8 @@ from torch import Tensor
 
 from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes, _check_targets
 from lightning_kd.losses._softened import scaled_kl, scaled_log_mean_exp, uses_direct_formula
+from lightning_kd.losses._standardize import standardize_logits
+from lightning_kd.losses._temperature import rows_temperature
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature, checked_weight
 from lightning_kd.precision import float32_math
 
@@ -71,7 +73,8 @@ def dkd_loss(
     target: Tensor,
     alpha: float = 1.0,
     beta: float = 8.0,
-    temperature: float = 4.0,
+    temperature: float | Tensor = 4.0,
+    standardize: bool = False,
 ) -> Tensor:
     r"""Decoupled knowledge distillation: target-class KD plus non-target-class KD, weighted apart.
 
@@ -102,33 +105,54 @@ def dkd_loss(
     Outside ``0.1 <= T <= 16`` both KLs are computed in float64 from :math:`t - s` (a cumulant series where
     the direct formula would cancel), accurate at any finite temperature.
 
+    With ``standardize=True`` both models' logits are first replaced by their per-row Z-scores
+    (logit standardization, Sun et al., CVPR 2024; :mod:`lightning_kd.losses._standardize`), as
+    ``dkd_loss`` of ``sunshangquan/logit-standardization-KD`` does; the authors then use
+    :math:`T = 2` and multiply ``alpha`` and ``beta`` by 9 (``tools/train.py``).
+
+    A tensor ``temperature`` is a learned one (CTKD, :class:`~lightning_kd.losses.CTKDTerm`): one
+    value or one per row :math:`T_n`, each row's two KLs scaled by its :math:`T_n^2`, by the direct
+    formula (gradients flow into the temperature).
+
     Args:
         student_logits: ``(..., C)`` student logits, ``C >= 2``.
         teacher_logits: ``(..., C)`` teacher logits, same shape.
         target: ``(...)`` integer labels in ``[0, C)``, one per row (``(N,)`` for ``(N, C)``).
         alpha: weight of TCKD (target-class KD).
         beta: weight of NCKD (non-target-class KD).
-        temperature: softening temperature :math:`T > 0`.
+        temperature: softening temperature :math:`T > 0`, or a learned tensor temperature (see above).
+        standardize: Z-score each row of logits first (logit standardization).
 
     Returns:
         Scalar: ``alpha * TCKD + beta * NCKD``, averaged over all leading positions.
     """
-    _check_logit_pair(student_logits, teacher_logits, temperature)
+    learned = isinstance(temperature, Tensor)
+    # a learned temperature is > 0 by construction (CTKD's sigmoid); only the shapes are checked
+    _check_logit_pair(student_logits, teacher_logits, 1.0 if learned else temperature)
     _check_num_classes(student_logits, 2, "for DKD (it splits the target class from the others)")
     _check_targets(student_logits, target)
+    if standardize:
+        student_logits, teacher_logits = (
+            standardize_logits(student_logits),
+            standardize_logits(teacher_logits),
+        )
     num_classes = student_logits.shape[-1]
     target = target.reshape(-1).long()
-    if not uses_direct_formula(temperature):
-        student_logits = student_logits.reshape(-1, num_classes)
-        tckd_rows, nckd_rows = _softened_dkd_parts(
-            student_logits, teacher_logits.reshape(-1, num_classes), target, temperature
-        )
+    student_logits = student_logits.reshape(-1, num_classes)
+    teacher_logits = teacher_logits.reshape(-1, num_classes)
+    if not learned and not uses_direct_formula(temperature):
+        tckd_rows, nckd_rows = _softened_dkd_parts(student_logits, teacher_logits, target, temperature)
         return (alpha * tckd_rows + beta * nckd_rows).mean().to(student_logits.dtype)
-    z_s = student_logits.reshape(-1, num_classes) / temperature
-    z_t = teacher_logits.reshape(-1, num_classes) / temperature
+    scale = rows_temperature(temperature, student_logits.shape[0]) if learned else temperature
+    z_s = student_logits / scale
+    z_t = teacher_logits / scale
     target_mask = torch.zeros_like(z_s, dtype=torch.bool).scatter_(-1, target.unsqueeze(-1), True)
     binary_s, non_target_s = _dkd_log_probs(z_s, target_mask, target)
     binary_t, non_target_t = _dkd_log_probs(z_t, target_mask, target)
+    if learned:
+        tckd_rows = F.kl_div(binary_s, binary_t, reduction="none", log_target=True).sum(dim=-1)
+        nckd_rows = F.kl_div(non_target_s, non_target_t, reduction="none", log_target=True).sum(dim=-1)
+        return ((alpha * tckd_rows + beta * nckd_rows) * scale.squeeze(-1) ** 2).mean()
     tckd = F.kl_div(binary_s, binary_t, reduction="batchmean", log_target=True)
     nckd = F.kl_div(non_target_s, non_target_t, reduction="batchmean", log_target=True)
     return (alpha * tckd + beta * nckd) * temperature**2
@@ -148,6 +172,8 @@ class DKDTerm(LossTerm):
         beta: weight of the non-target-class part (NCKD).
         temperature: softening temperature; :class:`~lightning_kd.callbacks.TemperatureAnnealing`
             changes it during training.
+        standardize: Z-score each sample's logits first (logit standardization, Sun et al.,
+            CVPR 2024); the authors then use ``temperature=2``, ``alpha=9``, ``beta=72``.
     """
 
     def __init__(
@@ -157,14 +183,20 @@ class DKDTerm(LossTerm):
         alpha: float = 1.0,
         beta: float = 8.0,
         temperature: float = 4.0,
+        standardize: bool = False,
     ) -> None:
         super().__init__(name, weight)
         self.alpha = checked_weight(alpha, name, "alpha (the weight of TCKD)")
         self.beta = checked_weight(beta, name, "beta (the weight of NCKD)")
         self.temperature = checked_temperature(temperature)
+        self.standardize = bool(standardize)
 
     def forward(self, outputs: StepOutputs) -> Tensor:
-        """``dkd_loss(student_logits, teacher_logits.detach(), targets, alpha, beta, temperature)``."""
+        """``dkd_loss(student_logits, teacher_logits.detach(), targets, ...)`` with the term's settings."""
+        return self.loss_at_temperature(outputs, self.temperature)
+
+    def loss_at_temperature(self, outputs: StepOutputs, temperature: float | Tensor) -> Tensor:
+        """The term's loss at ``temperature``: a float, or a learned tensor (CTKD)."""
         targets = self.required_targets(outputs, why=" (DKD) to split the target class from the others")
         return dkd_loss(
             outputs.student_logits,
@@ -172,9 +204,11 @@ class DKDTerm(LossTerm):
             targets,
             alpha=self.alpha,
             beta=self.beta,
-            temperature=self.temperature,
+            temperature=temperature,
+            standardize=self.standardize,
         )
 
     def extra_repr(self) -> str:
         """Name, weight and settings, shown in the module repr."""
-        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        settings = f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        return f"{super().extra_repr()}, {settings}, standardize={self.standardize}"

@@ -23,6 +23,7 @@ from lightning_kd.losses.at import at_loss
 from lightning_kd.losses.byot import byot_loss
 from lightning_kd.losses.cc import cc_loss
 from lightning_kd.losses.crd import crd_loss
+from lightning_kd.losses.ctkd import ctkd_temperature, gradient_reversal
 from lightning_kd.losses.dist import dist_loss
 from lightning_kd.losses.dkd import dkd_loss
 from lightning_kd.losses.embedding import embedding_match_loss
@@ -31,6 +32,7 @@ from lightning_kd.losses.fsp import fsp_loss
 from lightning_kd.losses.ft import ft_loss
 from lightning_kd.losses.kd import kd_loss
 from lightning_kd.losses.lupi import generalized_distillation_loss
+from lightning_kd.losses.mlkd import batch_correlation_loss, class_correlation_loss, mlkd_loss
 from lightning_kd.losses.multi_teacher import confidence_weights, ensemble_log_probs, multi_teacher_kd_loss
 from lightning_kd.losses.nst import nst_loss
 from lightning_kd.losses.ofd import ofd_loss, ofd_margin
@@ -46,6 +48,7 @@ from lightning_kd.losses.token_divergence import (
     token_divergence_fused,
 )
 from lightning_kd.losses.transformer import attention_kl_loss, hidden_state_loss, value_relation_loss
+from lightning_kd.losses.uld import uld_loss
 from lightning_kd.losses.vid import vid_loss
 
 #: names that left this module, and the module that holds each now (imported on first access:
@@ -69,7 +72,12 @@ __all__ = [
     "confidence_weights",
     "crd_loss",
     "dist_loss",
+    "batch_correlation_loss",
+    "class_correlation_loss",
+    "ctkd_temperature",
     "dkd_loss",
+    "gradient_reversal",
+    "mlkd_loss",
     "embedding_match_loss",
     "ensemble_log_probs",
     "fitnet_loss",
@@ -92,6 +100,7 @@ __all__ = [
     "token_divergence",
     "token_divergence_chunked",
     "token_divergence_fused",
+    "uld_loss",
     "value_relation_loss",
     "vid_loss",
 ]

@@ -16,30 +16,21 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_kd.losses._checks import _check_logit_pair, _check_num_classes
+from lightning_kd.losses._checks import _check_logit_pair
 from lightning_kd.losses._softened import softened_kl, uses_direct_formula
+from lightning_kd.losses._standardize import standardize_logits
+from lightning_kd.losses._temperature import rows_temperature
 from lightning_kd.losses.base import LossTerm, StepOutputs, checked_temperature
 from lightning_kd.precision import float32_math
 
 __all__ = ["kd_loss", "KDTerm"]
 
 
-#: added to the standard deviation in logit standardization, as in the authors' code.
-_STANDARDIZE_EPS = 1e-7
-
-
-def _standardize(logits: Tensor) -> Tensor:
-    """Z-score over the last dimension: ``(z - mean) / (1e-7 + std)``, std with Bessel's correction."""
-    mean = logits.mean(dim=-1, keepdim=True)
-    std = logits.std(dim=-1, keepdim=True)  # unbiased (correction=1), like torch's default
-    return (logits - mean) / (_STANDARDIZE_EPS + std)
-
-
 @float32_math
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    temperature: float = 4.0,
+    temperature: float | Tensor = 4.0,
     standardize: bool = False,
 ) -> Tensor:
     r"""Hinton knowledge distillation: KL divergence between temperature-softened predictions.
@@ -67,29 +58,45 @@ def kd_loss(
         \quad \epsilon = 10^{-7}
 
     following the authors' code (``normalize`` in ``mdistiller/distillers/KD.py`` of
-    ``sunshangquan/logit-standardization-KD``): ``torch.Tensor.std``'s default, i.e. the
-    *unbiased* standard deviation (Bessel's correction), :math:`\epsilon` added to the std (not
-    under the square root), and the :math:`T^2` factor kept. The loss then no longer depends on
-    the scale or offset of either model's logits (up to :math:`\epsilon`), and :math:`T` acts as the
-    paper's base temperature on logits of unit variance.
+    ``sunshangquan/logit-standardization-KD``; :mod:`lightning_kd.losses._standardize`):
+    ``torch.Tensor.std``'s default, i.e. the *unbiased* standard deviation (Bessel's correction),
+    :math:`\epsilon` added to the std (not under the square root), then the division by :math:`T`,
+    and the :math:`T^2` factor kept. The loss then no longer depends on the scale or offset of either
+    model's logits (up to :math:`\epsilon`), and :math:`T` acts as the paper's base temperature on
+    logits of unit variance (the authors use :math:`T = 2` with the KD weight 9 on CIFAR-100).
+
+    A tensor ``temperature`` is a learned one (CTKD, :class:`~lightning_kd.losses.CTKDTerm`): one
+    value, or one per row :math:`T_n`; the loss is then
+    :math:`\frac{1}{N} \sum_n T_n^2\, \mathrm{KL}(\mathrm{softmax}(t_n / T_n) \| \mathrm{softmax}(s_n / T_n))`
+    by the direct formula (gradients flow into the temperature).
 
     Args:
         student_logits: ``(..., C)`` student logits.
         teacher_logits: ``(..., C)`` teacher logits, same shape.
-        temperature: softening temperature :math:`T > 0`.
+        temperature: softening temperature :math:`T > 0`, or a learned tensor temperature (see above).
         standardize: Z-score each row of logits first (needs ``C >= 2``); ``False`` is plain KD.
 
     Returns:
         Scalar: KL summed over classes, averaged over all leading positions (``batchmean``
         for ``(N, C)`` inputs, as in the CRD benchmark's ``DistillKL``), times :math:`T^2`.
     """
-    _check_logit_pair(student_logits, teacher_logits, temperature)
+    learned = isinstance(temperature, Tensor)
+    # a learned temperature is > 0 by construction (CTKD's sigmoid); only the shapes are checked
+    _check_logit_pair(student_logits, teacher_logits, 1.0 if learned else temperature)
     if standardize:
-        _check_num_classes(student_logits, 2, "for logit standardization (the std of one value is undefined)")
-        student_logits, teacher_logits = _standardize(student_logits), _standardize(teacher_logits)
+        student_logits, teacher_logits = (
+            standardize_logits(student_logits),
+            standardize_logits(teacher_logits),
+        )
     num_classes = student_logits.shape[-1]
     student_logits = student_logits.reshape(-1, num_classes)
     teacher_logits = teacher_logits.reshape(-1, num_classes)
+    if learned:
+        rows = rows_temperature(temperature, student_logits.shape[0])
+        log_p_student = F.log_softmax(student_logits / rows, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_logits / rows, dim=-1)
+        kl_rows = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)
+        return (kl_rows * rows.squeeze(-1) ** 2).mean()
     if not uses_direct_formula(temperature):
         return softened_kl(student_logits, teacher_logits, temperature).mean().to(student_logits.dtype)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
@@ -126,10 +133,14 @@ class KDTerm(LossTerm):
 
     def forward(self, outputs: StepOutputs) -> Tensor:
         """``kd_loss(student_logits, teacher_logits.detach(), temperature, standardize)``."""
+        return self.loss_at_temperature(outputs, self.temperature)
+
+    def loss_at_temperature(self, outputs: StepOutputs, temperature: float | Tensor) -> Tensor:
+        """The term's loss at ``temperature``: a float, or a learned tensor (CTKD)."""
         return kd_loss(
             outputs.student_logits,
             self.detached_teacher_logits(outputs),
-            self.temperature,
+            temperature,
             standardize=self.standardize,
         )
 

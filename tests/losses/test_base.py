@@ -38,6 +38,7 @@ from lightning_kd.losses.functional import (
     dkd_loss,
     ft_loss,
     kd_loss,
+    mlkd_loss,
     nst_loss,
     ofd_loss,
     pkt_loss,
@@ -302,8 +303,11 @@ def test_temperature_attribute_is_read_on_every_call() -> None:
         lambda s, t, y: kd_loss(s, t, 2.0, standardize=True),
         lambda s, t, y: dkd_loss(s, t, y),
         lambda s, t, y: dist_loss(s, t, temperature=2.0),
+        lambda s, t, y: dkd_loss(s, t, y, temperature=2.0, standardize=True),
+        lambda s, t, y: mlkd_loss(s[:16], t[:16], s[16:], t[16:], standardize=True),
+        lambda s, t, y: kd_loss(s, t, torch.linspace(1.0, 20.0, 32)),
     ],
-    ids=["kd_standardized", "dkd", "dist"],
+    ids=["kd_standardized", "dkd", "dist", "dkd_standardized", "mlkd", "kd_learned_temperature"],
 )
 def test_response_losses_run_in_float32_under_bf16_autocast(loss_fn: Callable[..., torch.Tensor]) -> None:
     torch.manual_seed(2)

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_kd import DKDTerm
 from lightning_kd.losses.functional import dkd_loss, kd_loss
@@ -149,3 +150,90 @@ def test_dkd_term_needs_targets() -> None:
     outputs, _, _ = make_outputs(with_targets=False)
     with pytest.raises(ValueError, match=r"'dkd'.*needs labels.*no targets"):
         DKDTerm()(outputs)
+
+
+# --- the authors' code, transcribed literally (float64), from sunshangquan/logit-standardization-KD,
+# mdistiller/distillers/DKD.py: normalize, dkd_loss (``size_average=False`` written as reduction="sum"),
+# _get_gt_mask, _get_other_mask, cat_mask.
+def _ls_normalize(logit):
+    mean = logit.mean(dim=-1, keepdims=True)
+    stdv = logit.std(dim=-1, keepdims=True)
+    return (logit - mean) / (1e-7 + stdv)
+
+
+def _ls_dkd_loss(logits_student_in, logits_teacher_in, target, alpha, beta, temperature, logit_stand):
+    logits_student = _ls_normalize(logits_student_in) if logit_stand else logits_student_in
+    logits_teacher = _ls_normalize(logits_teacher_in) if logit_stand else logits_teacher_in
+    gt_mask = torch.zeros_like(logits_student).scatter_(1, target.reshape(-1).unsqueeze(1), 1).bool()
+    other_mask = torch.ones_like(logits_student).scatter_(1, target.reshape(-1).unsqueeze(1), 0).bool()
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+
+    def cat_mask(t, mask1, mask2):
+        t1 = (t * mask1).sum(dim=1, keepdims=True)
+        t2 = (t * mask2).sum(1, keepdims=True)
+        return torch.cat([t1, t2], dim=1)
+
+    pred_student = cat_mask(pred_student, gt_mask, other_mask)
+    pred_teacher = cat_mask(pred_teacher, gt_mask, other_mask)
+    log_pred_student = torch.log(pred_student)
+    tckd_loss = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * (temperature**2) / target.shape[0]
+    pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
+    log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
+    nckd_loss = (
+        F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum")
+        * (temperature**2)
+        / target.shape[0]
+    )
+    return alpha * tckd_loss + beta * nckd_loss
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_dkd_equals_the_logit_standardization_authors_code(standardize: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    student = 3 * torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    teacher = 3 * torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 9, (6,), generator=generator)
+    # the authors' DKD+LS setting: alpha 1*9, beta 8*9, base temperature 2 (tools/train.py)
+    expected = _ls_dkd_loss(student, teacher, target, 9.0, 72.0, 2.0, standardize)
+    got = dkd_loss(
+        student.float(),
+        teacher.float(),
+        target,
+        alpha=9.0,
+        beta=72.0,
+        temperature=2.0,
+        standardize=standardize,
+    )
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dkd_standardized_is_invariant_to_each_models_logit_scale_and_shift() -> None:
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    target = torch.tensor([0, 1, 2])
+    plain = dkd_loss(student, teacher, target, temperature=2.0, standardize=True)
+    moved = dkd_loss(3 * student + 1, 0.5 * teacher - 2, target, temperature=2.0, standardize=True)
+    assert moved.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert dkd_loss(3 * student + 1, 0.5 * teacher - 2, target, temperature=2.0).item() != pytest.approx(
+        plain.item(), rel=1e-2
+    )
+
+
+def test_dkd_learned_temperature_per_row_matches_float_temperature_rows() -> None:
+    student, teacher = torch.tensor(STUDENT), torch.tensor(TEACHER)
+    target = torch.tensor([0, 1, 2])
+    temperatures = torch.tensor([1.0, 2.0, 5.0])
+    got = dkd_loss(student, teacher, target, temperature=temperatures)
+    rows = [
+        dkd_loss(student[i : i + 1], teacher[i : i + 1], target[i : i + 1], temperature=float(t))
+        for i, t in enumerate(temperatures)
+    ]
+    expected = (
+        sum(
+            reference_dkd(np.array(STUDENT)[i : i + 1], np.array(TEACHER)[i : i + 1], [g], 1.0, 8.0, float(t))
+            for i, (g, t) in enumerate(zip([0, 1, 2], temperatures, strict=True))
+        )
+        / 3
+    )
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() == pytest.approx(sum(r.item() for r in rows) / 3, rel=1e-5)

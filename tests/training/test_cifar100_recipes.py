@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_kd import DistillationModule
+from lightning_kd import DistillationModule, MLKDTerm
 from lightning_kd.cli import DistillationCLI
+from lightning_kd.data import TwoViewBatch
 from lightning_kd.recipes import RECIPES_DIR
 
 CONFIGS = RECIPES_DIR / "cifar100"
@@ -42,6 +43,8 @@ def test_method_recipe_builds_and_computes_its_loss(method: str) -> None:
         and sum(p.numel() for p in module.student.parameters()) == 1233540
     )
     batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 100, (8,)), torch.arange(8))  # index: for CRD
+    if any(isinstance(term, MLKDTerm) for term in module.loss_terms.values()):  # weak and strong views
+        batch = TwoViewBatch(torch.randn(8, 3, 32, 32), torch.randint(0, 100, (4,)).repeat(2))
     hooks = module._declared_hooks()
     module.feature_hooks = hooks
     if hooks is not None:

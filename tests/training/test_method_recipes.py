@@ -32,6 +32,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_method_has_a_recipe() -> None:
     expected = {"dkd", "dist", "kd_standardized", "fitnet", "sp", "rkd", "pkt", "cc", "at", "nst", "fsp"}
+    expected |= {"dkd_standardized", "mlkd", "mlkd_standardized", "ctkd"}
     assert expected <= set(METHODS)
 
 

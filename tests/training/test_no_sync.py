@@ -26,14 +26,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import (
     CausalLMDistillationModule,
+    CrossEntropyTerm,
+    CTKDTerm,
     DistillationModule,
+    DKDTerm,
     FitNetTerm,
     KDTerm,
+    MLKDTerm,
     TeacherOutputCache,
     TokenCrossEntropyTerm,
     TokenDivergenceTerm,
 )
-from lightning_kd.data import WithIndex
+from lightning_kd.data import TwoViews, WithIndex, collate_two_views
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.models.generator import Generator
 from lightning_kd.paradigms import (
@@ -193,6 +197,18 @@ def _fitnet() -> tuple[pl.LightningModule, DataLoader]:
     return DistillationModule(small_net(), small_net(hidden=32), losses=terms), _loader()
 
 
+def _mlkd_ctkd() -> tuple[pl.LightningModule, DataLoader]:
+    terms = [
+        CrossEntropyTerm("ce", weight=0.2),
+        MLKDTerm("mlkd", weight=0.9, standardize=True),
+        CTKDTerm(DKDTerm(standardize=True), "ctkd", temperature="instance", strength=0.5),
+    ]
+    two_views = TwoViews(TensorDataset(*_data()), None, lambda x: x + 0.1 * torch.randn_like(x))
+    return DistillationModule(small_net(), small_net(hidden=32), losses=terms), DataLoader(
+        two_views, batch_size=16, collate_fn=collate_two_views
+    )
+
+
 def _cached() -> tuple[pl.LightningModule, DataLoader]:
     module = DistillationModule(small_net(), small_net(hidden=32), teacher_cache=TeacherOutputCache())
     return module, _loader(indexed=True)
@@ -251,6 +267,29 @@ def _token_store(path: str) -> tuple[pl.LightningModule, DataLoader]:
     return module, DataLoader(WithIndex(data), batch_size=4)
 
 
+def _cross_tokenizer() -> tuple[pl.LightningModule, DataLoader]:
+    from lightning_kd import CrossTokenizerDistillationModule
+    from tests.language.cross_tokenizer_setup import cross_loader, student_tokenizer, teacher_tokenizer
+    from tests.language.helpers import tiny_gpt2
+
+    student = tiny_gpt2(16, vocab=len(student_tokenizer()), pad_token_id=0)
+    teacher = tiny_gpt2(16, vocab=len(teacher_tokenizer()), seed=1, pad_token_id=0)
+    return CrossTokenizerDistillationModule(student, teacher), cross_loader(24, batch_size=4)
+
+
+def _causal_lm_on_policy() -> tuple[pl.LightningModule, DataLoader]:
+    # generation waits for the device inside transformers' generate (whether every row has ended):
+    # those reads are the model code's, exempted above; the rest of the step must read nothing
+    from lightning_kd.language import OnPolicyDistillationModule
+    from tests.language.helpers import tiny_gpt2
+    from tests.language.test_on_policy import prompt_loader
+
+    module = OnPolicyDistillationModule(
+        tiny_gpt2(16), tiny_gpt2(32, seed=1), lmbda=0.5, max_new_tokens=4, seed=0
+    )
+    return module, prompt_loader(rows=24)
+
+
 def _first_batch(epoch: int, batch_idx: int) -> bool:
     # the fused path compares head(hidden) with the models' logits once, on the first batch
     return epoch == 0 and batch_idx == 0
@@ -259,6 +298,7 @@ def _first_batch(epoch: int, batch_idx: int) -> bool:
 CASES = {
     "kd": (_kd, None),
     "fitnet-on-a-layer": (_fitnet, None),
+    "mlkd-and-ctkd": (_mlkd_ctkd, None),
     "teacher-cache": (_cached, _first_epoch_and_first_served_batch),
     "mutual": (_mutual, None),
     "embedding": (_embedding, None),
@@ -267,6 +307,8 @@ CASES = {
     "causal-lm-fused": (_causal_lm_fused, _first_batch),
     "token-store": (lambda: _token_store("plain"), None),
     "token-store-chunked": (lambda: _token_store("chunked"), None),
+    "cross-tokenizer": (_cross_tokenizer, None),
+    "causal-lm-on-policy": (_causal_lm_on_policy, None),
 }
 
 
