@@ -15,6 +15,7 @@ process times, one thread.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -29,8 +30,11 @@ from lightning_kd.language import (
     CausalLMDistillationModule,
     TokenStoreDistillationModule,
     TopKCodec,
+    TopKTokenStore,
     fill_token_store,
 )
+from lightning_kd.language.stored_teacher import StoredTeacher
+from lightning_kd.losses.token_divergence import token_divergence, token_divergence_chunked
 from lightning_kd.models.gpt import tiny_gpt2
 from lightning_kd.teachers.loading import load_weights
 
@@ -69,6 +73,38 @@ def train_teacher(data: PythonDocsText, steps: int) -> torch.nn.Module:
     return teacher.eval()
 
 
+@torch.no_grad()
+def kl_errors(
+    teacher: torch.nn.Module,
+    stores: dict[int, TopKTokenStore],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    blocks_per_call: int = 16,
+) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor]:
+    """Per counted token, KL(teacher || reconstruction) of each store (prior and uniform tail) and of
+    the exact top-k truncation, in float64, and the teacher's mean NLL; ``blocks_per_call`` blocks at
+    a time (the float64 ``(blocks, 127, V)`` tensors stay small)."""
+    found: dict[int, dict[str, list[torch.Tensor]]] = {
+        k: {"prior": [], "uniform": [], "exact": []} for k in stores
+    }
+    losses = []
+    for start in range(0, len(ids), blocks_per_call):
+        part = slice(start, start + blocks_per_call)
+        logits = teacher(input_ids=ids[part], attention_mask=mask[part]).logits
+        full = torch.log_softmax(logits.double(), -1)[:, :-1]
+        counted = (labels[part, 1:] != -100) & mask[part, 1:].bool() & mask[part, :-1].bool()
+        losses.append(-full.gather(-1, ids[part, 1:].unsqueeze(-1)).squeeze(-1)[counted])
+        indices = torch.arange(start, start + len(full))
+        for k, store in stores.items():
+            rows = store.rows(indices, ids[part], mask[part], labels[part])
+            found[k]["prior"].append(kl64(full, store.codec.decode(rows, store.log_prior))[counted])
+            found[k]["uniform"].append(kl64(full, store.codec.decode(rows))[counted])
+            found[k]["exact"].append(kl64(full, exact_top_k(full, k))[counted])
+    errors = {k: {rule: torch.cat(parts) for rule, parts in rules.items()} for k, rules in found.items()}
+    return errors, torch.cat(losses).mean()
+
+
 def step_time(module: torch.nn.Module, loader: DataLoader, steps: int) -> float:
     """CPU seconds per training step (forward, loss, backward, optimizer) after one warm-up step."""
     optimizer = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
@@ -90,6 +126,72 @@ def step_time(module: torch.nn.Module, loader: DataLoader, steps: int) -> float:
     return sum(times) / len(times)
 
 
+#: the decode-memory variants: (path, whether the teacher's (N, L - 1, V) tensor is decoded in full)
+DECODES = {
+    "plain, full decode": ("plain", True),
+    "chunked, full decode": ("chunked", True),
+    "chunked, per-chunk decode": ("chunked", False),
+}
+
+
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last reset) of this process, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the peak RSS (``VmHWM``) to the current RSS (``clear_refs`` 5, Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _loss_peak(directory: str, variant: str, blocks: dict[str, torch.Tensor], results: object) -> None:
+    """In a fresh process: the peak RSS added by one KD loss's forward and backward (MiB)."""
+    torch.set_num_threads(1)
+    path, full = DECODES[variant]
+    store = TopKTokenStore(directory)
+    teacher = StoredTeacher(store)
+    ids = blocks["input_ids"]
+    rows = store.rows(torch.arange(len(ids)), ids, blocks["attention_mask"], blocks["labels"])
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(*rows.shape[:2], store.codec.vocab_size, generator=generator).requires_grad_()
+    counted = torch.ones(rows.shape[:2], dtype=torch.bool)
+    _reset_peak_rss()
+    before = _status_mib("VmRSS")  # the inputs (student logits, stored rows) are allocated
+    started = time.process_time()
+    if full:
+        decoded = teacher(rows)[:, :-1]
+        loss = (token_divergence if path == "plain" else token_divergence_chunked)(student, decoded, counted)
+    else:
+        loss = token_divergence_chunked(student, teacher.decoded_rows(rows), counted)
+    loss.backward()
+    results.put((variant, _status_mib("VmHWM") - before, time.process_time() - started, float(loss.detach())))
+
+
+def decode_memory(directory: str | Path, blocks: dict[str, torch.Tensor]) -> list[str]:
+    """Peak memory of the forward-KL loss from the store, full decode vs per-chunk decode (table rows).
+
+    Each variant runs in its own process, its peak RSS reset just before the loss (tensors this
+    large are mmap-allocated, so RSS follows the live tensors). The student's ``(N, L - 1, V)`` float32 logits
+    and the stored rows exist before and are not counted; their gradient (the same size) is.
+    """
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    rows = []
+    for variant in DECODES:
+        process = context.Process(target=_loss_peak, args=(str(directory), variant, blocks, results))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"The memory run of {variant!r} failed (exit code {process.exitcode}).")
+        name, peak, seconds, loss = results.get(timeout=10)
+        rows.append(f"| {name} | {peak:.0f} | {seconds:.2f} | {loss:.6f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--teacher-checkpoint", default=None)
@@ -97,10 +199,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the decode-memory table: a k = 128 store of --blocks blocks (at least 32) of an untrained "
+        "teacher (memory does not depend on the values)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = PythonDocsText(block_size=128, vocab_size=4096, batch_size=8)
     data.setup("fit")
+    if args.memory_only:
+        memory_only(data, args.blocks)
+        return
     started = time.process_time()
     if args.teacher_checkpoint:
         teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128)
@@ -115,10 +226,16 @@ def main() -> None:
     ids = torch.stack([blocks[i]["input_ids"] for i in range(len(blocks))])
     mask = torch.stack([blocks[i]["attention_mask"] for i in range(len(blocks))])
     labels = torch.stack([blocks[i]["labels"] for i in range(len(blocks))])
-    with torch.no_grad():
-        full = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.double(), -1)[:, :-1]
     counted = (labels[:, 1:] != -100) & mask[:, 1:].bool() & mask[:, :-1].bool()
-    nll = -full.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[counted].mean()
+    stores, fills = {}, {}
+    root = Path(tempfile.mkdtemp())
+    for k in (8, 32, 128):
+        start = time.process_time()
+        stores[k] = fill_token_store(
+            teacher, blocks, root / f"k{k}", k=k, tokenizer=data.tokenizer, batch_size=8, blocks_per_shard=16
+        )
+        fills[k] = time.process_time() - start
+    errors, nll = kl_errors(teacher, stores, ids, mask, labels)
     lines = [
         "# The top-k token store (benchmarks/lm_token_store.py)",
         "",
@@ -133,23 +250,12 @@ def main() -> None:
         "| uniform tail: mean | top-k exact (uniform): mean | fill s/1k tokens |",
         "|---|---|---|---|---|---|---|",
     ]
-    stores = {}
-    root = Path(tempfile.mkdtemp())
-    for k in (8, 32, 128):
-        start = time.process_time()
-        store = fill_token_store(
-            teacher, blocks, root / f"k{k}", k=k, tokenizer=data.tokenizer, batch_size=8, blocks_per_shard=16
-        )
-        fill = time.process_time() - start
-        stores[k] = store
-        rows = store.rows(torch.arange(len(blocks)), ids, mask)
-        prior = kl64(full, store.codec.decode(rows, store.log_prior))[counted]
-        uniform = kl64(full, store.codec.decode(rows))[counted]
-        exact = kl64(full, exact_top_k(full, k))[counted]
+    for k, store in stores.items():
+        prior, uniform, exact = (errors[k][rule] for rule in ("prior", "uniform", "exact"))
         lines.append(
             f"| {k} | {store.codec.row_bytes} | {store.bytes_per_token:.1f} | {prior.mean():.2e} / "
             f"{prior.quantile(0.99):.2e} / {prior.max():.2e} | {uniform.mean():.2e} | {exact.mean():.2e} | "
-            f"{1000 * fill / (len(blocks) * 127):.3f} |"
+            f"{1000 * fills[k] / (len(blocks) * 127):.3f} |"
         )
         print(lines[-1], flush=True)
     lines += ["", "## V = 128k (131072), random logits N(0, 3^2), 256 positions", "",
@@ -173,12 +279,43 @@ def main() -> None:
     )
     live_s = step_time(live, loader, args.steps)
     store_s = step_time(from_store, loader, args.steps)
+    first = {"input_ids": ids[:32], "attention_mask": mask[:32], "labels": labels[:32]}
+    lines += ["", *memory_header(len(first["input_ids"])), *decode_memory(root / "k128", first)]
     lines += ["", "## Time per training step (batch 8 x 128, tiny_gpt2 'student', CE + forward KL)", "",
               "| teacher | CPU s / step |", "|---|---|",
               f"| live (in memory) | {live_s:.3f} |", f"| store, k = 128 | {store_s:.3f} |"]  # fmt: skip
     print("\n".join(lines[-4:]))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def memory_header(blocks: int) -> list[str]:
+    """The decode-memory table's title, explanation and header, for a batch of ``blocks`` blocks."""
+    mib = blocks * 127 * 4096 * 4 / 2**20
+    return [
+        f"## Peak memory of the forward-KL loss from the store (batch {blocks} x 128, V = 4096, k = 128)",
+        "",
+        "Peak RSS above the RSS before the loss, over its forward and backward (one process each; the",
+        f"student's logits and the stored rows exist before; the logits' gradient, {mib:.1f} MiB, is",
+        f"counted). Full decode: the ({blocks}, 127, 4096) float32 teacher tensor ({mib:.1f} MiB) is formed",
+        "first.",
+        "",
+        "| loss | peak MiB | CPU s | loss value |",
+        "|---|---|---|---|",
+    ]
+
+
+def memory_only(data: PythonDocsText, blocks: int) -> None:
+    """The decode-memory table alone, from an untrained teacher's k = 128 store."""
+    torch.manual_seed(0)
+    teacher = tiny_gpt2(data.vocab_size, "teacher", n_positions=128).eval()
+    subset = Subset(data.datasets["train"], range(max(blocks, 32)))
+    directory = Path(tempfile.mkdtemp()) / "k128"
+    fill_token_store(teacher, subset, directory, k=128, batch_size=8, blocks_per_shard=16)
+    first = {key: torch.stack([subset[i][key] for i in range(32)]) for key in subset[0]}
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print("\n".join(memory_header(32)))
+    decode_memory(directory, first)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_kd.data.bpe import trained_bpe_tokenizer
+from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.python_docs import Document, document_split, python_docs_corpus
 from lightning_kd.data.splits import SplitsDataModule
 
@@ -108,6 +109,9 @@ class PythonDocsText(SplitsDataModule):
       ``block_size``; labels -100 on the prompt (completion-only training).
 
     Training batches are shuffled by the global seed (``seed_everything``), as in the other datamodules.
+    With ``return_index``, each training item also carries its position in ``datasets["train"]``
+    under ``"index"`` (:class:`~lightning_kd.data.WithIndex`): what
+    :class:`~lightning_kd.language.TokenStoreDistillationModule` reads a top-k store by.
 
     Args:
         format: ``"blocks"`` or ``"prompt_response"``.
@@ -120,6 +124,7 @@ class PythonDocsText(SplitsDataModule):
         stdlib: folder whose docstrings are read; ``None``: this interpreter's standard library.
         max_documents: keep only the first documents of the corpus (small runs and tests); ``None``: all.
         num_workers: dataloader workers (the tokens sit in memory; 0 is fastest).
+        return_index: training batches also hold each block's index in the training split (``"index"``).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class PythonDocsText(SplitsDataModule):
         stdlib: str | None = None,
         max_documents: int | None = None,
         num_workers: int = 0,
+        return_index: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers)
         if format not in ("blocks", "prompt_response"):
@@ -154,6 +160,7 @@ class PythonDocsText(SplitsDataModule):
         self.cache_dir = cache_dir
         self.stdlib = stdlib
         self.max_documents = max_documents
+        self.return_index = return_index
         self.tokenizer: Any = None
         self.documents: dict[str, list[Document]] = {}
 
@@ -197,6 +204,20 @@ class PythonDocsText(SplitsDataModule):
         )
         for split, documents in self.documents.items():
             self.datasets[split] = self._rows(documents)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; with ``return_index``, with each block's index under ``"index"``."""
+        loader = super().train_dataloader()
+        if not self.return_index:
+            return loader
+        return DataLoader(
+            WithIndex(loader.dataset),
+            batch_size=self.batch_size,
+            shuffle=True,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

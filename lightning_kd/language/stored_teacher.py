@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -13,13 +14,23 @@ from lightning_kd.language.causal_lm import CausalLMDistillationModule
 from lightning_kd.language.token_store import TopKTokenStore
 from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size
-from lightning_kd.losses.base import LossTerm
+from lightning_kd.losses._token_chunks import DecodedRows
+from lightning_kd.losses.base import LossTerm, StepOutputs
 from lightning_kd.losses.token_cross_entropy import TokenCrossEntropyTerm
 from lightning_kd.losses.token_divergence import TokenDivergenceTerm
 from lightning_kd.model_io import call_model, logits_of
+from lightning_kd.module import DistillationModule
 
 __all__ = ["StoredTeacher", "TokenStoreDistillationModule"]
 
+#: the parent's teacher arguments, refused unless left at these defaults
+_TEACHER_DEFAULTS = {
+    "teacher": None,
+    "teacher_mode": "frozen",
+    "teacher_checkpoint": None,
+    "teacher_tokenizer": None,
+}
+_DISTILLATION_TARGET_KEY = inspect.signature(DistillationModule.__init__).parameters["target_key"].default
 #: the batch key under which the stored rows of a training batch travel to the device
 ROWS_KEY = "teacher_topk_rows"
 
@@ -47,8 +58,16 @@ class StoredTeacher(nn.Module):
         """The reconstructed log-probabilities of every position (see the class docstring)."""
         codec = self.store.codec
         out = torch.zeros((rows.shape[0], rows.shape[1] + 1, codec.vocab_size), device=rows.device)
-        codec.decode(rows, self.log_prior if self.tail == "prior" else None, out=out[:, :-1])
+        self.decode_into(rows, out[:, :-1])
         return out
+
+    def decode_into(self, rows: Tensor, out: Tensor) -> Tensor:
+        """``(..., row_bytes)`` stored rows -> their ``(..., V)`` log-probabilities, written into ``out``."""
+        return self.store.codec.decode(rows, self.log_prior if self.tail == "prior" else None, out=out)
+
+    def decoded_rows(self, rows: Tensor) -> DecodedRows:
+        """``(N, L - 1, row_bytes)`` stored rows as the chunked path's teacher, decoded chunk by chunk."""
+        return DecodedRows(rows.reshape(-1, rows.shape[-1]), self.decode_into, self.store.codec.vocab_size)
 
     def extra_repr(self) -> str:
         """The store and the tail rule."""
@@ -63,9 +82,12 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
     (:class:`~lightning_kd.data.WithIndex` on the dict items: ``batch[index_key]``). Before each
     training batch moves to the device its rows are read from the memory map (shards CRC-checked
     at first read, each block's inputs against its stored signature) and added to the batch; the
-    step decodes them on the device into the teacher's ``(N, L - 1, V)`` log-probabilities (no host
-    read), which every divergence of :class:`~lightning_kd.losses.TokenDivergenceTerm` reads on the
-    plain and chunked paths. The fused path needs the teacher's head and is refused.
+    step decodes them on the device (no host read). When every term that reads the teacher is a
+    :class:`~lightning_kd.losses.TokenDivergenceTerm` on the chunked path (the cross-entropy reads
+    only the labels), each chunk of positions is decoded inside the loss and the teacher's
+    ``(N, L - 1, V)`` float32 tensor is never formed (:attr:`decodes_by_chunk`); otherwise the rows are
+    decoded into it once and every divergence reads it, on the plain and chunked paths. The fused
+    path needs the teacher's head and is refused.
 
     Validation and test report the student's loss and perplexity (the store holds the training
     data's teacher only).
@@ -92,8 +114,11 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        for name in ("teacher", "teacher_mode", "teacher_checkpoint", "teacher_tokenizer"):
-            if name in kwargs:
+        # the command line fills in the parents' defaults: only other values are refused
+        if kwargs.get("target_key") == _DISTILLATION_TARGET_KEY:
+            del kwargs["target_key"]  # DistillationModule's; a causal LM reads labels_key
+        for name, default in _TEACHER_DEFAULTS.items():
+            if kwargs.pop(name, default) != default:
                 raise ValueError(
                     f"TokenStoreDistillationModule takes no {name}: the teacher is the store. Remove it."
                 )
@@ -124,6 +149,34 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
         """The opened store."""
         return self.teacher.store
 
+    @property
+    def decodes_by_chunk(self) -> bool:
+        """Whether the loss decodes the stored rows chunk by chunk: every teacher-reading term is chunked."""
+        return all(
+            isinstance(term, TokenCrossEntropyTerm)
+            or (isinstance(term, TokenDivergenceTerm) and term.path == "chunked")
+            for term in self.loss_terms.values()
+        )
+
+    def call_teacher(self, batch: Any, inputs: Any) -> tuple[Any, None]:
+        """The stored rows decoded into ``(N, L, V)``; ``None`` when the loss decodes them by chunk."""
+        if self.decodes_by_chunk:
+            return None, None
+        return super().call_teacher(batch, inputs)
+
+    def step_outputs(self, batch: Any, teacher_output: Any = None) -> StepOutputs:
+        """The parent's; with :attr:`decodes_by_chunk`, the tokens carry the packed rows (``teacher_rows``).
+
+        ``teacher_output`` is then the batch's ``(N, L - 1, row_bytes)`` stored rows.
+        """
+        outputs = super().step_outputs(batch, teacher_output)
+        if outputs.teacher_output is None and self.decodes_by_chunk:
+            assert outputs.tokens is not None
+            rows = self.teacher_inputs(batch, None)
+            outputs.teacher_output = rows
+            outputs.tokens.teacher_rows = self.teacher.decoded_rows(rows)
+        return outputs
+
     def build_metrics(self) -> nn.ModuleDict:
         """The student's loss and perplexity (no teacher metrics: the store covers the training data)."""
         metrics = super().build_metrics()
@@ -143,7 +196,12 @@ class TokenStoreDistillationModule(CausalLMDistillationModule):
                 "get 'index'), or set index_key."
             )
         ids = batch["input_ids"]
-        rows = self.store.rows(batch[self.index_key], ids, batch.get(self.attention_mask_key or ""))
+        rows = self.store.rows(
+            batch[self.index_key],
+            ids,
+            batch.get(self.attention_mask_key or ""),
+            batch.get(self.labels_key or ""),
+        )
         batch[ROWS_KEY] = rows if ids.device.type == "cpu" else rows.to(ids.device)
 
     def teacher_inputs(self, batch: Any, inputs: Any) -> Any:

@@ -1,20 +1,24 @@
 r"""TopKTokenStore: a causal-LM teacher's top-k next-token log-probabilities, computed once, on disk.
 
 :func:`fill_token_store` runs the teacher over a dataset of token blocks (dict items with
-``input_ids`` and ``attention_mask`` of one length ``L``, e.g.
-:class:`~lightning_kd.data.text.PythonDocsText`'s training split) and writes, for each of a block's
-``L - 1`` predicting positions (position ``t`` predicts token ``t + 1``), one
+``input_ids``, ``attention_mask`` and ``labels`` of one length ``L``, e.g.
+:class:`~lightning_kd.data.text.PythonDocsText`'s training split) and writes, for each *counted*
+predicting position of a block (position ``t`` predicts token ``t + 1``; it counts when the
+causal-LM module's loss reads it: label ``t + 1`` not -100, ``t`` and ``t + 1`` inside the attention
+mask, :func:`~lightning_kd.language.token_view.shifted_targets`), one
 :class:`~lightning_kd.language.token_codec.TopKCodec` row: the ``k`` largest log-probabilities
 (polynomial fit + quantised residuals), their ids at :math:`\lceil \log_2 V \rceil` bits and the
-tail mass. :class:`TopKTokenStore` reads them back, memory-mapped, for
+tail mass. Prompts of completion-only data and padding take no space. :class:`TopKTokenStore`
+reads them back, memory-mapped, for
 :class:`~lightning_kd.language.stored_teacher.TokenStoreDistillationModule`.
 
 Files in the directory (``shard-<s>`` holds ``blocks_per_shard`` consecutive blocks):
 
-- ``shard-<s>.rows.npy``: uint8 ``(blocks, L - 1, row_bytes)``;
+- ``shard-<s>.rows.npy``: uint8 ``(positions, row_bytes)``, the counted positions of its blocks in order;
+- ``shard-<s>.offsets.npy``: int64 ``(blocks + 1,)``, where each block's rows start (and the end);
 - ``shard-<s>.signatures.npy``: int64 ``(blocks,)``, the exact input signature of each block
-  (:func:`~lightning_kd.teachers.fingerprints.input_signature` of its ids and mask), compared with
-  every batch read;
+  (:func:`~lightning_kd.teachers.fingerprints.input_signature` of its ids, mask and labels: so the
+  counted positions too), compared with every batch read;
 - ``shard-<s>.tail.npy``: float64 ``(2, V)``, the shard's tail statistics (summed into the prior);
 - ``meta.json``: format, fingerprint (teacher, tokenizer, data), codec, shape, and one CRC-32 per
   finished shard file; ``lock``: one writer (:class:`~lightning_kd.teachers.cache_lock.CacheDirectoryLock`).
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.language.token_codec import DEFAULT_RESIDUAL_BITS, TopKCodec
+from lightning_kd.language.token_view import shifted_targets
 from lightning_kd.model_io import call_model, logits_of
 from lightning_kd.teachers.cache_lock import CacheDirectoryLock
 from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signature, teacher_fingerprint
@@ -51,10 +56,17 @@ from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signat
 __all__ = ["FORMAT_VERSION", "TopKTokenStore", "fill_token_store", "tokenizer_fingerprint"]
 
 #: version of the store's layout; a store of another version is refused (``overwrite=True`` rebuilds)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: the tail prior is mixed with this share of the uniform distribution, so no id gets probability 0
 PRIOR_FLOOR = 1e-4
-_FILES = ("rows", "signatures", "tail")
+_FILES = ("rows", "offsets", "signatures", "tail")
+#: the item keys a store signs (those its items have), in this order; the teacher reads the first two
+_SIGNED = ("input_ids", "attention_mask", "labels")
+#: what the directory lock's refusal calls the store, and how a run gets its own directory
+_LOCK_WORDS = (
+    "top-k token store",
+    "fill_token_store(directory=...) or lightning-kd cache-tokens --directory",
+)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -71,6 +83,11 @@ def _crc(array: np.ndarray) -> int:
 
 def _block_inputs(items: Sequence[dict[str, Tensor]], keys: Sequence[str]) -> dict[str, Tensor]:
     return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in keys}
+
+
+def _counted(inputs: dict[str, Tensor]) -> Tensor:
+    """``(N, L - 1)`` bool: the predicting positions that count (the causal-LM module's rule)."""
+    return shifted_targets(inputs.get("labels", inputs["input_ids"]), inputs.get("attention_mask"))[0]
 
 
 def _signatures(inputs: dict[str, Tensor]) -> Tensor:
@@ -103,7 +120,8 @@ class TopKTokenStore:
         if self.meta.get("format") != FORMAT_VERSION:
             raise RuntimeError(
                 f"The token store in {self.directory} has format {self.meta.get('format')}, this version "
-                f"reads {FORMAT_VERSION}: rebuild it (fill_token_store(..., overwrite=True))."
+                f"reads {FORMAT_VERSION}: rebuild it (fill_token_store(..., overwrite=True), or "
+                "lightning-kd cache-tokens --overwrite)."
             )
         if not self.meta["complete"]:
             done, total = len(self.meta["shards"]), self.meta["num_shards"]
@@ -120,13 +138,18 @@ class TopKTokenStore:
                 "(their vocabularies differ): its token ids would mean other tokens. Rebuild the store with "
                 "this tokenizer, or train with the store's."
             )
-        self._lock = CacheDirectoryLock.shared(self.directory, os.access(self.directory, os.W_OK))
+        self._lock = CacheDirectoryLock.shared(
+            self.directory, os.access(self.directory, os.W_OK), *_LOCK_WORDS
+        )
         if self._lock is not None:
             self._lock.owner = self
         self.codec = TopKCodec(**self.meta["codec"])
         self.num_blocks, self.block_size = self.meta["num_blocks"], self.meta["block_size"]
         self.blocks_per_shard = self.meta["blocks_per_shard"]
         self._rows: dict[int, np.ndarray] = {}
+        self._offsets = [self._verified(shard, "offsets") for shard in range(self.meta["num_shards"])]
+        #: rows stored: the counted positions of every block
+        self.positions = int(sum(int(offsets[-1]) for offsets in self._offsets))
         signatures, tail = [], np.zeros((2, self.codec.vocab_size))
         for shard in range(self.meta["num_shards"]):
             signatures.append(self._verified(shard, "signatures"))
@@ -162,8 +185,8 @@ class TopKTokenStore:
 
     @property
     def bytes_per_token(self) -> float:
-        """Bytes of the store's files per stored position (rows, signatures, tails, meta)."""
-        return self.size_bytes / (self.num_blocks * (self.block_size - 1))
+        """Bytes of the store's files per stored (counted) position: rows, offsets, signatures, meta."""
+        return self.size_bytes / max(self.positions, 1)
 
     @property
     def size_bytes(self) -> int:
@@ -173,15 +196,23 @@ class TopKTokenStore:
             + (self.directory / "meta.json").stat().st_size
         )
 
-    def rows(self, indices: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """The stored ``(N, L - 1, row_bytes)`` uint8 rows of the blocks at ``indices`` (host tensors).
+    def rows(
+        self,
+        indices: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The ``(N, L - 1, row_bytes)`` uint8 rows of the blocks at ``indices`` (host tensors).
 
-        Each shard's rows are checked against their CRC-32 the first time they are read; each block's
-        inputs against the stored signature (every call: host work on CPU tensors).
+        Counted positions get their stored rows; the others (prompts, padding) zero bytes, which
+        decode to some finite distribution that no loss reads. Each shard's rows are checked against
+        their CRC-32 the first time they are read; each block's inputs (ids, mask, labels) against
+        the stored signature (every call: host work on CPU tensors).
 
         Raises:
             IndexError: an index outside the store.
-            ValueError: the blocks have another length than the stored ones.
+            ValueError: the blocks have another length than the stored ones, or lack a signed input.
             RuntimeError: a shard is damaged, or a block's inputs are not those the teacher saw.
         """
         indices = indices.cpu().long()
@@ -196,14 +227,16 @@ class TopKTokenStore:
                 f"The batch's blocks have {input_ids.shape[-1]} tokens but the store's {self.block_size}: "
                 "train on the dataset (block_size) the store was filled from."
             )
-        inputs = {"input_ids": input_ids.cpu()}
-        if self.meta["signs_attention_mask"]:
-            if attention_mask is None:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        inputs = {}
+        for key in self.meta["signs"]:
+            if given[key] is None:
                 raise ValueError(
-                    "The token store was filled from blocks with an attention_mask: give the batch's mask "
-                    "(the teacher's output depends on it), or fill the store from blocks without one."
+                    f"The token store was filled from blocks with {key}: give the batch's {key} (the "
+                    "teacher's output and the stored positions depend on them), or fill the store from "
+                    f"blocks without {key}."
                 )
-            inputs["attention_mask"] = attention_mask.cpu()
+            inputs[key] = given[key].cpu()
         wrong = (_signatures(inputs) != self.signatures[indices]).numpy()
         if wrong.any():
             block = int(indices[int(np.flatnonzero(wrong)[0])])
@@ -212,13 +245,19 @@ class TopKTokenStore:
                 "from: the data changed since, or the batch's index is not the block's position in the "
                 "dataset (wrap the dataset the store was filled from in lightning_kd.data.WithIndex)."
             )
-        shards = (indices // self.blocks_per_shard).numpy()
-        out = np.empty((len(indices), self.block_size - 1, self.codec.row_bytes), dtype=np.uint8)
-        for shard in np.unique(shards):
+        counted = _counted(inputs).numpy()
+        out = np.zeros((len(indices), self.block_size - 1, self.codec.row_bytes), dtype=np.uint8)
+        for row, index in enumerate(indices.tolist()):
+            shard, block = divmod(index, self.blocks_per_shard)
             if shard not in self._rows:
-                self._rows[shard] = self._verified(int(shard), "rows")
-            here = shards == shard
-            out[here] = self._rows[shard][(indices.numpy()[here] - shard * self.blocks_per_shard)]
+                self._rows[shard] = self._verified(shard, "rows")
+            start, stop = self._offsets[shard][block : block + 2]
+            if stop - start != counted[row].sum():  # the signature covers the labels: a damaged offsets file
+                raise RuntimeError(
+                    f"The token store in {self.directory} holds {stop - start} positions of block {index} "
+                    f"but its inputs count {counted[row].sum()}: the store is damaged; rebuild it."
+                )
+            out[row, counted[row]] = self._rows[shard][start:stop]
         return torch.from_numpy(out)
 
     def release(self) -> None:
@@ -245,7 +284,7 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     for part in ("teacher", "tokenizer", "data"):
         if old["fingerprint"].get(part) != new["fingerprint"][part]:
             return f"was filled from another {part} (its fingerprint differs)"
-    for key in ("codec", "num_blocks", "block_size", "blocks_per_shard", "signs_attention_mask"):
+    for key in ("codec", "num_blocks", "block_size", "blocks_per_shard", "signs"):
         if old.get(key) != new[key]:
             return f"has another {key} ({old.get(key)} instead of {new[key]})"
     return None
@@ -283,8 +322,9 @@ def fill_token_store(
 
     Args:
         teacher: the causal LM, called as ``teacher(input_ids=..., attention_mask=...)``.
-        dataset: map-style dataset of dict items with ``input_ids`` (and ``attention_mask``), all
-            of one length ``L`` (``PythonDocsText(...).datasets["train"]``).
+        dataset: map-style dataset of dict items with ``input_ids`` (and ``attention_mask``,
+            ``labels``), all of one length ``L`` (``PythonDocsText(...).datasets["train"]``); only the
+            positions that count (see the module docstring) are stored.
         directory: the store's folder (created).
         k: log-probabilities kept per token.
         residual_bits: the codec's ``(bits, ranks)`` residual groups (:class:`TopKCodec`).
@@ -314,7 +354,7 @@ def fill_token_store(
             "fill_token_store reads dict items with 'input_ids' (and 'attention_mask') of one length, as "
             f"PythonDocsText's datasets give; got {type(first).__name__} items."
         )
-    keys = [key for key in ("input_ids", "attention_mask") if key in first]
+    keys = [key for key in _SIGNED if key in first]
     block_size = int(torch.as_tensor(first["input_ids"]).shape[-1])
     if device is None:
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
@@ -325,8 +365,8 @@ def fill_token_store(
         inputs = _block_inputs(items, keys)
         if inputs["input_ids"].shape[-1] != block_size:
             raise ValueError(f"Block {start} has another length than block 0 ({block_size} tokens).")
-        logits = logits_of(call_model(teacher, {key: value.to(device) for key, value in inputs.items()}))
-        return logits[:, :-1], inputs
+        model_inputs = {key: inputs[key].to(device) for key in _SIGNED[:2] if key in inputs}
+        return logits_of(call_model(teacher, model_inputs))[:, :-1], inputs
 
     vocab_size = int(logits_of_blocks(0, 1)[0].shape[-1])
     codec = TopKCodec(vocab_size, k, tuple(tuple(int(x) for x in g) for g in residual_bits), degree)
@@ -342,14 +382,14 @@ def fill_token_store(
         "num_blocks": len(dataset),
         "block_size": block_size,
         "blocks_per_shard": blocks_per_shard,
-        "signs_attention_mask": "attention_mask" in keys,
+        "signs": keys,
         "row_bytes": codec.row_bytes,
         "num_shards": num_shards,
         "shards": {},
         "complete": False,
     }
     directory.mkdir(parents=True, exist_ok=True)
-    lock = CacheDirectoryLock.shared(directory, True)
+    lock = CacheDirectoryLock.shared(directory, True, *_LOCK_WORDS)
     assert lock is not None
     try:
         lock.make_exclusive()
@@ -358,8 +398,9 @@ def fill_token_store(
         for shard in range(num_shards):
             if str(shard) in meta["shards"]:
                 continue
+            counts = _shard_counts(dataset, shard, meta, keys, batch_size)
             meta["shards"][str(shard)] = _fill_shard(
-                directory, shard, meta, codec, logits_of_blocks, batch_size
+                directory, shard, meta, codec, logits_of_blocks, batch_size, counts
             )
             meta["complete"] = len(meta["shards"]) == num_shards
             _write_meta(directory, meta)
@@ -401,9 +442,10 @@ def _resumable_shards(directory: Path, meta: dict[str, Any], overwrite: bool) ->
 
 
 def _check_space(directory: Path, meta: dict[str, Any], codec: TopKCodec) -> None:
+    """An ``OSError`` unless the missing shards fit, at most (every position counted)."""
     missing = meta["num_shards"] - len(meta["shards"])
     per_shard = (
-        meta["blocks_per_shard"] * ((meta["block_size"] - 1) * codec.row_bytes + 8) + 16 * codec.vocab_size
+        meta["blocks_per_shard"] * ((meta["block_size"] - 1) * codec.row_bytes + 16) + 16 * codec.vocab_size
     )
     needed, free = missing * (per_shard + 128 * len(_FILES)), shutil.disk_usage(directory).free
     if needed > free:
@@ -415,6 +457,23 @@ def _check_space(directory: Path, meta: dict[str, Any], codec: TopKCodec) -> Non
         )
 
 
+def _shard_blocks(shard: int, meta: dict[str, Any]) -> range:
+    start = shard * meta["blocks_per_shard"]
+    return range(start, min(start + meta["blocks_per_shard"], meta["num_blocks"]))
+
+
+def _shard_counts(
+    dataset: Any, shard: int, meta: dict[str, Any], keys: Sequence[str], batch_size: int
+) -> np.ndarray:
+    """The counted positions of each of the shard's blocks (read from the items, before the teacher runs)."""
+    blocks = _shard_blocks(shard, meta)
+    counts = []
+    for first in range(blocks.start, blocks.stop, batch_size):
+        items = [dataset[i] for i in range(first, min(first + batch_size, blocks.stop))]
+        counts.append(_counted(_block_inputs(items, keys)).sum(dim=1).numpy())
+    return np.concatenate(counts)
+
+
 def _fill_shard(
     directory: Path,
     shard: int,
@@ -422,12 +481,15 @@ def _fill_shard(
     codec: TopKCodec,
     logits_of_blocks: Callable[[int, int], tuple[Tensor, dict[str, Tensor]]],
     batch_size: int,
+    counts: np.ndarray,
 ) -> dict[str, int]:
-    """Write one shard's three files (reserved first), flush them, and return their CRC-32s."""
-    start = shard * meta["blocks_per_shard"]
-    stop = min(start + meta["blocks_per_shard"], meta["num_blocks"])
+    """Write one shard's files (reserved first), flush them, and return their CRC-32s."""
+    blocks = _shard_blocks(shard, meta)
+    start, stop = blocks.start, blocks.stop
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     shapes = {
-        "rows": (np.uint8, (stop - start, meta["block_size"] - 1, codec.row_bytes)),
+        "rows": (np.uint8, (int(offsets[-1]), codec.row_bytes)),
+        "offsets": (np.int64, (stop - start + 1,)),
         "signatures": (np.int64, (stop - start,)),
         "tail": (np.float64, (2, codec.vocab_size)),
     }
@@ -436,13 +498,20 @@ def _fill_shard(
         path = directory / f"shard-{shard:05d}.{name}.npy"
         arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
         _reserve(path)
+    arrays["offsets"][:] = offsets
     tail = torch.zeros(2, codec.vocab_size, dtype=torch.float64)
     for first in range(start, stop, batch_size):
         last = min(first + batch_size, stop)
         logits, inputs = logits_of_blocks(first, last)
-        positions = logits.shape[1]
-        encoded, sums = codec.encode(logits[..., : codec.vocab_size].reshape(-1, logits.shape[-1]))
-        arrays["rows"][first - start : last - start] = encoded.cpu().view(last - first, positions, -1).numpy()
+        counted = _counted(inputs)
+        if not np.array_equal(counted.sum(dim=1).numpy(), counts[first - start : last - start]):
+            raise RuntimeError(
+                f"The blocks {first}..{last - 1} changed while the store was filled (their counted positions "
+                "differ between two reads): fill from a dataset whose items are fixed."
+            )
+        encoded, sums = codec.encode(logits[counted.to(logits.device)][..., : codec.vocab_size])
+        rows = slice(offsets[first - start], offsets[last - start])
+        arrays["rows"][rows] = encoded.cpu().numpy()
         arrays["signatures"][first - start : last - start] = _signatures(inputs).numpy()
         tail += sums.cpu()
     arrays["tail"][:] = tail.numpy()

@@ -41,6 +41,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ChunkValues",
+    "DecodedRows",
     "HeadRows",
     "LogitRows",
     "TargetRows",
@@ -184,7 +185,37 @@ class TargetRows:
         return prepared[0][start:stop]
 
 
-Rows = Any  # LogitRows | HeadRows | TargetRows
+@dataclass(frozen=True)
+class DecodedRows:
+    """Teacher rows decoded chunk by chunk from a compact form (a top-k store's packed rows).
+
+    ``packed``: ``(P, ...)``, one entry per flattened position; ``decode(packed[start:stop], out)``
+    writes the float32 ``(stop - start, vocab_size)`` rows into ``out`` and returns them. Only one
+    chunk's rows exist at a time: the full ``(P, V)`` teacher tensor is never formed.
+    """
+
+    packed: Tensor
+    decode: Callable[[Tensor, Tensor], Tensor]
+    vocab_size: int
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The packed rows."""
+        return (self.packed,)
+
+    def prepared(self, tensors: tuple[Tensor, ...], chunk_size: int) -> tuple[Tensor, ...]:
+        """The packed rows and a float32 ``(chunk_size, vocab_size)`` buffer each chunk is decoded into."""
+        packed = tensors[0]
+        rows = packed.new_empty((min(chunk_size, packed.shape[0]), self.vocab_size), dtype=torch.float32)
+        return (packed, rows)
+
+    def rows(self, prepared: tuple[Tensor, ...], start: int, stop: int) -> Tensor:
+        """The decoded float32 rows of positions ``start:stop``."""
+        packed, rows = prepared
+        chunk = packed[start:stop]
+        return self.decode(chunk, rows[: chunk.shape[0]])
+
+
+Rows = Any  # LogitRows | HeadRows | TargetRows | DecodedRows
 
 
 class _ChunkedMean(torch.autograd.Function):

@@ -68,6 +68,9 @@ class TokenOutputs:
         teacher_hidden: ``(N, L, H_t)``, detached, likewise.
         student_head: the student's output embedding (an ``nn.Linear``: weight ``(V_s, H_s)``), likewise.
         teacher_head: the teacher's output embedding, likewise.
+        teacher_rows: the teacher's rows in a compact form that the chunked path decodes chunk by chunk
+            (:class:`~lightning_kd.losses._token_chunks.DecodedRows`, e.g. a top-k store's), or ``None``;
+            read where ``teacher_logits`` is ``None``.
     """
 
     mask: Tensor
@@ -79,6 +82,7 @@ class TokenOutputs:
     teacher_hidden: Tensor | None = None
     student_head: nn.Module | None = None
     teacher_head: nn.Module | None = None
+    teacher_rows: Any = None
 
 
 @dataclass

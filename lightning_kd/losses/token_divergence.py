@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from lightning_kd.losses._token_chunks import (
     DEFAULT_CHUNK_SIZE,
     ChunkValues,
+    DecodedRows,
     HeadRows,
     LogitRows,
     Rows,
@@ -233,7 +234,7 @@ def _chunk_values(divergence: str, temperature: float, beta: float, skew: float)
 
 def token_divergence_chunked(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | DecodedRows,
     mask: Tensor | None = None,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
@@ -248,20 +249,39 @@ def token_divergence_chunked(
     intermediates are alive at once (bf16 logits are cast chunk by chunk). The teacher's logits
     receive no gradient. One backward per call: no ``retain_graph`` second backward, no double
     backward (both raise a ``RuntimeError``; see :mod:`lightning_kd.losses._token_chunks`).
+
+    ``teacher_logits`` may instead be :class:`~lightning_kd.losses._token_chunks.DecodedRows` of the
+    same positions (flattened) and vocabulary, decoded one chunk at a time: the teacher's full
+    ``(N, L, V)`` tensor is then never formed.
     """
     check_divergence_settings(divergence, temperature, beta, skew)
     checked_chunk_size(chunk_size)
-    _check_pair(student_logits, teacher_logits)
     positions = tuple(student_logits.shape[:-1])
-    check_token_mask(mask, positions, "student_logits")
     vocab_size = student_logits.shape[-1]
+    if isinstance(teacher_logits, DecodedRows):
+        teacher: Rows = _checked_decoded_rows(teacher_logits, positions, vocab_size)
+    else:
+        _check_pair(student_logits, teacher_logits)
+        teacher = LogitRows(teacher_logits.detach().reshape(-1, vocab_size), vocab_size)
+    check_token_mask(mask, positions, "student_logits")
     return chunked_token_mean(
         _chunk_values(divergence, temperature, beta, skew),
         LogitRows(student_logits.reshape(-1, vocab_size), vocab_size),
-        LogitRows(teacher_logits.detach().reshape(-1, vocab_size), vocab_size),
+        teacher,
         _flat_mask(mask, positions, student_logits.device),
         chunk_size,
     )
+
+
+def _checked_decoded_rows(rows: DecodedRows, positions: tuple[int, ...], vocab_size: int) -> DecodedRows:
+    """``rows`` if they hold one entry per position and decode to ``vocab_size`` ids, else a ValueError."""
+    if rows.packed.shape[0] != math.prod(positions) or rows.vocab_size != vocab_size:
+        raise ValueError(
+            f"The teacher's decoded rows hold {rows.packed.shape[0]} positions of {rows.vocab_size} token "
+            f"ids but the student's logits {math.prod(positions)} positions of {vocab_size}: both must "
+            f"cover the same (N, L) positions and vocabulary. {_ALIGNMENT_HINT}"
+        )
+    return rows
 
 
 def head_parameters(head: nn.Module, role: str) -> tuple[Tensor, Tensor | None]:
@@ -525,6 +545,10 @@ class TokenDivergenceTerm(TokenTerm):
         student = self.vocab_logits(
             self.required(tokens.student_logits, "the student's logits"), tokens, "student"
         )
+        if self.path == "chunked" and tokens.teacher_logits is None and tokens.teacher_rows is not None:
+            return token_divergence_chunked(
+                student, tokens.teacher_rows, tokens.mask, chunk_size=self.chunk_size, **settings
+            )
         teacher_logits = self.required(tokens.teacher_logits, "the teacher's logits").detach()
         teacher_logits = self.vocab_logits(teacher_logits, tokens, "teacher")
         if self.path == "chunked":

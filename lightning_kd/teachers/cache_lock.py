@@ -1,4 +1,4 @@
-"""One writer per teacher-cache directory: a ``fcntl.flock`` that names the process holding it."""
+"""One writer per store directory (teacher cache, top-k token store): a ``fcntl.flock`` naming its holder."""
 
 from __future__ import annotations
 
@@ -18,15 +18,34 @@ class CacheDirectoryLock:
     One process holds one lock per directory (``_HELD``): a later cache object of the same
     process takes it over (fits in one process run one after another). The writer records its pid,
     host and start time in the file, so a refused process can name it.
+
+    ``store`` names what the directory holds and ``own_directory`` how a run gets its own; the
+    refusal's message says both (default: the classification :class:`~lightning_kd.TeacherOutputCache`).
     """
 
-    def __init__(self, path: Path, descriptor: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        descriptor: int,
+        store: str = "teacher cache",
+        own_directory: str = "TeacherOutputCache(directory=...)",
+    ) -> None:
         self.path, self.descriptor, self.exclusive, self.owner = path, descriptor, False, None
+        self.store, self.own_directory = store, own_directory
         self.pid = os.getpid()  # a forked child inherits the registry, not the right to the lock
 
     @classmethod
-    def shared(cls, directory: Path, writable: bool) -> CacheDirectoryLock | None:
-        """A shared lock on ``directory`` (``None``: read-only and never locked, so nothing writes there)."""
+    def shared(
+        cls,
+        directory: Path,
+        writable: bool,
+        store: str = "teacher cache",
+        own_directory: str = "TeacherOutputCache(directory=...)",
+    ) -> CacheDirectoryLock | None:
+        """A shared lock on ``directory`` (``None``: read-only and never locked, so nothing writes there).
+
+        ``store`` and ``own_directory``: the refusal's wording (see the class docstring).
+        """
         path = directory / "lock"
         key = os.path.realpath(path)
         if key in _HELD and _HELD[key].pid == os.getpid():
@@ -35,7 +54,7 @@ class CacheDirectoryLock:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY, 0o644)
         except FileNotFoundError:
             return None
-        lock = cls(path, descriptor)
+        lock = cls(path, descriptor, store, own_directory)
         lock._flock(fcntl.LOCK_SH)
         _HELD[key] = lock
         return lock
@@ -60,9 +79,9 @@ class CacheDirectoryLock:
             holder = self.holder()
             self.release()  # a failed upgrade has dropped the shared lock as well
             raise RuntimeError(
-                f"The teacher cache directory {self.path.parent} is in use by another process ({holder}). "
-                "Two runs cannot build one cache at the same time: wait for the other run to finish, or "
-                "give this run its own directory (TeacherOutputCache(directory=...))."
+                f"The {self.store} directory {self.path.parent} is in use by another process ({holder}). "
+                f"Two runs cannot build one {self.store} at the same time: wait for the other run to "
+                f"finish, or give this run its own directory ({self.own_directory})."
             ) from None
 
     def holder(self) -> str:
@@ -71,7 +90,7 @@ class CacheDirectoryLock:
             found = json.loads(os.pread(self.descriptor, 4096, 0) or b"null")
             return f"pid {found['pid']} on host {found['host']}, writing since {found['since']}"
         except (ValueError, TypeError, KeyError):
-            return "a run reading the complete cache"
+            return f"a run reading the complete {self.store}"
 
     def release(self) -> None:
         """Unlock (a writer first clears its record) and close the lock file."""

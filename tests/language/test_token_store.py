@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -25,17 +26,27 @@ from lightning_kd.language import (
     TopKTokenStore,
     fill_token_store,
 )
+from lightning_kd.language.stored_teacher import StoredTeacher
 from lightning_kd.language.token_codec import pack_fields, unpack_fields
 from lightning_kd.losses import TokenCrossEntropyTerm, TokenDivergenceTerm
+from lightning_kd.losses._token_chunks import DecodedRows
+from lightning_kd.losses.token_divergence import token_divergence, token_divergence_chunked
 from tests.language.helpers import VOCAB, tiny_gpt2
 
 LENGTH = 8
 
 
-def blocks(count: int = 12, vocab: int = VOCAB, seed: int = 0) -> TokenBlocks:
+def blocks(count: int = 12, vocab: int = VOCAB, seed: int = 0, completion: bool = False) -> TokenBlocks:
+    """Random blocks; ``completion``: block i has a prompt of 1 + i % 3 tokens and i % 4 padding tokens."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (count, LENGTH), generator=generator)
-    return TokenBlocks(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    attention, learned = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    if completion:
+        for row in range(count):
+            learned[row, : 1 + row % 3] = False
+            attention[row, LENGTH - row % 4 :] = 0
+        ids = ids.masked_fill(attention == 0, 1)
+    return TokenBlocks(ids, attention, learned)
 
 
 def kl64(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -110,7 +121,7 @@ def test_the_tail_prior_recovers_a_shared_tail_shape(tmp_path: Path) -> None:
     store = fill_token_store(teacher, data, tmp_path, k=3, blocks_per_shard=5)
     ids = data.input_ids[:4]
     log_p = torch.log_softmax(teacher(ids).double(), -1)[:, :-1]
-    rows = store.rows(torch.arange(4), ids, torch.ones_like(ids))
+    rows = store.rows(torch.arange(4), ids, torch.ones_like(ids), data.labels[:4])
     prior = store.codec.decode(rows, store.log_prior)
     uniform = store.codec.decode(rows)
     assert kl64(log_p, prior).max() < 1e-3
@@ -153,9 +164,36 @@ def test_another_tokenizer_or_other_inputs_are_refused_at_read(tmp_path: Path) -
     changed = data.input_ids[[3]].clone()
     changed[0, 2] += 1
     with pytest.raises(RuntimeError, match="input of block 3 is not the one"):
-        store.rows(torch.tensor([3]), changed, torch.ones_like(changed))
+        store.rows(torch.tensor([3]), changed, torch.ones_like(changed), changed)
     with pytest.raises(IndexError, match="holds 12 blocks but a batch has index 12"):
-        store.rows(torch.tensor([12]), changed, torch.ones_like(changed))
+        store.rows(torch.tensor([12]), changed, torch.ones_like(changed), changed)
+
+
+def test_only_the_counted_positions_are_stored(tmp_path: Path) -> None:
+    data, teacher = blocks(completion=True), tiny_gpt2(seed=2)
+    store = fill_token_store(teacher, data, tmp_path, k=6, blocks_per_shard=5)
+    labels, attention = data.labels, data.attention_mask
+    counted = (labels[:, 1:] != -100) & (attention[:, 1:] == 1) & (attention[:, :-1] == 1)
+    assert store.positions == int(counted.sum()) < 12 * (LENGTH - 1)
+    stored = sum(np.load(path).shape[0] for path in sorted(tmp_path.glob("shard-*.rows.npy")))
+    assert stored == int(counted.sum())
+    rows = store.rows(torch.arange(12), data.input_ids, attention, labels)
+    assert torch.all(rows[~counted] == 0) and torch.all(rows[counted].amax(-1) > 0)
+    expected = torch.log_softmax(teacher(input_ids=data.input_ids, attention_mask=attention).logits, -1)
+    top, ids = expected[:, :-1][counted].topk(6, dim=-1)
+    decoded = store.codec.decode(rows[counted])
+    assert torch.equal(decoded.topk(6, dim=-1).indices.sort(-1).values, ids.sort(-1).values)
+    assert (decoded.gather(-1, ids) - top)[:, :4].abs().max() < 0.02  # the 8-bit ranks
+    other = labels[[5]].clone()
+    other[0, 3] = -100  # one more token left out: another block
+    with pytest.raises(RuntimeError, match="input of block 5 is not the one"):
+        store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]], other)
+    with pytest.raises(ValueError, match="filled from blocks with labels: give the batch's labels"):
+        store.rows(torch.tensor([5]), data.input_ids[[5]], attention[[5]])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": 1}))  # every position stored
+    with pytest.raises(RuntimeError, match="has format 1, this version reads 2: rebuild it .* --overwrite"):
+        TopKTokenStore(tmp_path)
 
 
 def test_a_flipped_byte_is_an_error_naming_the_shard(tmp_path: Path) -> None:
@@ -167,9 +205,9 @@ def test_a_flipped_byte_is_an_error_naming_the_shard(tmp_path: Path) -> None:
     path.write_bytes(bytes(content))
     store = TopKTokenStore(tmp_path)
     ones = torch.ones(2, LENGTH, dtype=torch.long)
-    store.rows(torch.tensor([0, 4]), data.input_ids[[0, 4]], ones)  # shard 0 is intact
+    store.rows(torch.tensor([0, 4]), data.input_ids[[0, 4]], ones, data.labels[[0, 4]])  # shard 0: intact
     with pytest.raises(RuntimeError, match=r"damaged: shard-00001\.rows\.npy \(shard 1\)"):
-        store.rows(torch.tensor([0, 6]), data.input_ids[[0, 6]], ones)
+        store.rows(torch.tensor([0, 6]), data.input_ids[[0, 6]], ones, data.labels[[0, 6]])
     tail = tmp_path / "shard-00002.tail.npy"
     tail.write_bytes(tail.read_bytes()[:-8])
     with pytest.raises(RuntimeError, match=r"damaged: shard-00002\.tail\.npy"):
@@ -188,8 +226,13 @@ def test_a_second_writer_is_refused_with_the_holder(tmp_path: Path) -> None:
     )
     try:
         assert process.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeError, match=rf"in use by another process \(pid {process.pid} on host h"):
+        with pytest.raises(RuntimeError) as refused:
             fill_token_store(tiny_gpt2(), blocks(), tmp_path, k=4)
+        assert str(refused.value).startswith(
+            f"The top-k token store directory {tmp_path} is in use by another process (pid {process.pid} "
+            "on host h, writing since s). Two runs cannot build one top-k token store at the same time"
+        )
+        assert "TeacherOutputCache" not in str(refused.value)
         assert not (tmp_path / "meta.json").exists()
     finally:
         process.kill()
@@ -252,7 +295,7 @@ def fit(module: pl.LightningModule, data: TokenBlocks, steps: int = 3) -> list[f
 def test_a_fit_from_the_store_with_k_equal_to_v_is_the_fit_with_the_live_teacher(
     tmp_path: Path, path: str
 ) -> None:
-    data, teacher = blocks(), tiny_gpt2(seed=3)
+    data, teacher = blocks(completion=True), tiny_gpt2(seed=3)  # prompts and padding: not stored
     fill_token_store(teacher, data, tmp_path, k=VOCAB, residual_bits=((16, VOCAB),))
 
     def terms() -> list:
@@ -274,6 +317,67 @@ def test_a_fit_from_the_store_with_k_equal_to_v_is_the_fit_with_the_live_teacher
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_the_chunked_loss_decodes_stored_rows_chunk_by_chunk_with_the_full_decodes_values(
+    tmp_path: Path, divergence: str
+) -> None:
+    data = blocks()
+    store = fill_token_store(tiny_gpt2(seed=2), data, tmp_path, k=5)
+    teacher = StoredTeacher(store)
+    ids = data.input_ids[:3]
+    rows = store.rows(torch.arange(3), ids, torch.ones_like(ids), ids)
+    decoded = []
+    rows_of = teacher.decoded_rows(rows)
+    chunks = DecodedRows(
+        rows_of.packed, lambda packed, out: decoded.append(len(packed)) or rows_of.decode(packed, out), VOCAB
+    )
+    student = torch.randn(3, LENGTH - 1, VOCAB, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, LENGTH - 1, generator=torch.Generator().manual_seed(0)) < 0.7
+    by_chunk = token_divergence_chunked(student.float(), chunks, mask, divergence=divergence, chunk_size=5)
+    (grad,) = torch.autograd.grad(by_chunk, student)
+    assert decoded == [5, 5, 5, 5, 1]  # 21 positions, chunks of 5: one chunk decoded at a time
+    # float64, from the formula, on the full decode
+    log_t = teacher(rows)[:, :-1].double()
+    log_s = torch.log_softmax(student, -1)
+    if divergence == "forward_kl":
+        values = (log_t.exp() * (log_t - log_s)).sum(-1)
+    else:  # beta = 0.5: 0.5 KL(t || m) + 0.5 KL(s || m)
+        log_m = torch.log(0.5 * log_t.exp() + 0.5 * log_s.exp())
+        values = 0.5 * (log_t.exp() * (log_t - log_m)).sum(-1) + 0.5 * (log_s.exp() * (log_s - log_m)).sum(-1)
+    expected = values[mask].sum() / mask.sum()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert float(by_chunk.detach()) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-4)
+    assert torch.all(grad[~mask] == 0)
+    # the same as the chunked path on the full decode, which forms the (N, L - 1, V) tensor
+    logits = student.detach().float().requires_grad_()
+    full = token_divergence_chunked(logits, log_t.float(), mask, divergence=divergence, chunk_size=5)
+    full.backward()
+    assert float(full) == pytest.approx(float(by_chunk.detach()), rel=1e-6)
+    torch.testing.assert_close(grad.float(), logits.grad, atol=1e-7, rtol=1e-5)
+    with pytest.raises(ValueError, match="hold 21 positions of 48 token ids but the student's logits 14"):
+        token_divergence_chunked(student[:2].float().detach(), chunks, chunk_size=5)
+
+
+def test_the_module_decodes_by_chunk_only_when_every_teacher_term_is_chunked(tmp_path: Path) -> None:
+    data = blocks()
+    fill_token_store(tiny_gpt2(seed=2), data, tmp_path, k=5)
+    chunked = [TokenCrossEntropyTerm("ce"), TokenDivergenceTerm("kd", path="chunked", chunk_size=8)]
+    plain = [*chunked, TokenDivergenceTerm("plain_kd")]
+    batch = next(iter(DataLoader(WithIndex(data), batch_size=4)))
+    for terms, by_chunk in ((chunked, True), (plain, False)):
+        module = TokenStoreDistillationModule(tiny_gpt2(hidden=8), tmp_path, losses=terms)
+        module.check_batch(batch, "training")
+        tokens = module.step_outputs(batch).tokens
+        assert module.decodes_by_chunk is by_chunk
+        assert (tokens.teacher_logits is None) is by_chunk and (tokens.teacher_rows is None) is not by_chunk
+        if by_chunk:
+            full = module.teacher(batch["teacher_topk_rows"])[:, :-1]
+            loss = module.loss_terms["kd"](module.step_outputs(batch))
+            expected = token_divergence(tokens.student_logits.detach(), full, tokens.mask)
+            assert float(loss) == pytest.approx(float(expected), rel=1e-4)  # float32 sums
+
+
 def test_the_module_refuses_a_fused_term_and_batches_without_an_index(tmp_path: Path) -> None:
     data = blocks()
     fill_token_store(tiny_gpt2(), data, tmp_path, k=4)
@@ -281,6 +385,12 @@ def test_the_module_refuses_a_fused_term_and_batches_without_an_index(tmp_path: 
         TokenStoreDistillationModule(tiny_gpt2(), tmp_path, losses=[TokenDivergenceTerm("kd", path="fused")])
     with pytest.raises(ValueError, match="student predicts 40 token ids but the store holds a teacher of 48"):
         TokenStoreDistillationModule(tiny_gpt2(vocab=40), tmp_path)
+    with pytest.raises(ValueError, match="takes no teacher: the teacher is the store"):
+        TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher=tiny_gpt2())
+    with pytest.raises(ValueError, match="takes no teacher_mode"):
+        TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher_mode="ema")
+    # the defaults the command line fills in are accepted
+    TokenStoreDistillationModule(tiny_gpt2(), tmp_path, teacher=None, teacher_mode="frozen", target_key=1)
     module = TokenStoreDistillationModule(tiny_gpt2(hidden=8), tmp_path)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(KeyError, match="WithIndex"):
@@ -330,6 +440,6 @@ def test_cache_tokens_command_fills_a_store_from_a_recipe(tmp_path: Path, capsys
     store = TopKTokenStore(tmp_path / "s")
     ids = blocks(6).input_ids
     expected = torch.log_softmax(teacher(input_ids=ids).logits.double(), -1)[:, :-1]
-    decoded = store.codec.decode(store.rows(torch.arange(6), ids, torch.ones_like(ids)))
+    decoded = store.codec.decode(store.rows(torch.arange(6), ids, torch.ones_like(ids), ids))
     top, index = expected.topk(8, dim=-1)
     assert (decoded.gather(-1, index).double() - top)[..., :4].abs().max() < 0.02

@@ -216,7 +216,7 @@ def test_readers_share_a_complete_cache_and_a_rebuild_waits_for_them(tmp_path: P
         assert torch.equal(found, data["logits"])
         reader.release()
         with pytest.raises(
-            RuntimeError, match=r"in use by another process \(a run reading the complete cache\)"
+            RuntimeError, match=r"in use by another process \(a run reading the complete teacher cache\)"
         ):
             reopened(tmp_path, "teacher-b")  # a rebuild needs the directory to itself
     finally:

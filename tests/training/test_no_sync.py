@@ -249,6 +249,24 @@ def _causal_lm_fused() -> tuple[pl.LightningModule, DataLoader]:
     return module, token_loader(token_samples(24), batch_size=4)
 
 
+def _token_store(path: str) -> tuple[pl.LightningModule, DataLoader]:
+    # the store's rows are read on the host before the transfer (check_batch); the step decodes them
+    import shutil
+    import tempfile
+    import weakref
+
+    from lightning_kd.language import TokenStoreDistillationModule, fill_token_store
+    from tests.language.helpers import tiny_gpt2
+    from tests.language.test_token_store import blocks
+
+    data, directory = blocks(24), tempfile.mkdtemp(prefix="token-store-")
+    fill_token_store(tiny_gpt2(32, seed=1), data, directory, k=6)
+    terms = [TokenCrossEntropyTerm("ce"), TokenDivergenceTerm("kd", path=path, chunk_size=8)]
+    module = TokenStoreDistillationModule(tiny_gpt2(16), directory, losses=terms)
+    weakref.finalize(module, shutil.rmtree, directory, True)
+    return module, DataLoader(WithIndex(data), batch_size=4)
+
+
 def _cross_tokenizer() -> tuple[pl.LightningModule, DataLoader]:
     from lightning_kd import CrossTokenizerDistillationModule
     from tests.language.cross_tokenizer_setup import cross_loader, student_tokenizer, teacher_tokenizer
@@ -287,6 +305,8 @@ CASES = {
     "data-free": (_data_free, None),
     "causal-lm": (_causal_lm, None),
     "causal-lm-fused": (_causal_lm_fused, _first_batch),
+    "token-store": (lambda: _token_store("plain"), None),
+    "token-store-chunked": (lambda: _token_store("chunked"), None),
     "cross-tokenizer": (_cross_tokenizer, None),
     "causal-lm-on-policy": (_causal_lm_on_policy, None),
 }
@@ -380,7 +400,9 @@ class WatchValidationSteps(pl.Callback):
             SyncRecorder.active = False
 
 
-@pytest.mark.parametrize("case", ["kd", "fitnet-on-a-layer", "mutual", "embedding", "causal-lm"])
+@pytest.mark.parametrize(
+    "case", ["kd", "fitnet-on-a-layer", "mutual", "embedding", "causal-lm", "token-store"]
+)
 def test_no_validation_step_reads_the_device(case: str, tmp_path: Path) -> None:
     module, loader = CASES[case][0]()
     module.transfer_batch_to_device = _on_device  # type: ignore[method-assign]
