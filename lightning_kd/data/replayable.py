@@ -88,9 +88,10 @@ class ReplayableOp:
 class RandomResizedCrop(ReplayableOp):
     """A crop of random area and aspect ratio, resized to ``size`` (Szegedy et al., CVPR 2015).
 
-    Parameters ``[top, left, height, width]``, drawn as ``torchvision.transforms.RandomResizedCrop``
-    draws them (10 tries of area ``~ U(scale)`` and log-uniform ratio, then the central crop),
-    but from the given generator: torchvision's ``get_params`` reads the global RNG.
+    Parameters ``[top, left, height, width]``, drawn exactly as
+    ``torchvision.transforms.RandomResizedCrop.get_params`` draws them (10 tries of area
+    ``~ U(scale)`` and log-uniform ratio, then the central crop; the same calls in the same order),
+    but from the given generator: ``get_params`` reads the global RNG, which a replay cannot own.
     """
 
     num_params = 4
@@ -112,19 +113,20 @@ class RandomResizedCrop(ReplayableOp):
         """``[top, left, height, width]`` of the crop."""
         height, width = sample.shape[-2:]
         area = height * width
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
-            target = area * float(_uniform(generator, *self.scale))
-            aspect = math.exp(float(_uniform(generator, *log_ratio)))
+            target = area * torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=generator).item()
+            uniform = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)
+            aspect = torch.exp(uniform).item()
             w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < w <= width and 0 < h <= height:
                 top, left = _randint(generator, 0, height - h), _randint(generator, 0, width - w)
                 return torch.tensor([top, left, h, w], dtype=torch.float32)
         aspect = width / height  # the central crop of the closest allowed ratio
-        if aspect < self.ratio[0]:
-            w, h = width, round(width / self.ratio[0])
-        elif aspect > self.ratio[1]:
-            w, h = round(height * self.ratio[1]), height
+        if aspect < min(self.ratio):
+            w, h = width, round(width / min(self.ratio))
+        elif aspect > max(self.ratio):
+            w, h = round(height * max(self.ratio)), height
         else:
             w, h = width, height
         return torch.tensor([(height - h) // 2, (width - w) // 2, h, w], dtype=torch.float32)

@@ -150,9 +150,11 @@ class TeacherViewCache(TeacherOutputCache):
         )
 
     def _layout(self, num_samples: int, num_classes: int, features: Mapping[str, Tensor]) -> dict[str, Any]:
-        """The outputs' files of :class:`TeacherOutputCache`, plus ``params`` (checksummed like them)."""
+        """The base class's files plus ``params`` (checksummed like them); int8 class ids for C <= 127."""
         base = super()._layout(num_samples, num_classes, features)
         layout = {name: spec for name, spec in base.items() if name not in ("checksum", "filled")}
+        if "topk_indices" in layout and num_classes <= torch.iinfo(torch.int8).max:  # one byte per class id
+            layout["topk_indices"] = ("int8", layout["topk_indices"][1])
         layout["params"] = ("float32", [num_samples, self.num_params])
         if "checksum" in base:
             layout["checksum"] = ("int32", [num_samples, len(layout)])
