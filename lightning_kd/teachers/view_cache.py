@@ -208,8 +208,8 @@ class TeacherViewCache(TeacherOutputCache):
             RuntimeError: a stored view's parameters differ from the batch's, a row does not match
                 its checksum, or (read at the first served batch) the input differs from the stored one.
         """
-        found = super().lookup(indices, signature, device)
-        if found is not None and self._batch_params is not None:
+        found = super().lookup(indices, signature, device)  # rows checked against their CRC first
+        if found is not None and self._batch_params is not None:  # on the host: read by indices_of
             stored = self.arrays["params"][indices]
             differs = (stored != self._batch_params).any(dim=1)
             if bool(differs.any()):
@@ -217,8 +217,8 @@ class TeacherViewCache(TeacherOutputCache):
                 raise RuntimeError(
                     f"Training sample {index}, view {view}: the batch's view parameters "
                     f"{self._batch_params[differs][0].tolist()} differ from those the teacher cache stored "
-                    f"({stored[differs][0].tolist()}), so the view is not the one the teacher saw. "
-                    f"{self._rebuild_advice()}"
+                    f"({stored[differs][0].tolist()}), so the view is not the one the teacher saw (the "
+                    f"augmentation's drawing changed since the cache was built). {self._rebuild_advice()}"
                 )
         return found
 
