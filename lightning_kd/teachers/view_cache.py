@@ -97,8 +97,9 @@ class TeacherViewCache(TeacherOutputCache):
         views: stored views per sample (the dataset's ``views`` must match).
         top_k: keep only the ``k`` largest logits per view (``0 < k < C``); ``None``: all.
         dtype: storage dtype of the logits, ``"float32"`` or ``"float16"``.
-        index_key, view_key, params_key: where a batch holds the sample indices, views and
-            view parameters (positions, or keys of dict batches).
+        index_key: where a batch holds the sample indices (a position, or a key of dict batches).
+        view_key: where it holds the views.
+        params_key: where it holds the views' parameters.
     """
 
     def __init__(
