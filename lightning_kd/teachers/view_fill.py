@@ -57,9 +57,11 @@ def fill_view_cache(
         num_params=dataset.augmentation.num_params,
     )
     try:
+        if cache.complete:  # another pass (or run) stored every view already
+            return cache
         for batch in loader:
             rows = cache.indices_of(batch)
-            if cache.complete or bool(cache.arrays["filled"][rows].all()):
+            if bool(cache.arrays["filled"][rows].all()):
                 continue
             inputs = select(batch, input_key, "input_key")
             signature = input_signature(_to(inputs, device), len(rows))
