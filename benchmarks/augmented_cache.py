@@ -365,6 +365,10 @@ def main() -> None:
             f"{teacher_accuracy:.2f}% test accuracy; student {setting['labels'][1]}; augmentation: "
             f"{setting['augmentation']}.",
             "",
+            "`OMP_NUM_THREADS=1 nice -n 5 python benchmarks/augmented_cache.py "
+            f"--settings {name} --teacher-epochs {teacher_epochs} --epochs {epochs} --seeds {args.seeds} "
+            f"--rounds {args.rounds} --timing-epochs {args.timing_epochs}`",
+            "",
         ]
         lines += cost(setting, teacher, args.rounds, args.timing_epochs)
         lines += accuracies(setting, teacher, args.seeds, epochs)
