@@ -26,7 +26,7 @@ def fill_view_cache(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
 ) -> TeacherViewCache:
-    """Run the frozen ``teacher`` on every view of ``dataset`` and store its logits in ``cache``.
+    """Run ``teacher`` (frozen in place, moved to ``device``) on every view of ``dataset``; store its logits.
 
     ``dataset`` is the :class:`~lightning_kd.data.ReplayedViews` the student will train on; the
     cache gets the fingerprint a training run computes (:func:`view_cache_fingerprint`), so a

@@ -226,12 +226,30 @@ def test_a_second_writer_is_refused_and_the_first_writers_files_survive(tmp_path
     cache.release()
 
 
-def test_a_separate_fill_pass_serves_the_whole_fit(tmp_path: Path) -> None:
+def test_a_separate_fill_pass_resumes_and_serves_the_whole_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.manual_seed(0)
     teacher = small_net()
     data = views_data()
     data.setup("fit")
-    fill_view_cache(teacher, data.datasets["train"], TeacherViewCache(tmp_path, views=V), batch_size=16)
+    store, stored = TeacherViewCache.store, []
+
+    def interrupted(self: TeacherViewCache, *args: Any) -> None:  # the third of 3 batches never arrives
+        if len(stored) == 2:
+            raise KeyboardInterrupt
+        stored.append(store(self, *args))
+
+    monkeypatch.setattr(TeacherViewCache, "store", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fill_view_cache(teacher, data.datasets["train"], TeacherViewCache(tmp_path, views=V), batch_size=16)
+    monkeypatch.undo()
+    calls: list[int] = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    cache = fill_view_cache(
+        teacher, data.datasets["train"], TeacherViewCache(tmp_path, views=V), batch_size=16
+    )
+    assert cache.complete and len(calls) == 1 + 1  # the probe, and the one batch not stored before
     _, calls = kd_fit(TeacherViewCache(tmp_path, views=V), epochs=2, teacher=teacher)
     assert calls == [0]  # the probe at set-up only: every view was served from the files
 
