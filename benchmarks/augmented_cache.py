@@ -386,9 +386,8 @@ def main() -> None:
             f"torch {torch.__version__}.",
             "",
         ]
-        RESULTS.write_text(
-            "\n".join(header) + "\n" + "\n".join(sections[n] for n in SETTINGS if n in sections)
-        )
+        names = [*SETTINGS, LOOKUP]
+        RESULTS.write_text("\n".join(header) + "\n" + "\n".join(sections[n] for n in names if n in sections))
         print(RESULTS.read_text(), flush=True)
 
 
