@@ -29,7 +29,7 @@ checking the batch's index, view and parameters, the lookup (parameters compared
 compared, top-k logits rebuilt) and the input signature; writes a section at the end.
 
 Writes benchmarks/results/augmented_cache.md (each setting's section as soon as it is done).
-Default epochs (teacher, student): mnist1d 20, 20; mnist 6, 8 (sized for a shared two-core machine).
+Default epochs (teacher, student): mnist1d 20, 20; mnist 15, 20 (sized for a shared two-core machine).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "student": lambda: MLP(28 * 28, 10, hidden=(128,)),
         "labels": ("CNN(16, 32)", "MLP(128)"),
         "augmentation": "crop 28 with padding 2, horizontal flip",
-        "epochs": (6, 8),
+        "epochs": (15, 20),
     },
 }
 
@@ -328,8 +328,8 @@ def lookup_cost(batch: int = 128, samples: int = 4500, views: int = 2, repeats: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--teacher-epochs", type=int, help="default: the setting's (20 / 6)")
-    parser.add_argument("--epochs", type=int, help="student epochs of the accuracy runs (20 / 8)")
+    parser.add_argument("--teacher-epochs", type=int, help="default: the setting's (20 / 15)")
+    parser.add_argument("--epochs", type=int, help="student epochs of the accuracy runs (20 / 20)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timing-epochs", type=int, default=4)
