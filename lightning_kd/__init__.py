@@ -60,7 +60,7 @@ from lightning_kd.paradigms import (
     MutualLearningModule,
     run_chain,
 )
-from lightning_kd.teachers import TeacherEnsemble, TeacherOutputCache
+from lightning_kd.teachers import TeacherEnsemble, TeacherOutputCache, TeacherViewCache
 
 __version__ = "0.1.0"
 
@@ -112,6 +112,7 @@ __all__ = [
     "StepOutputs",
     "TeacherEnsemble",
     "TeacherOutputCache",
+    "TeacherViewCache",
     "TemperatureAnnealing",
     "TokenCrossEntropyTerm",
     "TokenDivergenceTerm",

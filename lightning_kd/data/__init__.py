@@ -9,6 +9,17 @@ from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
 from lightning_kd.data.prompts import PromptCollator, PythonDocsPrompts
 from lightning_kd.data.python_docs import Document, document_split, python_docs_corpus
+from lightning_kd.data.replayable import (
+    BrightnessContrast,
+    HorizontalFlip,
+    PaddedCrop,
+    RandomResizedCrop,
+    ReplayableAugmentation,
+    SignalNoise,
+    SignalScale,
+    SignalShift,
+)
+from lightning_kd.data.replayed_views import ReplayedViews, ReplayedViewsDataModule, ViewSampler
 from lightning_kd.data.sentences import DocstringSentencesDataModule
 from lightning_kd.data.splits import SplitsDataModule
 from lightning_kd.data.text import PythonDocsText, TokenBlocks
@@ -22,6 +33,17 @@ from lightning_kd.data.two_views import (
 from lightning_kd.data.unlabelled import InputsOnly, UnlabelledDataModule
 
 __all__ = [
+    "ViewSampler",
+    "SignalShift",
+    "SignalScale",
+    "SignalNoise",
+    "ReplayedViewsDataModule",
+    "ReplayedViews",
+    "ReplayableAugmentation",
+    "RandomResizedCrop",
+    "PaddedCrop",
+    "HorizontalFlip",
+    "BrightnessContrast",
     "CIFAR100DataModule",
     "CIFAR100TwoViewDataModule",
     "DocstringSentencesDataModule",

@@ -9,6 +9,8 @@ that reads that string.
 - :class:`FrozenTeacher` (``"frozen"``): a fixed, pretrained teacher (offline distillation).
 - :class:`CachedTeacher` (``"frozen"`` with a ``teacher_cache``): a frozen teacher whose training
   outputs are computed once and served from disk.
+- :class:`ViewCachedTeacher` (``"frozen"`` with a :class:`~lightning_kd.TeacherViewCache`): the
+  same for replayed augmented views (FKD, Shen & Xing, ECCV 2022).
 - :class:`CoTrainedTeacher` (``"trainable"``): optimised with the student (online distillation).
 - :class:`EMATeacher` (``"ema"``): a moving average of the student (mean teacher, Tarvainen &
   Valpola, NeurIPS 2017).
@@ -30,6 +32,7 @@ from lightning_kd.model_io import call_model
 from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signature, teacher_fingerprint
 from lightning_kd.teachers.loading import freeze, load_weights
+from lightning_kd.teachers.view_cache import TeacherViewCache, view_cache_fingerprint
 
 if TYPE_CHECKING:  # the module imports this file
     from lightning_kd.module import DistillationModule
@@ -41,6 +44,7 @@ __all__ = [
     "EMATeacher",
     "FrozenTeacher",
     "TeacherRole",
+    "ViewCachedTeacher",
     "teacher_role",
 ]
 
@@ -212,6 +216,63 @@ class CachedTeacher(FrozenTeacher):
         return f"CachedTeacher({self.cache!r})"
 
 
+class ViewCachedTeacher(CachedTeacher):
+    """A frozen teacher whose soft labels on replayed augmented views come from a :class:`TeacherViewCache`.
+
+    The training set must be :class:`~lightning_kd.data.ReplayedViews` (batches carry each item's
+    sample index, view and view parameters). A batch whose views are all stored skips the
+    teacher; any other runs it and stores its views. The rebuilt logits feed the terms as the
+    teacher's (:func:`~lightning_kd.teachers.cache.topk_logits` for ``top_k``: the top-``k`` kept,
+    the tail mass spread uniformly). Validation and test run the teacher.
+
+    Args:
+        cache: where the views' outputs are stored.
+    """
+
+    cache: TeacherViewCache
+
+    def check_terms(self, terms: Sequence[LossTerm]) -> None:
+        """Refuse terms that read teacher layers: the view cache stores logits only."""
+        layers = [layer for term in terms for layer in term.teacher_layers]
+        if layers:
+            raise ValueError(
+                "TeacherViewCache stores the teacher's soft labels only, but the loss terms read the "
+                f"teacher layers {layers}: use terms on the teacher's logits (KDTerm, DKDTerm, ...) or "
+                "teacher_cache=None."
+            )
+
+    def on_train_start(self, module: DistillationModule) -> None:
+        """Open the cache for this teacher, training set, augmentation and number of views."""
+        trainer = module.trainer
+        dataset = trainer.train_dataloader.dataset
+        if not all(hasattr(dataset, name) for name in ("augmentation", "views", "dataset")):
+            raise TypeError(
+                "TeacherViewCache serves replayed views, but the training dataset is a "
+                f"{type(dataset).__name__}: wrap it in lightning_kd.data.ReplayedViews (or use "
+                "ReplayedViewsDataModule)."
+            )
+        if dataset.views != self.cache.views:
+            raise ValueError(
+                f"The training set replays {dataset.views} views per sample but TeacherViewCache stores "
+                f"{self.cache.views}: give both the same number."
+            )
+        probe = trainer.strategy.batch_to_device(default_collate([dataset[(0, 0)]]), module.device)
+        inputs, _ = module.unpack_batch(probe)
+        logits = module.prediction_of(module.teacher_forward(module.teacher_inputs(probe, inputs)))
+        self.cache.open(
+            view_cache_fingerprint(module.teacher, dataset),
+            len(dataset),
+            logits,
+            strategy=trainer.strategy,
+            num_params=dataset.augmentation.num_params,
+        )
+        if module.feature_hooks is not None:
+            module.feature_hooks.clear()
+
+    def __repr__(self) -> str:
+        return f"ViewCachedTeacher({self.cache!r})"
+
+
 class CoTrainedTeacher(TeacherRole):
     """A teacher optimised together with the student (``teacher_mode="trainable"``, online KD).
 
@@ -319,7 +380,8 @@ def teacher_role(
     Args:
         mode: ``"frozen"``, ``"trainable"`` or ``"ema"``.
         ema_decay: ``d`` of an EMA teacher.
-        cache: a :class:`~lightning_kd.TeacherOutputCache` for a frozen teacher.
+        cache: a :class:`~lightning_kd.TeacherOutputCache` (or :class:`~lightning_kd.TeacherViewCache`)
+            for a frozen teacher.
         teacher: the teacher network given by the user, if any (a cache needs one).
     """
     if mode not in TEACHER_MODES:
@@ -333,7 +395,7 @@ def teacher_role(
                 f"(got teacher={'None' if teacher is None else type(teacher).__name__}, "
                 f"teacher_mode={mode!r}). Remove teacher_cache or freeze the teacher."
             )
-        return CachedTeacher(cache)
+        return ViewCachedTeacher(cache) if isinstance(cache, TeacherViewCache) else CachedTeacher(cache)
     if role_class is EMATeacher:
         return EMATeacher(ema_decay)
     return role_class()
