@@ -118,22 +118,23 @@ class SeededFetches(Dataset):
 
 
 class EpochShuffle(Sampler[int]):
-    """A random permutation of the dataset drawn from ``(seed, rank, epoch)`` alone.
+    """A random permutation of the dataset drawn from ``(seed, epoch)`` alone.
 
     As a ``DistributedSampler``, the order of an epoch depends on nothing but its number (Lightning
     calls ``set_epoch`` at every epoch start), not on how many times a loader was iterated: a
-    resumed loader fast-forwards the same permutation. The permutation is drawn at the first item.
+    resumed loader fast-forwards the same permutation. Every process draws the same permutation,
+    so that Lightning's distributed sampler wrapper gives each process its own disjoint part. The
+    permutation is drawn at the first item.
 
     Args:
         data_source: the dataset (its length).
         seed: the run's seed.
-        rank: the process's rank.
         epoch: the first epoch.
     """
 
-    def __init__(self, data_source: Any, seed: int, rank: int = 0, epoch: int = 0) -> None:
+    def __init__(self, data_source: Any, seed: int, epoch: int = 0) -> None:
         self.data_source = data_source
-        self.seed, self.rank, self.epoch = seed, rank, epoch
+        self.seed, self.epoch = seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose permutation the next iteration gives."""
@@ -143,7 +144,7 @@ class EpochShuffle(Sampler[int]):
         return len(self.data_source)
 
     def __iter__(self) -> Any:
-        generator = torch.Generator().manual_seed(derived_seeds(self.seed, _ORDER, self.rank, self.epoch)[0])
+        generator = torch.Generator().manual_seed(derived_seeds(self.seed, _ORDER, self.epoch)[0])
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
@@ -210,7 +211,7 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
     if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
         if sampler.generator is not None:
             seed = sampler.generator.initial_seed()
-        sampler = EpochShuffle(wrapped, seed, rank, epoch)
+        sampler = EpochShuffle(wrapped, seed, epoch)
     elif type(sampler) is SequentialSampler:
         sampler = SequentialSampler(wrapped)
     elif not isinstance(sampler, (DistributedSampler, _Stateful)):

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kd.callbacks.exact_resume import EpochShuffle, SeededFetches, resumable_loader
@@ -28,17 +29,30 @@ class RandomViews(Dataset):
         return torch.tensor([float(index), *draws], dtype=torch.float64)
 
 
-def test_the_epoch_order_is_a_function_of_seed_rank_and_epoch_only() -> None:
-    sampler = EpochShuffle(range(10), seed=3, rank=1)
+def test_the_epoch_order_is_a_function_of_seed_and_epoch_only() -> None:
+    sampler = EpochShuffle(range(10), seed=3)
     sampler.set_epoch(2)
     torch.manual_seed(0)
     first = list(sampler)
     torch.manual_seed(1)  # the global state does not matter
     assert list(sampler) == first
-    expected = torch.randperm(10, generator=torch.Generator().manual_seed(_reference_seeds(3, 2, 1, 2)[0]))
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(_reference_seeds(3, 2, 2)[0]))
     assert first == expected.tolist()
     sampler.set_epoch(3)
     assert list(sampler) != first and sorted(sampler) == list(range(10))
+
+
+def test_every_process_draws_the_same_order_so_distributed_parts_are_disjoint() -> None:
+    # Lightning wraps the sampler in a DistributedSamplerWrapper that gives each rank every
+    # world_size-th item of the order: the parts are disjoint only if every rank has the same order.
+    parts = []
+    for rank in (0, 1):
+        wrapper = DistributedSamplerWrapper(
+            EpochShuffle(range(10), seed=3), num_replicas=2, rank=rank, shuffle=False
+        )
+        wrapper.set_epoch(1)
+        parts.append(list(wrapper))
+    assert sorted(parts[0] + parts[1]) == list(range(10))
 
 
 def test_a_batch_is_read_under_generators_seeded_by_epoch_and_indices_in_any_worker() -> None:
