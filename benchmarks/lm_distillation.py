@@ -289,14 +289,15 @@ def table(
     alone = {seed: r for (seed, divergence), r in by_run.items() if divergence is None}
     teacher_ppl = sorted({round(r["teacher_test_perplexity"], 4) for r in records if r["kind"] == "kd"})
     lines = [
-        "| model | parameters | runs (seeds) | test perplexity | validation perplexity | train tokens/s (CPU) "
-        "| vs alone | CPU min / run |",
+        "| model | parameters | runs (seeds) | test perplexity | validation perplexity "
+        "| train tokens/s (CPU) | vs alone | CPU min / run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     if teacher is not None:
         lines.append(
             f"| teacher (CE) | {teacher['parameters']:,} | 1 (0) | {teacher['test_perplexity']:.2f} "
-            f"| {teacher['val_perplexity']:.2f} | {teacher['tokens_per_cpu_s']:,.0f} | | {teacher['cpu_s'] / 60:.1f} |"
+            f"| {teacher['val_perplexity']:.2f} | {teacher['tokens_per_cpu_s']:,.0f} | "
+            f"| {teacher['cpu_s'] / 60:.1f} |"
         )
     elif teacher_ppl:
         lines.append(f"| teacher (reused) | | 1 | {teacher_ppl[0]:.2f} | | | | |")
