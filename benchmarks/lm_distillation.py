@@ -8,9 +8,9 @@ The settings are those of the recipes ``python_docs/teacher``, ``baseline`` and 
 ``PythonDocsText`` (pydoc topics + standard-library docstrings, a 4,096-token BPE trained on the
 training split, packed blocks of 128 tokens, batch 32), ``CausalLMDistillationModule``, AdamW
 (lr 2e-3, weight decay 0.01), the learning rate warmed up linearly from 1% over the first 100
-steps then constant (``LinearLR``, as in ``benchmarks/lm_sizing.py``; without the warm-up these
-models train far worse, see ``benchmarks/results/lm_distillation.md``), gradient clipping at 1,
-dropout 0. The teacher (2.59M parameters) is trained once (or reused with
+steps then constant (``LinearLR``, as in ``benchmarks/lm_sizing.py``; the module's default cosine
+decay to 0 leaves these short runs far behind, see ``benchmarks/results/lm_distillation.md``),
+gradient clipping at 1, dropout 0. The teacher (2.59M parameters) is trained once (or reused with
 ``--teacher``); then for each seed the student (0.37M) is trained alone (next-token CE) and
 with 0.5 CE + 0.5 of each divergence of ``TokenDivergenceTerm`` at T = 1, for the same number of
 steps. Within a seed every run starts from the same student weights and reads the same batches
