@@ -329,6 +329,8 @@ def table(
         "| divergence | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
         "|---|" + "---|" * (len(seeds) + 1),
     ]
+    if not any(r["kind"] == "kd" for r in records):
+        lines[-4:] = ["No distilled student has a record yet: no paired gains."]
     for divergence in divergences:
         gains = {
             s: alone[s]["test_perplexity"] - by_run[(s, divergence)]["test_perplexity"]
@@ -392,7 +394,7 @@ def finished_records(
     ]
     if not records:
         raise SystemExit(f"No records of these settings in {out_dir / 'records'}: nothing to report.")
-    checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints))
+    checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints)) or "none yet"
     return records, teacher, checkpoint
 
 
