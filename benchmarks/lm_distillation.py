@@ -7,13 +7,16 @@
 The settings are those of the recipes ``python_docs/teacher``, ``baseline`` and ``kd``:
 ``PythonDocsText`` (pydoc topics + standard-library docstrings, a 4,096-token BPE trained on the
 training split, packed blocks of 128 tokens, batch 32), ``CausalLMDistillationModule``, AdamW
-(lr 2e-3, weight decay 0.01) with the module's default cosine decay over the run, gradient
-clipping at 1, dropout 0. The teacher (2.59M parameters) is trained once (or reused with
+(lr 2e-3, weight decay 0.01), the learning rate warmed up linearly from 1% over the first 100
+steps then constant (``LinearLR``, as in ``benchmarks/lm_sizing.py``; the module's default cosine
+decay to 0 leaves these short runs far behind, see ``benchmarks/results/lm_distillation.md``),
+gradient clipping at 1, dropout 0. The teacher (2.59M parameters) is trained once (or reused with
 ``--teacher``); then for each seed the student (0.37M) is trained alone (next-token CE) and
 with 0.5 CE + 0.5 of each divergence of ``TokenDivergenceTerm`` at T = 1, for the same number of
 steps. Within a seed every run starts from the same student weights and reads the same batches
 in the same order (a data-loader generator seeded by the seed), so the gain alone - distilled is
-paired. Perplexity is measured on the test split. Training tokens/s are tokens of the training
+paired. Perplexity is measured on the test split (and on the validation split, to compare with
+``benchmarks/results/lm_sizing.md``). Training tokens/s are tokens of the training
 batches per CPU second of the process (``time.process_time``) during ``fit``.
 
 Each run writes its record to ``<out-dir>/records/<run>.json`` as soon as it ends, and a record
@@ -67,6 +70,7 @@ class Settings:
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
+    warmup_steps: int = 100  # linear warm-up from 1% of lr, then constant
     teacher_steps: int = 750
     steps: int = 200
     ce_weight: float = 0.5
@@ -86,6 +90,7 @@ QUICK = Settings(
     batch_size=4,
     teacher_steps=3,
     steps=3,
+    warmup_steps=2,
     max_documents=40,
     stdlib=str(Path(sysconfig.get_paths()["stdlib"]) / "json"),
     val_fraction=0.2,
@@ -200,6 +205,10 @@ def train_run(
         losses=losses,
         teacher_checkpoint=teacher_checkpoint if kind == "kd" else None,
         optimizer=functools.partial(torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
+        ),
+        lr_scheduler_interval="step",
     )
     counter = CountTokens()
     trainer = pl.Trainer(
@@ -225,6 +234,7 @@ def train_run(
     trainer.fit(module, train_dataloaders=loader)
     cpu, wall = time.process_time() - cpu, time.time() - wall
     tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
+    validated = trainer.test(module, dataloaders=data.val_dataloader(), verbose=False)[0]
     record = {
         "name": name,
         "kind": kind,
@@ -237,6 +247,7 @@ def train_run(
         "load": [load_start, os.getloadavg()[0]],
         "tokens_per_cpu_s": counter.tokens / cpu,
         "test_perplexity": tested["test/perplexity"],
+        "val_perplexity": validated["test/perplexity"],
         "teacher_test_perplexity": tested.get("test/teacher_perplexity"),
         "parameters": sum(p.numel() for p in student.parameters()),
         "start_weights": start_weights,
@@ -264,6 +275,12 @@ def _mean_std(values: Sequence[float], sign: str = "") -> str:
     return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _val(*runs: dict[str, Any]) -> str:
+    """The validation perplexity of ``runs`` (mean ± std), or "not measured" for records without it."""
+    values = [r.get("val_perplexity") for r in runs]
+    return "not measured" if None in values else _mean_std(values)
+
+
 def table(
     records: Sequence[dict[str, Any]], teacher: dict[str, Any] | None, divergences: Sequence[str]
 ) -> str:
@@ -272,17 +289,18 @@ def table(
     alone = {seed: r for (seed, divergence), r in by_run.items() if divergence is None}
     teacher_ppl = sorted({round(r["teacher_test_perplexity"], 4) for r in records if r["kind"] == "kd"})
     lines = [
-        "| model | parameters | runs (seeds) | test perplexity | train tokens/s (CPU) | vs alone "
-        "| CPU min / run |",
-        "|---|---|---|---|---|---|---|",
+        "| model | parameters | runs (seeds) | test perplexity | validation perplexity "
+        "| train tokens/s (CPU) | vs alone | CPU min / run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     if teacher is not None:
         lines.append(
             f"| teacher (CE) | {teacher['parameters']:,} | 1 (0) | {teacher['test_perplexity']:.2f} "
-            f"| {teacher['tokens_per_cpu_s']:,.0f} | | {teacher['cpu_s'] / 60:.1f} |"
+            f"| {teacher['val_perplexity']:.2f} | {teacher['tokens_per_cpu_s']:,.0f} | "
+            f"| {teacher['cpu_s'] / 60:.1f} |"
         )
     elif teacher_ppl:
-        lines.append(f"| teacher (reused) | | 1 | {teacher_ppl[0]:.2f} | | | |")
+        lines.append(f"| teacher (reused) | | 1 | {teacher_ppl[0]:.2f} | | | | |")
     alone_rate = statistics.mean(r["tokens_per_cpu_s"] for r in alone.values()) if alone else None
     for divergence in (None, *divergences):
         runs = sorted(
@@ -296,11 +314,11 @@ def table(
         lines.append(
             f"| {label} | {runs[0]['parameters']:,} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}"
             ") "
-            f"| {_mean_std([r['test_perplexity'] for r in runs])} | {rate:,.0f} "
+            f"| {_mean_std([r['test_perplexity'] for r in runs])} | {_val(*runs)} | {rate:,.0f} "
             f"| {rate / alone_rate:.2f}x | {statistics.mean(r['cpu_s'] for r in runs) / 60:.1f} |"
             if alone_rate
             else f"| {label} | {runs[0]['parameters']:,} | {len(runs)} | "
-            f"{_mean_std([r['test_perplexity'] for r in runs])} | {rate:,.0f} | | |"
+            f"{_mean_std([r['test_perplexity'] for r in runs])} | {_val(*runs)} | {rate:,.0f} | | |"
         )
     seeds = sorted(alone)
     lines += [
@@ -311,6 +329,8 @@ def table(
         "| divergence | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
         "|---|" + "---|" * (len(seeds) + 1),
     ]
+    if not any(r["kind"] == "kd" for r in records):
+        lines[-4:] = ["No distilled student has a record yet: no paired gains."]
     for divergence in divergences:
         gains = {
             s: alone[s]["test_perplexity"] - by_run[(s, divergence)]["test_perplexity"]
@@ -374,7 +394,7 @@ def finished_records(
     ]
     if not records:
         raise SystemExit(f"No records of these settings in {out_dir / 'records'}: nothing to report.")
-    checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints))
+    checkpoint = teacher["checkpoint"] if teacher else ", ".join(sorted(checkpoints)) or "none yet"
     return records, teacher, checkpoint
 
 
@@ -443,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     cpu_minutes = sum(r["cpu_s"] for r in [*records, *([teacher] if teacher else [])]) / 60
     text = "\n".join(
         [
-            "# Offline language-model distillation: a GPT-2 teacher, a 7x smaller student, each divergence",
+            # no h1: docs/language-models.md includes this file under one of its h2 sections
+            "### Offline language-model distillation: a GPT-2 teacher, a 7x smaller student, each divergence",
             "",
             "```bash",
             "OMP_NUM_THREADS=1 python benchmarks/lm_distillation.py "

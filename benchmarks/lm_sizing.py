@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/lm_sizing.py throughput --sizes teacher student
     OMP_NUM_THREADS=1 python benchmarks/lm_sizing.py train --size teacher --minutes 2.5 5 10 15 --seed 0
+    OMP_NUM_THREADS=1 python benchmarks/lm_sizing.py schedules --size student --steps 200
 
 A plain PyTorch loop (AdamW, linear warm-up then a constant learning rate, gradient clipping at
 1) trains ``tiny_gpt2`` models on ``PythonDocsText`` (packed blocks of 128 tokens, vocabulary
@@ -9,18 +10,26 @@ A plain PyTorch loop (AdamW, linear warm-up then a constant learning rate, gradi
 (``time.process_time``), so a busy machine does not shorten it; evaluation is not counted.
 ``train`` prints the validation perplexity (exp of the mean next-token NLL over every validation
 token) each time the CPU time passes one of ``--minutes``. ``throughput`` times training steps and
-teacher forward passes (the extra cost a distillation step pays per batch).
+teacher forward passes (the extra cost a distillation step pays per batch). ``schedules`` trains
+one start on the same batches (a data-loader generator seeded by ``--seed``) with each learning-rate
+schedule, in this plain loop and in ``CausalLMDistillationModule`` (no teacher, the same AdamW and
+clipping), and prints the training loss of both loops at a few steps and the validation and test
+perplexity: the two loops agree, the schedules do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import math
 import time
 import warnings
 
+import lightning.pytorch as pl
 import torch
 
+from lightning_kd import CausalLMDistillationModule, TokenCrossEntropyTerm
 from lightning_kd.callbacks.report.compression import count_parameters
 from lightning_kd.data import PythonDocsText
 from lightning_kd.data.text import describe_corpus
@@ -40,10 +49,10 @@ def build(name: str, vocab_size: int, block_size: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, data: PythonDocsText) -> float:
+def perplexity(model: torch.nn.Module, data: PythonDocsText, split: str = "val") -> float:
     model.eval()
     total, count = 0.0, 0
-    for batch in data.val_dataloader():
+    for batch in data.val_dataloader() if split == "val" else data.test_dataloader():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
@@ -125,9 +134,90 @@ def train(args: argparse.Namespace, data: PythonDocsText) -> None:
                     break
 
 
+#: the learning-rate schedules of ``schedules``: (optimizer, steps, warm-up steps) -> LRScheduler;
+#: "cosine" is the module's default (CosineToZeroLR: no warm-up, a half cosine to 0 at the last step)
+SCHEDULES = {
+    "warmup-constant": lambda opt, steps, warmup: torch.optim.lr_scheduler.LinearLR(
+        opt, 0.01, 1.0, total_iters=warmup
+    ),
+    "constant": lambda opt, steps, warmup: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0),
+    "cosine": lambda opt, steps, warmup: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (1 + math.cos(math.pi * min(1.0, t / steps))) / 2
+    ),
+}
+
+
+def module_losses(
+    model: torch.nn.Module, batches: list, schedule: str, args: argparse.Namespace
+) -> list[float]:
+    """Training losses of ``CausalLMDistillationModule`` (no teacher) on ``batches``, one step each."""
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    module = CausalLMDistillationModule(
+        model,
+        losses=[TokenCrossEntropyTerm("ce")],
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01),
+        lr_scheduler=functools.partial(SCHEDULES[schedule], steps=len(batches), warmup=args.warmup_steps),
+        lr_scheduler_interval="step",
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return losses
+
+
+def schedules(args: argparse.Namespace, data: PythonDocsText) -> None:
+    torch.manual_seed(args.seed)
+    start = build(args.size, data.vocab_size, args.block_size)
+    loader = torch.utils.data.DataLoader(
+        data.datasets["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    batches: list = []
+    while len(batches) < args.steps:
+        batches += [batch for batch, _ in zip(loader, range(args.steps - len(batches)), strict=False)]
+    shown = sorted({0, args.steps // 4, args.steps // 2, args.steps - 1})
+    print(f"| schedule | loop | train loss at steps {', '.join(map(str, shown))} | val ppl | test ppl |")
+    print("|---|---|---|---|---|")
+    for schedule in args.schedules:
+        for loop in args.loops:
+            model = copy.deepcopy(start)
+            if loop == "plain":
+                optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+                scheduler = SCHEDULES[schedule](optimizer, args.steps, args.warmup_steps)
+                losses = []
+                for batch in batches:
+                    losses.append(train_step(model, optimizer, batch))
+                    scheduler.step()
+            else:
+                losses = module_losses(model, batches, schedule, args)
+            print(
+                f"| {schedule} | {loop} | {' / '.join(f'{losses[i]:.4f}' for i in shown)} "
+                f"| {perplexity(model, data):.2f} | {perplexity(model, data, 'test'):.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["throughput", "train"])
+    parser.add_argument("mode", choices=["throughput", "train", "schedules"])
+    parser.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
+    parser.add_argument("--loops", nargs="+", choices=["plain", "module"], default=["plain", "module"])
     parser.add_argument("--sizes", nargs="+", default=list(CANDIDATES))
     parser.add_argument("--size", default="teacher")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0])
@@ -136,7 +226,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per size (throughput)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per size (throughput, schedules)")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -151,6 +241,8 @@ def main() -> None:
         )
         args.warmup_steps = 3
         throughput(args, data)
+    elif args.mode == "schedules":
+        schedules(args, data)
     else:
         train(args, data)
 

@@ -8,7 +8,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MeanMetric
 
 from lightning_kd.language.lm_head import (
     check_head_reproduces_logits,
@@ -17,7 +16,7 @@ from lightning_kd.language.lm_head import (
     last_hidden_state,
     output_head,
 )
-from lightning_kd.language.metrics import TokenPerplexity, token_cross_entropy_sum
+from lightning_kd.language.metrics import TokenMean, TokenPerplexity, token_cross_entropy_sum
 from lightning_kd.language.token_mean import TokenMeanGradients
 from lightning_kd.language.token_view import batch_labels, check_label_values, shifted, shifted_targets
 from lightning_kd.language.vocabulary import output_vocabulary_size, shared_vocabulary
@@ -202,11 +201,11 @@ class CausalLMDistillationModule(DistillationModule):
         """Loss, perplexities and agreement for validation and test (over counted tokens)."""
         metrics: dict[str, nn.Module] = {}
         for stage in ("val", "test"):
-            metrics[f"{stage}_loss"] = MeanMetric(nan_strategy="disable")
-            metrics[f"{stage}_perplexity"] = TokenPerplexity(nan_strategy="disable")
+            metrics[f"{stage}_loss"] = TokenMean()
+            metrics[f"{stage}_perplexity"] = TokenPerplexity()
             if self.teacher is not None:
-                metrics[f"{stage}_teacher_perplexity"] = TokenPerplexity(nan_strategy="disable")
-                metrics[f"{stage}_agreement"] = MeanMetric(nan_strategy="disable")
+                metrics[f"{stage}_teacher_perplexity"] = TokenPerplexity()
+                metrics[f"{stage}_agreement"] = TokenMean()
         return nn.ModuleDict(metrics)
 
     # ----------------------------------------------------------------- batches

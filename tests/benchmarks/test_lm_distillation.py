@@ -52,6 +52,13 @@ def test_quick_run_pairs_the_runs_of_a_seed_and_reports_their_gains(
             == f"{kd['test_perplexity']:.2f} (one seed)"
         )
     assert rows["teacher (CE)"][2].strip() == f"{teacher['test_perplexity']:.2f}"
+    assert rows["teacher (CE)"][3].strip() == f"{teacher['val_perplexity']:.2f}"
+    # before any distilled student has a record: the students alone, and no empty gains table
+    partial = script.table([alone], None, ["forward_kl"]).splitlines()
+    assert partial[-1] == "No distilled student has a record yet: no paired gains."
+    assert not [line for line in partial if line.startswith("| divergence")]
+    # the docs page includes the results under an h2 section: no h1 or h2 of its own
+    assert not [line for line in text.splitlines() if line.startswith(("# ", "## "))]
     # a second run reuses the records of the same settings instead of training again
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs/records").glob("*.json")}
     assert script.main(args) == text

@@ -277,3 +277,60 @@ def test_closed_form_gradients_equal_autograd_in_float64(
     assert torch.allclose(values, expected_values.detach(), rtol=1e-12, atol=1e-15)
     assert torch.allclose(grads, expected, rtol=1e-10, atol=1e-14)
     assert torch.equal(grads[0, 3], torch.zeros((), dtype=torch.float64))  # p = 0: no gradient
+
+
+# ---- the plain path's closed-form gradient (a custom autograd Function)
+
+
+def float64_mean(student: torch.Tensor, teacher: torch.Tensor, settings: tuple) -> torch.Tensor:
+    """The masked token mean by float64 autograd through the formulas of token_values (no float32 cast)."""
+    values = token_values.__wrapped__(student, teacher, *settings)
+    return torch.where(MASK, values, 0.0).sum() / MASK.sum()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(("temperature", "beta", "skew"), [(1.0, 0.5, 0.1), (1.7, 0.3, 0.2)])
+def test_plain_path_values_and_gradients_equal_float64(
+    divergence: str, temperature: float, beta: float, skew: float
+) -> None:
+    student, teacher = logits(30), logits(31)
+    student[1, 0] = math.nan  # an uncounted position's logits (e.g. padding): no effect on anything
+    s = student.clone().requires_grad_(True)
+    settings = (divergence, temperature, beta, skew)
+    got = token_divergence(s, teacher, MASK, *settings)
+    got.backward()
+    expected = reference(student, teacher, MASK.tolist(), *settings)
+    assert got.item() == pytest.approx(expected, rel=2e-6)
+    s64 = student.nan_to_num(nan=0.0).double().requires_grad_(True)  # its autograd would carry the NaN
+    (expected_grad,) = torch.autograd.grad(float64_mean(s64, teacher.double(), settings), s64)
+    assert torch.equal(s.grad[1, 0], torch.zeros(9))
+    assert torch.allclose(s.grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_path_supports_a_second_backward_and_double_backward() -> None:
+    student, teacher = logits(32), logits(33)
+    settings = ("jsd", 1.3, 0.3, 0.1)
+    s = student.clone().requires_grad_(True)
+    loss = token_divergence(s, teacher, MASK, *settings)
+    (first,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, s)
+    assert torch.equal(first, second)
+    # Hessian-vector product through create_graph=True, against float64 autograd of the formulas
+    direction = logits(34)
+    (grad,) = torch.autograd.grad(token_divergence(s, teacher, MASK, *settings), s, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * direction).sum(), s)
+    s64 = student.double().requires_grad_(True)
+    (grad64,) = torch.autograd.grad(float64_mean(s64, teacher.double(), settings), s64, create_graph=True)
+    (hvp64,) = torch.autograd.grad((grad64 * direction.double()).sum(), s64)
+    assert torch.allclose(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(hvp.double(), hvp64, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_path_gives_a_teacher_that_requires_grad_its_gradient() -> None:
+    student, teacher = logits(35), logits(36)
+    s, t = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    token_divergence(s, t, MASK, "skew_reverse_kl").backward()
+    s64, t64 = student.double().requires_grad_(True), teacher.double().requires_grad_(True)
+    float64_mean(s64, t64, ("skew_reverse_kl", 1.0, 0.5, 0.1)).backward()
+    assert torch.allclose(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-7)

@@ -82,6 +82,18 @@ def test_recipes_train_the_example_sizes() -> None:
     assert {name: term.weight for name, term in kd.loss_terms.items()} == {"ce": 0.5, "kd": 0.5}
     assert kd.loss_terms["kd"].divergence == "forward_kl" and kd.loss_terms["kd"].temperature == 1.0
     assert kd.student.config.n_positions == kd.teacher.config.n_positions == 128
+    # the sizing study's schedule: linear warm-up from 1% over 100 optimizer steps, then constant
+    for module in (teacher, baseline, kd):
+        optimizer = torch.optim.AdamW(module.student.parameters(), lr=0.002)
+        scheduler = module.lr_scheduler_factory(optimizer)
+        assert module.lr_scheduler_interval == "step"
+        rates = []
+        for _ in range(150):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert rates[0] == pytest.approx(2e-5) and rates[50] == pytest.approx(2e-5 + 50 * 1.98e-5)
+        assert rates[100] == rates[149] == pytest.approx(0.002)
 
 
 def test_baseline_recipe_fits(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
