@@ -117,6 +117,18 @@ class SeededFetches(Dataset):
         return getattr(self.dataset, name)
 
 
+class SeededItems(SeededFetches):
+    """:class:`SeededFetches` for a loader without ``batch_size``, each of whose items is a whole batch.
+
+    Every item is read under global generators seeded from ``(seed, rank, epoch, index)``.
+    """
+
+    def __getitem__(self, index: Any) -> Any:
+        words = [index] if isinstance(index, int) and index >= 0 else [zlib.crc32(repr(index).encode())]
+        seed_global_generators(self.seed, _FETCH, self.rank, self.epoch, *words)
+        return self.dataset[index]
+
+
 class EpochShuffle(Sampler[int]):
     """A random permutation of the dataset drawn from ``(seed, epoch)`` alone.
 
@@ -154,7 +166,8 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
     A ``torch.utils.data.DataLoader`` over a map-style dataset with a random, sequential or
     distributed sampler becomes a :class:`~torchdata.stateful_dataloader.StatefulDataLoader`
     with the same batch size, workers, collate function and options, over :class:`SeededFetches`
-    of its dataset; a ``RandomSampler`` (without replacement) becomes an :class:`EpochShuffle` (seeded
+    of its dataset (:class:`SeededItems` without ``batch_size``: each item is a batch); a
+    ``RandomSampler`` (without replacement) becomes an :class:`EpochShuffle` (seeded
     from its generator's seed, if it has one, else from ``seed``). A loader that already has a state
     (``state_dict`` / ``load_state_dict``) is returned as it is.
 
@@ -194,11 +207,12 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
             dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common
         ), None
     batch_sampler, sampler = loader.batch_sampler, loader.sampler
-    if batch_sampler is None:
-        return loader, (
-            "it reads items one by one (batch_size=None), so random transforms are not replayed. Set a "
-            "batch_size (and collate_fn) so that whole batches are read"
-        )
+    if batch_sampler is None:  # each item is a batch
+        items = dataset if isinstance(dataset, SeededItems) else SeededItems(dataset, seed, rank)
+        sampler, problem = _resumable_sampler(sampler, items, seed, epoch)
+        if problem is not None:
+            return loader, problem
+        return StatefulDataLoader(items, batch_size=None, sampler=sampler, **common), None
     wrapped = dataset if isinstance(dataset, SeededFetches) else SeededFetches(dataset, seed, rank)
     if type(batch_sampler) is not BatchSampler:
         if not isinstance(batch_sampler, _Stateful):
@@ -208,21 +222,9 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
                 "use batch_size with shuffle=True"
             )
         return StatefulDataLoader(wrapped, batch_sampler=batch_sampler, **common), None
-    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
-        if sampler.generator is not None:
-            seed = sampler.generator.initial_seed()
-        sampler = EpochShuffle(wrapped, seed, epoch)
-    elif type(sampler) is SequentialSampler:
-        sampler = SequentialSampler(wrapped)
-    elif not isinstance(sampler, (DistributedSampler, _Stateful)):
-        kind = f"a {type(sampler).__name__}"
-        if type(sampler) is RandomSampler:
-            kind = "a RandomSampler with replacement or num_samples"
-        return loader, (
-            f"its sampler, {kind}, has no state_dict/load_state_dict. Give it "
-            "state_dict/load_state_dict (its position in the epoch and its random state), or use "
-            "shuffle=True (a DistributedSampler is resumed too)"
-        )
+    sampler, problem = _resumable_sampler(sampler, wrapped, seed, epoch)
+    if problem is not None:
+        return loader, problem
     return StatefulDataLoader(
         wrapped,
         batch_size=batch_sampler.batch_size,
@@ -230,6 +232,26 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
         sampler=sampler,
         **common,
     ), None
+
+
+def _resumable_sampler(sampler: Any, dataset: Dataset, seed: int, epoch: int) -> tuple[Any, str | None]:
+    """A sampler of ``dataset`` whose epoch order a resumed loader repeats, or ``(None, why not)``."""
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        if sampler.generator is not None:
+            seed = sampler.generator.initial_seed()
+        return EpochShuffle(dataset, seed, epoch), None
+    if type(sampler) is SequentialSampler:
+        return SequentialSampler(dataset), None
+    if isinstance(sampler, (DistributedSampler, _Stateful)):
+        return sampler, None
+    kind = f"a {type(sampler).__name__}"
+    if type(sampler) is RandomSampler:
+        kind = "a RandomSampler with replacement or num_samples"
+    return None, (
+        f"its sampler, {kind}, has no state_dict/load_state_dict. Give it "
+        "state_dict/load_state_dict (its position in the epoch and its random state), or use "
+        "shuffle=True (a DistributedSampler is resumed too)"
+    )
 
 
 def default_exact_resume(trainer: pl.Trainer | None) -> list[Callback]:

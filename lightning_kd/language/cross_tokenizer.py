@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_kd.language.causal_lm import CausalLMDistillationModule
 from lightning_kd.language.completion import IGNORE_INDEX
-from lightning_kd.language.metrics import TokenPerplexity, token_cross_entropy_sum
+from lightning_kd.language.metrics import TokenMean, TokenPerplexity, token_cross_entropy_sum
 from lightning_kd.language.token_view import batch_labels, shifted, shifted_targets
 from lightning_kd.language.tokenizer_alignment import NO_PARTNER
 from lightning_kd.language.vocabulary import output_vocabulary_size, shared_vocabulary, tokenizer_name
@@ -167,10 +166,10 @@ class CrossTokenizerDistillationModule(CausalLMDistillationModule):
         """Loss, the student's and the teacher's perplexities and the aligned fraction, per held-out stage."""
         metrics: dict[str, nn.Module] = {}
         for stage in ("val", "test"):
-            metrics[f"{stage}_loss"] = MeanMetric(nan_strategy="disable")
-            metrics[f"{stage}_perplexity"] = TokenPerplexity(nan_strategy="disable")
-            metrics[f"{stage}_teacher_perplexity"] = TokenPerplexity(nan_strategy="disable")
-            metrics[f"{stage}_aligned"] = MeanMetric(nan_strategy="disable")
+            metrics[f"{stage}_loss"] = TokenMean()
+            metrics[f"{stage}_perplexity"] = TokenPerplexity()
+            metrics[f"{stage}_teacher_perplexity"] = TokenPerplexity()
+            metrics[f"{stage}_aligned"] = TokenMean()
         return nn.ModuleDict(metrics)
 
     # ----------------------------------------------------------------- batches

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_kd.callbacks.exact_resume import EpochShuffle, SeededFetches, resumable_loader
 from lightning_kd.teachers.fingerprints import dataset_fingerprint
@@ -82,3 +83,17 @@ def test_fingerprints_of_the_training_set_look_through_the_wrapper() -> None:
 
     data = TensorDataset(torch.arange(12.0).reshape(6, 2), torch.arange(6))
     assert dataset_fingerprint(SeededFetches(data, seed=0)) == dataset_fingerprint(data)
+
+
+def test_a_loader_of_whole_batches_is_rebuilt_and_resumes_where_it_stopped() -> None:
+    batches = [torch.full((2,), float(i)) for i in range(6)]
+    loader, problem = resumable_loader(DataLoader(batches, batch_size=None, shuffle=True), seed=7)
+    assert problem is None and isinstance(loader, StatefulDataLoader)
+    iterator = iter(loader)
+    first = [next(iterator) for _ in range(2)]
+    state = loader.state_dict()
+    rest = list(iterator)
+    assert sorted(float(b[0]) for b in first + rest) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    resumed, _ = resumable_loader(DataLoader(batches, batch_size=None, shuffle=True), seed=7)
+    resumed.load_state_dict(state)
+    assert [float(b[0]) for b in resumed] == [float(b[0]) for b in rest]
