@@ -5,6 +5,7 @@ from lightning_kd.data.cifar100 import CIFAR100DataModule
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
+from lightning_kd.data.mnist_digits import MNISTDigitsDataModule
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
 from lightning_kd.data.python_docs import Document, document_split, python_docs_corpus
 from lightning_kd.data.sentences import DocstringSentencesDataModule
@@ -19,6 +20,7 @@ __all__ = [
     "InputsOnly",
     "LatentNoiseDataModule",
     "MNIST1DDataModule",
+    "MNISTDigitsDataModule",
     "MNISTPrivilegedDataModule",
     "PythonDocsText",
     "SplitsDataModule",
