@@ -247,7 +247,7 @@ def make_model(kind: str, seed: int | None = None) -> nn.Module:
     return ConvNet2d(**MODELS[kind])
 
 
-def datamodule(budget: Budget, seed: int = 0) -> MNISTDigitsDataModule:
+def datamodule(budget: Budget) -> MNISTDigitsDataModule:
     """The fixed data of every run (the seed draws the training order, not the split)."""
     return MNISTDigitsDataModule(train_samples=budget.train_samples, return_index=True)  # CRD's index
 
