@@ -6,6 +6,7 @@ from lightning_kd.data.cross_tokenizer_text import PythonDocsCrossTokenizerText
 from lightning_kd.data.indexed import WithIndex
 from lightning_kd.data.latent_noise import LatentNoiseDataModule
 from lightning_kd.data.mnist1d import MNIST1DDataModule, generate_mnist1d
+from lightning_kd.data.mnist_digits import MNISTDigitsDataModule
 from lightning_kd.data.mnist_privileged import MNISTPrivilegedDataModule
 from lightning_kd.data.prompts import PromptCollator, PythonDocsPrompts
 from lightning_kd.data.python_docs import Document, document_split, python_docs_corpus
@@ -52,6 +53,7 @@ __all__ = [
     "LatentNoiseDataModule",
     "MNIST1DDataModule",
     "MNIST1DTwoViewDataModule",
+    "MNISTDigitsDataModule",
     "MNISTPrivilegedDataModule",
     "PythonDocsCrossTokenizerText",
     "PromptCollator",

@@ -1,6 +1,7 @@
 """Networks: small models for the embedded data, the CRD CIFAR models, timm by name, generators, GPT-2."""
 
 from lightning_kd.models.cifar import CIFAR_MODELS, create_cifar_model
+from lightning_kd.models.conv2d import ConvNet2d
 from lightning_kd.models.generator import ConvGenerator1d, Generator
 from lightning_kd.models.gpt import GPT2_SIZES, tiny_gpt2
 from lightning_kd.models.layer_embedding import LayerEmbedding
@@ -19,6 +20,7 @@ __all__ = [
     "MLP",
     "ConvGenerator1d",
     "ConvNet1d",
+    "ConvNet2d",
     "Generator",
     "LayerEmbedding",
     "SentenceEncoder",
