@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the step-overhead work in one run (about 8 minutes on one H100):
+# Every prepared GPU measurement in one run (about 10 minutes on one H100):
 #   1. benchmarks/sync_check.py: host-device synchronisations inside lightning_kd's training steps
 #      (CUDA's sync debug mode), small and mid workloads, bf16-mixed;
 #   2. benchmarks/step_overhead.py, small workload: hand loop, torchdistill, bare Lightning and
 #      lightning_kd, compile on/off, bf16-mixed;
-#   3. the same, mid workload (resnet32x4 -> resnet8x4, batch 128), bf16-mixed, channels-last.
+#   3. the same, mid workload (resnet32x4 -> resnet8x4, batch 128), bf16-mixed, channels-last;
+#   4. benchmarks/cifar_recipes_gpu.py: every CIFAR-100 recipe at full size on synthetic data, bf16-mixed
+#      (time per step, projected epoch and run, peak memory).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR              # on the GPU machine, from the repository root
 #   DEVICE=cpu bash benchmarks/gpu_check.sh OUT_DIR   # a dry run of the same commands on the CPU (--quick)
 #
-# Writes OUT_DIR/sync_check.md, OUT_DIR/step_overhead_cuda_small.md, OUT_DIR/step_overhead_cuda_mid.md
+# Writes OUT_DIR/sync_check.md, OUT_DIR/step_overhead_cuda_small.md, OUT_DIR/step_overhead_cuda_mid.md,
+# OUT_DIR/cifar_recipes_cuda.md
 # and OUT_DIR/gpu_check.log (the machine, versions and every command's output); a command that
-# fails or runs out of its time (90 + 170 + 220 s at most) is noted in the log and the next one
+# fails or runs out of its time (90 + 170 + 220 + 150 s at most) is noted in the log and the next one
 # runs; step_overhead.py rewrites its table after every round, so a stopped run keeps its rounds.
 #
 # Python: $PYTHON if set, else .venv/bin/python if present, else python3; the repository root goes
@@ -60,4 +63,8 @@ run 220 benchmarks/step_overhead.py --device "$DEVICE" --precision bf16-mixed --
     --batch-size 128 \
     --variants hand,hand+compile,torchdistill,torchdistill+compile,bare,ours,ours+fitnet,ours+cache,ours+compile \
     --steps 50 --warmup 10 --rounds 5 --out "$OUT/step_overhead_cuda_mid.md" "${QUICK[@]}"
+CIFAR_QUICK=()
+if [ "$DEVICE" = cpu ]; then CIFAR_QUICK=(--quick --recipes kd mlkd); fi
+run 150 benchmarks/cifar_recipes_gpu.py --device "$DEVICE" --warmup 10 --steps 100 \
+    --out "$OUT/cifar_recipes_cuda.md" "${CIFAR_QUICK[@]}"
 echo "== done $(date -u +%T)" >>"$LOG"
