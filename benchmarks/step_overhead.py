@@ -74,7 +74,6 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
-from overhead import StepTimer, clocks  # the same clocks and timing callback as overhead.py
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset, default_collate
 
@@ -83,6 +82,30 @@ from lightning_kd.data import WithIndex
 from lightning_kd.losses import CrossEntropyTerm, FitNetTerm, KDTerm
 from lightning_kd.models import MLP, create_cifar_model
 from lightning_kd.paradigms import MutualLearningModule
+
+
+def clocks() -> tuple[float, float]:
+    """Wall-clock and process CPU time (all threads), in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+class StepTimer(pl.Callback):
+    """Wall and CPU time from the end of step ``start`` to the end of the last step of ``fit``."""
+
+    def __init__(self, start: int, sync: Callable[[], None]) -> None:
+        self.start, self.sync = start, sync
+        self.begin = self.end = (0.0, 0.0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Read the clocks after the warm-up and after the last step."""
+        step = trainer.global_step  # optimizer steps done, this one included
+        if step == self.start:
+            self.sync()
+            self.begin = clocks()
+        elif step >= trainer.max_steps:
+            self.sync()
+            self.end = clocks()
+
 
 RESULTS = Path(__file__).parent / "results" / "step_overhead.md"
 TEMPERATURE, CE_WEIGHT, KD_WEIGHT, LR = 4.0, 0.1, 0.9, 1e-3

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +26,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    get_worker_info,
 )
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -54,6 +57,32 @@ def seed_global_generators(*words: int) -> None:
         torch.cuda.manual_seed_all(torch_seed)
     np.random.seed(numpy_seed)
     random.seed(torch_seed)
+
+
+@contextlib.contextmanager
+def seeded_read(*words: int) -> Iterator[None]:
+    """Read data under global generators seeded from ``words``; the main process's states come back after.
+
+    In a worker process the generators stay seeded (the worker draws nothing else). In the main
+    process the global torch, NumPy and ``random`` states are restored after the read, so that
+    what the process draws outside the training steps (a loss term's random initial memory, built
+    on a probe batch) stays the same on every DDP process.
+    """
+    if get_worker_info() is not None:
+        seed_global_generators(*words)
+        yield
+        return
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    seed_global_generators(*words)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 class SeededFetches(Dataset):
@@ -106,9 +135,9 @@ class SeededFetches(Dataset):
             if all(isinstance(i, int) and i >= 0 for i in indices)
             else [zlib.crc32(repr(indices).encode())]
         )
-        seed_global_generators(self.seed, _FETCH, self.rank, self.epoch, *words)
-        read_batch = getattr(self.dataset, "__getitems__", None)
-        return list(read_batch(indices)) if read_batch is not None else [self.dataset[i] for i in indices]
+        with seeded_read(self.seed, _FETCH, self.rank, self.epoch, *words):
+            read_batch = getattr(self.dataset, "__getitems__", None)
+            return list(read_batch(indices)) if read_batch is not None else [self.dataset[i] for i in indices]
 
     def __getattr__(self, name: str) -> Any:
         """Other attributes (``classes``, ``transform``, ``state_dict``...) are the wrapped dataset's."""
@@ -125,8 +154,8 @@ class SeededItems(SeededFetches):
 
     def __getitem__(self, index: Any) -> Any:
         words = [index] if isinstance(index, int) and index >= 0 else [zlib.crc32(repr(index).encode())]
-        seed_global_generators(self.seed, _FETCH, self.rank, self.epoch, *words)
-        return self.dataset[index]
+        with seeded_read(self.seed, _FETCH, self.rank, self.epoch, *words):
+            return self.dataset[index]
 
 
 class EpochShuffle(Sampler[int]):
@@ -158,6 +187,16 @@ class EpochShuffle(Sampler[int]):
     def __iter__(self) -> Any:
         generator = torch.Generator().manual_seed(derived_seeds(self.seed, _ORDER, self.epoch)[0])
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+def stateful_loader(*args: Any, **kwargs: Any) -> StatefulDataLoader:
+    """A ``StatefulDataLoader`` built without torchdata 0.11's warning about ``torch.set_vital``.
+
+    Its constructor calls the deprecated ``torch.set_vital``, a warning users can do nothing about.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
+        return StatefulDataLoader(*args, **kwargs)
 
 
 def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> tuple[Any, str | None]:
@@ -203,7 +242,7 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
                 "load_state_dict, so a resumed run restarts its stream. Give the dataset state_dict/"
                 "load_state_dict (its position and random state), or use a map-style dataset"
             )
-        return StatefulDataLoader(
+        return stateful_loader(
             dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **common
         ), None
     batch_sampler, sampler = loader.batch_sampler, loader.sampler
@@ -212,7 +251,7 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
         sampler, problem = _resumable_sampler(sampler, items, seed, epoch)
         if problem is not None:
             return loader, problem
-        return StatefulDataLoader(items, batch_size=None, sampler=sampler, **common), None
+        return stateful_loader(items, batch_size=None, sampler=sampler, **common), None
     wrapped = dataset if isinstance(dataset, SeededFetches) else SeededFetches(dataset, seed, rank)
     if type(batch_sampler) is not BatchSampler:
         if not isinstance(batch_sampler, _Stateful):
@@ -221,11 +260,11 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
                 "Give it state_dict/load_state_dict (its position in the epoch and its random state), or "
                 "use batch_size with shuffle=True"
             )
-        return StatefulDataLoader(wrapped, batch_sampler=batch_sampler, **common), None
+        return stateful_loader(wrapped, batch_sampler=batch_sampler, **common), None
     sampler, problem = _resumable_sampler(sampler, wrapped, seed, epoch)
     if problem is not None:
         return loader, problem
-    return StatefulDataLoader(
+    return stateful_loader(
         wrapped,
         batch_size=batch_sampler.batch_size,
         drop_last=batch_sampler.drop_last,
@@ -242,14 +281,15 @@ def _resumable_sampler(sampler: Any, dataset: Dataset, seed: int, epoch: int) ->
         return EpochShuffle(dataset, seed, epoch), None
     if type(sampler) is SequentialSampler:
         return SequentialSampler(dataset), None
-    if isinstance(sampler, (DistributedSampler, _Stateful)):
-        return sampler, None
+    if isinstance(sampler, (DistributedSampler, _Stateful)) or getattr(sampler, "order_set_by_epoch", False):
+        return sampler, None  # a resumed loader fast-forwards the epoch's order
     kind = f"a {type(sampler).__name__}"
     if type(sampler) is RandomSampler:
         kind = "a RandomSampler with replacement or num_samples"
     return None, (
         f"its sampler, {kind}, has no state_dict/load_state_dict. Give it "
-        "state_dict/load_state_dict (its position in the epoch and its random state), or use "
+        "state_dict/load_state_dict (its position in the epoch and its random state), set "
+        "order_set_by_epoch = True on it if its order depends on set_epoch's epoch alone, or use "
         "shuffle=True (a DistributedSampler is resumed too)"
     )
 

@@ -43,6 +43,10 @@ class ViewSampler(Sampler[tuple[int, int]]):
         shuffle: visit the samples in a random order.
     """
 
+    #: its order and views are functions of the epoch only: a resumed loader fast-forwards it
+    #: (:class:`~lightning_kd.callbacks.ExactResume` uses it as it is)
+    order_set_by_epoch = True
+
     def __init__(
         self, num_samples: int, views: int, draw: ViewDraw = "cycle", seed: int = 0, shuffle: bool = True
     ) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PROBE_SAMPLES", "dataset_fingerprint", "input_signature", "teacher_fingerprint"]
+__all__ = [
+    "PROBE_SAMPLES",
+    "dataset_fingerprint",
+    "input_signature",
+    "teacher_fingerprint",
+    "unwrapped_dataset",
+]
 
 #: samples of the training set read (twice) by :func:`dataset_fingerprint`
 PROBE_SAMPLES = 5
@@ -47,6 +53,13 @@ def _hash_item(item: Any, digest: Any) -> None:
             _hash_item(element, digest)
     else:
         digest.update(repr(item).encode())
+
+
+def unwrapped_dataset(dataset: Any) -> Any:
+    """``dataset`` without the wrappers that change no item (``fingerprint_transparent``: exact resume's)."""
+    while getattr(type(dataset), "fingerprint_transparent", False):
+        dataset = dataset.dataset
+    return dataset
 
 
 def _transforms(dataset: Any) -> str:

@@ -30,7 +30,12 @@ from torch.utils.data import default_collate
 from lightning_kd.losses import CrossEntropyTerm, LossTerm
 from lightning_kd.model_io import call_model
 from lightning_kd.teachers.cache import TeacherOutputCache
-from lightning_kd.teachers.fingerprints import dataset_fingerprint, input_signature, teacher_fingerprint
+from lightning_kd.teachers.fingerprints import (
+    dataset_fingerprint,
+    input_signature,
+    teacher_fingerprint,
+    unwrapped_dataset,
+)
 from lightning_kd.teachers.loading import freeze, load_weights
 from lightning_kd.teachers.view_cache import TeacherViewCache, view_cache_fingerprint
 
@@ -167,7 +172,7 @@ class CachedTeacher(FrozenTeacher):
     def on_train_start(self, module: DistillationModule) -> None:
         """Open the cache for this teacher and training set (rebuilt if either changed)."""
         trainer = module.trainer
-        dataset = trainer.train_dataloader.dataset
+        dataset = unwrapped_dataset(trainer.train_dataloader.dataset)
         fingerprint = f"{teacher_fingerprint(module.teacher)}|{dataset_fingerprint(dataset)}"
         probe = trainer.strategy.batch_to_device(default_collate([dataset[0]]), module.device)
         inputs, _ = module.unpack_batch(probe)
@@ -244,7 +249,7 @@ class ViewCachedTeacher(CachedTeacher):
     def on_train_start(self, module: DistillationModule) -> None:
         """Open the cache for this teacher, training set, augmentation and number of views."""
         trainer = module.trainer
-        dataset = trainer.train_dataloader.dataset
+        dataset = unwrapped_dataset(trainer.train_dataloader.dataset)
         if not all(hasattr(dataset, name) for name in ("augmentation", "views", "dataset")):
             raise TypeError(
                 "TeacherViewCache serves replayed views, but the training dataset is a "
