@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_kd.data.indexed import WithIndex
-from lightning_kd.data.mnist_privileged import load_mnist_5k
+from lightning_kd.data.mnist_privileged import check_split_sizes, load_mnist_5k
 from lightning_kd.data.splits import SplitsDataModule
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DigitImages", "MNISTDigitsDataModule"]
@@ -18,7 +18,6 @@ __all__ = ["MNIST_MEAN", "MNIST_STD", "DigitImages", "MNISTDigitsDataModule"]
 #: mean and std of the pixels of the 60,000 MNIST training images, scaled to [0, 1].
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-_PER_CLASS = 500
 
 
 class DigitImages(Dataset):
@@ -107,18 +106,7 @@ class MNISTDigitsDataModule(SplitsDataModule):
         return_index: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        total = self.num_classes * _PER_CLASS
-        if test_samples % self.num_classes or not 0 < test_samples < total:
-            raise ValueError(
-                f"test_samples must be a multiple of 10 in (0, {total}) (the same number per class), "
-                f"got {test_samples}."
-            )
-        available = total - test_samples
-        if train_samples < 1 or val_samples < 1 or train_samples + val_samples > available:
-            raise ValueError(
-                f"train_samples + val_samples must be at most {available} (the {total} images minus "
-                f"test_samples={test_samples}), each at least 1; got {train_samples} + {val_samples}."
-            )
+        check_split_sizes(train_samples, val_samples, test_samples)
         if crop_padding < 0 or rotation < 0 or not 0 < scale[0] <= scale[1]:
             raise ValueError(
                 "Augmentation needs crop_padding >= 0, rotation >= 0 and 0 < scale[0] <= scale[1]; got "

@@ -55,6 +55,22 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def check_split_sizes(train_samples: int, val_samples: int, test_samples: int) -> None:
+    """Refuse split sizes the 5,000 digits cannot give: a per-class test split, then train + held-out."""
+    total = 10 * _PER_CLASS
+    if test_samples % 10 or not 0 < test_samples < total:
+        raise ValueError(
+            f"test_samples must be a multiple of 10 in (0, {total}) (the same number per class), "
+            f"got {test_samples}."
+        )
+    available = total - test_samples
+    if train_samples < 1 or val_samples < 1 or train_samples + val_samples > available:
+        raise ValueError(
+            f"train_samples + val_samples must be at most {available} (the {total} images minus "
+            f"test_samples={test_samples}), each at least 1; got {train_samples} + {val_samples}."
+        )
+
+
 def downsample(images: Tensor, size: int = 7) -> Tensor:
     """Down-sample ``(..., H, W)`` images to ``size x size`` by averaging non-overlapping blocks.
 
@@ -143,18 +159,7 @@ class MNISTPrivilegedDataModule(SplitsDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        total = self.num_classes * _PER_CLASS
-        if test_samples % self.num_classes or not 0 < test_samples < total:
-            raise ValueError(
-                f"test_samples must be a multiple of 10 in (0, {total}) (the same number per class), "
-                f"got {test_samples}."
-            )
-        available = total - test_samples
-        if train_samples < 1 or val_samples < 1 or train_samples + val_samples > available:
-            raise ValueError(
-                f"train_samples + val_samples must be at most {available} (the {total} images minus "
-                f"test_samples={test_samples}), each at least 1; got {train_samples} + {val_samples}."
-            )
+        check_split_sizes(train_samples, val_samples, test_samples)
         self.save_hyperparameters()
         self.train_samples = train_samples
         self.val_samples = val_samples
