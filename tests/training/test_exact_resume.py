@@ -139,7 +139,8 @@ def _dataset() -> TensorDataset:
             lambda: DataLoader(_dataset(), batch_size=8, sampler=WeightedRandomSampler([1.0] * 32, 32)),
             r"is not resumed exactly: its sampler, a WeightedRandomSampler, has no "
             r"state_dict/load_state_dict\. Give it state_dict/load_state_dict \(its position in the epoch "
-            r"and its random state\), or use shuffle=True",
+            r"and its random state\), set order_set_by_epoch = True on it if its order depends on "
+            r"set_epoch's epoch alone, or use shuffle=True",
         ),
     ],
     ids=["iterable dataset", "sampler"],
