@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_kd.data.indexed import WithIndex
-from lightning_kd.data.mnist_privileged import check_split_sizes, load_mnist_5k
+from lightning_kd.data.mnist_privileged import check_split_sizes, load_mnist_5k, split_indices
 from lightning_kd.data.splits import SplitsDataModule
 
 __all__ = ["MNIST_MEAN", "MNIST_STD", "DigitImages", "MNISTDigitsDataModule"]
@@ -146,16 +146,8 @@ class MNISTDigitsDataModule(SplitsDataModule):
         if self.datasets:
             return
         images, labels = load_mnist_5k()
-        test_per_class = self.test_samples // self.num_classes
-        test = np.concatenate(
-            [np.flatnonzero(labels == digit)[-test_per_class:] for digit in range(self.num_classes)]
-        )
-        pool = np.setdiff1d(np.arange(len(labels)), test)
-        drawn = pool[np.random.default_rng(self.seed).permutation(len(pool))]
-        train, val = (
-            drawn[: self.train_samples],
-            drawn[self.train_samples : self.train_samples + self.val_samples],
-        )
+        splits = split_indices(labels, self.train_samples, self.val_samples, self.test_samples, self.seed)
+        train, val, test = splits["train"], splits["val"], splits["test"]
         pixels = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         normalized = (pixels - MNIST_MEAN) / MNIST_STD  # once here, not per image read
         targets = torch.from_numpy(labels.copy())

@@ -71,6 +71,25 @@ def check_split_sizes(train_samples: int, val_samples: int, test_samples: int) -
         )
 
 
+def split_indices(
+    labels: np.ndarray, train_samples: int, val_samples: int, test_samples: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Indices of the three splits: a fixed test split, then train and held-out drawn by ``seed``.
+
+    The test split is the last ``test_samples / 10`` images of each class whatever the seed; the
+    rest is permuted by ``seed`` and cut into ``train_samples`` and ``val_samples``.
+    """
+    test_per_class = test_samples // 10
+    test = np.concatenate([np.flatnonzero(labels == digit)[-test_per_class:] for digit in range(10)])
+    pool = np.setdiff1d(np.arange(len(labels)), test)
+    drawn = pool[np.random.default_rng(seed).permutation(len(pool))]
+    return {
+        "train": drawn[:train_samples],
+        "val": drawn[train_samples : train_samples + val_samples],
+        "test": test,
+    }
+
+
 def downsample(images: Tensor, size: int = 7) -> Tensor:
     """Down-sample ``(..., H, W)`` images to ``size x size`` by averaging non-overlapping blocks.
 
@@ -171,17 +190,7 @@ class MNISTPrivilegedDataModule(SplitsDataModule):
         if self.datasets:
             return
         images, labels = load_mnist_5k()
-        test_per_class = self.test_samples // self.num_classes
-        test = np.concatenate(
-            [np.flatnonzero(labels == digit)[-test_per_class:] for digit in range(self.num_classes)]
-        )
-        pool = np.setdiff1d(np.arange(len(labels)), test)
-        drawn = pool[np.random.default_rng(self.seed).permutation(len(pool))]
-        splits = {
-            "train": drawn[: self.train_samples],
-            "val": drawn[self.train_samples : self.train_samples + self.val_samples],
-            "test": test,
-        }
+        splits = split_indices(labels, self.train_samples, self.val_samples, self.test_samples, self.seed)
         privileged = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         regular = downsample(privileged)
         targets = torch.from_numpy(labels.copy())
