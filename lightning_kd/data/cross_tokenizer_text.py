@@ -5,7 +5,6 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any
 
-from lightning_kd.data.bpe import trained_bpe_tokenizer
 from lightning_kd.data.python_docs import Document
 from lightning_kd.data.text import PythonDocsText
 from lightning_kd.language.tokenizer_alignment import CrossTokenizerCollator
@@ -72,27 +71,14 @@ class PythonDocsCrossTokenizerText(PythonDocsText):
         self.teacher_vocab_size_limit = teacher_vocab_size
         self.teacher_tokenizer: Any = None
 
-    def _tokenizer(self, train_texts: list[str], vocab_size: int) -> Any:
-        return trained_bpe_tokenizer(
-            train_texts,
-            vocab_size,
-            self.cache_dir,
-            name="python-docs-bpe",
-            metadata={
-                "corpus": "pydoc topics + standard-library docstrings",
-                "train_documents": len(train_texts),
-                "train_characters": sum(map(len, train_texts)),
-            },
-        )
-
     def setup(self, stage: str | None = None) -> None:
         """Build the corpus, train (or load) both tokenizers, and cut every split into text pieces."""
         if self.datasets:
             return
         self.documents = self.split_documents()
         train_texts = [document.text for document in self.documents["train"]]
-        self.tokenizer = self._tokenizer(train_texts, self.vocab_size_limit)
-        self.teacher_tokenizer = self._tokenizer(train_texts, self.teacher_vocab_size_limit)
+        self.tokenizer = self.trained_tokenizer(train_texts, self.vocab_size_limit)
+        self.teacher_tokenizer = self.trained_tokenizer(train_texts, self.teacher_vocab_size_limit)
         for split, documents in self.documents.items():
             self.datasets[split] = self._pieces(documents)  # type: ignore[assignment]
         self.collate_fn = CrossTokenizerCollator(self.tokenizer, self.teacher_tokenizer, self.block_size)

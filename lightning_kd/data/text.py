@@ -185,15 +185,11 @@ class PythonDocsText(SplitsDataModule):
             )
         return splits
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the corpus, train (or load) the tokenizer on the training split, and tokenize every split."""
-        if self.datasets:
-            return
-        self.documents = self.split_documents()
-        train_texts = [document.text for document in self.documents["train"]]
-        self.tokenizer = trained_bpe_tokenizer(
+    def trained_tokenizer(self, train_texts: list[str], vocab_size: int) -> Any:
+        """The byte-level BPE of ``vocab_size`` tokens trained on ``train_texts``, cached in ``cache_dir``."""
+        return trained_bpe_tokenizer(
             train_texts,
-            self.vocab_size_limit,
+            vocab_size,
             self.cache_dir,
             name="python-docs-bpe",
             metadata={
@@ -202,6 +198,14 @@ class PythonDocsText(SplitsDataModule):
                 "train_characters": sum(map(len, train_texts)),
             },
         )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the corpus, train (or load) the tokenizer on the training split, and tokenize every split."""
+        if self.datasets:
+            return
+        self.documents = self.split_documents()
+        train_texts = [document.text for document in self.documents["train"]]
+        self.tokenizer = self.trained_tokenizer(train_texts, self.vocab_size_limit)
         for split, documents in self.documents.items():
             self.datasets[split] = self._rows(documents)
 
