@@ -31,28 +31,38 @@ Without grad mode (evaluation), or when no student tensor requires grad, only th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "ALIGNMENT_HINT",
     "DEFAULT_CHUNK_SIZE",
     "ChunkValues",
     "DecodedRows",
     "HeadRows",
     "LogitRows",
     "TargetRows",
+    "checked_decoded_rows",
     "chunked_token_mean",
     "checked_chunk_size",
+    "head_parameters",
+    "head_rows",
 ]
 
 #: positions per chunk unless a term or call says otherwise: at a 128k vocabulary one float32
 #: ``(256, V)`` tensor is 125 MiB, and a chunk's closed-form values and gradient hold a handful of
 #: them (see benchmarks/results/lm_loss_memory.md).
 DEFAULT_CHUNK_SIZE = 256
+#: what a message about teacher and student logits of different vocabularies tells the user to do
+ALIGNMENT_HINT = (
+    "Teacher and student must share the token ids: the causal-LM module compares them over the shared "
+    "vocabulary (TokenOutputs.vocab_size, logits[..., :vocab_size]); slice both logits to it."
+)
 #: a per-token loss: ``(student_rows (C, V) float32, teacher rows or target ids (C, ...), with_grads)``
 #: -> ``(values (C,), d values_i / d student_rows_i (C, V) or None when not with_grads)``; it may
 #: overwrite the rows (a buffer that the next chunk's rows reuse) and return them as the gradient.
@@ -284,3 +294,40 @@ def chunked_token_mean(
     """
     grad_enabled = torch.is_grad_enabled()
     return _ChunkedMean.apply(values, student, teacher, mask, chunk_size, grad_enabled, *student.tensors())
+
+
+def checked_decoded_rows(rows: DecodedRows, positions: tuple[int, ...], vocab_size: int) -> DecodedRows:
+    """``rows`` if they hold one entry per position and decode to ``vocab_size`` ids, else a ValueError."""
+    if rows.packed.shape[0] != math.prod(positions) or rows.vocab_size != vocab_size:
+        raise ValueError(
+            f"The teacher's decoded rows hold {rows.packed.shape[0]} positions of {rows.vocab_size} token "
+            f"ids but the student's logits {math.prod(positions)} positions of {vocab_size}: both must "
+            f"cover the same (N, L) positions and vocabulary. {ALIGNMENT_HINT}"
+        )
+    return rows
+
+
+def head_parameters(head: nn.Module, role: str) -> tuple[Tensor, Tensor | None]:
+    """The ``(V, H)`` weight and ``(V,)`` bias (or None) of an LM head (an ``nn.Linear``)."""
+    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise ValueError(
+            f"The {role}'s LM head {type(head).__name__} has no 2-D weight: the fused path computes the "
+            "logits as hidden @ weight.T (+ bias) from an nn.Linear output embedding; use path='chunked'."
+        )
+    return weight, bias if isinstance(bias, Tensor) else None
+
+
+def head_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int, role: str) -> HeadRows:
+    """The fused path's rows of one model, after checking the shapes of its hidden states and head."""
+    if hidden.ndim < 2 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"The {role}'s hidden states have shape {tuple(hidden.shape)} but its LM head weight "
+            f"{tuple(weight.shape)}: expected (N, L, H) hidden states and a (V, H) weight."
+        )
+    if weight.shape[0] < vocab_size:
+        raise ValueError(
+            f"The {role}'s LM head has {weight.shape[0]} rows but vocab_size is {vocab_size}. "
+            f"{ALIGNMENT_HINT}"
+        )
+    return HeadRows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, vocab_size)

@@ -19,9 +19,10 @@ from lightning_kd.losses._token_chunks import (
     TargetRows,
     checked_chunk_size,
     chunked_token_mean,
+    head_rows,
 )
 from lightning_kd.losses.base import StepOutputs
-from lightning_kd.losses.token_divergence import TokenTerm, check_token_mask, head_rows
+from lightning_kd.losses.token_divergence import TokenTerm, check_token_mask
 from lightning_kd.precision import float32_math
 
 __all__ = ["TokenCrossEntropyTerm", "token_cross_entropy", "token_cross_entropy_fused"]

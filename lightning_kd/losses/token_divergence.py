@@ -33,17 +33,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_kd.losses._token_chunks import (
+    ALIGNMENT_HINT,
     DEFAULT_CHUNK_SIZE,
     ChunkValues,
     DecodedRows,
-    HeadRows,
     LogitRows,
     Rows,
     checked_chunk_size,
+    checked_decoded_rows,
     chunked_token_mean,
+    head_parameters,
+    head_rows,
 )
 from lightning_kd.losses._token_gradients import token_values_and_grads
 from lightning_kd.losses.base import LossTerm, StepOutputs, TokenOutputs, checked_temperature
@@ -65,10 +68,6 @@ __all__ = [
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 #: how :class:`TokenDivergenceTerm` and :class:`~lightning_kd.TokenCrossEntropyTerm` compute their loss.
 PATHS = ("plain", "chunked", "fused")
-_ALIGNMENT_HINT = (
-    "Teacher and student must share the token ids: the causal-LM module compares them over the shared "
-    "vocabulary (TokenOutputs.vocab_size, logits[..., :vocab_size]); slice both logits to it."
-)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -162,7 +161,7 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student_logits have a vocabulary of {student_logits.shape[-1]} token ids but teacher_logits "
-            f"{teacher_logits.shape[-1]}. {_ALIGNMENT_HINT}"
+            f"{teacher_logits.shape[-1]}. {ALIGNMENT_HINT}"
         )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -305,7 +304,7 @@ def token_divergence_chunked(
     positions = tuple(student_logits.shape[:-1])
     vocab_size = student_logits.shape[-1]
     if isinstance(teacher_logits, DecodedRows):
-        teacher: Rows = _checked_decoded_rows(teacher_logits, positions, vocab_size)
+        teacher: Rows = checked_decoded_rows(teacher_logits, positions, vocab_size)
     else:
         _check_pair(student_logits, teacher_logits)
         teacher = LogitRows(teacher_logits.detach().reshape(-1, vocab_size), vocab_size)
@@ -317,43 +316,6 @@ def token_divergence_chunked(
         _flat_mask(mask, positions, student_logits.device),
         chunk_size,
     )
-
-
-def _checked_decoded_rows(rows: DecodedRows, positions: tuple[int, ...], vocab_size: int) -> DecodedRows:
-    """``rows`` if they hold one entry per position and decode to ``vocab_size`` ids, else a ValueError."""
-    if rows.packed.shape[0] != math.prod(positions) or rows.vocab_size != vocab_size:
-        raise ValueError(
-            f"The teacher's decoded rows hold {rows.packed.shape[0]} positions of {rows.vocab_size} token "
-            f"ids but the student's logits {math.prod(positions)} positions of {vocab_size}: both must "
-            f"cover the same (N, L) positions and vocabulary. {_ALIGNMENT_HINT}"
-        )
-    return rows
-
-
-def head_parameters(head: nn.Module, role: str) -> tuple[Tensor, Tensor | None]:
-    """The ``(V, H)`` weight and ``(V,)`` bias (or None) of an LM head (an ``nn.Linear``)."""
-    weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise ValueError(
-            f"The {role}'s LM head {type(head).__name__} has no 2-D weight: the fused path computes the "
-            "logits as hidden @ weight.T (+ bias) from an nn.Linear output embedding; use path='chunked'."
-        )
-    return weight, bias if isinstance(bias, Tensor) else None
-
-
-def head_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int, role: str) -> HeadRows:
-    """The fused path's rows of one model, after checking the shapes of its hidden states and head."""
-    if hidden.ndim < 2 or weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"The {role}'s hidden states have shape {tuple(hidden.shape)} but its LM head weight "
-            f"{tuple(weight.shape)}: expected (N, L, H) hidden states and a (V, H) weight."
-        )
-    if weight.shape[0] < vocab_size:
-        raise ValueError(
-            f"The {role}'s LM head has {weight.shape[0]} rows but vocab_size is {vocab_size}. "
-            f"{_ALIGNMENT_HINT}"
-        )
-    return HeadRows(hidden.reshape(-1, hidden.shape[-1]), weight, bias, vocab_size)
 
 
 def token_divergence_fused(
@@ -415,7 +377,7 @@ def token_divergence_fused(
         if teacher_vocab != student_weight.shape[0]:
             raise ValueError(
                 f"The student's LM head has a vocabulary of {student_weight.shape[0]} token ids but the "
-                f"teacher's {teacher_vocab}. {_ALIGNMENT_HINT} (here: pass vocab_size)."
+                f"teacher's {teacher_vocab}. {ALIGNMENT_HINT} (here: pass vocab_size)."
             )
         vocab_size = teacher_vocab
     student = head_rows(student_hidden, student_weight, student_bias, vocab_size, "student")
@@ -503,7 +465,7 @@ class TokenTerm(LossTerm):
         if logits.shape[-1] < tokens.vocab_size:
             raise ValueError(
                 f"The {role}'s logits have {logits.shape[-1]} token ids but TokenOutputs.vocab_size is "
-                f"{tokens.vocab_size}. {_ALIGNMENT_HINT}"
+                f"{tokens.vocab_size}. {ALIGNMENT_HINT}"
             )
         return logits[..., : tokens.vocab_size]
 
