@@ -74,7 +74,12 @@ from lightning_kd import (  # noqa: E402
     ULDTerm,
 )
 from lightning_kd.data import PythonDocsCrossTokenizerText, PythonDocsPrompts, PythonDocsText  # noqa: E402
-from lightning_kd.language import SequenceKDData, TokenStoreDistillationModule, fill_token_store  # noqa: E402
+from lightning_kd.language import (  # noqa: E402
+    SequenceKDData,
+    TokenStoreDistillationModule,
+    TopKTokenStore,
+    fill_token_store,
+)
 from lightning_kd.models import tiny_gpt2  # noqa: E402
 from lightning_kd.step_monitor import logs_this_step  # noqa: E402
 from lightning_kd.teachers.loading import load_weights  # noqa: E402
@@ -227,8 +232,6 @@ def _text_arguments(settings: Settings, cache_dir: str | None) -> dict[str, Any]
 
 
 def _store_bytes(store: Path) -> float:
-    from lightning_kd.language import TopKTokenStore
-
     return TopKTokenStore(store).bytes_per_token
 
 
@@ -271,10 +274,12 @@ def train_method(
     trainer.fit(module, datamodule=data)
     cpu, wall = time.process_time() - cpu, time.time() - wall
     tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
-    if method == "seqkd":
-        completions = Path(out_dir) / "seqkd_completions"
-        size = sum(p.stat().st_size for p in completions.glob("*") if p.is_file())
-        extra["bytes_per_token"] = size / (len(data.samples) * new_tokens(settings))
+    if method == "seqkd":  # the completions' shards per completed token
+        shards = sorted((Path(out_dir) / "seqkd_completions").glob("batch-*.pt"))
+        tokens = sum(
+            len(row) for shard in shards for row in torch.load(shard, weights_only=True)["completions"]
+        )
+        extra["bytes_per_token"] = sum(shard.stat().st_size for shard in shards) / tokens
     record = {
         "name": name,
         "kind": method,
@@ -341,6 +346,9 @@ def table(records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -
         ppl = _mean_std([runs[s]["test_perplexity"] for s in done])
         ref = records.get(reference, {})
         paired = [ref[s]["test_perplexity"] - runs[s]["test_perplexity"] for s in done if s in ref]
+        unpaired = [s for s in done if s in ref and ref[s]["start_weights"] != runs[s]["start_weights"]]
+        if unpaired:
+            raise ValueError(f"{method} and {reference} start from other student weights at seeds {unpaired}")
         gain = _mean_std(paired, "+") if paired and method != reference else ""
         generation = [runs[s].get("generation_s", 0.0) / runs[s]["steps"] for s in done]
         gen = f"{statistics.mean(generation):.3f}" if any(generation) else ""
