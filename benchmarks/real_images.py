@@ -17,7 +17,9 @@ teacher's channel counts: its row uses a wide student (the teacher's widths, one
 stage) against that student alone. As in the CRD benchmark every method other than KD is
 cross-entropy (weight 1) plus the method at the benchmark's weight (KD: 0.1 CE + 0.9 KD at
 T = 4); DKD's and ReviewKD's warm-up and the init stages of AB, FT and FSP keep their fractions
-of the benchmark's 240 epochs. Adam 3e-3 with cosine decay, batch 128, one thread per process.
+of the benchmark's 240 epochs. AT and FitNet, whose benchmark weights lose to the student alone
+here, also run at lower weights (``SWEEP``: rows ``at_w100``, ...). Adam 3e-3 with cosine decay,
+batch 128, one thread per process.
 
 Each finished run is appended to ``<out-dir>/records.jsonl`` (one JSON line: method, seed, test
 accuracy, wall and CPU seconds per epoch) and the teacher's checkpoint is kept, so an
@@ -245,6 +247,23 @@ METHODS: dict[str, Method] = {
         staged=True,
     ),
 }
+#: the sweep of the methods whose benchmark weight loses to the student alone here (AT at 1000 per stage,
+#: FitNet at 100): the same terms at lower weights (rows ``<method>_w<weight>``)
+SWEEP: dict[str, Method] = {
+    **{
+        f"at_w{weight}": Method(
+            "student", functools.partial(lambda w, b: [ce(), *per_stage(ATTerm, "at", [w] * 3)], weight)
+        )
+        for weight in (100, 300)
+    },
+    **{
+        f"fitnet_w{weight}": Method(
+            "student", functools.partial(lambda w, b: [ce(), FitNetTerm("conv2", "conv2", weight=w)], weight)
+        )
+        for weight in (10, 30)
+    },
+}
+METHODS.update(SWEEP)
 BASELINES = {"student": "baseline", "wide": "wide_baseline"}
 
 
