@@ -121,11 +121,15 @@ def uld_loss(
 
 
 class ULDTerm(TokenTerm):
-    r"""Universal Logit Distillation between the student and a teacher of any tokenizer, per aligned token.
+    r"""Universal Logit Distillation between the student and a teacher of any tokenizer, per counted token.
 
     See :func:`uld_loss`. Reads ``outputs.tokens``: with a teacher of another tokenizer
     (:class:`~lightning_kd.language.CrossTokenizerDistillationModule`), the
-    :class:`AlignedTokenOutputs` and their ``aligned`` positions; with a teacher of the student's
+    :class:`AlignedTokenOutputs`: the distance summed over the ``aligned`` positions, divided by
+    the counted positions (``mask``), i.e. a mean over counted tokens with 0 where a token has no
+    teacher partner. That is the unit the module's gradient normalisation counts (the global
+    batch's counted tokens, over accumulated micro-batches and processes), so the gradient does not
+    depend on how the aligned tokens fall into micro-batches; with a teacher of the student's
     tokenizer (:class:`~lightning_kd.CausalLMDistillationModule`), the same positions and
     ``tokens.mask``, on the full vocabularies. The teacher's logits are detached. Only the plain
     path (the sort needs the full probability vectors).
@@ -156,11 +160,14 @@ class ULDTerm(TokenTerm):
         tokens = self.required_tokens(outputs)
         student = self.required(tokens.student_logits, "the student's logits")
         teacher = self.required(tokens.teacher_logits, "the teacher's logits").detach()
-        if isinstance(tokens, AlignedTokenOutputs):
-            mask = self.required(tokens.aligned, "the aligned positions (AlignedTokenOutputs.aligned)")
-        else:  # one tokenizer: the same positions; ULD needs no shared ids, so the full vocabularies
-            mask = tokens.mask
-        return uld_loss(student, teacher, mask, self.student_temperature, self.teacher_temperature)
+        if not isinstance(
+            tokens, AlignedTokenOutputs
+        ):  # one tokenizer: the same positions, full vocabularies
+            return uld_loss(student, teacher, tokens.mask, self.student_temperature, self.teacher_temperature)
+        aligned = self.required(tokens.aligned, "the aligned positions (AlignedTokenOutputs.aligned)")
+        mean = uld_loss(student, teacher, aligned, self.student_temperature, self.teacher_temperature)
+        # per counted token (0 where no partner): the module's token-mean gradients count tokens.mask
+        return mean * (aligned.sum() / tokens.mask.sum().clamp_min(1))
 
     def extra_repr(self) -> str:
         """Name, weight and temperatures, shown in the module repr."""

@@ -125,10 +125,36 @@ def test_term_reads_the_aligned_positions_or_the_mask_with_one_tokenizer() -> No
         mask, torch.zeros(1, 3, dtype=torch.long), 6, student, teacher, aligned=aligned
     )
     value = term(StepOutputs(student, tokens=tokens))
-    assert value.item() == pytest.approx((per_row[0] + per_row[2]) / 2, abs=1e-6)
+    # summed over the aligned positions, per counted token (the unaligned one counts 0)
+    assert value.item() == pytest.approx((per_row[0] + per_row[2]) / 3, abs=1e-6)
     plain = TokenOutputs(mask, torch.zeros(1, 3, dtype=torch.long), 6, student, teacher)
     assert term(StepOutputs(student, tokens=plain)).item() == pytest.approx(per_row.mean(), abs=1e-6)
     with pytest.raises(ValueError, match=r"Loss term 'uld' reads the shifted tokens of a causal-LM step"):
         term(StepOutputs(student))
     with pytest.raises(ValueError, match=r"teacher_temperature must be > 0 and finite, got -1"):
         ULDTerm(teacher_temperature=-1)
+
+
+def test_the_terms_token_sums_over_micro_batches_make_the_global_batchs_mean_over_counted_tokens() -> None:
+    # the module backpropagates value * counted tokens of each micro-batch and divides by the global
+    # count: with aligned fractions that differ between micro-batches, that must be the float64 sum
+    # of the aligned distances over the counted tokens of the whole batch
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(4, 5, 6, generator=generator), torch.randn(4, 5, 4, generator=generator)
+    mask = torch.rand(4, 5, generator=generator) < 0.9
+    aligned = mask & (torch.rand(4, 5, generator=generator) < torch.tensor([[0.2], [0.9], [0.5], [1.0]]))
+    term = ULDTerm("uld")
+    token_sums = 0.0
+    for rows in (slice(0, 1), slice(1, 4)):  # micro-batches of 1 and 3 rows
+        tokens = AlignedTokenOutputs(
+            mask[rows],
+            torch.zeros_like(mask[rows], dtype=torch.long),
+            6,
+            student[rows],
+            teacher[rows],
+            aligned=aligned[rows],
+        )
+        token_sums += term(StepOutputs(student[rows], tokens=tokens)).double() * mask[rows].sum()
+    per_position = reference(student.double().numpy(), teacher.double().numpy(), 1.0, 1.0)
+    expected = per_position[aligned.numpy()].sum() / mask.sum().item()
+    assert float(token_sums / mask.sum()) == pytest.approx(expected, abs=1e-6)
