@@ -428,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         records.setdefault(record["kind"], {})[record["seed"]] = record
     text = "\n".join(
         [
-            "# Language-model distillation methods (benchmarks/lm_methods.py)",
+            # no h1: docs/language-models.md includes this file under one of its h2 sections
+            "### On-policy, sequence-level, stored and cross-tokenizer distillation on the example",
             "",
             f"{len(seeds)} seed(s), {settings.steps} steps each, student {settings.student_shape}, "
             f"teacher {settings.teacher_shape} (layers, width, heads), V = {settings.vocab_size}; "

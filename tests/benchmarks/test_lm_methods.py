@@ -59,6 +59,8 @@ def test_quick_run_pairs_each_method_with_the_student_alone_and_sizes_the_teache
     uld_gain = records["seed0-uld_ce"]["test_perplexity"] - records["seed0-uld"]["test_perplexity"]
     assert rows["ULD, teacher of another tokenizer (CE + ULD)"][1].strip() == f"{uld_gain:+.2f}"
     assert rows["on-policy, lmbda 0.5"][0].strip() == "not run"
+    # the docs page includes the results under an h2 section: no h1 or h2 of its own
+    assert not [line for line in text.splitlines() if line.startswith(("# ", "## "))]
     # a record whose student started elsewhere is not paired
     records["seed0-gkd_1"]["start_weights"] = "another"
     table = {"alone": {0: alone}, "gkd_1": {0: records["seed0-gkd_1"]}}
