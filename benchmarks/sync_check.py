@@ -35,7 +35,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from step_overhead import WORKLOADS, LightningFit, Setting, build, quiet
+from step_loops import WORKLOADS, LightningFit, Setting
+from step_overhead import build, quiet
 
 LIBRARY_VARIANTS = ("ours", "ours@log10", "ours+fitnet", "ours+cache", "mutual")
 SYNC_MESSAGE = "synchroniz"  # torch: "called a synchronizing CUDA operation"

@@ -15,7 +15,7 @@ def load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["step_overhead"] = module  # dataclasses look their module up by name
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports overhead.py beside it, as a run of the script does
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports step_loops.py beside it, as a run of the script does
     try:
         spec.loader.exec_module(module)
     finally:
