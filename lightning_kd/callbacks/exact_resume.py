@@ -31,6 +31,7 @@ from torch.utils.data import (
 )
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_kd.dataloader_settings import worker_settings
 from lightning_kd.step_monitor import StepMonitor
 
 __all__ = ["EpochShuffle", "ExactResume", "SeededFetches", "default_exact_resume", "resumable_loader"]
@@ -232,18 +233,7 @@ def resumable_loader(loader: Any, seed: int, rank: int = 0, epoch: int = 0) -> t
             "loader with state_dict/load_state_dict (its position in the epoch and its random state)"
         )
     dataset = loader.dataset
-    common: dict[str, Any] = dict(
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
-        prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers,
-        pin_memory_device=loader.pin_memory_device,
-        in_order=getattr(loader, "in_order", True),
-    )
+    common = worker_settings(loader)
     if isinstance(dataset, IterableDataset):
         if not isinstance(dataset, _Stateful):
             return loader, (

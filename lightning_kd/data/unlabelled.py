@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_kd.dataloader_settings import worker_settings
 from lightning_kd.model_io import BatchKey, select
 
 __all__ = ["InputsOnly", "UnlabelledDataModule"]
@@ -47,20 +48,11 @@ def inputs_only_loader(loader: DataLoader, input_key: BatchKey) -> DataLoader:
         if loader.batch_size is not None
         else {"batch_sampler": loader.batch_sampler}
     )
-    workers: dict[str, Any] = {}
-    if loader.num_workers > 0:
-        workers = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers}
     return DataLoader(
         InputsOnly(loader.dataset, input_key),
         **batching,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context,
         generator=loader.generator,
-        **workers,
+        **worker_settings(loader),
     )
 
 
