@@ -14,7 +14,8 @@ the checkpoints in ``DIR`` instead, ``--cache-dir DIR`` the teacher cache (``OUT
 ``OUT/view_cache`` for the ``views`` scenario: a TeacherViewCache of replayable augmented views). With
 the environment variable ``KILL_RESUME_SLOW_COMMIT=FILE``, the commit of each ``last.ckpt`` that
 replaces an earlier one (the new file written and synced, ``os.replace`` not yet done) writes ``FILE``
-and waits, so the test can SIGKILL it there. The test also imports :func:`fit` to run the uninterrupted and the resumed fits in its own process.
+and waits, so the test can SIGKILL it there. The test also imports :func:`fit` to run the
+uninterrupted and the resumed fits in its own process.
 """
 
 from __future__ import annotations
