@@ -147,7 +147,11 @@ class TeacherSteps(pl.Callback):
     def __init__(self, teacher: nn.Module) -> None:
         self.steps: list[int] = []
         self._step: int | None = None
-        teacher.register_forward_hook(lambda *_: self._step is not None and self.steps.append(self._step))
+        teacher.register_forward_hook(self._record)
+
+    def _record(self, *_: Any) -> None:
+        if self._step is not None:
+            self.steps.append(self._step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._step = trainer.global_step
