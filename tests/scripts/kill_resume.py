@@ -11,11 +11,12 @@ and saves the final state, the optimizer state and every step's logged metrics t
 worker processes (``--reload``: new loaders every epoch), ``--augment`` adds random transforms
 (torch, NumPy and ``random``) to the training data and dropout to the student. ``--ckpt-dir DIR`` puts
 the checkpoints in ``DIR`` instead, ``--cache-dir DIR`` the teacher cache (``OUT/teacher_cache``,
-``OUT/view_cache`` for the ``views`` scenario: a TeacherViewCache of replayable augmented views). With
-the environment variable ``KILL_RESUME_SLOW_COMMIT=FILE``, the commit of each ``last.ckpt`` that
-replaces an earlier one (the new file written and synced, ``os.replace`` not yet done) writes ``FILE``
-and waits, so the test can SIGKILL it there. The test also imports :func:`fit` to run the
-uninterrupted and the resumed fits in its own process.
+``OUT/view_cache`` for the ``views`` scenario: a TeacherViewCache of replayable augmented views),
+``--samples N`` trains on N samples instead of 48. With the environment variable
+``KILL_RESUME_SLOW_COMMIT=FILE``, the commit of each ``last.ckpt`` that replaces an earlier one (the
+new file written and synced, ``os.replace`` not yet done) writes ``FILE`` and waits, so the test can
+SIGKILL it there. The test also imports :func:`fit` to run the uninterrupted and the resumed fits in
+its own process.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class Augmented(Dataset):
 class ResumeDataModule(RandomDataModule):
     """RandomDataModule with sample indices (``indexed``), random transforms and loader workers."""
 
-    def __init__(self, indexed: bool, augment: bool, workers: int, views: bool = False) -> None:
-        super().__init__(n=SAMPLES, batch_size=BATCH)
+    def __init__(
+        self, indexed: bool, augment: bool, workers: int, views: bool = False, samples: int = SAMPLES
+    ) -> None:
+        super().__init__(n=samples, batch_size=BATCH)
         self.indexed, self.augment, self.workers, self.views = indexed, augment, workers, views
 
     def _dataset(self) -> Dataset:
@@ -104,7 +107,7 @@ class ResumeDataModule(RandomDataModule):
         dataset = super()._dataset()
         if self.views:  # (x_view, y, index, view, params), one view per sample and epoch
             views = ReplayedViews(dataset, view_augmentation(), VIEWS)
-            sampler = ViewSampler(SAMPLES, VIEWS, seed=SEED)
+            sampler = ViewSampler(len(dataset), VIEWS, seed=SEED)
             return DataLoader(views, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers)
         dataset = Augmented(dataset) if self.augment else dataset
         dataset = WithIndex(dataset) if self.indexed else dataset
@@ -239,6 +242,7 @@ def fit(
     devices: int = 1,
     reload: bool = False,
     cache_dir: Path | None = None,
+    samples: int = SAMPLES,
 ) -> dict[str, Any]:
     """Fit ``scenario`` (optionally resuming from ``last.ckpt`` in ``ckpt_dir``, default
     ``out_dir/ckpt``; a teacher cache in ``cache_dir``, default in ``out_dir``); return its final state."""
@@ -248,7 +252,8 @@ def fit(
         pl.seed_everything(SEED, verbose=False)
         module = _module(scenario, out_dir, dropout=augment, cache_dir=cache_dir)
         views = scenario == "views"
-        datamodule = ResumeDataModule(scenario in ("crd", "cache"), augment, workers, views=views)
+        indexed = scenario in ("crd", "cache")
+        datamodule = ResumeDataModule(indexed, augment, workers, views=views, samples=samples)
         every = dict(every_n_train_steps=1, save_top_k=0) if every_step else dict(every_n_epochs=1)
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, **every)
         recorder = RecordMetrics()
@@ -356,6 +361,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--reload", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if os.environ.get("KILL_RESUME_SLOW_COMMIT"):
@@ -372,6 +378,7 @@ def main() -> None:
         args.devices,
         args.reload,
         args.cache_dir,
+        args.samples,
     )
     name = "final.pt" if args.devices == 1 else f"final-rank{result['rank']}.pt"
     torch.save(result, args.out_dir / name)
