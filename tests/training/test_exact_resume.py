@@ -66,7 +66,9 @@ def assert_equal(resumed: Any, reference: Any, where: str) -> None:
         assert resumed == reference, f"{where}: {resumed!r} vs {reference!r}"
 
 
-def assert_view_cache_of_the_run(directory: Path, reference: Path, state: dict[str, torch.Tensor]) -> None:
+def assert_view_cache_of_the_run(
+    directory: Path, reference: Path, state: dict[str, torch.Tensor], samples: int = SAMPLES
+) -> None:
     """The ``views`` scenario's cache in ``directory``: every (sample, view) stored and intact, each the
     teacher's top-2 soft labels of the very view it was served for, and the files byte for byte those
     of the uninterrupted run's cache in ``reference``."""
@@ -77,16 +79,16 @@ def assert_view_cache_of_the_run(directory: Path, reference: Path, state: dict[s
     teacher.load_state_dict(
         {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
     )
-    data = RandomDataModule(n=SAMPLES)
+    data = RandomDataModule(n=samples)
     views = ReplayedViews(TensorDataset(data.x, data.y), view_augmentation(), VIEWS)
     cache = TeacherViewCache(directory, views=VIEWS, top_k=2, dtype="float16")
-    cache.open(view_cache_fingerprint(teacher, views), SAMPLES, teacher(data.x[:1]), num_params=3)
+    cache.open(view_cache_fingerprint(teacher, views), samples, teacher(data.x[:1]), num_params=3)
     try:
         assert cache.complete  # the fingerprint the fits computed; meta.json says complete
-        keys = [(index, view) for index in range(SAMPLES) for view in range(VIEWS)]
+        keys = [(index, view) for index in range(samples) for view in range(VIEWS)]
         x, _, _, _, _ = batch = default_collate([views[key] for key in keys])
         rows = cache.indices_of(batch)
-        assert torch.equal(rows, torch.arange(SAMPLES * VIEWS))
+        assert torch.equal(rows, torch.arange(samples * VIEWS))
         # served: each row's CRC-32, stored view parameters and input signature checked against this view
         assert cache.lookup(rows, input_signature(x, len(rows))) is not None
         with torch.no_grad():
@@ -158,6 +160,31 @@ def test_a_2_process_ddp_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) ->
         resumed = torch.load(killed / f"final-rank{rank}.pt", weights_only=False)
         assert reference["global_step"] == 2 * EPOCHS
         assert_same_run(resumed, reference, kill_at - 1)
+
+
+def test_a_2_process_ddp_fit_filling_a_view_cache_killed_and_resumed_is_exact(tmp_path: Path) -> None:
+    # 47 samples: the DistributedSampler pads each epoch with one repeated view, which both processes
+    # store (rank 0 in its first batch, rank 1 in its last: 24 samples each, 2 steps per epoch); epoch-end
+    # checkpoints; killed after step 4, the end of epoch 1, the second filling epoch (the rerun of epoch 1
+    # replays the views the killed run stored, the repeated one included)
+    options = ["--devices", "2", "--samples", "47"]
+    run(tmp_path / "full", "views", *options)
+    killed = tmp_path / "killed"
+    assert run_and_kill(killed, "views", 4, *options) == (4, 1)
+    assert torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
+    run(killed, "views", "--resume", *options)
+
+    for rank in (0, 1):
+        reference = torch.load(tmp_path / "full" / f"final-rank{rank}.pt", weights_only=False)
+        resumed = torch.load(killed / f"final-rank{rank}.pt", weights_only=False)
+        assert reference["global_step"] == 2 * EPOCHS
+        assert reference["teacher_steps"] == [0, 1, 2, 3]  # epochs 0 and 1 fill, epochs 2 and 3 replay
+        assert_same_run(resumed, reference, 2)
+    cache = tmp_path / "full" / "view_cache"
+    assert_view_cache_of_the_run(killed / "view_cache", cache, reference["state"], samples=47)
+    # a second fit (one process) on the cache the two processes filled: served without the teacher
+    second = fit(tmp_path / "second", "views", cache_dir=cache, samples=47)
+    assert second["teacher_steps"] == [] and second["global_step"] == 3 * EPOCHS
 
 
 class Stream(IterableDataset):
