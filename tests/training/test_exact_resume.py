@@ -164,9 +164,9 @@ def test_a_2_process_ddp_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) ->
 
 def test_a_2_process_ddp_fit_filling_a_view_cache_killed_and_resumed_is_exact(tmp_path: Path) -> None:
     # 47 samples: the DistributedSampler pads each epoch with one repeated view, which both processes
-    # store (rank 0 in its first batch, rank 1 in its last: 24 samples each, 2 steps per epoch); epoch-end
-    # checkpoints; killed after step 4, the end of epoch 1, the second filling epoch (the rerun of epoch 1
-    # replays the views the killed run stored, the repeated one included)
+    # see (rank 0 in its first batch, rank 1 in its last: 24 samples each, 2 steps per epoch) and the
+    # first stores; epoch-end checkpoints; killed after step 4, the last batch of epoch 1, the second
+    # filling epoch (the rerun of epoch 1 replays the views the killed run stored, the repeated one too)
     options = ["--devices", "2", "--samples", "47"]
     run(tmp_path / "full", "views", *options)
     killed = tmp_path / "killed"
