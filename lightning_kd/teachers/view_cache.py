@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.teachers.cache import TeacherOutputCache
+from lightning_kd.teachers.cache import TeacherOutputCache, topk_logits
 from lightning_kd.teachers.fingerprints import PROBE_SAMPLES, dataset_fingerprint, teacher_fingerprint
 
 __all__ = ["VIEW_FORMAT_VERSION", "TeacherViewCache", "view_cache_fingerprint"]
@@ -211,29 +211,72 @@ class TeacherViewCache(TeacherOutputCache):
         """
         found = super().lookup(indices, signature, device)  # rows checked against their CRC first
         if found is not None and self._batch_params is not None:  # on the host: read by indices_of
-            stored = self.arrays["params"][indices]
-            differs = (stored != self._batch_params).any(dim=1)
-            if bool(differs.any()):
-                index, view = divmod(int(indices[differs][0]), self.views)
-                raise RuntimeError(
-                    f"Training sample {index}, view {view}: the batch's view parameters "
-                    f"{self._batch_params[differs][0].tolist()} differ from those the teacher cache stored "
-                    f"({stored[differs][0].tolist()}), so the view is not the one the teacher saw (the "
-                    f"augmentation's drawing changed since the cache was built). {self._rebuild_advice()}"
-                )
+            self._check_params(indices, self._batch_params)
         return found
+
+    def _check_params(self, indices: Tensor, params: Tensor) -> None:
+        """Raise if the stored parameters of the rows ``indices`` differ from ``params`` (host tensors)."""
+        stored = self.arrays["params"][indices]
+        differs = (stored != params).any(dim=1)
+        if bool(differs.any()):
+            index, view = divmod(int(indices[differs][0]), self.views)
+            raise RuntimeError(
+                f"Training sample {index}, view {view}: the batch's view parameters "
+                f"{params[differs][0].tolist()} differ from those the teacher cache stored "
+                f"({stored[differs][0].tolist()}), so the view is not the one the teacher saw (the "
+                f"augmentation's drawing changed since the cache was built). {self._rebuild_advice()}"
+            )
 
     def store(
         self, indices: Tensor, logits: Tensor, features: Mapping[str, Tensor], signature: Tensor
     ) -> None:
-        """Store the rows ``indices`` with the parameters of the batch last read by :meth:`indices_of`."""
-        if self._batch_params is None or len(self._batch_params) != len(indices):
+        """Store the rows ``indices`` not stored yet, with the view parameters read by :meth:`indices_of`.
+
+        A stored view is never written again: its first soft labels stay (the teacher's logits of
+        one view differ in their last bits with the batch they were computed in). So every step
+        that serves a view gets the same values, in any run that reads the cache; and under DDP,
+        a view that two processes see in one epoch (a ``DistributedSampler`` pads the epoch with
+        repeated items) is written by the first only. The rows the batch holds already are checked
+        instead: their parameters and input signature must be the batch's.
+
+        Raises:
+            RuntimeError: a view of the batch is stored with other parameters or another input.
+        """
+        params = self._batch_params
+        if params is None or len(params) != len(indices):
             raise RuntimeError(
                 "TeacherViewCache.store needs the view parameters of the same batch: call indices_of(batch) "
                 "first."
             )
-        self.arrays["params"][indices] = self._batch_params
+        logits, signature = logits.detach().float().cpu(), signature.cpu()
+        stored = self.arrays["filled"][indices]
+        if bool(stored.any()):
+            self._check_params(indices[stored], params[stored])
+            differs = self.arrays["signature"][indices[stored]] != signature[stored]
+            if bool(differs.any()):
+                self.check_inputs(int(indices[stored][differs][0]))
+            new = ~stored
+            indices, logits, signature, params = indices[new], logits[new], signature[new], params[new]
+            if not len(indices):
+                return
+        self.arrays["params"][indices] = params
         super().store(indices, logits, features, signature)
+
+    def served(self, indices: Tensor, device: torch.device | str = "cpu") -> Tensor:
+        """The logits of the stored rows ``indices`` as :meth:`lookup` serves them (float32, on ``device``).
+
+        What a step gets for views the teacher has just run on and :meth:`store` has stored: the
+        same soft labels as when they are replayed (``top_k`` rebuilt by
+        :func:`~lightning_kd.teachers.cache.topk_logits`, values rounded to ``dtype``), so the
+        student's targets never depend on whether a view was stored before the step (an earlier
+        epoch, a separate fill pass, or a killed run that stored it after its last checkpoint).
+        """
+        names = ["logits"] if self.top_k is None else ["topk_values", "topk_indices", "tail_logsumexp"]
+        rows = {name: self.arrays[name][indices].to(device, non_blocking=True) for name in names}
+        if self.top_k is None:
+            return rows["logits"].float()
+        values, classes, tail = rows["topk_values"], rows["topk_indices"], rows["tail_logsumexp"]
+        return topk_logits(values, classes, tail, self.num_classes)
 
     def _checksums(self, indices: Tensor, rows: Mapping[str, Tensor]) -> np.ndarray:
         """The base class's CRC-32 per row; the parameters are read from storage where ``rows`` lacks them."""

@@ -10,10 +10,13 @@ and saves the final state, the optimizer state and every step's logged metrics t
 ``last.ckpt`` after every optimizer step (mid-epoch checkpoints), ``--workers N`` reads the data in N
 worker processes (``--reload``: new loaders every epoch), ``--augment`` adds random transforms
 (torch, NumPy and ``random``) to the training data and dropout to the student. ``--ckpt-dir DIR`` puts
-the checkpoints in ``DIR`` instead. With the environment variable ``KILL_RESUME_SLOW_COMMIT=FILE``,
-the commit of each ``last.ckpt`` that replaces an earlier one (the new file written and synced,
-``os.replace`` not yet done) writes ``FILE`` and waits, so the test can SIGKILL it there. The test
-also imports :func:`fit` to run the uninterrupted and the resumed fits in its own process.
+the checkpoints in ``DIR`` instead, ``--cache-dir DIR`` the teacher cache (``OUT/teacher_cache``,
+``OUT/view_cache`` for the ``views`` scenario: a TeacherViewCache of replayable augmented views),
+``--samples N`` trains on N samples instead of 48. With the environment variable
+``KILL_RESUME_SLOW_COMMIT=FILE``, the commit of each ``last.ckpt`` that replaces an earlier one (the
+new file written and synced, ``os.replace`` not yet done) writes ``FILE`` and waits, so the test can
+SIGKILL it there. The test also imports :func:`fit` to run the uninterrupted and the resumed fits in
+its own process.
 """
 
 from __future__ import annotations
@@ -43,19 +46,33 @@ from lightning_kd.callbacks import (  # noqa: E402
     Stage,
     TemperatureAnnealing,  # noqa: E402
 )
-from lightning_kd.data import WithIndex  # noqa: E402
+from lightning_kd.data import (  # noqa: E402
+    ReplayableAugmentation,
+    ReplayedViews,
+    SignalNoise,
+    SignalScale,
+    SignalShift,
+    ViewSampler,
+    WithIndex,
+)
 from lightning_kd.losses import (  # noqa: E402
     CRDTerm,  # noqa: E402
     CrossEntropyTerm,
     FitNetTerm,  # noqa: E402
     KDTerm,
 )
-from lightning_kd.teachers import TeacherOutputCache  # noqa: E402
+from lightning_kd.teachers import TeacherOutputCache, TeacherViewCache  # noqa: E402
 from tests.helpers import RandomDataModule, small_net  # noqa: E402
 
-SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages", "cache")
+SCENARIOS = ("schedules", "trainable", "ema", "crd", "stages", "cache", "views")
 EPOCHS, SAMPLES, BATCH = 4, 48, 16  # 3 steps per epoch, 12 in all
 SEED = 7
+VIEWS = 2  # "views": the cache is filled in epochs 0 and 1 (one view per sample each), replayed after
+
+
+def view_augmentation() -> ReplayableAugmentation:
+    """The replayable augmentation of the "views" scenario (a function of seed, sample and view)."""
+    return ReplayableAugmentation([SignalShift(2), SignalScale(0.8, 1.2), SignalNoise(0.1)], seed=SEED)
 
 
 class Augmented(Dataset):
@@ -76,9 +93,11 @@ class Augmented(Dataset):
 class ResumeDataModule(RandomDataModule):
     """RandomDataModule with sample indices (``indexed``), random transforms and loader workers."""
 
-    def __init__(self, indexed: bool, augment: bool, workers: int) -> None:
-        super().__init__(n=SAMPLES, batch_size=BATCH)
-        self.indexed, self.augment, self.workers = indexed, augment, workers
+    def __init__(
+        self, indexed: bool, augment: bool, workers: int, views: bool = False, samples: int = SAMPLES
+    ) -> None:
+        super().__init__(n=samples, batch_size=BATCH)
+        self.indexed, self.augment, self.workers, self.views = indexed, augment, workers, views
 
     def _dataset(self) -> Dataset:
         dataset = super()._dataset()
@@ -86,6 +105,10 @@ class ResumeDataModule(RandomDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = super()._dataset()
+        if self.views:  # (x_view, y, index, view, params), one view per sample and epoch
+            views = ReplayedViews(dataset, view_augmentation(), VIEWS)
+            sampler = ViewSampler(len(dataset), VIEWS, seed=SEED)
+            return DataLoader(views, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers)
         dataset = Augmented(dataset) if self.augment else dataset
         dataset = WithIndex(dataset) if self.indexed else dataset
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.workers)
@@ -121,6 +144,25 @@ class RecordMetrics(pl.Callback):
         self._take(trainer, "epoch")
 
 
+class TeacherSteps(pl.Callback):
+    """The global steps (counted before the step) of the training batches on which the teacher ran."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.steps: list[int] = []
+        self._step: int | None = None
+        teacher.register_forward_hook(self._record)
+
+    def _record(self, *_: Any) -> None:
+        if self._step is not None:
+            self.steps.append(self._step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._step = None
+
+
 def wait_in_last_ckpt_commit(marker: Path) -> None:
     """Make the commit that replaces an existing ``last.ckpt`` write ``marker`` and wait to be killed."""
     replace = os.replace
@@ -141,7 +183,9 @@ def _student(dropout: bool) -> nn.Module:
     return student
 
 
-def _module(scenario: str, out_dir: Path, dropout: bool = False) -> DistillationModule:
+def _module(
+    scenario: str, out_dir: Path, dropout: bool = False, cache_dir: Path | None = None
+) -> DistillationModule:
     optimizer = lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9)  # noqa: E731
     common: dict[str, Any] = dict(optimizer=optimizer)
     if scenario == "schedules":
@@ -160,8 +204,14 @@ def _module(scenario: str, out_dir: Path, dropout: bool = False) -> Distillation
         losses = [CrossEntropyTerm(), KDTerm(weight=0.5), FitNetTerm("2", "2", weight=10.0)]
         return DistillationModule(_student(dropout), small_net(hidden=32), losses=losses, **common)
     if scenario == "cache":  # memory-mapped teacher outputs, filled in the first epoch
-        cache = TeacherOutputCache(out_dir / "teacher_cache")
+        cache = TeacherOutputCache(cache_dir or out_dir / "teacher_cache")
         return DistillationModule(_student(dropout), small_net(hidden=32), teacher_cache=cache, **common)
+    if scenario == "views":  # top-2 float16 soft labels of replayed views, filled in the first epochs
+        views = TeacherViewCache(cache_dir or out_dir / "view_cache", views=VIEWS, top_k=2, dtype="float16")
+        losses = [CrossEntropyTerm(weight=0.1), KDTerm(weight=0.9, temperature=4.0)]
+        return DistillationModule(
+            _student(dropout), small_net(hidden=32), losses=losses, teacher_cache=views, **common
+        )
     raise ValueError(f"Unknown scenario {scenario!r}; choose from {SCENARIOS}.")
 
 
@@ -191,19 +241,25 @@ def fit(
     augment: bool = False,
     devices: int = 1,
     reload: bool = False,
+    cache_dir: Path | None = None,
+    samples: int = SAMPLES,
 ) -> dict[str, Any]:
     """Fit ``scenario`` (optionally resuming from ``last.ckpt`` in ``ckpt_dir``, default
-    ``out_dir/ckpt``); return its final state."""
+    ``out_dir/ckpt``; a teacher cache in ``cache_dir``, default in ``out_dir``); return its final state."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pl.seed_everything(SEED, verbose=False)
-        module = _module(scenario, out_dir, dropout=augment)
-        datamodule = ResumeDataModule(scenario in ("crd", "cache"), augment, workers)
+        module = _module(scenario, out_dir, dropout=augment, cache_dir=cache_dir)
+        views = scenario == "views"
+        indexed = scenario in ("crd", "cache")
+        datamodule = ResumeDataModule(indexed, augment, workers, views=views, samples=samples)
         every = dict(every_n_train_steps=1, save_top_k=0) if every_step else dict(every_n_epochs=1)
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir or out_dir / "ckpt", save_last=True, **every)
         recorder = RecordMetrics()
         callbacks = [checkpoint, recorder, *_callbacks(scenario)]
+        teacher_steps = TeacherSteps(module.teacher) if module.teacher is not None else None
+        callbacks += [teacher_steps] if teacher_steps is not None else []
         if kill_at_step is not None:
             callbacks.append(StopAtStep(kill_at_step, out_dir / "step.txt"))
         trainer = pl.Trainer(
@@ -230,6 +286,7 @@ def fit(
             "optimizer": optimizer,
             "global_step": trainer.global_step,
             "rank": trainer.global_rank,
+            "teacher_steps": teacher_steps.steps if teacher_steps is not None else None,
         }
     finally:
         torch.set_num_threads(threads)
@@ -303,6 +360,8 @@ def main() -> None:
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--reload", action="store_true")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if os.environ.get("KILL_RESUME_SLOW_COMMIT"):
@@ -318,6 +377,8 @@ def main() -> None:
         args.augment,
         args.devices,
         args.reload,
+        args.cache_dir,
+        args.samples,
     )
     name = "final.pt" if args.devices == 1 else f"final-rank{result['rank']}.pt"
     torch.save(result, args.out_dir / name)

@@ -153,6 +153,47 @@ def test_a_view_the_teacher_did_not_see_is_never_served() -> None:
         cache.lookup(cache.indices_of(same_input), input_signature(same_input[0], 1))
 
 
+def test_a_stored_view_keeps_its_first_soft_labels_and_is_checked_when_stored_again() -> None:
+    cache = stored_cache(None, ALL[:4])  # samples 0 and 1, both views: rows 0-3
+    first = cache.arrays["logits"].clone()
+    batch = keyed_batch([(1, 1), (2, 0)])  # (1, 1) stored already, as by another process in this epoch
+    rows = cache.indices_of(batch)
+    recomputed = torch.full((2, NUM_CLASSES), 7.0)  # the teacher's values of another batch composition
+    cache.store(rows, recomputed, {}, input_signature(batch[0], 2))
+    assert torch.equal(cache.arrays["logits"][3], first[3])  # the first soft labels stay
+    assert torch.equal(cache.arrays["logits"][4], recomputed[1]) and bool(cache.arrays["filled"][4])
+    assert torch.equal(cache.served(rows), torch.stack([first[3], recomputed[1]]))  # what the step trains on
+
+    before = {name: array.clone() for name, array in cache.arrays.items()}
+    other_params = (*keyed_batch([(1, 1)])[:4], keyed_batch([(1, 1)], seed=9)[4])
+    with pytest.raises(RuntimeError, match=r"Training sample 1, view 1: the batch's view parameters \["):
+        cache.store(
+            cache.indices_of(other_params), torch.zeros(1, NUM_CLASSES), {}, input_signature(batch[0], 1)
+        )
+    right = keyed_batch([(1, 1), (5, 0)])
+    other_input = (right[0] + 1.0, *right[1:])  # the stored parameters, another input
+    with pytest.raises(
+        RuntimeError, match=r"Training sample 1, view 1: the input replayed now is not the view"
+    ):
+        cache.store(
+            cache.indices_of(other_input), torch.zeros(2, NUM_CLASSES), {}, input_signature(other_input[0], 2)
+        )
+    for name, array in cache.arrays.items():  # nothing written by a refused store
+        assert torch.equal(array, before[name]), name
+
+
+def test_a_fit_on_a_filled_cache_repeats_the_fit_that_filled_it_bit_for_bit(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = small_net()
+    filling, calls = kd_fit(TeacherViewCache(tmp_path, views=V, top_k=2, dtype="float16"), 3, teacher)
+    assert calls.count(0) == 1 + 3 and calls.count(1) == 3 and calls.count(2) == 0  # probe, 2 epochs fill
+    reading, calls = kd_fit(TeacherViewCache(tmp_path, views=V, top_k=2, dtype="float16"), 3, teacher)
+    assert calls == [0]  # the probe at set-up only
+    # the filling fit trained on the top-2 float16 soft labels it stored, not on the teacher's full logits
+    for name, value in filling.student.state_dict().items():
+        assert torch.equal(reading.student.state_dict()[name], value), name
+
+
 def test_a_changed_replay_stops_a_fit_that_reads_a_stored_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

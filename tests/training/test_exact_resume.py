@@ -10,14 +10,23 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    IterableDataset,
+    TensorDataset,
+    WeightedRandomSampler,
+    default_collate,
+)
 
-from lightning_kd import DistillationModule
+from lightning_kd import DistillationModule, TeacherViewCache
 from lightning_kd.callbacks.exact_resume import ExactResume
+from lightning_kd.data import ReplayedViews
+from lightning_kd.teachers.fingerprints import input_signature
+from lightning_kd.teachers.view_cache import view_cache_fingerprint
 from tests.helpers import NUM_FEATURES, RandomDataModule, make_trainer, small_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from kill_resume import EPOCHS, fit, run, run_and_kill  # noqa: E402
+from kill_resume import EPOCHS, SAMPLES, VIEWS, fit, run, run_and_kill, view_augmentation  # noqa: E402
 
 STEPS_PER_EPOCH = 3  # kill_resume.py: 48 samples, batches of 16
 
@@ -33,6 +42,11 @@ CASES = {
     "mid-epoch, 2 workers, CRD": ("crd", ["--every-step", "--workers", "2", "--augment"], range(2, 12)),
     # killed in the first epoch, while the teacher cache is being filled
     "mid-epoch, teacher cache being filled": ("cache", ["--every-step", "--workers", "2"], range(2, 3)),
+    # a TeacherViewCache of 2 replayable views (top-2, float16) filled in epochs 0 and 1: killed in epoch 0
+    # after the teacher stored views the checkpoint does not know of, which the resumed run replays
+    "mid-epoch, teacher view cache being filled": ("views", ["--every-step", "--workers", "2"], range(2, 4)),
+    # ... and killed in epoch 2, where every view is replayed from the cache
+    "mid-epoch, views replayed from the view cache": ("views", ["--every-step"], range(8, 10)),
 }
 
 
@@ -50,6 +64,39 @@ def assert_equal(resumed: Any, reference: Any, where: str) -> None:
             assert_equal(a, b, f"{where}[{i}]")
     else:
         assert resumed == reference, f"{where}: {resumed!r} vs {reference!r}"
+
+
+def assert_view_cache_of_the_run(
+    directory: Path, reference: Path, state: dict[str, torch.Tensor], samples: int = SAMPLES
+) -> None:
+    """The ``views`` scenario's cache in ``directory``: every (sample, view) stored and intact, each the
+    teacher's top-2 soft labels of the very view it was served for, and the files byte for byte those
+    of the uninterrupted run's cache in ``reference``."""
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "lock"} == {
+        p.name: p.read_bytes() for p in reference.iterdir() if p.name != "lock"
+    }
+    teacher = small_net(hidden=32).eval()
+    teacher.load_state_dict(
+        {k.removeprefix("teacher."): v for k, v in state.items() if k.startswith("teacher.")}
+    )
+    data = RandomDataModule(n=samples)
+    views = ReplayedViews(TensorDataset(data.x, data.y), view_augmentation(), VIEWS)
+    cache = TeacherViewCache(directory, views=VIEWS, top_k=2, dtype="float16")
+    cache.open(view_cache_fingerprint(teacher, views), samples, teacher(data.x[:1]), num_params=3)
+    try:
+        assert cache.complete  # the fingerprint the fits computed; meta.json says complete
+        keys = [(index, view) for index in range(samples) for view in range(VIEWS)]
+        x, _, _, _, _ = batch = default_collate([views[key] for key in keys])
+        rows = cache.indices_of(batch)
+        assert torch.equal(rows, torch.arange(samples * VIEWS))
+        # served: each row's CRC-32, stored view parameters and input signature checked against this view
+        assert cache.lookup(rows, input_signature(x, len(rows))) is not None
+        with torch.no_grad():
+            top = teacher(x).topk(2, dim=-1)
+        assert torch.equal(cache.arrays["topk_indices"].long(), top.indices)
+        torch.testing.assert_close(cache.arrays["topk_values"].float(), top.values, rtol=1e-3, atol=1e-3)
+    finally:
+        cache.release()
 
 
 def assert_same_run(resumed: dict[str, Any], reference: dict[str, Any], resumed_from: int) -> None:
@@ -90,6 +137,11 @@ def test_a_fit_killed_at_a_random_step_resumes_exactly(tmp_path: Path, case: str
     assert_same_run(resumed, reference, saved_at)
     saved = last["state_dict"]  # the run did move on from the checkpoint (else equal weights prove nothing)
     assert any(not torch.equal(saved[k], v) for k, v in reference["state"].items() if k in saved)
+    if scenario == "views":
+        assert reference["teacher_steps"] == list(range(2 * STEPS_PER_EPOCH))  # 2 epochs fill, 2 replay
+        assert_view_cache_of_the_run(
+            killed / "view_cache", tmp_path / "full" / "view_cache", reference["state"]
+        )
 
 
 def test_a_2_process_ddp_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
@@ -108,6 +160,31 @@ def test_a_2_process_ddp_fit_killed_mid_epoch_resumes_exactly(tmp_path: Path) ->
         resumed = torch.load(killed / f"final-rank{rank}.pt", weights_only=False)
         assert reference["global_step"] == 2 * EPOCHS
         assert_same_run(resumed, reference, kill_at - 1)
+
+
+def test_a_2_process_ddp_fit_filling_a_view_cache_killed_and_resumed_is_exact(tmp_path: Path) -> None:
+    # 47 samples: the DistributedSampler pads each epoch with one repeated view, which both processes
+    # see (rank 0 in its first batch, rank 1 in its last: 24 samples each, 2 steps per epoch) and the
+    # first stores; epoch-end checkpoints; killed after step 4, the last batch of epoch 1, the second
+    # filling epoch (the rerun of epoch 1 replays the views the killed run stored, the repeated one too)
+    options = ["--devices", "2", "--samples", "47"]
+    run(tmp_path / "full", "views", *options)
+    killed = tmp_path / "killed"
+    assert run_and_kill(killed, "views", 4, *options) == (4, 1)
+    assert torch.load(killed / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 2
+    run(killed, "views", "--resume", *options)
+
+    for rank in (0, 1):
+        reference = torch.load(tmp_path / "full" / f"final-rank{rank}.pt", weights_only=False)
+        resumed = torch.load(killed / f"final-rank{rank}.pt", weights_only=False)
+        assert reference["global_step"] == 2 * EPOCHS
+        assert reference["teacher_steps"] == [0, 1, 2, 3]  # epochs 0 and 1 fill, epochs 2 and 3 replay
+        assert_same_run(resumed, reference, 2)
+    cache = tmp_path / "full" / "view_cache"
+    assert_view_cache_of_the_run(killed / "view_cache", cache, reference["state"], samples=47)
+    # a second fit (one process) on the cache the two processes filled: served without the teacher
+    second = fit(tmp_path / "second", "views", cache_dir=cache, samples=47)
+    assert second["teacher_steps"] == [] and second["global_step"] == 3 * EPOCHS
 
 
 class Stream(IterableDataset):
