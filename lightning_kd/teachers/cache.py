@@ -480,14 +480,31 @@ class TeacherOutputCache:
         if not self._served:  # read the comparison once per run; later ones wait for the epoch end
             self._served = True
             self.check_inputs()
+        return self._decoded(rows)
+
+    def served(self, indices: Tensor, device: torch.device | str = "cpu") -> tuple[Tensor, dict[str, Tensor]]:
+        """``(logits, features)`` of the stored rows ``indices`` as :meth:`lookup` serves them.
+
+        What a step gets on a batch the teacher has just run on and :meth:`store` has stored: the
+        values as stored (``top_k`` rebuilt by :func:`topk_logits`, rounded to ``dtype``; a row
+        stored before keeps its first values), so the student's targets never depend on whether a
+        sample was stored before the step or by it (a killed run that stored it after its last
+        checkpoint, another process, a separate fill pass).
+        """
+        names = ["logits"] if self.top_k is None else ["topk_values", "topk_indices", "tail_logsumexp"]
+        names += [f"feature.{path}" for path in self.layers]
+        rows = {name: self.arrays[name][indices].to(device, non_blocking=True) for name in names}
+        return self._decoded(rows)
+
+    def _decoded(self, rows: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Float32 logits (top-k rebuilt) and features of stored rows."""
         if self.top_k is None:
             logits = rows["logits"].float()
         else:
             logits = topk_logits(
                 rows["topk_values"], rows["topk_indices"], rows["tail_logsumexp"], self.num_classes
             )
-        features = {path: rows[f"feature.{path}"].float() for path in self.layers}
-        return logits, features
+        return logits, {path: rows[f"feature.{path}"].float() for path in self.layers}
 
     def check_inputs(self, first_mismatch: int | None = None) -> None:
         """Raise if a served sample's input differed from the stored one (reads the device flag).
@@ -550,10 +567,16 @@ class TeacherOutputCache:
         """Store the teacher's ``logits`` and ``features`` and the inputs' ``signature`` at ``indices``.
 
         A row is marked filled after its outputs, signature and checksums are written. Samples
-        that share an index in the batch must share their input (then the first is stored).
+        that share an index in the batch must share their input (then the first is stored). A
+        stored row is never written again: its first values stay (the teacher's outputs for one
+        sample differ in their last bits with the batch they were computed in), so every step that
+        reads it gets the same values; under DDP a sample that two processes see in one epoch (a
+        ``DistributedSampler`` pads the epoch with repeated items) is written by the first. The
+        stored rows of the batch are checked instead: their input must be the batch's.
 
         Raises:
-            RuntimeError: two samples of the batch have one index but different inputs.
+            RuntimeError: two samples of the batch have one index but different inputs, or a
+                stored sample's input is not the batch's.
             OverflowError: float16 storage cannot hold a value.
         """
         signature = signature.cpu()
@@ -569,6 +592,14 @@ class TeacherOutputCache:
                 "index."
             )
         keep = order[torch.cat([torch.tensor([True]), ~repeated])] if len(order) else order
+        stored = self.arrays["filled"][indices[keep]]
+        if bool(stored.any()):
+            first = keep[stored][self.arrays["signature"][indices[keep[stored]]] != signature[keep[stored]]]
+            if len(first):
+                self.check_inputs(int(indices[first].min()))
+            keep = keep[~stored]
+            if not len(keep):
+                return
         indices, logits = indices[keep], logits.detach().float().cpu()[keep]
         rows: dict[str, Tensor] = {}
         if self.top_k is None:
@@ -583,11 +614,16 @@ class TeacherOutputCache:
                 features[path].detach().cpu()[keep], f"features at {path!r}"
             )
         rows["signature"] = signature[keep]
+        rows.update(self._batch_rows(keep))
         for name, value in rows.items():
             self.arrays[name][indices] = value
         if "checksum" in self.arrays:
             self.arrays["checksum"][indices] = torch.from_numpy(self._checksums(indices, rows))
         self.arrays["filled"][indices] = True
+
+    def _batch_rows(self, keep: Tensor) -> dict[str, Tensor]:
+        """Rows of a subclass's own arrays for the batch positions ``keep`` that :meth:`store` writes."""
+        return {}
 
     def finish_epoch(self, strategy: Any = None) -> bool:
         """Check the epoch's inputs, flush, and mark the cache complete once every sample is filled.

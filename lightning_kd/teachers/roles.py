@@ -207,13 +207,9 @@ class CachedTeacher(FrozenTeacher):
             )
         features = module.feature_hooks.features["teacher"] if module.feature_hooks is not None else {}
         self.cache.store(indices, output, features, signature)
-        return self.just_stored(module, indices, output, features)
-
-    def just_stored(
-        self, module: DistillationModule, indices: Tensor, output: Tensor, features: dict[str, Tensor]
-    ) -> tuple[Tensor, dict]:
-        """What a step gets on a batch the teacher has just run on (and stored): its outputs as they are."""
-        return output, dict(features)
+        # the values as stored (rounded, top-k, or another process's first write): the targets of a
+        # sample never depend on whether it was stored before this step, so a resumed run is exact
+        return self.cache.served(indices, module.device)
 
     def on_train_epoch_end(self, module: DistillationModule) -> None:
         """Check the epoch's inputs and flush the cache; it is complete once every sample is stored."""
@@ -279,17 +275,6 @@ class ViewCachedTeacher(CachedTeacher):
         )
         if module.feature_hooks is not None:
             module.feature_hooks.clear()
-
-    def just_stored(
-        self, module: DistillationModule, indices: Tensor, output: Tensor, features: dict[str, Tensor]
-    ) -> tuple[Tensor, dict]:
-        """The views' soft labels as stored (:meth:`TeacherViewCache.served`), as a replay would serve them.
-
-        So a fit trains on the same targets whether a view was stored before the step or by it:
-        a fit resumed after a kill (whose views stored after the checkpoint are replayed) or one
-        reading a cache filled beforehand repeats the fit that filled it, bit for bit.
-        """
-        return self.cache.served(indices, module.device), {}
 
     def __repr__(self) -> str:
         return f"ViewCachedTeacher({self.cache!r})"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.teachers.cache import TeacherOutputCache, topk_logits
+from lightning_kd.teachers.cache import TeacherOutputCache
 from lightning_kd.teachers.fingerprints import PROBE_SAMPLES, dataset_fingerprint, teacher_fingerprint
 
 __all__ = ["VIEW_FORMAT_VERSION", "TeacherViewCache", "view_cache_fingerprint"]
@@ -248,41 +248,14 @@ class TeacherViewCache(TeacherOutputCache):
                 "TeacherViewCache.store needs the view parameters of the same batch: call indices_of(batch) "
                 "first."
             )
-        logits, signature = logits.detach().float().cpu(), signature.cpu()
         stored = self.arrays["filled"][indices]
         if bool(stored.any()):
             self._check_params(indices[stored], params[stored])
-            differs = self.arrays["signature"][indices[stored]] != signature[stored]
-            if bool(differs.any()):
-                self.check_inputs(int(indices[stored][differs][0]))
-            new = ~stored
-            indices, logits, signature, params = indices[new], logits[new], signature[new], params[new]
-            if not len(indices):
-                return
-        self.arrays["params"][indices] = params
-        super().store(indices, logits, features, signature)
+        super().store(indices, logits, features, signature)  # checks stored rows' inputs, writes new ones
 
-    def served(self, indices: Tensor, device: torch.device | str = "cpu") -> Tensor:
-        """The logits of the stored rows ``indices`` as :meth:`lookup` serves them (float32, on ``device``).
-
-        What a step gets for views the teacher has just run on and :meth:`store` has stored: the
-        same soft labels as when they are replayed (``top_k`` rebuilt by
-        :func:`~lightning_kd.teachers.cache.topk_logits`, values rounded to ``dtype``), so the
-        student's targets never depend on whether a view was stored before the step (an earlier
-        epoch, a separate fill pass, or a killed run that stored it after its last checkpoint).
-        """
-        names = ["logits"] if self.top_k is None else ["topk_values", "topk_indices", "tail_logsumexp"]
-        rows = {name: self.arrays[name][indices].to(device, non_blocking=True) for name in names}
-        if self.top_k is None:
-            return rows["logits"].float()
-        values, classes, tail = rows["topk_values"], rows["topk_indices"], rows["tail_logsumexp"]
-        return topk_logits(values, classes, tail, self.num_classes)
-
-    def _checksums(self, indices: Tensor, rows: Mapping[str, Tensor]) -> np.ndarray:
-        """The base class's CRC-32 per row; the parameters are read from storage where ``rows`` lacks them."""
-        if "params" not in rows:  # store() writes them before the outputs
-            rows = {**rows, "params": self.arrays["params"][indices]}
-        return super()._checksums(indices, rows)
+    def _batch_rows(self, keep: Tensor) -> dict[str, Tensor]:
+        """The view parameters of the batch positions ``keep`` (read by :meth:`indices_of`)."""
+        return {"params": self._batch_params[keep]}
 
     def _verify_rows(self, indices: Tensor, rows: Mapping[str, Tensor]) -> None:
         wrong = self.arrays["checksum"][indices].numpy() != self._checksums(indices, rows)

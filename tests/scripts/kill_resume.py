@@ -203,8 +203,8 @@ def _module(
     if scenario == "stages":
         losses = [CrossEntropyTerm(), KDTerm(weight=0.5), FitNetTerm("2", "2", weight=10.0)]
         return DistillationModule(_student(dropout), small_net(hidden=32), losses=losses, **common)
-    if scenario == "cache":  # memory-mapped teacher outputs, filled in the first epoch
-        cache = TeacherOutputCache(cache_dir or out_dir / "teacher_cache")
+    if scenario == "cache":  # memory-mapped top-2 float16 teacher outputs, filled in the first epoch
+        cache = TeacherOutputCache(cache_dir or out_dir / "teacher_cache", top_k=2, dtype="float16")
         return DistillationModule(_student(dropout), small_net(hidden=32), teacher_cache=cache, **common)
     if scenario == "views":  # top-2 float16 soft labels of replayed views, filled in the first epochs
         views = TeacherViewCache(cache_dir or out_dir / "view_cache", views=VIEWS, top_k=2, dtype="float16")

@@ -230,3 +230,53 @@ def test_ddp_processes_share_one_cache_file(tmp_path: Path) -> None:
     assert meta["complete"] and meta["bytes_per_sample"] == 4 * 4 + 8 + 2 * 4 + 1  # + checksums of 2 files
     with torch.no_grad():
         torch.testing.assert_close(ranks[0]["logits"], ranks[0]["teacher_logits"], rtol=0, atol=1e-6)
+
+
+def test_a_stored_row_keeps_its_first_values_and_the_step_trains_on_them_as_stored() -> None:
+    cache = TeacherOutputCache(top_k=2, dtype="float16")
+    x = torch.randn(4, 8)
+    first = torch.tensor([[0.1, 2.3, -1.7, 0.9], [1.1, -0.4, 0.3, 2.2]])
+    cache.open("fp", 4, first[:1], {})
+    signature = input_signature(x, 4)
+    cache.store(torch.tensor([0, 1]), first, {}, signature[:2])
+    stored = {name: array.clone() for name, array in cache.arrays.items()}
+    # sample 1 again (as by another process, or computed in another batch composition), and sample 2
+    again = torch.tensor([[5.0, 5.0, 5.0, 6.0], [0.5, 0.25, -2.0, 1.0]])
+    cache.store(torch.tensor([1, 2]), again, {}, signature[[1, 2]])
+    for name in ("topk_values", "topk_indices", "tail_logsumexp", "signature"):
+        assert torch.equal(cache.arrays[name][1], stored[name][1]), name  # the first values stay
+    assert bool(cache.arrays["filled"][2])
+    logits, features = cache.served(torch.tensor([1, 2]))
+    # what the step trains on, by hand: sample 1's top-2 (2.2 and 1.1) rounded to float16, and each of
+    # the other two classes log((e^-0.4 + e^0.3) / 2), float32
+    other = math.log((math.exp(-0.4) + math.exp(0.3)) / 2)
+    half = [float(torch.tensor(v, dtype=torch.float16)) for v in (1.1, 2.2)]
+    torch.testing.assert_close(logits[0], torch.tensor([half[0], other, other, half[1]]), rtol=0, atol=1e-6)
+    assert features == {}
+    # a stored row whose input is not the batch's: refused, nothing written
+    before = {name: array.clone() for name, array in cache.arrays.items()}
+    with pytest.raises(
+        RuntimeError, match="The input of training sample 1 is not the input the teacher cache"
+    ):
+        cache.store(torch.tensor([3, 1]), again, {}, input_signature(x + 1, 4)[[3, 1]])
+    for name, array in cache.arrays.items():
+        assert torch.equal(array, before[name]), name
+
+
+def test_a_fit_on_a_filled_top_k_float16_cache_repeats_the_fit_that_filled_it_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    students = []
+    for run in range(2):
+        torch.manual_seed(0)
+        teacher, student = small_net(), small_net()
+        cache = TeacherOutputCache(tmp_path, top_k=2, dtype="float16")
+        module = DistillationModule(student, teacher, losses=losses(features=True), teacher_cache=cache)
+        calls = teacher_calls(module)
+        torch.manual_seed(1)
+        fit(module)
+        assert calls.count(1) == 0 and calls.count(0) == (1 + 4 if run == 0 else 1)  # the second: probe only
+        students.append(module.student.state_dict())
+    # the filling fit trained on the top-2 logits and float16 features as stored, as the reading fit does
+    for name, value in students[0].items():
+        assert torch.equal(students[1][name], value), name
