@@ -98,10 +98,9 @@ QUICK = Settings(
 )
 
 
-@functools.cache
-def text_data(settings: Settings, cache_dir: str | None) -> PythonDocsText:
-    """The datamodule, set up once per process."""
-    data = PythonDocsText(
+def text_arguments(settings: Settings, cache_dir: str | None) -> dict[str, Any]:
+    """The arguments of ``PythonDocsText`` (and the datamodules built on it) for ``settings``."""
+    return dict(
         block_size=settings.block_size,
         vocab_size=settings.vocab_size,
         batch_size=settings.batch_size,
@@ -111,6 +110,12 @@ def text_data(settings: Settings, cache_dir: str | None) -> PythonDocsText:
         stdlib=settings.stdlib,
         max_documents=settings.max_documents,
     )
+
+
+@functools.cache
+def text_data(settings: Settings, cache_dir: str | None) -> PythonDocsText:
+    """The datamodule, set up once per process."""
+    data = PythonDocsText(**text_arguments(settings, cache_dir))
     data.setup("fit")
     return data
 

@@ -59,6 +59,7 @@ from lm_distillation import (  # noqa: E402
     Settings,
     machine,
     same_settings,
+    text_arguments,
     text_data,
     train_run,
     versions,
@@ -107,17 +108,8 @@ RUN_HERE = [m for m in METHODS if m != "forward_kl"]  # forward_kl and alone: lm
 
 def prompts_data(settings: Settings, cache_dir: str | None) -> PythonDocsPrompts:
     """The blocks of ``text_data`` with a prompt of ``PROMPT_LENGTH`` tokens in the training batches."""
-    return PythonDocsPrompts(
-        prompt_length=min(PROMPT_LENGTH, settings.block_size // 4),
-        block_size=settings.block_size,
-        vocab_size=settings.vocab_size,
-        batch_size=settings.batch_size,
-        val_fraction=settings.val_fraction,
-        test_fraction=settings.test_fraction,
-        cache_dir=cache_dir,
-        stdlib=settings.stdlib,
-        max_documents=settings.max_documents,
-    )
+    prompt_length = min(PROMPT_LENGTH, settings.block_size // 4)
+    return PythonDocsPrompts(prompt_length=prompt_length, **text_arguments(settings, cache_dir))
 
 
 def gpt2(settings: Settings, shape: tuple[int, int, int], vocab_size: int | None = None) -> torch.nn.Module:
@@ -197,7 +189,7 @@ def build(
         return module, data, extra
     if method.startswith("store_"):
         store = store_directory(out_dir, int(method.split("_")[1]))
-        data = PythonDocsText(**_text_arguments(settings, cache_dir), return_index=True)
+        data = PythonDocsText(**text_arguments(settings, cache_dir), return_index=True)
         module = TokenStoreDistillationModule(student, store, losses=kd, **common)
         extra["bytes_per_token"] = _store_bytes(store)
         return module, data, extra
@@ -212,23 +204,10 @@ def build(
             **common,
         )
         data = PythonDocsCrossTokenizerText(
-            teacher_vocab_size=TEACHER_VOCABULARY, **_text_arguments(settings, cache_dir)
+            teacher_vocab_size=TEACHER_VOCABULARY, **text_arguments(settings, cache_dir)
         )
         return module, data, extra
     raise ValueError(f"unknown method {method!r}; choose from {RUN_HERE}")
-
-
-def _text_arguments(settings: Settings, cache_dir: str | None) -> dict[str, Any]:
-    return dict(
-        block_size=settings.block_size,
-        vocab_size=settings.vocab_size,
-        batch_size=settings.batch_size,
-        val_fraction=settings.val_fraction,
-        test_fraction=settings.test_fraction,
-        cache_dir=cache_dir,
-        stdlib=settings.stdlib,
-        max_documents=settings.max_documents,
-    )
 
 
 def _store_bytes(store: Path) -> float:
