@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
@@ -182,8 +183,19 @@ class CachedTeacher(FrozenTeacher):
         self.cache.open(
             fingerprint, len(dataset), logits, {path: features[path] for path in layers}, trainer.strategy
         )
+        self.warn_if_resumed_in_memory(trainer)
         if module.feature_hooks is not None:
             module.feature_hooks.clear()
+
+    def warn_if_resumed_in_memory(self, trainer: Any) -> None:
+        """Say once that a resumed fit with an in-memory cache (not in checkpoints) is not exact."""
+        if self.cache.directory is None and trainer.ckpt_path is not None:
+            rank_zero_warn(
+                f"This fit resumes from {trainer.ckpt_path} with an in-memory {type(self.cache).__name__} "
+                "(directory=None), which checkpoints do not hold: the teacher runs again to refill it, in "
+                "other batches than the first fit's, so its outputs (and the resumed fit) may differ from "
+                "the uninterrupted fit's in the last bits. Give the cache a directory for an exact resume."
+            )
 
     def before_transfer(self, module: DistillationModule, batch: Any) -> None:
         """Read (and check) the batch's sample indices on the host: the step then waits for no device."""
@@ -273,6 +285,7 @@ class ViewCachedTeacher(CachedTeacher):
             strategy=trainer.strategy,
             num_params=dataset.augmentation.num_params,
         )
+        self.warn_if_resumed_in_memory(trainer)
         if module.feature_hooks is not None:
             module.feature_hooks.clear()
 

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -280,3 +281,29 @@ def test_a_fit_on_a_filled_top_k_float16_cache_repeats_the_fit_that_filled_it_bi
     # the filling fit trained on the top-2 logits and float16 features as stored, as the reading fit does
     for name, value in students[0].items():
         assert torch.equal(students[1][name], value), name
+
+
+def test_a_fit_resumed_with_an_in_memory_cache_says_it_is_not_exact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache())
+    fit(module, epochs=1, default_root_dir=tmp_path, enable_checkpointing=True)
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    torch.manual_seed(0)  # the same teacher
+    resumed = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache())
+    with pytest.warns(
+        UserWarning, match=r"in-memory TeacherOutputCache \(directory=None\), which checkpoints"
+    ):
+        make_trainer(max_epochs=2, limit_val_batches=0, default_root_dir=tmp_path).fit(
+            resumed, datamodule=IndexedDataModule(), ckpt_path=checkpoint
+        )
+    torch.manual_seed(0)  # a cache on disk, resumed: no word
+    on_disk = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache(tmp_path / "c"))
+    fit(on_disk, epochs=1, default_root_dir=tmp_path / "d", enable_checkpointing=True)
+    torch.manual_seed(0)
+    again = DistillationModule(small_net(), small_net(), teacher_cache=TeacherOutputCache(tmp_path / "c"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=2, limit_val_batches=0, default_root_dir=tmp_path / "d").fit(
+            again, datamodule=IndexedDataModule(), ckpt_path=next((tmp_path / "d/checkpoints").glob("*.ckpt"))
+        )
+    assert not [w for w in caught if "in-memory" in str(w.message)]
