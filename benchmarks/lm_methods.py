@@ -308,19 +308,22 @@ def _mean_std(values: Sequence[float], sign: str = "") -> str:
 def table(records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -> list[str]:
     """Rows: perplexity mean ± std, paired gain over the reference, CPU s/step, bytes per token."""
     lines = [
-        "| method | test perplexity | gain (paired) | CPU s / step | of which generation | bytes / token |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | test perplexity | gain (paired) | CPU s / step | of which generation "
+        "| bytes / token |",
+        "|---|---|---|---|---|---|---|",
     ]
     alone = records.get("alone", {})
+    done_alone = [s for s in seeds if s in alone]
     lines.append(
-        f"| student alone (CE) | {_mean_std([alone[s]['test_perplexity'] for s in seeds if s in alone])} "
+        f"| student alone (CE) | {len(done_alone)} | "
+        f"{_mean_std([alone[s]['test_perplexity'] for s in done_alone]) if done_alone else 'not run'} "
         f"| | {_per_step(alone, seeds)} | | |"
     )
     for method, (label, reference) in METHODS.items():
         runs = records.get(method, {})
         done = [s for s in seeds if s in runs]
         if not done:
-            lines.append(f"| {label} | not run | | | | |")
+            lines.append(f"| {label} | 0 | not run | | | | |")
             continue
         ppl = _mean_std([runs[s]["test_perplexity"] for s in done])
         ref = records.get(reference, {})
@@ -333,7 +336,7 @@ def table(records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -
         gen = f"{statistics.mean(generation):.3f}" if any(generation) else ""
         size = runs[done[0]].get("bytes_per_token")
         lines.append(
-            f"| {label} | {ppl} | {gain} | {_per_step(runs, done)} | {gen} | "
+            f"| {label} | {len(done)} | {ppl} | {gain} | {_per_step(runs, done)} | {gen} | "
             f"{'' if size is None else f'{size:.0f}'} |"
         )
     return lines

@@ -55,10 +55,13 @@ def test_quick_run_pairs_each_method_with_the_student_alone_and_sizes_the_teache
         if line.startswith("| ")
     }
     gain = alone["test_perplexity"] - records["seed0-gkd_1"]["test_perplexity"]
-    assert rows["on-policy, lmbda 1"][1].strip() == f"{gain:+.2f}"
+    assert (
+        rows["on-policy, lmbda 1"][2].strip() == f"{gain:+.2f}"
+        and rows["on-policy, lmbda 1"][0].strip() == "1"
+    )
     uld_gain = records["seed0-uld_ce"]["test_perplexity"] - records["seed0-uld"]["test_perplexity"]
-    assert rows["ULD, teacher of another tokenizer (CE + ULD)"][1].strip() == f"{uld_gain:+.2f}"
-    assert rows["on-policy, lmbda 0.5"][0].strip() == "not run"
+    assert rows["ULD, teacher of another tokenizer (CE + ULD)"][2].strip() == f"{uld_gain:+.2f}"
+    assert rows["on-policy, lmbda 0.5"][1].strip() == "not run"
     # the docs page includes the results under an h2 section: no h1 or h2 of its own
     assert not [line for line in text.splitlines() if line.startswith(("# ", "## "))]
     # a record whose student started elsewhere is not paired
