@@ -347,21 +347,24 @@ def _per_step(runs: dict[int, dict[str, Any]], seeds: Sequence[int]) -> str:
     return f"{statistics.mean(values):.3f}" if values else ""
 
 
-def _baseline_records(directory: Path, seeds: Sequence[int], settings: Settings) -> dict[str, dict[int, Any]]:
+def _baseline_records(
+    directory: Path, seeds: Sequence[int], settings: Settings, teacher: str
+) -> dict[str, dict[int, Any]]:
+    """lm_distillation.py's records of the students alone and of live forward KL from ``teacher``."""
     out: dict[str, dict[int, Any]] = {"alone": {}, "forward_kl": {}}
     for seed in seeds:
         for kind in out:
             path = directory / f"seed{seed}-{kind}.json"
             if path.is_file():
                 record = json.loads(path.read_text())
-                if same_settings(record, settings):
+                if same_settings(record, settings) and record["teacher_checkpoint"] in (None, teacher):
                     out[kind][seed] = record
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 steps, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps, 1 seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", choices=RUN_HERE, default=None)
     parser.add_argument(
@@ -405,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             done = pool.starmap(train_method, jobs)
     else:
         done = [train_method(*job) for job in jobs]
-    records = _baseline_records(baselines, seeds, settings)
+    records = _baseline_records(baselines, seeds, settings, teachers["same"])
     for record in done:
         records.setdefault(record["kind"], {})[record["seed"]] = record
     text = "\n".join(

@@ -14,7 +14,7 @@ def worker_settings(loader: DataLoader) -> dict[str, Any]:
     :class:`~lightning_kd.callbacks.exact_resume.ExactResume` (a ``StatefulDataLoader``) and
     :class:`~lightning_kd.data.UnlabelledDataModule` pass on when they rebuild a user's loader.
     """
-    return dict(
+    settings = dict(
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -24,5 +24,7 @@ def worker_settings(loader: DataLoader) -> dict[str, Any]:
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers,
         pin_memory_device=loader.pin_memory_device,
-        in_order=getattr(loader, "in_order", True),
     )
+    if hasattr(loader, "in_order"):  # torch >= 2.6
+        settings["in_order"] = loader.in_order
+    return settings

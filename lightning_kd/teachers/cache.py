@@ -112,10 +112,15 @@ class TeacherOutputCache:
 
     DDP: each process stores the samples it sees. With ``directory``, all processes share the
     files (global rank 0 locks and creates them and sends any error to all ranks; the others open
-    them after it; processes write disjoint rows and their own bytes of the mask; rank 0 checks
-    completeness after a barrier), so the directory must be on a filesystem that every process
-    sees (one node, or a shared filesystem). In memory, each process keeps its own cache, filled
-    by the samples its sampler gives it: later epochs run the teacher for samples it has not seen.
+    them after it; each process writes the rows of the samples it sees that are not stored yet,
+    with their bytes of the mask; rank 0 checks completeness after a barrier), so the directory
+    must be on a filesystem that every process sees (one node, or a shared filesystem). A sample
+    that two processes see in one epoch (a ``DistributedSampler`` pads an epoch with repeated
+    samples) is written by the first; not guaranteed: two processes storing one sample in the
+    same step (only when each process's epoch is a single batch) may both write its row, and
+    if their values differ in the last bits, a later read stops naming the row as damaged. In
+    memory, each process keeps its own cache, filled by the samples its sampler gives it: later
+    epochs run the teacher for samples it has not seen.
 
     Args:
         directory: where the memory-mapped files live; ``None`` keeps the cache in CPU memory.
@@ -467,11 +472,7 @@ class TeacherOutputCache:
         self._seen += len(indices)
         if not self.complete and not bool(self.arrays["filled"][indices].all()):
             return None
-        rows = {name: self.arrays[name][indices] for name in self._checked}
-        if self._verified is not None and not bool(self._verified[indices].all()):
-            self._verify_rows(indices, rows)
-            self._verified[indices] = True
-        rows = {name: row.to(device, non_blocking=True) for name, row in rows.items()}
+        rows = {name: row.to(device, non_blocking=True) for name, row in self._checked_rows(indices).items()}
         mismatch = rows["signature"] != signature.to(device)
         first = torch.where(mismatch, indices.to(device, non_blocking=True), len(self.arrays["filled"])).min()
         self._first_mismatch = (
@@ -491,10 +492,21 @@ class TeacherOutputCache:
         sample was stored before the step or by it (a killed run that stored it after its last
         checkpoint, another process, a separate fill pass).
         """
-        names = ["logits"] if self.top_k is None else ["topk_values", "topk_indices", "tail_logsumexp"]
-        names += [f"feature.{path}" for path in self.layers]
-        rows = {name: self.arrays[name][indices].to(device, non_blocking=True) for name in names}
-        return self._decoded(rows)
+        return self._decoded(
+            {name: row.to(device, non_blocking=True) for name, row in self._checked_rows(indices).items()}
+        )
+
+    def _checked_rows(self, indices: Tensor) -> dict[str, Tensor]:
+        """The stored rows ``indices`` of every checksummed array, checked against their CRC-32 once.
+
+        Raises:
+            RuntimeError: a row does not match its checksum (the files were damaged).
+        """
+        rows = {name: self.arrays[name][indices] for name in self._checked}
+        if self._verified is not None and not bool(self._verified[indices].all()):
+            self._verify_rows(indices, rows)
+            self._verified[indices] = True
+        return rows
 
     def _decoded(self, rows: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Float32 logits (top-k rebuilt) and features of stored rows."""
@@ -571,7 +583,8 @@ class TeacherOutputCache:
         stored row is never written again: its first values stay (the teacher's outputs for one
         sample differ in their last bits with the batch they were computed in), so every step that
         reads it gets the same values; under DDP a sample that two processes see in one epoch (a
-        ``DistributedSampler`` pads the epoch with repeated items) is written by the first. The
+        ``DistributedSampler`` pads the epoch with repeated items) is written by the first (not
+        guaranteed for two processes storing it in the same step: see the class docstring). The
         stored rows of the batch are checked instead: their input must be the batch's.
 
         Raises:
@@ -594,7 +607,8 @@ class TeacherOutputCache:
         keep = order[torch.cat([torch.tensor([True]), ~repeated])] if len(order) else order
         stored = self.arrays["filled"][indices[keep]]
         if bool(stored.any()):
-            first = keep[stored][self.arrays["signature"][indices[keep[stored]]] != signature[keep[stored]]]
+            rows_before = self._checked_rows(indices[keep[stored]])  # a damaged row is named as such
+            first = keep[stored][rows_before["signature"] != signature[keep[stored]]]
             if len(first):
                 self.check_inputs(int(indices[first].min()))
             keep = keep[~stored]
@@ -619,6 +633,7 @@ class TeacherOutputCache:
             self.arrays[name][indices] = value
         if "checksum" in self.arrays:
             self.arrays["checksum"][indices] = torch.from_numpy(self._checksums(indices, rows))
+            self._verified[indices] = True  # checksummed from these very values
         self.arrays["filled"][indices] = True
 
     def _batch_rows(self, keep: Tensor) -> dict[str, Tensor]:

@@ -236,7 +236,8 @@ class TeacherViewCache(TeacherOutputCache):
         one view differ in their last bits with the batch they were computed in). So every step
         that serves a view gets the same values, in any run that reads the cache; and under DDP,
         a view that two processes see in one epoch (a ``DistributedSampler`` pads the epoch with
-        repeated items) is written by the first only. The rows the batch holds already are checked
+        repeated items) is written by the first (not guaranteed in one step: see
+        :class:`~lightning_kd.TeacherOutputCache`). The rows the batch holds already are checked
         instead: their parameters and input signature must be the batch's.
 
         Raises:

@@ -109,6 +109,24 @@ def test_a_damaged_row_is_an_error_naming_the_sample_and_file(tmp_path: Path, fa
     )
 
 
+def test_a_damaged_stored_row_in_a_batch_the_teacher_runs_on_is_named_not_trained_on(tmp_path: Path) -> None:
+    # a partly filled cache (a killed run, another process): rows 0-3 stored, then row 2 damaged
+    cache, data = built(tmp_path, rows=4)
+    cache.release()
+    offset, _ = row_offset(tmp_path / "logits.npy", 2)
+    overwrite(tmp_path / "logits.npy", offset, np.float32(1000.0).tobytes())
+    cache = reopened(tmp_path)
+    signature = input_signature(data["x"], N)
+    assert cache.lookup(torch.tensor([2, 6]), signature[[2, 6]]) is None  # row 6 missing: the teacher runs
+    with pytest.raises(RuntimeError, match=r"is damaged: the row of training sample 2 in logits.npy"):
+        cache.store(torch.tensor([2, 6]), data["logits"][[2, 6]], {}, signature[[2, 6]])
+    assert not bool(cache.arrays["filled"][6])  # nothing written by the refused store
+    cache.store(torch.tensor([6]), data["logits"][[6]], {}, signature[[6]])
+    logits, _ = cache.served(torch.tensor([6]))  # rows the store just wrote need no second check
+    assert torch.equal(logits, data["logits"][[6]])
+    cache.release()
+
+
 def test_a_changed_sample_is_caught_at_the_first_served_batch_or_the_epoch_end(tmp_path: Path) -> None:
     cache, data = built(tmp_path)
     cache = reopened(tmp_path)
