@@ -14,7 +14,8 @@ order where the data are the same:
   ``lmbda`` = 0 (supervised KD on the data), 0.5 and 1 (the student samples 96 tokens, T = 1, for that
   fraction of the batches, and the divergence is taken on its tokens).
 - **sequence-level KD** (Kim & Rush, EMNLP 2016): the teacher completes every training block's first
-  32 tokens with 96 greedy tokens once (``SequenceKDData``); the student learns them with next-token CE.
+  32 tokens with 96 tokens once (``SequenceKDData``), greedy (the recipe's) or sampled at T = 1; the
+  student learns them with next-token CE.
 - **the top-k store** (k = 8, 32, 128): ``lightning_kd.language.fill_token_store`` runs the teacher once
   over the training blocks; ``TokenStoreDistillationModule`` trains with 0.5 CE + 0.5 forward KL (T = 1,
   tail prior) without the teacher in memory. The live-teacher row of the same loss is
@@ -96,6 +97,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "gkd_0.5": ("on-policy, lmbda 0.5", "alone"),
     "gkd_1": ("on-policy, lmbda 1", "alone"),
     "seqkd": ("sequence-level KD (greedy completions, CE)", "alone"),
+    "seqkd_sampled": ("sequence-level KD (sampled completions, T = 1, CE)", "alone"),
     "forward_kl": ("word-level KD, live teacher (0.5 CE + 0.5 forward KL)", "alone"),
     "store_8": ("the same from the top-k store, k = 8", "alone"),
     "store_32": ("the same from the top-k store, k = 32", "alone"),
@@ -176,13 +178,14 @@ def build(
             **common,
         )
         return module, prompts_data(settings, cache_dir), extra
-    if method == "seqkd":
+    if method.startswith("seqkd"):
         data = SequenceKDData(
             prompts_data(settings, cache_dir),
             gpt2(settings, settings.teacher_shape),
-            output_dir=str(Path(out_dir) / "seqkd_completions"),
+            output_dir=str(Path(out_dir) / f"{method}_completions"),
             teacher_checkpoint=teachers["same"],
             max_new_tokens=new_tokens(settings),
+            do_sample=method == "seqkd_sampled",
             generation_batch_size=64,
         )
         module = CausalLMDistillationModule(student, losses=[TokenCrossEntropyTerm("ce")], **common)
@@ -253,8 +256,8 @@ def train_method(
     trainer.fit(module, datamodule=data)
     cpu, wall = time.process_time() - cpu, time.time() - wall
     tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
-    if method == "seqkd":  # the completions' shards per completed token
-        shards = sorted((Path(out_dir) / "seqkd_completions").glob("batch-*.pt"))
+    if method.startswith("seqkd"):  # the completions' shards per completed token
+        shards = sorted((Path(out_dir) / f"{method}_completions").glob("batch-*.pt"))
         tokens = sum(
             len(row) for shard in shards for row in torch.load(shard, weights_only=True)["completions"]
         )
