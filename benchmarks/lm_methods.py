@@ -350,6 +350,31 @@ def _per_step(runs: dict[int, dict[str, Any]], seeds: Sequence[int]) -> str:
     return f"{statistics.mean(values):.3f}" if values else ""
 
 
+def _recorded_checkpoint(directory: Path) -> str:
+    """The checkpoint of the teacher that ``lm_distillation.train_run`` recorded in ``directory``."""
+    record = directory / "records" / "teacher.json"
+    if not record.is_file():
+        raise FileNotFoundError(
+            f"--report: no teacher record at {record}; train it first (run without --report)."
+        )
+    return json.loads(record.read_text())["checkpoint"]
+
+
+def _recorded_runs(
+    out: Path, settings: Settings, seeds: Sequence[int], methods: Sequence[str], teachers: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The records in ``out/records`` of these seeds and methods, settings and teachers."""
+    runs = []
+    for seed in seeds:
+        for method in methods:
+            path = out / "records" / f"seed{seed}-{method}.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                if same_settings(record, settings) and record["teachers"] == teachers:
+                    runs.append(record)
+    return runs
+
+
 def _baseline_records(
     directory: Path, seeds: Sequence[int], settings: Settings, teacher: str
 ) -> dict[str, dict[int, Any]]:
@@ -386,31 +411,48 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument(
         "--results", default=None, help=f"write the table here (default {RESULTS}; --quick: none)"
     )
+    parser.add_argument("--report", action="store_true", help="train nothing: tabulate the records there are")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     methods = args.methods or RUN_HERE
     out = Path(args.out_dir)
     common = dict(out_dir=str(out / "lm_distillation"), cache_dir=args.cache_dir)
-    teacher = args.teacher or train_run(settings, kind="teacher", seed=0, **common)["checkpoint"]
-    other_settings = dataclasses.replace(settings, vocab_size=TEACHER_VOCABULARY)
-    other = train_run(other_settings, str(out / "uld_teacher"), args.cache_dir, "teacher", 0)["checkpoint"]
-    teachers = {"same": str(Path(teacher).resolve()), "other": other}
-    baselines = Path(args.baselines) if args.baselines else out / "lm_distillation" / "records"
-    if not args.baselines:
-        for seed in seeds:
-            train_run(settings, kind="alone", seed=seed, **common)
-            train_run(
-                settings, kind="kd", seed=seed, divergence="forward_kl", teacher_checkpoint=teacher, **common
-            )
     ks = [int(m.split("_")[1]) for m in methods if m.startswith("store_")]
-    fills = fill_stores(settings, str(out), args.cache_dir, teacher, ks) if ks else {}
-    jobs = [(settings, str(out), args.cache_dir, m, s, teachers) for s in seeds for m in methods]
-    if args.processes > 1:
-        with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
-            done = pool.starmap(train_method, jobs)
+    baselines = Path(args.baselines) if args.baselines else out / "lm_distillation" / "records"
+    if args.report:
+        teacher = args.teacher or _recorded_checkpoint(out / "lm_distillation")
+        teachers = {"same": str(Path(teacher).resolve()), "other": _recorded_checkpoint(out / "uld_teacher")}
+        done = _recorded_runs(out, settings, seeds, methods, teachers)
+        timings = [store_directory(str(out), k).with_suffix(".fill.json") for k in ks]
+        fills = {
+            k: json.loads(t.read_text())["cpu_s"] for k, t in zip(ks, timings, strict=True) if t.is_file()
+        }
     else:
-        done = [train_method(*job) for job in jobs]
+        teacher = args.teacher or train_run(settings, kind="teacher", seed=0, **common)["checkpoint"]
+        other_settings = dataclasses.replace(settings, vocab_size=TEACHER_VOCABULARY)
+        other = train_run(other_settings, str(out / "uld_teacher"), args.cache_dir, "teacher", 0)[
+            "checkpoint"
+        ]
+        teachers = {"same": str(Path(teacher).resolve()), "other": other}
+        if not args.baselines:
+            for seed in seeds:
+                train_run(settings, kind="alone", seed=seed, **common)
+                train_run(
+                    settings,
+                    kind="kd",
+                    seed=seed,
+                    divergence="forward_kl",
+                    teacher_checkpoint=teacher,
+                    **common,
+                )
+        fills = fill_stores(settings, str(out), args.cache_dir, teacher, ks) if ks else {}
+        jobs = [(settings, str(out), args.cache_dir, m, s, teachers) for s in seeds for m in methods]
+        if args.processes > 1:
+            with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
+                done = pool.starmap(train_method, jobs)
+        else:
+            done = [train_method(*job) for job in jobs]
     records = _baseline_records(baselines, seeds, settings, teachers["same"])
     for record in done:
         records.setdefault(record["kind"], {})[record["seed"]] = record
@@ -421,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             "",
             f"{len(seeds)} seed(s), {settings.steps} steps each, student {settings.student_shape}, "
             f"teacher {settings.teacher_shape} (layers, width, heads), V = {settings.vocab_size}; "
-            f"{args.processes} run(s) in parallel, one thread each. Store fills (CPU s): "
+            + ("tabulated from the runs' records" if args.report else f"{args.processes} run(s) in parallel")
+            + ", one thread each. Store fills (CPU s): "
             + ", ".join(f"k = {k}: {s:.0f}" for k, s in fills.items()),
             "",
             *table(records, seeds),

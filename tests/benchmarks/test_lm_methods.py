@@ -64,6 +64,13 @@ def test_quick_run_pairs_each_method_with_the_student_alone_and_sizes_the_teache
     assert rows["on-policy, lmbda 0.5"][1].strip() == "not run"
     # the docs page includes the results under an h2 section: no h1 or h2 of its own
     assert not [line for line in text.splitlines() if line.startswith(("# ", "## "))]
+    # --report tabulates the same records, training nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")}
+    report = script.main([*args, "--methods", *methods, "--report"])
+    assert [line for line in report.splitlines() if line.startswith("| ")] == [
+        line for line in text.splitlines() if line.startswith("| ")
+    ]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.json")} == stamps
     # a record whose student started elsewhere is not paired
     records["seed0-gkd_1"]["start_weights"] = "another"
     table = {"alone": {0: alone}, "gkd_1": {0: records["seed0-gkd_1"]}}
