@@ -461,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             # no h1: docs/language-models.md includes this file under one of its h2 sections
             "### On-policy, sequence-level, stored and cross-tokenizer distillation on the example",
             "",
-            f"{len(seeds)} seed(s), {settings.steps} steps each, student {settings.student_shape}, "
+            f"Seeds {', '.join(map(str, seeds))} (column seeds: how many have a record), "
+            f"{settings.steps} steps each, student {settings.student_shape}, "
             f"teacher {settings.teacher_shape} (layers, width, heads), V = {settings.vocab_size}; "
             + ("tabulated from the runs' records" if args.report else f"{args.processes} run(s) in parallel")
             + ", one thread each. Store fills (CPU s): "
