@@ -21,9 +21,10 @@ order where the data are the same:
   tail prior) without the teacher in memory. The live-teacher row of the same loss is
   ``lm_distillation.py``'s ``forward_kl`` (same seeds, start and batches).
 - **ULD** (Boizard et al., 2024): a teacher of the same size trained on the same text with a 2,048-token
-  BPE (the student's has 4,096) for the teacher's steps; the student learns with CE + 1.0 ULD on the
-  positions paired on character offsets (``PythonDocsCrossTokenizerText``). Its data are text pieces
-  that fit both tokenizers, not the blocks, so its reference is the same module with CE alone.
+  BPE (the student's has 4,096) for the teacher's steps; the student learns with CE + 1.0 ULD (and
+  + 0.1 ULD) on the positions paired on character offsets (``PythonDocsCrossTokenizerText``). Its data
+  are text pieces that fit both tokenizers, not the blocks, so its reference is the same module with
+  CE alone.
 
 Perplexity is the student's on the test split of its data. Gains are paired: the same seed's student
 alone (``lm_distillation.py``'s records for the blocks, ``uld_ce`` for the pieces) minus the method's.
@@ -104,6 +105,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "store_128": ("the same from the top-k store, k = 128", "alone"),
     "uld_ce": ("text pieces of both tokenizers, CE alone", "uld_ce"),
     "uld": ("ULD, teacher of another tokenizer (CE + ULD)", "uld_ce"),
+    "uld_w0.1": ("the same, ULD weight 0.1", "uld_ce"),
 }
 RUN_HERE = [m for m in METHODS if m != "forward_kl"]  # forward_kl and alone: lm_distillation.py's records
 
@@ -196,10 +198,10 @@ def build(
         module = TokenStoreDistillationModule(student, store, losses=kd, **common)
         extra["bytes_per_token"] = _store_bytes(store)
         return module, data, extra
-    if method in ("uld", "uld_ce"):
+    if method.startswith("uld"):
         losses: list[Any] = [TokenCrossEntropyTerm("ce")]
-        if method == "uld":
-            losses.append(ULDTerm("uld", weight=1.0))
+        if method != "uld_ce":
+            losses.append(ULDTerm("uld", weight=0.1 if method == "uld_w0.1" else 1.0))
         module = CrossTokenizerDistillationModule(
             student,
             _teacher(settings, teachers["other"], TEACHER_VOCABULARY),
