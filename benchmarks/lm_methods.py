@@ -111,9 +111,13 @@ RUN_HERE = [m for m in METHODS if m != "forward_kl"]  # forward_kl and alone: lm
 
 
 def prompts_data(settings: Settings, cache_dir: str | None) -> PythonDocsPrompts:
-    """The blocks of ``text_data`` with a prompt of ``PROMPT_LENGTH`` tokens in the training batches."""
-    prompt_length = min(PROMPT_LENGTH, settings.block_size // 4)
-    return PythonDocsPrompts(prompt_length=prompt_length, **text_arguments(settings, cache_dir))
+    """The blocks of ``text_data`` with a prompt of :func:`prompt_length` tokens in the training batches."""
+    return PythonDocsPrompts(prompt_length=prompt_length(settings), **text_arguments(settings, cache_dir))
+
+
+def prompt_length(settings: Settings) -> int:
+    """``PROMPT_LENGTH`` tokens, or a quarter of a block if that is fewer (the --quick sizes)."""
+    return min(PROMPT_LENGTH, settings.block_size // 4)
 
 
 def gpt2(settings: Settings, shape: tuple[int, int, int], vocab_size: int | None = None) -> torch.nn.Module:
@@ -128,7 +132,7 @@ def gpt2(settings: Settings, shape: tuple[int, int, int], vocab_size: int | None
 
 
 def new_tokens(settings: Settings) -> int:
-    return min(NEW_TOKENS, settings.block_size - min(PROMPT_LENGTH, settings.block_size // 4))
+    return min(NEW_TOKENS, settings.block_size - prompt_length(settings))
 
 
 class GenerationClock(pl.Callback):
@@ -271,7 +275,6 @@ def train_method(
         "steps": trainer.global_step,
         "cpu_s": cpu,
         "wall_s": wall,
-        "cpu_s_per_step": cpu / max(trainer.global_step, 1),
         "generation_s": clock.seconds,
         "load": [os.getloadavg()[0]],
         "test_perplexity": tested["test/perplexity"],
@@ -296,9 +299,11 @@ def fill_stores(
     for k in ks:
         directory = store_directory(out_dir, k)
         timing = directory.with_suffix(".fill.json")
+        meta = directory / "meta.json"
+        complete = meta.is_file() and json.loads(meta.read_text()).get("complete") is True
         start = time.process_time()
         fill_token_store(teacher, data.datasets["train"], directory, k=k, tokenizer=data.tokenizer)
-        if not timing.is_file() or time.process_time() - start > 1.0:  # a reused store takes no time
+        if not complete or not timing.is_file():  # a complete store is checked, not filled: keep its time
             timing.write_text(json.dumps({"cpu_s": time.process_time() - start}))
         seconds[k] = json.loads(timing.read_text())["cpu_s"]
     return seconds
