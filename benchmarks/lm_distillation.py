@@ -174,8 +174,13 @@ def train_run(
     seed: int,
     divergence: str | None = None,
     teacher_checkpoint: str | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
-    """Train one model (``kind``: teacher, alone or kd), test it, write and return its record."""
+    """Train one model (``kind``: teacher, alone or kd), test it, write and return its record.
+
+    The teacher's checkpoint is always kept (``record["checkpoint"]``); another model's only with
+    ``keep_checkpoint`` (e.g. a student alone that later runs continue from).
+    """
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     name = "teacher" if kind == "teacher" else run_name(seed, divergence)
@@ -183,8 +188,10 @@ def train_run(
     settings_dict = dataclasses.asdict(settings)
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if same_settings(record, settings) and (
-            kind == "teacher" or record["teacher_checkpoint"] == teacher_checkpoint
+        if (
+            same_settings(record, settings)
+            and (kind == "teacher" or record["teacher_checkpoint"] == teacher_checkpoint)
+            and (not keep_checkpoint or Path(record.get("checkpoint", "")).is_file())
         ):
             return record
     data = text_data(settings, cache_dir)
@@ -260,8 +267,8 @@ def train_run(
         "teacher_checkpoint": teacher_checkpoint if kind == "kd" else None,
         "settings": settings_dict,
     }
-    if kind == "teacher":
-        record["checkpoint"] = str(Path(out_dir).resolve() / "teacher.ckpt")
+    if kind == "teacher" or keep_checkpoint:
+        record["checkpoint"] = str(Path(out_dir).resolve() / f"{name}.ckpt")
         trainer.save_checkpoint(record["checkpoint"])
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))

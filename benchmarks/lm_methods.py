@@ -223,6 +223,24 @@ def _store_bytes(store: Path) -> float:
     return TopKTokenStore(store).bytes_per_token
 
 
+def method_trainer(settings: Settings, clock: GenerationClock) -> pl.Trainer:
+    """The CPU trainer of every method: ``settings.steps`` steps, clipped at 1, logging every step."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=settings.steps,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+
+
 def train_method(
     settings: Settings,
     out_dir: str,
@@ -242,20 +260,7 @@ def train_method(
             return record
     module, data, extra = build(method, settings, out_dir, cache_dir, seed, teachers)
     clock = GenerationClock()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=settings.steps,
-        gradient_clip_val=1.0,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
+    trainer = method_trainer(settings, clock)
     data.prepare_data()  # seqkd: the teacher's generation pass (once; timed apart from the fit)
     data.setup("fit")
     cpu, wall = time.process_time(), time.time()

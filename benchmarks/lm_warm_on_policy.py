@@ -1,0 +1,320 @@
+"""On-policy distillation from a supervised student (GKD's setting) against more supervised training.
+
+    OMP_NUM_THREADS=1 python benchmarks/lm_warm_on_policy.py --teacher runs/lm_distillation/teacher.ckpt \\
+        --processes 2
+    python benchmarks/lm_warm_on_policy.py --quick      # tiny sizes, a few steps: a smoke run
+
+GKD (Agarwal et al., ICLR 2024) distils into a student that was first fine-tuned on the data; its
+claim is about the text the student then *generates*. ``lm_methods.py`` starts on-policy runs from a
+random student, whose first samples are noise. Here each seed's start is the student alone of
+``lm_distillation.py`` (next-token CE, ``Settings.steps`` steps, kept as a checkpoint), and every
+method trains it ``Settings.steps`` more steps on the same prompt batches (a 32-token prompt, the
+block's continuation learned):
+
+- ``ce``: next-token CE on the continuations (the reference of the paired gains);
+- ``gkd_0``: supervised KD, the generalized JSD (beta 0.5, T = 1) on the continuations;
+- ``gkd_0.5``, ``gkd_1``: that fraction of the batches on-policy (the student samples 96 tokens, T = 1,
+  the divergence is taken on its tokens); the recipe ``python_docs/gkd``.
+
+Two measures per run, both on the test split:
+
+- **test perplexity**: the student's on the test blocks (every token counted), as everywhere else;
+- **the teacher's perplexity of the student's samples**: the student completes the first 32 tokens of
+  ``SAMPLE_PROMPTS`` test blocks with 96 tokens (T = 1, a seed fixed per seed, the same for every
+  method) and the teacher scores the completions: exp of its mean negative log-likelihood per
+  generated token. It falls as the student's text becomes text the teacher would write. Greedy or
+  repetitive text also scores well, so the share of repeated 4-grams within a completion is given
+  beside it. For scale, the same measures of the real test continuations and of the teacher's own
+  samples are given.
+
+Each run writes ``<out-dir>/records/<run>.json`` when it ends and is reused by a later call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_distillation import (  # noqa: E402
+    QUICK,
+    Settings,
+    machine,
+    same_settings,
+    text_data,
+    train_run,
+    versions,
+    weights_fingerprint,
+)
+from lm_methods import (  # noqa: E402
+    GenerationClock,
+    build,
+    gpt2,
+    method_trainer,
+    new_tokens,
+    prompt_length,
+    prompts_data,
+)
+
+from lightning_kd import CausalLMDistillationModule, TokenCrossEntropyTerm  # noqa: E402
+from lightning_kd.data import PromptCollator  # noqa: E402
+from lightning_kd.language.generation import (  # noqa: E402
+    GenerationSettings,
+    completion_batch,
+    derived_seed,
+    end_of_sequence_id,
+    generate_completions,
+    pad_token_id,
+)
+from lightning_kd.teachers.loading import load_weights  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "lm_warm_on_policy.md"
+SAMPLE_PROMPTS = 128
+
+#: method -> table label; "start" is the supervised student itself (no more steps)
+METHODS: dict[str, str] = {
+    "start": "the supervised student (the start)",
+    "ce": "+ {steps} steps next-token CE (the reference)",
+    "gkd_0": "+ {steps} steps supervised KD (GKD lmbda 0: JSD on the data)",
+    "gkd_0.5": "+ {steps} steps on-policy, lmbda 0.5",
+    "gkd_1": "+ {steps} steps on-policy, lmbda 1",
+}
+
+
+def sample_measures(
+    model: torch.nn.Module, teacher: torch.nn.Module, settings: Settings, test: Any, seed: int | None
+) -> dict[str, float]:
+    """The teacher's mean NLL per token of ``model``'s completions of the test prompts, and their repeats.
+
+    ``model=None`` measures the real continuations instead; ``seed`` fixes the sampling.
+    """
+    rows = [test[i] for i in range(min(SAMPLE_PROMPTS, len(test)))]
+    batch = PromptCollator(pad_token_id(teacher), prompt_length(settings))(rows)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    if model is not None:
+        settings_ = GenerationSettings(max_new_tokens=new_tokens(settings), temperature=1.0, top_p=1.0)
+        sequences = generate_completions(model, ids, mask, settings_, derived_seed(seed, "samples"))
+        batch = completion_batch(sequences, mask, end_of_sequence_id(model), pad_token_id(model))
+    with torch.no_grad():
+        teacher.eval()
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
+    return {"teacher_nll": float(nll), "repeated_4grams": repeated_ngrams(labels, 4)}
+
+
+def repeated_ngrams(labels: torch.Tensor, n: int) -> float:
+    """The share of the rows' counted n-grams (labels != -100) seen earlier in the same row."""
+    repeated = total = 0
+    for row in labels:
+        tokens = row[row != -100].tolist()
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(tokens) - n + 1):
+            gram = tuple(tokens[i : i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / max(total, 1)
+
+
+def warm_start(settings: Settings, out_dir: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
+    """``lm_distillation.py``'s student alone of ``seed``, trained here with its checkpoint kept."""
+    return train_run(settings, str(Path(out_dir) / "start"), cache_dir, "alone", seed, keep_checkpoint=True)
+
+
+def continue_method(
+    settings: Settings, out_dir: str, cache_dir: str | None, method: str, seed: int, teacher: str
+) -> dict[str, Any]:
+    """Train the seed's supervised student ``settings.steps`` more steps by ``method``; measure it."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    name = f"seed{seed}-{method}"
+    record_path = Path(out_dir) / "records" / f"{name}.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if same_settings(record, settings) and record["teacher"] == teacher:
+            return record
+    start = warm_start(settings, out_dir, cache_dir, seed)
+    if method in ("start", "ce"):
+        pl.seed_everything(seed, verbose=False)  # as build() does: the same batches as the other methods
+        module = CausalLMDistillationModule(
+            gpt2(settings, settings.student_shape),
+            losses=[TokenCrossEntropyTerm("ce")],
+            optimizer=functools.partial(
+                torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay
+            ),
+            lr_scheduler=functools.partial(
+                torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
+            ),
+            lr_scheduler_interval="step",
+        )
+        data = prompts_data(settings, cache_dir)
+    else:
+        module, data, _ = build(method, settings, out_dir, cache_dir, seed, {"same": teacher})
+    load_weights(module.student, start["checkpoint"])
+    start_weights = weights_fingerprint(module.student)
+    clock = GenerationClock()
+    trainer = method_trainer(settings, clock)
+    data.setup("fit")
+    cpu = time.process_time()
+    if method != "start":
+        trainer.fit(module, datamodule=data)
+    cpu = time.process_time() - cpu
+    tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
+    scorer = load_weights(gpt2(settings, settings.teacher_shape), teacher)
+    record = {
+        "name": name,
+        "kind": method,
+        "seed": seed,
+        "steps": trainer.global_step,
+        "cpu_s": cpu,
+        "generation_s": clock.seconds,
+        "test_perplexity": tested["test/perplexity"],
+        "start_test_perplexity": start["test_perplexity"],
+        "start_weights": start_weights,
+        **sample_measures(module.student, scorer, settings, data.datasets["test"], seed),
+        "teacher": teacher,
+        "settings": dataclasses.asdict(settings),
+    }
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1))
+    print(f"{name}: test perplexity {record['test_perplexity']:.2f}, {cpu / 60:.1f} CPU-min", flush=True)
+    return record
+
+
+def references(settings: Settings, cache_dir: str | None, teacher: str, seeds: Sequence[int]) -> list[str]:
+    """Rows of the real continuations and of the teacher's own samples (one per seed), for scale."""
+    test = text_data(settings, cache_dir).datasets["test"]
+    scorer = load_weights(gpt2(settings, settings.teacher_shape), teacher)
+    real = sample_measures(None, scorer, settings, test, None)
+    own = [sample_measures(scorer, scorer, settings, test, seed) for seed in seeds]
+    return [
+        f"| the real test continuations | | | | {math.exp(real['teacher_nll']):.2f} | "
+        f"{real['repeated_4grams']:.3f} | | |",
+        f"| the teacher's own samples | {len(own)} | | | "
+        f"{_mean_std([math.exp(m['teacher_nll']) for m in own])} | "
+        f"{statistics.mean(m['repeated_4grams'] for m in own):.3f} | | |",
+    ]
+
+
+def _mean_std(values: Sequence[float], sign: str = "") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{sign}.2f}"
+    return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(
+    records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int], settings: Settings
+) -> list[str]:
+    """Per method: test perplexity, the teacher's perplexity of the samples, both paired against ``ce``."""
+    lines = [
+        "| run | seeds | test perplexity | gain over CE (paired) | teacher's perplexity of the samples "
+        "| repeated 4-grams | gain over CE (paired) | CPU s / step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ce = records.get("ce", {})
+    for method, template in METHODS.items():
+        label = template.format(steps=settings.steps)
+        runs = records.get(method, {})
+        done = [s for s in seeds if s in runs]
+        if not done:
+            lines.append(f"| {label} | 0 | not run | | | | | |")
+            continue
+        unpaired = [s for s in done if s in ce and ce[s]["start_weights"] != runs[s]["start_weights"]]
+        if unpaired:
+            raise ValueError(f"{method} and ce start from other student weights at seeds {unpaired}")
+        sampled = {s: math.exp(runs[s]["teacher_nll"]) for s in done}
+        paired = [s for s in done if s in ce and method != "ce"]
+        ppl_gain = [ce[s]["test_perplexity"] - runs[s]["test_perplexity"] for s in paired]
+        sample_gain = [math.exp(ce[s]["teacher_nll"]) - sampled[s] for s in paired]
+        steps = [runs[s]["cpu_s"] / runs[s]["steps"] for s in done if runs[s]["steps"]]
+        lines.append(
+            f"| {label} | {len(done)} | {_mean_std([runs[s]['test_perplexity'] for s in done])} | "
+            f"{_mean_std(ppl_gain, '+') if ppl_gain else ''} | {_mean_std(list(sampled.values()))} | "
+            f"{statistics.mean(runs[s]['repeated_4grams'] for s in done):.3f} | "
+            f"{_mean_std(sample_gain, '+') if sample_gain else ''} | "
+            f"{f'{statistics.mean(steps):.3f}' if steps else ''} |"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 steps, 1 seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--teacher", default=None, help="lm_distillation.py's teacher (trained if not given)")
+    parser.add_argument("--processes", type=int, default=1, help="runs in parallel (one thread each)")
+    parser.add_argument("--out-dir", default="runs/lm_warm_on_policy")
+    parser.add_argument(
+        "--cache-dir", default=None, help="the tokenizer cache (default ~/.cache/lightning_kd)"
+    )
+    parser.add_argument(
+        "--results", default=None, help=f"write the table here (default {RESULTS}; --quick: none)"
+    )
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else Settings()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    out = Path(args.out_dir)
+    teacher = (
+        args.teacher or train_run(settings, str(out / "teacher"), args.cache_dir, "teacher", 0)["checkpoint"]
+    )
+    teacher = str(Path(teacher).resolve())
+    for seed in seeds:  # the starts first: the parallel runs share them
+        warm_start(settings, str(out), args.cache_dir, seed)
+    jobs = [(settings, str(out), args.cache_dir, m, s, teacher) for s in seeds for m in args.methods]
+    if args.processes > 1:
+        with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
+            done = pool.starmap(continue_method, jobs)
+    else:
+        done = [continue_method(*job) for job in jobs]
+    records: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in done:
+        records.setdefault(record["kind"], {})[record["seed"]] = record
+    starts = records.get("start", {})
+    start_ppl = (
+        _mean_std([starts[s]["test_perplexity"] for s in seeds if s in starts]) if starts else "not run"
+    )
+    text = "\n".join(
+        [
+            "### On-policy from a supervised student",
+            "",
+            f"Seeds {', '.join(map(str, seeds))}. Each seed's start is its student alone "
+            f"({settings.steps} CE steps, test perplexity {start_ppl}); each run trains it "
+            f"{settings.steps} more steps. Student "
+            f"{settings.student_shape}, teacher {settings.teacher_shape} (layers, width, heads), "
+            f"V = {settings.vocab_size}; samples: {SAMPLE_PROMPTS} test prompts of {prompt_length(settings)} "
+            f"tokens, {new_tokens(settings)} new tokens at T = 1; {args.processes} run(s) in parallel, "
+            "one thread each.",
+            "",
+            *table(records, seeds, settings),
+            *references(settings, args.cache_dir, teacher, seeds),
+            "",
+            f"Machine: {machine()}. {versions()}.",
+            "",
+        ]
+    )
+    results = Path(args.results) if args.results else (None if args.quick else RESULTS)
+    if results is not None:
+        results.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
