@@ -200,12 +200,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=[8, 32, 128],
+        help="the stores' k (128 among them: the step and memory tables read it)",
+    )
+    parser.add_argument(
         "--memory-only",
         action="store_true",
         help="only the decode-memory table: a k = 128 store of --blocks blocks (at least 32) of an untrained "
         "teacher (memory does not depend on the values)",
     )
     args = parser.parse_args()
+    if 128 not in args.ks:
+        parser.error(f"--ks {args.ks}: include 128 (the step-time and memory tables read the k = 128 store)")
     torch.set_num_threads(1)
     data = PythonDocsText(block_size=128, vocab_size=4096, batch_size=8)
     data.setup("fit")
@@ -229,7 +238,7 @@ def main() -> None:
     counted = (labels[:, 1:] != -100) & mask[:, 1:].bool() & mask[:, :-1].bool()
     stores, fills = {}, {}
     root = Path(tempfile.mkdtemp())
-    for k in (8, 32, 128):
+    for k in args.ks:
         start = time.process_time()
         stores[k] = fill_token_store(
             teacher, blocks, root / f"k{k}", k=k, tokenizer=data.tokenizer, batch_size=8, blocks_per_shard=16

@@ -46,6 +46,7 @@ from lightning_kd.module_setup import (
     compile_options,
     configure_optimization,
     hparams_given_by_cli,
+    load_student_start,
 )
 from lightning_kd.module_terms import LossTermSetup
 from lightning_kd.step_monitor import (
@@ -132,6 +133,10 @@ class DistillationModule(
             when the module is built, and recorded so in checkpoints (they reload from any
             directory; pass ``teacher_checkpoint=`` to ``load_from_checkpoint`` for another file).
         save_teacher: also write a frozen teacher into checkpoints.
+        student_checkpoint: weights the student starts from (e.g. the supervised baseline's
+            checkpoint, as on-policy distillation expects), loaded when the module is built
+            (:func:`~lightning_kd.module_setup.load_student_start`); ``None``: as given. A resumed
+            fit (``ckpt_path``) restores its trained student over them.
         num_classes: number of classes; default: inferred from the models.
         input_key: where the inputs are in a batch: an index for tuples, a key for dicts, a list of
             keys of a dict batch (passed as keyword arguments, e.g. ``[input_ids, attention_mask]``
@@ -170,6 +175,7 @@ class DistillationModule(
         teacher_mode: TeacherMode = "frozen",
         teacher_checkpoint: str | Path | None = None,
         save_teacher: bool = False,
+        student_checkpoint: str | Path | None = None,
         num_classes: int | None = None,
         input_key: InputKey = 0,
         target_key: BatchKey | None = 1,
@@ -188,6 +194,8 @@ class DistillationModule(
             teacher_checkpoint = str(Path(teacher_checkpoint).expanduser().resolve())
         #: the teacher's weights file as an absolute path (recorded in checkpoints), or ``None``
         self.teacher_checkpoint = teacher_checkpoint
+        if student_checkpoint is not None:  # before the teacher: an EMA teacher copies the loaded student
+            student_checkpoint = load_student_start(student, student_checkpoint)
         self.save_hyperparameters(
             ignore=None
             if hparams_given_by_cli()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,6 +13,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
+
+from lightning_kd.teachers.loading import load_weights
 
 __all__ = [
     "CosineToZeroLR",
@@ -23,6 +26,7 @@ __all__ = [
     "default_schedule",
     "first_batch",
     "hparams_given_by_cli",
+    "load_student_start",
 ]
 
 #: the loop of each Trainer stage, whose data source holds what the Trainer call was given
@@ -41,6 +45,24 @@ def hparams_given_by_cli() -> bool:
     except ImportError:  # pragma: no cover - older or newer Lightning
         return False
     return _given_hyperparameters.get() is not None
+
+
+def load_student_start(student: nn.Module, checkpoint: str | Path) -> str:
+    """Load the weights ``student`` starts from (e.g. a supervised baseline's); the file's absolute path.
+
+    Any form :func:`~lightning_kd.teachers.loading.load_weights` reads (a Lightning checkpoint of
+    this package's modules: the ``student.`` weights, a state dict), strictly: every weight must match.
+    """
+    path = str(Path(checkpoint).expanduser().resolve())
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"student_checkpoint {path!r} does not exist. Train the student it starts from first (e.g. "
+            "`lightning-kd fit --config python_docs/baseline`) or fix the path. A module reloaded from a "
+            "checkpoint already holds its trained student: pass `load_from_checkpoint(path, "
+            "student_checkpoint=None)`."
+        )
+    load_weights(student, path)
+    return path
 
 
 def configure_optimization(
