@@ -102,3 +102,27 @@ def test_generate_names_the_recipes_that_have_a_generation_pass(capsys: pytest.C
         SystemExit, match=r"\(PythonDocsText\) has no generation pass; use a recipe whose data"
     ):
         main(["generate", "--config", str(CONFIGS / "baseline.yaml")])
+
+
+def test_gkd_recipe_starts_the_student_from_the_baseline_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    student = size("student", 1, 16, 2)
+    steps = ["--trainer.max_steps=10", "--trainer.limit_train_batches=10"]  # enough to move from the start
+    main(["fit", "--config", str(CONFIGS / "baseline.yaml"), *small(tmp_path / "cache"), *student, *steps])
+    baseline = tmp_path / "runs/python_docs/baseline/latest.ckpt"
+
+    def val_perplexity(recipe: str, *args: str) -> float:
+        data = tiny(tmp_path / "cache") if recipe == "gkd.yaml" else small(tmp_path / "cache")
+        main(["validate", "--config", str(CONFIGS / recipe), *data, *student, *args])
+        runs = sorted((tmp_path / "runs/python_docs" / recipe.removesuffix(".yaml")).glob("version_*"))
+        lines = (runs[-1] / "metrics.csv").read_text().splitlines()
+        return float(lines[1].split(",")[lines[0].split(",").index("val/perplexity")])
+
+    on_policy = ["--model.init_args.teacher_checkpoint=null", *size("teacher", 1, 32, 2)]
+    started = val_perplexity("gkd.yaml", *on_policy, f"--model.init_args.student_checkpoint={baseline}")
+    assert started == pytest.approx(val_perplexity("baseline.yaml", f"--ckpt_path={baseline}"), rel=1e-6)
+    assert started != pytest.approx(
+        val_perplexity("gkd.yaml", *on_policy), rel=1e-3
+    )  # not a fresh student (0.5% apart)
