@@ -134,9 +134,11 @@ class DistillationModule(
             directory; pass ``teacher_checkpoint=`` to ``load_from_checkpoint`` for another file).
         save_teacher: also write a frozen teacher into checkpoints.
         student_checkpoint: weights the student starts from (e.g. the supervised baseline's
-            checkpoint, as on-policy distillation expects), loaded when the module is built
-            (:func:`~lightning_kd.module_setup.load_student_start`); ``None``: as given. A resumed
-            fit (``ckpt_path``) restores its trained student over them.
+            checkpoint, as on-policy distillation expects), loaded strictly when the module is
+            built; ``None``: as given. A resumed
+            fit (``ckpt_path``) restores its trained student over them. Checkpoints hold the trained
+            student, so they record ``student_checkpoint=None`` (reloading never reads the start
+            file) and the start's absolute path under ``"student_start"``.
         num_classes: number of classes; default: inferred from the models.
         input_key: where the inputs are in a batch: an index for tuples, a key for dicts, a list of
             keys of a dict batch (passed as keyword arguments, e.g. ``[input_ids, attention_mask]``
@@ -194,8 +196,10 @@ class DistillationModule(
             teacher_checkpoint = str(Path(teacher_checkpoint).expanduser().resolve())
         #: the teacher's weights file as an absolute path (recorded in checkpoints), or ``None``
         self.teacher_checkpoint = teacher_checkpoint
+        #: the student's start weights as an absolute path (checkpoints record it apart), or ``None``
+        self.student_checkpoint = None
         if student_checkpoint is not None:  # before the teacher: an EMA teacher copies the loaded student
-            student_checkpoint = load_student_start(student, student_checkpoint)
+            self.student_checkpoint = student_checkpoint = load_student_start(student, student_checkpoint)
         self.save_hyperparameters(
             ignore=None
             if hparams_given_by_cli()

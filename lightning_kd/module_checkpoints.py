@@ -18,7 +18,10 @@ from lightning_kd.resume import (
     teacher_record,
 )
 
-__all__ = ["TeacherCheckpointRecords"]
+__all__ = ["STUDENT_START_KEY", "TeacherCheckpointRecords"]
+
+#: where a checkpoint records the file its student started from (``student_checkpoint``)
+STUDENT_START_KEY = "student_start"
 
 
 class TeacherCheckpointRecords:
@@ -32,6 +35,9 @@ class TeacherCheckpointRecords:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record ``teacher_checkpoint`` as an absolute path; leave out a frozen teacher unless asked.
 
+        A ``student_checkpoint`` (the start weights) is saved as ``None``, since the checkpoint holds the
+        trained student, and its absolute path under ``checkpoint["student_start"]``.
+
         During a fit, a loss found non-finite since the last reading (``check_finite=True``) raises
         here, before anything is written: the previous checkpoint stays as it was.
 
@@ -42,6 +48,9 @@ class TeacherCheckpointRecords:
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
             hparams["teacher_checkpoint"] = self.teacher_checkpoint
+        if isinstance(hparams, dict) and hparams.get("student_checkpoint") is not None:
+            hparams["student_checkpoint"] = None  # the checkpoint holds the trained student
+            checkpoint[STUDENT_START_KEY] = self.student_checkpoint
         if not self._teacher_left_out:
             return
         state = checkpoint["state_dict"]

@@ -54,14 +54,7 @@ def load_student_start(student: nn.Module, checkpoint: str | Path) -> str:
     this package's modules: the ``student.`` weights, a state dict), strictly: every weight must match.
     """
     path = str(Path(checkpoint).expanduser().resolve())
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"student_checkpoint {path!r} does not exist. Train the student it starts from first (e.g. "
-            "`lightning-kd fit --config python_docs/baseline`) or fix the path. A module reloaded from a "
-            "checkpoint already holds its trained student: pass `load_from_checkpoint(path, "
-            "student_checkpoint=None)`."
-        )
-    load_weights(student, path)
+    load_weights(student, path, role="student")
     return path
 
 

@@ -90,6 +90,7 @@ class DataFreeDistillationModule(DistillationModule):
         losses: the student's terms on generated samples (no labels); default
             ``KDTerm("kd", weight=1, temperature=1)``.
         teacher_checkpoint: a file with the teacher's trained weights.
+        student_checkpoint: weights the student starts from (see :class:`~lightning_kd.DistillationModule`).
         one_hot_weight: weight of DAFL's one-hot loss (the paper's 1).
         activation_weight: weight of DAFL's activation loss (alpha; the paper's MNIST 0.1).
         entropy_weight: weight of DAFL's information-entropy loss (beta), natural logarithm;
@@ -118,6 +119,7 @@ class DataFreeDistillationModule(DistillationModule):
         generator: nn.Module,
         losses: Sequence[LossTerm] | None = None,
         teacher_checkpoint: str | Path | None = None,
+        student_checkpoint: str | Path | None = None,
         one_hot_weight: float = 1.0,
         activation_weight: float = 0.1,
         entropy_weight: float = 5.0,
@@ -149,6 +151,7 @@ class DataFreeDistillationModule(DistillationModule):
                 losses=terms,
                 teacher_mode="frozen",
                 teacher_checkpoint=teacher_checkpoint,
+                student_checkpoint=student_checkpoint,
                 num_classes=num_classes,
                 input_key=input_key,
                 target_key=target_key,

@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -108,7 +108,12 @@ def _weights_of(checkpoint: Any, path: Path, use_ema: bool) -> Mapping[str, Any]
 
 
 def load_weights(
-    model: nn.Module, path: str | Path, *, use_ema: bool = False, weights_only: bool = True
+    model: nn.Module,
+    path: str | Path,
+    *,
+    use_ema: bool = False,
+    weights_only: bool = True,
+    role: Literal["teacher", "student"] = "teacher",
 ) -> nn.Module:
     """Load the weights of ``model`` from a checkpoint file; returns the model.
 
@@ -128,7 +133,8 @@ def load_weights(
 
     BatchNorm's ``num_batches_tracked`` counters missing from state dicts of old PyTorch keep
     the model's own values (they only matter for ``momentum=None``). The file is checked
-    against the CRC-32s ``torch.save`` stores before anything is unpickled.
+    against the CRC-32s ``torch.save`` stores before anything is unpickled. ``role`` names the
+    model in the error messages (``"teacher"``, or ``"student"`` for a student's start weights).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -146,17 +152,22 @@ def load_weights(
             if sharded
             else f"pass a checkpoint file in it ({', '.join(files[:3]) or 'it holds no .ckpt/.pt/.pth file'})"
         )
-        raise ValueError(f"Teacher checkpoint {str(path)!r} is a directory, not a checkpoint file: {fix}.")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Teacher checkpoint {str(path)!r} does not exist. Train the teacher first "
-            "(e.g. `lightning-kd fit --config mnist1d/teacher`) or fix the path."
+        raise ValueError(
+            f"{role.capitalize()} checkpoint {str(path)!r} is a directory, not a checkpoint file: {fix}."
         )
+    if not path.is_file():
+        fix = (
+            "Train the teacher first (e.g. `lightning-kd fit --config mnist1d/teacher`) or fix the path."
+            if role == "teacher"
+            else "Train the model the student starts from first (e.g. its baseline recipe) or fix the path "
+            "(student_checkpoint; in YAML `model.init_args.student_checkpoint`)."
+        )
+        raise FileNotFoundError(f"{role.capitalize()} checkpoint {str(path)!r} does not exist. {fix}")
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ValueError(
-            f"Cannot read checkpoint {str(path)!r}: {problem}. Point teacher_checkpoint at an intact copy "
-            "(e.g. the teacher run's epoch checkpoint) or train the teacher again."
+            f"Cannot read checkpoint {str(path)!r}: {problem}. Point {role}_checkpoint at an intact copy "
+            f"(e.g. the {role} run's epoch checkpoint) or train the {role} again."
         )
     state = _network_state(_weights_of(_read(path, weights_only), path, use_ema), model)
     own = model.state_dict()
@@ -175,7 +186,7 @@ def load_weights(
             f"Checkpoint {str(path)!r} does not fit {type(model).__name__}: "
             f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
             f"{len(mismatched)} of another shape {mismatched[:5]}. "
-            "Check that the teacher's architecture and num_classes match the ones it was trained with."
+            f"Check that the {role}'s architecture and num_classes match the ones it was trained with."
         )
     model.load_state_dict(state)
     return model

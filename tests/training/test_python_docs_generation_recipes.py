@@ -126,3 +126,19 @@ def test_gkd_recipe_starts_the_student_from_the_baseline_run(
     assert started != pytest.approx(
         val_perplexity("gkd.yaml", *on_policy), rel=1e-3
     )  # not a fresh student (0.5% apart)
+    # a relative start path from YAML: the run's checkpoint records it apart and reloads without it
+    relative = "--model.init_args.student_checkpoint=runs/python_docs/baseline/latest.ckpt"
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "gkd.yaml"),
+            *tiny(tmp_path / "cache"),
+            *student,
+            *on_policy,
+            relative,
+        ]
+    )
+    saved = torch.load(tmp_path / "runs/python_docs/gkd/latest.ckpt", weights_only=True)
+    assert saved["hyper_parameters"]["student_checkpoint"] is None
+    assert saved["student_start"] == str(baseline.resolve())
