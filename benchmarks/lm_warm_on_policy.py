@@ -1,7 +1,7 @@
 """On-policy distillation from a supervised student (GKD's setting) against more supervised training.
 
     OMP_NUM_THREADS=1 python benchmarks/lm_warm_on_policy.py --teacher runs/lm_distillation/teacher.ckpt \\
-        --processes 2
+        --processes 2    # --judge <another teacher.ckpt>: reuse one; otherwise trained here (seed 1)
     python benchmarks/lm_warm_on_policy.py --quick      # tiny sizes, a few steps: a smoke run
 
 GKD (Agarwal et al., ICLR 2024) distils into a student that was first fine-tuned on the data; its
@@ -16,16 +16,22 @@ block's continuation learned):
 - ``gkd_0.5``, ``gkd_1``: that fraction of the batches on-policy (the student samples 96 tokens, T = 1,
   the divergence is taken on its tokens); the recipe ``python_docs/gkd``.
 
-Two measures per run, both on the test split:
+The measures of each run, on the test split:
 
 - **test perplexity**: the student's on the test blocks (every token counted), as everywhere else;
 - **the teacher's perplexity of the student's samples**: the student completes the first 32 tokens of
   ``SAMPLE_PROMPTS`` test blocks with 96 tokens (T = 1, a seed fixed per seed, the same for every
   method) and the teacher scores the completions: exp of its mean negative log-likelihood per
-  generated token. It falls as the student's text becomes text the teacher would write. Greedy or
-  repetitive text also scores well, so the share of repeated 4-grams within a completion is given
-  beside it. For scale, the same measures of the real test continuations and of the teacher's own
-  samples are given.
+  generated token. It falls as the student's text becomes text the teacher would write. The
+  on-policy runs minimise a divergence to this very teacher on their own samples, so this measure
+  favours them by construction;
+- **the judge's perplexity of the same samples**: the judge is a second teacher, trained like the
+  first from another seed (``--judge``, or trained here), which no run learns from;
+- **the student's perplexity of its own samples** (low: confident, narrow text) and the share of
+  repeated 4-grams within a completion (loops), which also score well with a teacher.
+
+For scale, the same measures of the real test continuations and of the teacher's own samples are
+given.
 
 Each run writes ``<out-dir>/records/<run>.json`` when it ends and is reused by a later call.
 """
@@ -85,6 +91,7 @@ from lightning_kd.teachers.loading import load_weights  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lm_warm_on_policy.md"
 SAMPLE_PROMPTS = 128
+JUDGE_SEED = 1  # the judge: a teacher like lm_distillation's (seed 0), trained from this seed
 
 #: method -> table label; "start" is the supervised student itself (no more steps)
 METHODS: dict[str, str] = {
@@ -96,30 +103,52 @@ METHODS: dict[str, str] = {
 }
 
 
-def sample_measures(
-    model: torch.nn.Module, teacher: torch.nn.Module, settings: Settings, test: Any, seed: int | None
-) -> dict[str, float]:
-    """The teacher's mean NLL per token of ``model``'s completions of the test prompts, and their repeats.
+def sampled_batch(
+    model: torch.nn.Module | None, settings: Settings, test: Any, pad_id: int, seed: int | None
+) -> dict:
+    """``model``'s completions of the first ``SAMPLE_PROMPTS`` test prompts as a causal-LM batch.
 
-    ``model=None`` measures the real continuations instead; ``seed`` fixes the sampling.
+    Labels count exactly the generated tokens (up to and including the first end-of-sequence
+    token); ``seed`` fixes the sampling (T = 1, no top-k or top-p cut). ``model=None``: the real
+    continuations of the same prompts. ``pad_id``: the tokenizer's padding id.
     """
     rows = [test[i] for i in range(min(SAMPLE_PROMPTS, len(test)))]
-    batch = PromptCollator(pad_token_id(teacher), prompt_length(settings))(rows)
+    batch = PromptCollator(pad_id, prompt_length(settings))(rows)
+    if model is None:
+        return batch
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    if model is not None:
-        settings_ = GenerationSettings(max_new_tokens=new_tokens(settings), temperature=1.0, top_p=1.0)
-        sequences = generate_completions(model, ids, mask, settings_, derived_seed(seed, "samples"))
-        batch = completion_batch(sequences, mask, end_of_sequence_id(model), pad_token_id(model))
+    generation = GenerationSettings(max_new_tokens=new_tokens(settings), temperature=1.0, top_p=1.0)
+    sequences = generate_completions(model, ids, mask, generation, derived_seed(seed, "samples"))
+    return completion_batch(sequences, mask, end_of_sequence_id(model), pad_token_id(model))
+
+
+def mean_nll(scorer: torch.nn.Module, batch: dict) -> float:
+    """``scorer``'s mean negative log-likelihood (nats, float64) per counted label of ``batch``."""
+    scorer.eval()
     with torch.no_grad():
-        teacher.eval()
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = scorer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), labels.flatten(), ignore_index=-100)
-    return {"teacher_nll": float(nll), "repeated_4grams": repeated_ngrams(labels, 4)}
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), labels.flatten(), ignore_index=-100))
+
+
+def sample_measures(
+    model: torch.nn.Module | None,
+    scorers: dict[str, torch.nn.Module],
+    settings: Settings,
+    test: Any,
+    pad_id: int,
+    seed: int | None,
+) -> dict[str, float]:
+    """Each scorer's NLL of ``model``'s samples (``<name>_nll``), the model's own, and their repeats."""
+    batch = sampled_batch(model, settings, test, pad_id, seed)
+    measures = {f"{name}_nll": mean_nll(scorer, batch) for name, scorer in scorers.items()}
+    if model is not None:
+        measures["own_nll"] = mean_nll(model, batch)
+    return {**measures, "repeated_4grams": repeated_ngrams(batch["labels"][:, 1:], 4)}
 
 
 def repeated_ngrams(labels: torch.Tensor, n: int) -> float:
-    """The share of the rows' counted n-grams (labels != -100) seen earlier in the same row."""
+    """Of all counted n-grams (labels != -100) of all rows, the share seen earlier in the same row."""
     repeated = total = 0
     for row in labels:
         tokens = row[row != -100].tolist()
@@ -138,16 +167,33 @@ def warm_start(settings: Settings, out_dir: str, cache_dir: str | None, seed: in
 
 
 def continue_method(
-    settings: Settings, out_dir: str, cache_dir: str | None, method: str, seed: int, teacher: str
+    settings: Settings,
+    out_dir: str,
+    cache_dir: str | None,
+    method: str,
+    seed: int,
+    scorers: dict[str, str],
 ) -> dict[str, Any]:
-    """Train the seed's supervised student ``settings.steps`` more steps by ``method``; measure it."""
+    """Train the seed's supervised student ``settings.steps`` more steps by ``method``; measure it.
+
+    ``scorers``: the checkpoints of ``"teacher"`` (the one distilled from) and ``"judge"`` (another
+    teacher, trained from another seed), each scoring the student's samples.
+    """
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     name = f"seed{seed}-{method}"
     record_path = Path(out_dir) / "records" / f"{name}.json"
-    if record_path.is_file():
+    start = warm_start(settings, out_dir, cache_dir, seed)
+    start_weights = weights_fingerprint(
+        load_weights(gpt2(settings, settings.student_shape), start["checkpoint"])
+    )
+    if record_path.is_file():  # reused only if made with these settings, scorers and start
         record = json.loads(record_path.read_text())
-        if same_settings(record, settings) and record["teacher"] == teacher:
+        if (
+            same_settings(record, settings)
+            and record.get("scorers") == scorers
+            and record["start_weights"] == start_weights
+        ):
             return record
     start = warm_start(settings, out_dir, cache_dir, seed)
     if method in ("start", "ce"):
@@ -165,9 +211,8 @@ def continue_method(
         )
         data = prompts_data(settings, cache_dir)
     else:
-        module, data, _ = build(method, settings, out_dir, cache_dir, seed, {"same": teacher})
+        module, data, _ = build(method, settings, out_dir, cache_dir, seed, {"same": scorers["teacher"]})
     load_weights(module.student, start["checkpoint"])
-    start_weights = weights_fingerprint(module.student)
     clock = GenerationClock()
     trainer = method_trainer(settings, clock)
     data.setup("fit")
@@ -176,7 +221,10 @@ def continue_method(
         trainer.fit(module, datamodule=data)
     cpu = time.process_time() - cpu
     tested = trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)[0]
-    scorer = load_weights(gpt2(settings, settings.teacher_shape), teacher)
+    models = {
+        role: load_weights(gpt2(settings, settings.teacher_shape), path) for role, path in scorers.items()
+    }
+    pad_id = data.tokenizer.pad_token_id
     record = {
         "name": name,
         "kind": method,
@@ -187,8 +235,8 @@ def continue_method(
         "test_perplexity": tested["test/perplexity"],
         "start_test_perplexity": start["test_perplexity"],
         "start_weights": start_weights,
-        **sample_measures(module.student, scorer, settings, data.datasets["test"], seed),
-        "teacher": teacher,
+        **sample_measures(module.student, models, settings, data.datasets["test"], pad_id, seed),
+        "scorers": scorers,
         "settings": dataclasses.asdict(settings),
     }
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,18 +245,27 @@ def continue_method(
     return record
 
 
-def references(settings: Settings, cache_dir: str | None, teacher: str, seeds: Sequence[int]) -> list[str]:
+def references(
+    settings: Settings, cache_dir: str | None, scorers: dict[str, str], seeds: Sequence[int]
+) -> list[str]:
     """Rows of the real continuations and of the teacher's own samples (one per seed), for scale."""
-    test = text_data(settings, cache_dir).datasets["test"]
-    scorer = load_weights(gpt2(settings, settings.teacher_shape), teacher)
-    real = sample_measures(None, scorer, settings, test, None)
-    own = [sample_measures(scorer, scorer, settings, test, seed) for seed in seeds]
+    data = text_data(settings, cache_dir)
+    test, pad_id = data.datasets["test"], data.tokenizer.pad_token_id
+    models = {
+        role: load_weights(gpt2(settings, settings.teacher_shape), path) for role, path in scorers.items()
+    }
+    real = sample_measures(None, models, settings, test, pad_id, None)
+    own = [sample_measures(models["teacher"], models, settings, test, pad_id, seed) for seed in seeds]
+
+    def ppl(runs: Sequence[dict[str, float]], key: str) -> str:
+        return _mean_std([math.exp(run[key]) for run in runs])
+
+    real_row = f"| {ppl([real], 'teacher_nll')} | | {ppl([real], 'judge_nll')} | | |"
+    own_row = f"| {ppl(own, 'teacher_nll')} | | {ppl(own, 'judge_nll')} | | {ppl(own, 'own_nll')} |"
     return [
-        f"| the real test continuations | | | | {math.exp(real['teacher_nll']):.2f} | "
-        f"{real['repeated_4grams']:.3f} | | |",
-        f"| the teacher's own samples | {len(own)} | | | "
-        f"{_mean_std([math.exp(m['teacher_nll']) for m in own])} | "
-        f"{statistics.mean(m['repeated_4grams'] for m in own):.3f} | | |",
+        f"| the real test continuations | | | {real_row} {real['repeated_4grams']:.3f} | |",
+        f"| the teacher's own samples | {len(own)} | | {own_row} "
+        f"{statistics.mean(m['repeated_4grams'] for m in own):.3f} | |",
     ]
 
 
@@ -218,14 +275,28 @@ def _mean_std(values: Sequence[float], sign: str = "") -> str:
     return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _with_gain(
+    runs: dict[int, dict[str, Any]],
+    ce: dict[int, dict[str, Any]],
+    done: Sequence[int],
+    paired: Sequence[int],
+    key: str,
+    scale: Any,
+) -> str:
+    """``mean ± sd | paired gain over ce`` of ``scale(record[key])`` (the gain blank without pairs)."""
+    gain = _mean_std([scale(ce[s][key]) - scale(runs[s][key]) for s in paired], "+") if paired else ""
+    return f"{_mean_std([scale(runs[s][key]) for s in done])} | {gain}"
+
+
 def table(
     records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int], settings: Settings
 ) -> list[str]:
-    """Per method: test perplexity, the teacher's perplexity of the samples, both paired against ``ce``."""
+    """Per method, mean ± sd over seeds: each measure and its gain over ``ce`` (paired by seed)."""
     lines = [
-        "| run | seeds | test perplexity | gain over CE (paired) | teacher's perplexity of the samples "
-        "| repeated 4-grams | gain over CE (paired) | CPU s / step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seeds | test perplexity | its gain over CE | teacher's perplexity of the samples | its gain "
+        "| judge's perplexity of the samples | its gain | student's perplexity of its samples "
+        "| repeated 4-grams | CPU s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ce = records.get("ce", {})
     for method, template in METHODS.items():
@@ -233,21 +304,21 @@ def table(
         runs = records.get(method, {})
         done = [s for s in seeds if s in runs]
         if not done:
-            lines.append(f"| {label} | 0 | not run | | | | | |")
+            lines.append(f"| {label} | 0 | not run | | | | | | | | |")
             continue
         unpaired = [s for s in done if s in ce and ce[s]["start_weights"] != runs[s]["start_weights"]]
         if unpaired:
             raise ValueError(f"{method} and ce start from other student weights at seeds {unpaired}")
-        sampled = {s: math.exp(runs[s]["teacher_nll"]) for s in done}
         paired = [s for s in done if s in ce and method != "ce"]
-        ppl_gain = [ce[s]["test_perplexity"] - runs[s]["test_perplexity"] for s in paired]
-        sample_gain = [math.exp(ce[s]["teacher_nll"]) - sampled[s] for s in paired]
+        test, teacher, judge = (
+            _with_gain(runs, ce, done, paired, key, scale)
+            for key, scale in (("test_perplexity", float), ("teacher_nll", math.exp), ("judge_nll", math.exp))
+        )
         steps = [runs[s]["cpu_s"] / runs[s]["steps"] for s in done if runs[s]["steps"]]
+        own = _mean_std([math.exp(runs[s]["own_nll"]) for s in done])
         lines.append(
-            f"| {label} | {len(done)} | {_mean_std([runs[s]['test_perplexity'] for s in done])} | "
-            f"{_mean_std(ppl_gain, '+') if ppl_gain else ''} | {_mean_std(list(sampled.values()))} | "
+            f"| {label} | {len(done)} | {test} | {teacher} | {judge} | {own} | "
             f"{statistics.mean(runs[s]['repeated_4grams'] for s in done):.3f} | "
-            f"{_mean_std(sample_gain, '+') if sample_gain else ''} | "
             f"{f'{statistics.mean(steps):.3f}' if steps else ''} |"
         )
     return lines
@@ -259,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--teacher", default=None, help="lm_distillation.py's teacher (trained if not given)")
+    parser.add_argument(
+        "--judge", default=None, help="another teacher that scores the samples (trained here if not given)"
+    )
     parser.add_argument("--processes", type=int, default=1, help="runs in parallel (one thread each)")
     parser.add_argument("--out-dir", default="runs/lm_warm_on_policy")
     parser.add_argument(
@@ -274,10 +348,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     teacher = (
         args.teacher or train_run(settings, str(out / "teacher"), args.cache_dir, "teacher", 0)["checkpoint"]
     )
-    teacher = str(Path(teacher).resolve())
+    judge = (
+        args.judge
+        or train_run(settings, str(out / "judge"), args.cache_dir, "teacher", JUDGE_SEED)["checkpoint"]
+    )
+    scorers = {"teacher": str(Path(teacher).resolve()), "judge": str(Path(judge).resolve())}
     for seed in seeds:  # the starts first: the parallel runs share them
         warm_start(settings, str(out), args.cache_dir, seed)
-    jobs = [(settings, str(out), args.cache_dir, m, s, teacher) for s in seeds for m in args.methods]
+    jobs = [(settings, str(out), args.cache_dir, m, s, scorers) for s in seeds for m in args.methods]
     if args.processes > 1:
         with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
             done = pool.starmap(continue_method, jobs)
@@ -303,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             "one thread each.",
             "",
             *table(records, seeds, settings),
-            *references(settings, args.cache_dir, teacher, seeds),
+            *references(settings, args.cache_dir, scorers, seeds),
             "",
             f"Machine: {machine()}. {versions()}.",
             "",
