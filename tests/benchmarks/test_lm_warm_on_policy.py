@@ -52,17 +52,57 @@ def test_quick_run_continues_each_seeds_student_alone_and_pairs_against_ce(
         assert record["steps"] == (0 if name.endswith("-start") else script.QUICK.steps)
     assert records["seed0-start"]["test_perplexity"] == pytest.approx(start["test_perplexity"])
     assert records["seed0-gkd_1"]["generation_s"] > 0 and records["seed0-gkd_0"]["generation_s"] == 0
-    # the samples were scored by the teacher: a perplexity above 1 and below the vocabulary's uniform
-    for record in records.values():
-        assert 1 < math.exp(record["teacher_nll"]) < 10 * script.QUICK.vocab_size
+    for record in records.values():  # both scorers and the student itself scored the samples
+        assert {"teacher_nll", "judge_nll", "own_nll"} <= set(record) and record["teacher_nll"] != record[
+            "judge_nll"
+        ]
     rows = {
         line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line[:2] == "| "
     }
     ce, gkd = records["seed0-ce"], records["seed0-gkd_0.5"]
     row = rows[script.METHODS["gkd_0.5"].format(steps=script.QUICK.steps)]
     assert row[2].strip() == f"{ce['test_perplexity'] - gkd['test_perplexity']:+.2f}"
-    assert row[5].strip() == f"{math.exp(ce['teacher_nll']) - math.exp(gkd['teacher_nll']):+.2f}"
+    assert row[4].strip() == f"{math.exp(ce['teacher_nll']) - math.exp(gkd['teacher_nll']):+.2f}"
+    assert row[6].strip() == f"{math.exp(ce['judge_nll']) - math.exp(gkd['judge_nll']):+.2f}"
     assert "the real test continuations" in rows and "the teacher's own samples" in rows
+
+
+def test_the_table_pairs_each_seed_with_its_own_ce_run_and_refuses_other_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    script = load_script(monkeypatch)
+
+    def record(seed: int, perplexity: float, start: str = "same") -> dict:
+        measures = {"teacher_nll": 1.0, "judge_nll": 2.0, "own_nll": 1.5, "repeated_4grams": 0.0}
+        return {
+            "test_perplexity": perplexity,
+            "cpu_s": 1.0,
+            "steps": 1,
+            "start_weights": f"{start}{seed}",
+            **measures,
+        }
+
+    # per seed 10, 20, 30 below CE: paired gains 20 ± 10, while the unpaired spread is 90
+    ce = {0: record(0, 100.0), 1: record(1, 200.0), 2: record(2, 300.0)}
+    kd = {0: record(0, 90.0), 1: record(1, 180.0), 2: record(2, 270.0)}
+    lines = script.table({"ce": ce, "gkd_0": kd}, [0, 1, 2], script.QUICK)
+    row = next(line for line in lines if "supervised KD" in line).split("|")
+    assert row[3].strip() == "180.00 ± 90.00" and row[4].strip() == "+20.00 ± 10.00"
+    assert row[6].strip() == "+0.00 ± 0.00"  # same teacher NLL everywhere: no gain
+    kd[1] = record(1, 180.0, start="other")
+    with pytest.raises(ValueError, match=r"gkd_0 and ce start from other student weights at seeds \[1\]"):
+        script.table({"ce": ce, "gkd_0": kd}, [0, 1, 2], script.QUICK)
+
+
+def _nll_by_hand(model: torch.nn.Module, rows: list[torch.Tensor], starts: list[int]) -> float:
+    """float64 mean NLL of every row's tokens from ``starts[i]`` on, one unpadded row at a time."""
+    nll, count = 0.0, 0
+    for ids, first in zip(rows, starts, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0].double()
+        nll -= logits[first - 1 : -1].log_softmax(-1).gather(1, ids[first:, None]).sum().item()
+        count += len(ids) - first
+    return nll / count
 
 
 def test_the_samples_are_drawn_from_the_seed_and_scored_against_a_float64_reference(
@@ -73,20 +113,32 @@ def test_the_samples_are_drawn_from_the_seed_and_scored_against_a_float64_refere
     torch.manual_seed(0)
     student = script.gpt2(settings, settings.student_shape)
     teacher = script.gpt2(settings, settings.teacher_shape)
-    test = script.text_data(settings, str(tmp_path / "cache")).datasets["test"]
-    first = script.sample_measures(student, teacher, settings, test, seed=3)
-    assert script.sample_measures(student, teacher, settings, test, seed=3) == first
-    assert script.sample_measures(student, teacher, settings, test, seed=4) != first
-    # the real continuations: the teacher's NLL of every token after the prompt, by hand in float64
-    real = script.sample_measures(None, teacher, settings, test, seed=None)
-    nll, count = 0.0, 0
-    for i in range(min(script.SAMPLE_PROMPTS, len(test))):
-        row = test[i]
-        ids = row["input_ids"][row["attention_mask"].bool()]
-        prompt = min(script.prompt_length(settings), len(ids) - 1)  # PromptCollator's cut
-        with torch.no_grad():
-            logits = teacher(input_ids=ids[None]).logits[0].double()
-        targets = ids[prompt:]
-        nll -= logits[prompt - 1 : -1].log_softmax(-1).gather(1, targets[:, None]).sum().item()
-        count += len(targets)
-    assert real["teacher_nll"] == pytest.approx(nll / count, rel=1e-5)
+    other = script.gpt2(settings, settings.teacher_shape)
+    data = script.text_data(settings, str(tmp_path / "cache"))
+    test, pad = data.datasets["test"], data.tokenizer.pad_token_id
+    scorers = {"teacher": teacher, "judge": other}
+    first = script.sample_measures(student, scorers, settings, test, pad, seed=3)
+    assert script.sample_measures(student, scorers, settings, test, pad, seed=3) == first
+    assert script.sample_measures(student, scorers, settings, test, pad, seed=4) != first
+    assert first["teacher_nll"] != first["judge_nll"]
+    # by hand: each sample is its test prompt, then generated tokens up to the first end-of-sequence
+    n = min(script.SAMPLE_PROMPTS, len(test))
+    reals = [test[i]["input_ids"][test[i]["attention_mask"].bool()] for i in range(n)]
+    cuts = [min(script.prompt_length(settings), len(ids) - 1) for ids in reals]  # PromptCollator's cut
+    batch = script.sampled_batch(student, settings, test, pad, seed=3)
+    rows = [row[mask.bool()] for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    starts = [int((labels != -100).nonzero()[0]) for labels in batch["labels"]]
+    assert starts == cuts and [row[:cut].tolist() for row, cut in zip(rows, cuts, strict=True)] == [
+        ids[:cut].tolist() for ids, cut in zip(reals, cuts, strict=True)
+    ]
+    eos = script.end_of_sequence_id(student)
+    for row, cut in zip(rows, cuts, strict=True):
+        ends = (row[cut:] == eos).nonzero()
+        assert len(ends) <= 1 and (len(ends) == 0 or int(ends[0]) == len(row) - cut - 1)  # EOS ends a row
+        assert len(row) - cut <= script.new_tokens(settings)
+    assert first["teacher_nll"] == pytest.approx(_nll_by_hand(teacher, rows, starts), rel=1e-5)
+    assert first["judge_nll"] == pytest.approx(_nll_by_hand(other, rows, starts), rel=1e-5)
+    assert first["own_nll"] == pytest.approx(_nll_by_hand(student, rows, starts), rel=1e-5)
+    # the real continuations: the teacher's NLL of every token after the prompt
+    real = script.sample_measures(None, {"teacher": teacher}, settings, test, pad, seed=None)
+    assert real["teacher_nll"] == pytest.approx(_nll_by_hand(teacher, reals, cuts), rel=1e-5)
