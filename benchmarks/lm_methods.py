@@ -9,7 +9,9 @@ The example of ``benchmarks/lm_distillation.py`` (its settings, teacher and stud
 the same 200 steps from the same student start per seed, and reading the same batches in the same
 order where the data are the same:
 
-- **supervised** and **on-policy** (GKD, Agarwal et al., ICLR 2024): ``OnPolicyDistillationModule``
+- **supervised** and **on-policy** (GKD, Agarwal et al., ICLR 2024), from the random student start
+  (the recipe with ``student_checkpoint=null``; from the supervised student, as the recipe does by
+  default: ``lm_warm_on_policy.py``): ``OnPolicyDistillationModule``
   with the generalized JSD (beta 0.5) at T = 1 on the blocks' continuations after a 32-token prompt;
   ``lmbda`` = 0 (supervised KD on the data), 0.5 and 1 (the student samples 96 tokens, T = 1, for that
   fraction of the batches, and the divergence is taken on its tokens).
