@@ -50,7 +50,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,14 @@ def _store_bytes(store: Path) -> float:
     return TopKTokenStore(store).bytes_per_token
 
 
+def run_jobs(function: Callable[..., dict[str, Any]], jobs: Sequence[tuple], processes: int) -> list:
+    """``function(*job)`` for every job: in ``processes`` spawned processes (a fresh one per job), or here."""
+    if processes <= 1:
+        return [function(*job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(processes, maxtasksperchild=1) as pool:
+        return pool.starmap(function, jobs)
+
+
 def method_trainer(settings: Settings, clock: GenerationClock) -> pl.Trainer:
     """The CPU trainer of every method: ``settings.steps`` steps, clipped at 1, logging every step."""
     return pl.Trainer(
@@ -316,7 +324,8 @@ def fill_stores(
     return seconds
 
 
-def _mean_std(values: Sequence[float], sign: str = "") -> str:
+def mean_std(values: Sequence[float], sign: str = "") -> str:
+    """``mean ± sd`` over seeds (sample sd), two decimals; one value alone."""
     if len(values) == 1:
         return f"{values[0]:{sign}.2f}"
     return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
@@ -333,7 +342,7 @@ def table(records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -
     done_alone = [s for s in seeds if s in alone]
     lines.append(
         f"| student alone (CE) | {len(done_alone)} | "
-        f"{_mean_std([alone[s]['test_perplexity'] for s in done_alone]) if done_alone else 'not run'} "
+        f"{mean_std([alone[s]['test_perplexity'] for s in done_alone]) if done_alone else 'not run'} "
         f"| | {_per_step(alone, seeds)} | | |"
     )
     for method, (label, reference) in METHODS.items():
@@ -342,13 +351,13 @@ def table(records: dict[str, dict[int, dict[str, Any]]], seeds: Sequence[int]) -
         if not done:
             lines.append(f"| {label} | 0 | not run | | | | |")
             continue
-        ppl = _mean_std([runs[s]["test_perplexity"] for s in done])
+        ppl = mean_std([runs[s]["test_perplexity"] for s in done])
         ref = records.get(reference, {})
         paired = [ref[s]["test_perplexity"] - runs[s]["test_perplexity"] for s in done if s in ref]
         unpaired = [s for s in done if s in ref and ref[s]["start_weights"] != runs[s]["start_weights"]]
         if unpaired:
             raise ValueError(f"{method} and {reference} start from other student weights at seeds {unpaired}")
-        gain = _mean_std(paired, "+") if paired and method != reference else ""
+        gain = mean_std(paired, "+") if paired and method != reference else ""
         generation = [runs[s].get("generation_s", 0.0) / runs[s]["steps"] for s in done]
         gen = f"{statistics.mean(generation):.3f}" if any(generation) else ""
         size = runs[done[0]].get("bytes_per_token")
@@ -462,11 +471,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 )
         fills = fill_stores(settings, str(out), args.cache_dir, teacher, ks) if ks else {}
         jobs = [(settings, str(out), args.cache_dir, m, s, teachers) for s in seeds for m in methods]
-        if args.processes > 1:
-            with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
-                done = pool.starmap(train_method, jobs)
-        else:
-            done = [train_method(*job) for job in jobs]
+        done = run_jobs(train_method, jobs, args.processes)
     records = _baseline_records(baselines, seeds, settings, teachers["same"])
     for record in done:
         records.setdefault(record["kind"], {})[record["seed"]] = record

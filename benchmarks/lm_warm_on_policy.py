@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import json
 import math
-import multiprocessing
 import statistics
 import sys
 import time
@@ -71,10 +70,12 @@ from lm_methods import (  # noqa: E402
     GenerationClock,
     build,
     gpt2,
+    mean_std,
     method_trainer,
     new_tokens,
     prompt_length,
     prompts_data,
+    run_jobs,
 )
 
 from lightning_kd import CausalLMDistillationModule, TokenCrossEntropyTerm  # noqa: E402
@@ -258,7 +259,7 @@ def references(
     own = [sample_measures(models["teacher"], models, settings, test, pad_id, seed) for seed in seeds]
 
     def ppl(runs: Sequence[dict[str, float]], key: str) -> str:
-        return _mean_std([math.exp(run[key]) for run in runs])
+        return mean_std([math.exp(run[key]) for run in runs])
 
     real_row = f"| {ppl([real], 'teacher_nll')} | | {ppl([real], 'judge_nll')} | | |"
     own_row = f"| {ppl(own, 'teacher_nll')} | | {ppl(own, 'judge_nll')} | | {ppl(own, 'own_nll')} |"
@@ -267,12 +268,6 @@ def references(
         f"| the teacher's own samples | {len(own)} | | {own_row} "
         f"{statistics.mean(m['repeated_4grams'] for m in own):.3f} | |",
     ]
-
-
-def _mean_std(values: Sequence[float], sign: str = "") -> str:
-    if len(values) == 1:
-        return f"{values[0]:{sign}.2f}"
-    return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _with_gain(
@@ -284,8 +279,8 @@ def _with_gain(
     scale: Any,
 ) -> str:
     """``mean ± sd | paired gain over ce`` of ``scale(record[key])`` (the gain blank without pairs)."""
-    gain = _mean_std([scale(ce[s][key]) - scale(runs[s][key]) for s in paired], "+") if paired else ""
-    return f"{_mean_std([scale(runs[s][key]) for s in done])} | {gain}"
+    gain = mean_std([scale(ce[s][key]) - scale(runs[s][key]) for s in paired], "+") if paired else ""
+    return f"{mean_std([scale(runs[s][key]) for s in done])} | {gain}"
 
 
 def table(
@@ -315,7 +310,7 @@ def table(
             for key, scale in (("test_perplexity", float), ("teacher_nll", math.exp), ("judge_nll", math.exp))
         )
         steps = [runs[s]["cpu_s"] / runs[s]["steps"] for s in done if runs[s]["steps"]]
-        own = _mean_std([math.exp(runs[s]["own_nll"]) for s in done])
+        own = mean_std([math.exp(runs[s]["own_nll"]) for s in done])
         lines.append(
             f"| {label} | {len(done)} | {test} | {teacher} | {judge} | {own} | "
             f"{statistics.mean(runs[s]['repeated_4grams'] for s in done):.3f} | "
@@ -356,17 +351,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     for seed in seeds:  # the starts first: the parallel runs share them
         warm_start(settings, str(out), args.cache_dir, seed)
     jobs = [(settings, str(out), args.cache_dir, m, s, scorers) for s in seeds for m in args.methods]
-    if args.processes > 1:
-        with multiprocessing.get_context("spawn").Pool(args.processes, maxtasksperchild=1) as pool:
-            done = pool.starmap(continue_method, jobs)
-    else:
-        done = [continue_method(*job) for job in jobs]
+    done = run_jobs(continue_method, jobs, args.processes)
     records: dict[str, dict[int, dict[str, Any]]] = {}
     for record in done:
         records.setdefault(record["kind"], {})[record["seed"]] = record
     starts = records.get("start", {})
     start_ppl = (
-        _mean_std([starts[s]["test_perplexity"] for s in seeds if s in starts]) if starts else "not run"
+        mean_std([starts[s]["test_perplexity"] for s in seeds if s in starts]) if starts else "not run"
     )
     text = "\n".join(
         [
