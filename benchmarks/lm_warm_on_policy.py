@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     text = "\n".join(
         [
-            "### On-policy from a supervised student",
+            "#### Measured: from the supervised student, more steps by each method",
             "",
             f"Seeds {', '.join(map(str, seeds))}. Each seed's start is its student alone "
             f"({settings.steps} CE steps, test perplexity {start_ppl}); each run trains it "
