@@ -112,6 +112,17 @@ def text_arguments(settings: Settings, cache_dir: str | None) -> dict[str, Any]:
     )
 
 
+def optimization(settings: Settings) -> dict[str, Any]:
+    """Every run's optimizer and schedule: AdamW, warm-up from 1% over ``warmup_steps``, then constant."""
+    return dict(
+        optimizer=functools.partial(torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
+        ),
+        lr_scheduler_interval="step",
+    )
+
+
 @functools.cache
 def text_data(settings: Settings, cache_dir: str | None) -> PythonDocsText:
     """The datamodule, set up once per process."""
@@ -216,11 +227,7 @@ def train_run(
         teacher,
         losses=losses,
         teacher_checkpoint=teacher_checkpoint if kind == "kd" else None,
-        optimizer=functools.partial(torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay),
-        lr_scheduler=functools.partial(
-            torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
-        ),
-        lr_scheduler_interval="step",
+        **optimization(settings),
     )
     counter = CountTokens()
     trainer = pl.Trainer(

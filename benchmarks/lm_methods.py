@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import multiprocessing
 import os
@@ -62,6 +61,7 @@ from lm_distillation import (  # noqa: E402
     QUICK,
     Settings,
     machine,
+    optimization,
     same_settings,
     text_arguments,
     text_data,
@@ -163,13 +163,7 @@ def build(
     pl.seed_everything(seed, verbose=False)
     student = gpt2(settings, settings.student_shape)
     extra: dict[str, Any] = {"start_weights": weights_fingerprint(student)}
-    common = dict(
-        optimizer=functools.partial(torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay),
-        lr_scheduler=functools.partial(
-            torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
-        ),
-        lr_scheduler_interval="step",
-    )
+    common = optimization(settings)
     kd = [
         TokenCrossEntropyTerm("ce", weight=settings.ce_weight),
         TokenDivergenceTerm("kd", weight=settings.kd_weight, divergence="forward_kl", path="chunked"),

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import statistics
@@ -60,6 +59,7 @@ from lm_distillation import (  # noqa: E402
     QUICK,
     Settings,
     machine,
+    optimization,
     same_settings,
     text_data,
     train_run,
@@ -185,9 +185,8 @@ def continue_method(
     name = f"seed{seed}-{method}"
     record_path = Path(out_dir) / "records" / f"{name}.json"
     start = warm_start(settings, out_dir, cache_dir, seed)
-    start_weights = weights_fingerprint(
-        load_weights(gpt2(settings, settings.student_shape), start["checkpoint"])
-    )
+    start_student = load_weights(gpt2(settings, settings.student_shape), start["checkpoint"])
+    start_weights = weights_fingerprint(start_student)
     if record_path.is_file():  # reused only if made with these settings, scorers and start
         record = json.loads(record_path.read_text())
         if (
@@ -196,24 +195,17 @@ def continue_method(
             and record["start_weights"] == start_weights
         ):
             return record
-    start = warm_start(settings, out_dir, cache_dir, seed)
     if method in ("start", "ce"):
         pl.seed_everything(seed, verbose=False)  # as build() does: the same batches as the other methods
         module = CausalLMDistillationModule(
             gpt2(settings, settings.student_shape),
             losses=[TokenCrossEntropyTerm("ce")],
-            optimizer=functools.partial(
-                torch.optim.AdamW, lr=settings.lr, weight_decay=settings.weight_decay
-            ),
-            lr_scheduler=functools.partial(
-                torch.optim.lr_scheduler.LinearLR, start_factor=0.01, total_iters=settings.warmup_steps
-            ),
-            lr_scheduler_interval="step",
+            **optimization(settings),
         )
         data = prompts_data(settings, cache_dir)
     else:
         module, data, _ = build(method, settings, out_dir, cache_dir, seed, {"same": scorers["teacher"]})
-    load_weights(module.student, start["checkpoint"])
+    module.student.load_state_dict(start_student.state_dict())
     clock = GenerationClock()
     trainer = method_trainer(settings, clock)
     data.setup("fit")

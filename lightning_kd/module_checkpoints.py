@@ -46,11 +46,12 @@ class TeacherCheckpointRecords:
         """
         self.read_before_saving()  # no NaN weights saved
         hparams = checkpoint.get("hyper_parameters")
-        if isinstance(hparams, dict) and hparams.get("teacher_checkpoint") is not None:
-            hparams["teacher_checkpoint"] = self.teacher_checkpoint
-        if isinstance(hparams, dict) and hparams.get("student_checkpoint") is not None:
-            hparams["student_checkpoint"] = None  # the checkpoint holds the trained student
-            checkpoint[STUDENT_START_KEY] = self.student_checkpoint
+        if isinstance(hparams, dict):
+            if hparams.get("teacher_checkpoint") is not None:
+                hparams["teacher_checkpoint"] = self.teacher_checkpoint
+            if hparams.get("student_checkpoint") is not None:
+                hparams["student_checkpoint"] = None  # the checkpoint holds the trained student
+                checkpoint[STUDENT_START_KEY] = self.student_checkpoint
         if not self._teacher_left_out:
             return
         state = checkpoint["state_dict"]

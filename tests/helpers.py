@@ -9,11 +9,13 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
@@ -83,6 +85,14 @@ def small_net(hidden: int = 16, num_classes: int = NUM_CLASSES, batchnorm: bool 
         layers.append(nn.BatchNorm1d(hidden))
     layers += [nn.ReLU(), nn.Linear(hidden, num_classes)]
     return nn.Sequential(*layers)
+
+
+def fit_to_checkpoint(module: pl.LightningModule, directory: Path, epochs: int = 1, **kwargs: Any) -> Path:
+    """Fit ``module`` on :class:`RandomDataModule` for ``epochs``; the checkpoint written in ``directory``."""
+    checkpoint = ModelCheckpoint(dirpath=directory, filename="model", enable_version_counter=False)
+    trainer = make_trainer(max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(module, datamodule=RandomDataModule(), **kwargs)
+    return Path(checkpoint.last_model_path or checkpoint.best_model_path)
 
 
 def make_trainer(**kwargs: Any) -> pl.Trainer:

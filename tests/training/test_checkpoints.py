@@ -22,20 +22,13 @@ from torch.utils.serialization import config as serialization_config
 from lightning_kd import DistillationModule
 from lightning_kd.checkpoint_io import AtomicCheckpointIO, atomic_save, checkpoint_problem
 from lightning_kd.teachers import load_weights
-from tests.helpers import RandomDataModule, make_trainer, small_net
-
-
-def _fit(module: DistillationModule, directory: Path, epochs: int = 1, **kwargs: Any) -> Path:
-    checkpoint = ModelCheckpoint(dirpath=directory, filename="model", enable_version_counter=False)
-    trainer = make_trainer(max_epochs=epochs, callbacks=[checkpoint], enable_checkpointing=True)
-    trainer.fit(module, datamodule=RandomDataModule(), **kwargs)
-    return Path(checkpoint.last_model_path or checkpoint.best_model_path)
+from tests.helpers import RandomDataModule, fit_to_checkpoint, make_trainer, small_net
 
 
 @pytest.fixture
 def trained_teacher(tmp_path: Path) -> Path:
     """A teacher trained by the module itself (no teacher): its network is saved under `student.`."""
-    return _fit(DistillationModule(small_net(hidden=32)), tmp_path / "teacher", epochs=2)
+    return fit_to_checkpoint(DistillationModule(small_net(hidden=32)), tmp_path / "teacher", epochs=2)
 
 
 def test_teacher_checkpoint_round_trip(trained_teacher: Path, tmp_path: Path) -> None:
@@ -45,7 +38,7 @@ def test_teacher_checkpoint_round_trip(trained_teacher: Path, tmp_path: Path) ->
     for name, tensor in teacher.state_dict().items():
         assert torch.equal(tensor, saved[f"student.{name}"]), name
 
-    student_ckpt = _fit(module, tmp_path / "student")
+    student_ckpt = fit_to_checkpoint(module, tmp_path / "student")
     state = torch.load(student_ckpt, weights_only=True)["state_dict"]
     assert state and not any(key.startswith("teacher.") for key in state)
 
@@ -63,8 +56,8 @@ def test_save_teacher_keeps_it_and_costs_its_size(trained_teacher: Path, tmp_pat
     def build(save_teacher: bool) -> DistillationModule:
         return DistillationModule(small_net(), small_net(hidden=512), save_teacher=save_teacher)
 
-    without = _fit(build(False), tmp_path / "without")
-    with_teacher = _fit(build(True), tmp_path / "with")
+    without = fit_to_checkpoint(build(False), tmp_path / "without")
+    with_teacher = fit_to_checkpoint(build(True), tmp_path / "with")
     state = torch.load(with_teacher, weights_only=True)["state_dict"]
     assert any(key.startswith("teacher.") for key in state)
     teacher_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith("teacher."))
@@ -74,13 +67,13 @@ def test_save_teacher_keeps_it_and_costs_its_size(trained_teacher: Path, tmp_pat
 
 def test_co_trained_teacher_is_always_saved(tmp_path: Path) -> None:
     module = DistillationModule(small_net(), small_net(), teacher_mode="trainable")
-    state = torch.load(_fit(module, tmp_path), weights_only=True)["state_dict"]
+    state = torch.load(fit_to_checkpoint(module, tmp_path), weights_only=True)["state_dict"]
     assert any(key.startswith("teacher.") for key in state)
 
 
 def test_resume_without_teacher_in_checkpoint(tmp_path: Path) -> None:
     teacher = small_net()
-    first = _fit(DistillationModule(small_net(), teacher), tmp_path / "a", epochs=1)
+    first = fit_to_checkpoint(DistillationModule(small_net(), teacher), tmp_path / "a", epochs=1)
     module = DistillationModule(small_net(), teacher)
     trainer = make_trainer(max_epochs=2)
     with pytest.warns(UserWarning, match="Resumed with another run length"):  # 1 epoch planned, now 2
@@ -116,7 +109,7 @@ def _flip_tensor_bytes(path: Path) -> str:
 
 
 def test_flipped_bytes_in_a_checkpoint_stop_the_resume_and_the_teacher_load(tmp_path: Path) -> None:
-    good = _fit(DistillationModule(small_net()), tmp_path / "ckpt")
+    good = fit_to_checkpoint(DistillationModule(small_net()), tmp_path / "ckpt")
     earlier = shutil.copy(good, good.with_name("epoch=0.ckpt"))
     record = _flip_tensor_bytes(good)
     # torch.load alone takes the damaged tensor as it is

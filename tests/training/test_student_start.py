@@ -6,25 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_kd import DistillationModule
-from tests.helpers import RandomDataModule, make_trainer, small_net
-
-
-def _fit(module: DistillationModule, directory: Path) -> Path:
-    checkpoint = ModelCheckpoint(dirpath=directory, filename="model", enable_version_counter=False)
-    make_trainer(max_epochs=1, callbacks=[checkpoint], enable_checkpointing=True).fit(
-        module, datamodule=RandomDataModule()
-    )
-    return Path(checkpoint.best_model_path)
+from tests.helpers import RandomDataModule, fit_to_checkpoint, make_trainer, small_net
 
 
 @pytest.fixture
 def baseline(tmp_path: Path) -> Path:
     """A student trained alone (no teacher): its weights are saved under ``student.``."""
-    return _fit(DistillationModule(small_net()), tmp_path / "baseline")
+    return fit_to_checkpoint(DistillationModule(small_net()), tmp_path / "baseline")
 
 
 def _saved_student(path: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +47,7 @@ def test_checkpoints_hold_the_trained_student_and_reload_without_the_start_file(
 ) -> None:
     monkeypatch.chdir(baseline.parent)  # a relative start path, as a user types it
     module = DistillationModule(small_net(), small_net(), student_checkpoint=baseline.name)
-    distilled = _fit(module, tmp_path / "kd")
+    distilled = fit_to_checkpoint(module, tmp_path / "kd")
     saved = torch.load(distilled, weights_only=True)
     assert saved["hyper_parameters"]["student_checkpoint"] is None
     assert saved["student_start"] == str(baseline.resolve())
@@ -71,7 +62,7 @@ def test_checkpoints_hold_the_trained_student_and_reload_without_the_start_file(
 
 
 def test_a_resumed_fit_restores_its_trained_student_over_the_start(baseline: Path, tmp_path: Path) -> None:
-    distilled = _fit(
+    distilled = fit_to_checkpoint(
         DistillationModule(small_net(), small_net(), student_checkpoint=baseline), tmp_path / "kd"
     )
     module = DistillationModule(small_net(), small_net(), student_checkpoint=baseline)
